@@ -1,0 +1,1 @@
+"""Backends that lower a Plan: ``fx`` (torch) and ``onnx``."""

@@ -1,0 +1,73 @@
+"""Lower a Plan onto a torch.export / fx GraphModule.
+
+Inserts ``call_function`` nodes that call the plain-torch kernels in
+:mod:`prunec.ops`, rewires every post-cut use of a crossing edge to its gathered
+version, rewrites size literals that spell N, and recompiles. The result is an
+ordinary GraphModule that ``torch.export`` can export again.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx
+
+from .. import ops
+from ..errors import PruneError
+from ..passes.base import Plan
+
+
+def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    gm = copy.deepcopy(gm)
+    graph = gm.graph
+    by_name = {n.name: n for n in graph.nodes}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for cut in plan.cuts:
+        post = {by_name[n.ref.name] for n in cut.post}
+        first_post = min(post, key=order.__getitem__)
+        site = cut.score.site
+        with graph.inserting_before(first_post):
+            if site.probs is not None:
+                probs = by_name[site.probs.ref.name]
+                if len(site.probs.shape) != 4:
+                    raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
+                scores = graph.call_function(ops.scores_from_probs, (probs, cut.score.query))
+            else:
+                q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
+                mask = by_name[site.mask.ref.name] if site.mask is not None else None
+                scores = graph.call_function(
+                    ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")),
+                                         cut.score.query))
+            idx = graph.call_function(ops.select_topk, (scores, cut.select.k, cut.select.span_start,
+                                                        cut.select.span_end))
+            idx.name = f"{cut.tag}_keep_idx"
+        for c in cut.crossings:
+            src = by_name[c.value.ref.name]
+            users = [u for u in src.users if u in post]
+            if not users:
+                continue
+            with graph.inserting_before(min(users, key=order.__getitem__)):
+                g = src
+                for axis in c.token_axes:
+                    g = graph.call_function(ops.gather_tokens, (g, idx, axis, c.batch_axis))
+            for u in users:
+                u.replace_input_with(src, g)
+        m = cut.kept
+        for fix in cut.shape_fixes:
+            node = by_name[fix.node.ref.name]
+            args = list(node.args)
+            pos_arg = 0 if fix.node.op == "create" and not str(node.target).startswith("aten.new_") else 1
+            if "size" in node.kwargs:
+                size = list(node.kwargs["size"])
+                for j in fix.positions:
+                    size[j] = m
+                node.kwargs = {**node.kwargs, "size": size}
+            else:
+                size = list(args[pos_arg])
+                for j in fix.positions:
+                    size[j] = m
+                args[pos_arg] = size
+                node.args = tuple(args)
+    graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,249 @@
+"""Lower a Plan onto an ONNX graph (onnx-ir) with standard ops, and run it in ORT.
+
+Scores: Gather/ReduceMean over materialized probabilities, or MatMul/Softmax over
+one query row of q and kᵀ for fused attention. Selection: Slice -> TopK -> Add ->
+Concat with the kept prefix/suffix -> sort (TopK on the index values). Gathering:
+GatherND with ``batch_dims=1`` on a [B, N, ...] view of each crossing edge. Token
+counts are static constants; the batch dimension stays dynamic.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..errors import PruneError
+from ..passes.base import Cut, Plan
+
+
+def providers(device: str = "auto") -> list[str]:
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in avail and _cuda_usable():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise PruneError("the CUDA execution provider is not usable on this machine")
+    return ["CPUExecutionProvider"]
+
+
+def _cuda_usable() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def make_session(model, providers: list[str] | None = None, threads: int | None = None):
+    """An ORT session with quiet logs and explicit providers. ``model``: proto, path or bytes."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
+
+
+class _Builder:
+    """Creates nodes inserted before a given node of the graph."""
+
+    def __init__(self, graph: ir.Graph, before: ir.Node, prefix: str, counter):
+        self.graph, self.before, self.prefix, self.counter = graph, before, prefix, counter
+        self.opset = graph.opset_imports.get("", 17)
+
+    def reduce_mean(self, x: ir.Value, axes: list[int]) -> ir.Value:
+        if self.opset >= 18:
+            return self.op("ReduceMean", [x, self.const(np.array(axes, np.int64), "axes")], {"keepdims": 0})
+        return self.op("ReduceMean", [x], {"axes": axes, "keepdims": 0})
+
+    def batch_size(self, x: ir.Value) -> ir.Value:
+        """[1] int64 holding x's first dimension."""
+        if self.opset >= 15:
+            return self.op("Shape", [x], {"start": 0, "end": 1})
+        i64 = lambda a, n: self.const(np.array(a, np.int64), n)  # noqa: E731
+        return self.op("Slice", [self.op("Shape", [x]), i64([0], "s"), i64([1], "e")])
+
+    @property
+    def count(self) -> int:
+        return next(self.counter)
+
+    def const(self, array, name: str) -> ir.Value:
+        t = ir.tensor(np.asarray(array), name=f"{self.prefix}/{name}_{self.count}")
+        v = ir.Value(name=t.name, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype), const_value=t)
+        self.graph.register_initializer(v)
+        return v
+
+    def op(self, op_type: str, inputs, attrs=None, name: str = "", outputs: int = 1):
+        node = ir.Node("", op_type, inputs, attributes=[ir.convenience.convert_attribute(k, v)
+                                                         for k, v in (attrs or {}).items()],
+                       num_outputs=outputs, name=f"{self.prefix}/{name or op_type}_{self.count}")
+        for i, o in enumerate(node.outputs):
+            o.name = f"{node.name}:{i}" if outputs > 1 else node.name
+        self.graph.insert_before(self.before, node)
+        return node.outputs[0] if outputs == 1 else node.outputs
+
+
+def _as_4d_heads(b: _Builder, x: ir.Value, shape, heads: int | None) -> ir.Value:
+    """[B, N, H*D] -> [B, H, N, D]; 4-D inputs pass through."""
+    if len(shape) == 4:
+        return x
+    if not heads:
+        raise PruneError(f"3-D attention input '{x.name}' without a head count")
+    n, hd = shape[1], shape[2]
+    x = b.op("Reshape", [x, b.const(np.array([0, n, heads, hd // heads], np.int64), "heads")])
+    return b.op("Transpose", [x], {"perm": [0, 2, 1, 3]})
+
+
+def _scores(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value:
+    site, query = cut.score.site, cut.score.query
+    if site.probs is not None:
+        if len(site.probs.shape) != 4:
+            raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
+        p = values[site.probs.name]
+        if query == "mean":
+            return b.reduce_mean(p, [1, 2])
+        row = b.op("Gather", [p, b.const(np.array(int(query), np.int64), "row")], {"axis": 2})
+        return b.reduce_mean(row, [1])
+    heads = site.node.attrs.get("q_num_heads") or site.heads
+    kv_heads = site.node.attrs.get("kv_num_heads") or heads
+    q = _as_4d_heads(b, values[site.q.name], site.q.shape, heads)
+    k = _as_4d_heads(b, values[site.k.name], site.k.shape, kv_heads)
+    qshape = site.q.shape if len(site.q.shape) == 4 else (site.q.shape[0], heads, site.q.shape[1], site.q.shape[2] // heads)
+    kshape = site.k.shape if len(site.k.shape) == 4 else (site.k.shape[0], kv_heads, site.k.shape[1], site.k.shape[2] // kv_heads)
+    h, n, d = qshape[1], qshape[2], qshape[3]
+    if kshape[1] != h:
+        rep = h // kshape[1]
+        k = b.op("Unsqueeze", [k, b.const(np.array([2], np.int64), "axes")])
+        k = b.op("Expand", [k, b.const(np.array([1, 1, rep, 1, 1], np.int64), "rep")])
+        k = b.op("Reshape", [k, b.const(np.array([0, h, n, d], np.int64), "gqa")])
+    if query != "mean":
+        q = b.op("Gather", [q, b.const(np.array([int(query)], np.int64), "row")], {"axis": 2})
+    kt = b.op("Transpose", [k], {"perm": [0, 1, 3, 2]})
+    logits = b.op("MatMul", [q, kt])  # [B, H, R, N]
+    scale = site.scale if site.scale is not None else 1.0 / math.sqrt(d)
+    logits = b.op("Mul", [logits, b.const(np.array(scale, np.float32), "scale")])
+    if site.mask is not None:
+        m = values[site.mask.name]
+        if query != "mean" and site.mask.shape[-2] > 1:
+            m = b.op("Gather", [m, b.const(np.array([int(query)], np.int64), "row")], {"axis": len(site.mask.shape) - 2})
+        if site.mask.dtype == "bool":
+            m = b.op("Where", [m, b.const(np.array(0.0, np.float32), "zero"), b.const(np.array(-np.inf, np.float32), "ninf")])
+        logits = b.op("Add", [logits, m])
+    if site.node.attrs.get("is_causal"):
+        rows = np.arange(n) if query == "mean" else np.array([int(query)])
+        future = np.where(np.arange(n)[None, :] > rows[:, None], -np.inf, 0.0).astype(np.float32)
+        logits = b.op("Add", [logits, b.const(future, "causal")])
+    p = b.op("Softmax", [logits], {"axis": -1})
+    return b.reduce_mean(p, [1, 2])
+
+
+def _select(b: _Builder, scores: ir.Value, cut: Cut) -> ir.Value:
+    s, e, k, n = cut.select.span_start, cut.select.span_end, cut.select.k, cut.num_tokens
+    i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
+    span = b.op("Slice", [scores, i64([s], "s"), i64([e], "e"), i64([1], "ax")])
+    _, top = b.op("TopK", [span, i64([k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    if s:
+        top = b.op("Add", [top, i64(s, "off")])
+    parts = [top]
+    batch = b.batch_size(scores)
+    for lo, hi in ((0, s), (e, n)):
+        if hi > lo:
+            fixed = b.op("Expand", [i64(np.arange(lo, hi)[None, :], "fixed"),
+                                    b.op("Concat", [batch, i64([hi - lo], "len")], {"axis": 0})])
+            parts.insert(0 if lo == 0 else len(parts), fixed)
+    idx = b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else top
+    m = cut.kept
+    as_float = b.op("Cast", [idx], {"to": ir.DataType.FLOAT})
+    ordered, _ = b.op("TopK", [as_float, i64([m], "m")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
+    out = b.op("Cast", [ordered], {"to": ir.DataType.INT64}, name="keep_idx")
+    return out
+
+
+def _gather(b: _Builder, x: ir.Value, shape, idx: ir.Value, axis: int, batch_axis: int) -> ir.Value:
+    """Gather ``x`` per sample along ``axis`` with idx [B, M]."""
+    rank = len(shape)
+    perm = [batch_axis, axis] + [i for i in range(rank) if i not in (batch_axis, axis)]
+    if perm != list(range(rank)):
+        x = b.op("Transpose", [x], {"perm": perm})
+    if shape[batch_axis] == 1:
+        rest = [shape[i] for i in perm[1:]]
+        target = b.op("Concat", [b.batch_size(idx),
+                                 b.const(np.array(rest, np.int64), "rest")], {"axis": 0})
+        x = b.op("Expand", [x, target])
+    index = b.op("Unsqueeze", [idx, b.const(np.array([2], np.int64), "axes")])
+    y = b.op("GatherND", [x, index], {"batch_dims": 1})
+    if perm != list(range(rank)):
+        inv = [perm.index(i) for i in range(rank)]
+        y = b.op("Transpose", [y], {"perm": inv})
+    return y
+
+
+def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    graph = model.graph
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
+    values.update({v.name: v for v in graph.initializers.values()})
+    nodes: dict[str, ir.Node] = {}
+    order = {}
+    for i, n in enumerate(graph):
+        nodes[n.name] = n
+        order[n.name] = i
+        for o in n.outputs:
+            values[o.name] = o
+    for cut in plan.cuts:
+        post_names = {n.ref.name for n in cut.post}
+        first = min(post_names, key=order.__getitem__)
+        counter = itertools.count()
+        b = _Builder(graph, nodes[first], cut.tag, counter)
+        idx = _select(b, _scores(b, cut, values), cut)
+        for c in cut.crossings:
+            src = values[c.value.name]
+            uses = [(u, i) for u, i in src.uses() if u.name in post_names]
+            if not uses:
+                continue
+            gb = _Builder(graph, min((u for u, _ in uses), key=lambda u: order[u.name]), f"{cut.tag}/gather", counter)
+            y, shape = src, list(c.value.shape)
+            for axis in c.token_axes:
+                y = _gather(gb, y, shape, idx, axis, c.batch_axis)
+                shape[axis] = cut.kept
+            for u, i in uses:
+                u.replace_input_with(i, y)
+            if src.is_graph_output():
+                pass
+        m = cut.kept
+        for fix in cut.shape_fixes:
+            node = nodes[fix.node.ref.name]
+            slot = 0 if node.op_type == "ConstantOfShape" else 1
+            shp = node.inputs[slot]
+            new = np.array(fix.node.inputs[slot].data).reshape(-1).copy()
+            for j in fix.positions:
+                new[j] = m
+            if shp.const_value is not None or (shp.producer() is not None and shp.producer().op_type == "Constant"):
+                fb = _Builder(graph, node, f"{cut.tag}/shape", counter)
+                node.replace_input_with(slot, fb.const(new, "size"))
+            else:
+                fb = _Builder(graph, node, f"{cut.tag}/shape", counter)
+                pos = np.array(fix.positions, np.int64)
+                upd = np.full(len(fix.positions), m, np.int64)
+                node.replace_input_with(slot, fb.op("ScatterElements", [shp, fb.const(pos, "pos"), fb.const(upd, "upd")],
+                                                    {"axis": 0}))
+        # shapes after the cut are stale: drop them; outputs get their new token count
+        for name in post_names:
+            for o in nodes[name].outputs:
+                if o.is_graph_output() and o.shape is not None:
+                    dims = list(o.shape)
+                    for j in cut.output_axes.get(o.name, []):
+                        dims[j] = m
+                    o.shape = ir.Shape(dims)
+                elif not o.is_graph_output():
+                    o.shape = None
+    return model

@@ -1,0 +1,195 @@
+"""Build a :class:`~prunec.ir.graph.Graph` from a torch.export / fx GraphModule.
+
+Shapes come from each node's ``meta['val']`` (static export).  A probe run
+(:func:`probe_fx`) adds facts that need values: small integer tensors and whether a
+square score/probability tensor is causal (upper triangle masked).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+
+from .graph import Graph, Node, Value
+
+aten = torch.ops.aten
+
+_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "where", "pow", "gelu", "erf", "relu", "silu", "sigmoid", "tanh",
+    "exp", "neg", "sqrt", "rsqrt", "clone", "contiguous", "dropout", "_to_copy", "to", "type_as",
+    "alias", "detach", "masked_fill", "lift_fresh_copy", "reciprocal", "abs", "log", "maximum",
+    "minimum", "clamp", "eq", "ne", "lt", "le", "gt", "ge", "logical_not", "logical_and",
+    "logical_or", "bitwise_not", "bitwise_and", "bitwise_or", "cos", "sin", "hardtanh", "quick_gelu",
+    "native_dropout", "_assert_tensor_metadata", "fill", "zeros_like", "ones_like", "full_like",
+    "bitwise_xor", "sign", "floor", "ceil", "round", "isnan", "logical_xor", "scalar_tensor",
+}
+_RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "unsqueeze", "squeeze", "view_as"}
+_CREATE = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros", "ones", "full", "empty"}
+_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "prod", "var", "std", "any", "all"}
+
+
+def _base_name(target) -> str:
+    if target is operator.getitem:
+        return "getitem"
+    name = getattr(target, "__name__", str(target))
+    if hasattr(target, "_schema"):
+        name = target._schema.name.split("::")[-1]
+    return name.split(".")[0]
+
+
+def _meta_shape(fx_node):
+    val = fx_node.meta.get("val") if isinstance(fx_node, torch.fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return tuple(int(s) for s in val.shape), str(val.dtype).replace("torch.", "")
+    if isinstance(val, (tuple, list)):
+        return None, "tuple"
+    return None, "scalar"
+
+
+def _normalize(name: str, fx_node: torch.fx.Node, out_rank: int | None) -> tuple[str, dict]:
+    args = fx_node.args
+    kw = fx_node.kwargs
+
+    def dim(i, default=0):
+        d = args[i] if len(args) > i else kw.get("dim", default)
+        return d
+
+    if name in _ELEMENTWISE:
+        return "elementwise", {"name": name}
+    if name in ("matmul", "bmm", "mm"):
+        return "matmul", {}
+    if name == "linear":
+        return "linear", {}
+    if name == "addmm":
+        return "addmm", {}
+    if name in ("softmax", "_softmax", "_safe_softmax", "log_softmax"):
+        return "softmax", {"axis": dim(1, -1)}
+    if name in ("layer_norm", "native_layer_norm", "rms_norm", "group_norm_never"):
+        return "layernorm", {}
+    if name == "transpose":
+        rank = out_rank
+        d0, d1 = args[1] % rank, args[2] % rank
+        perm = list(range(rank))
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return "transpose", {"perm": perm}
+    if name == "permute":
+        return "transpose", {"perm": [d % out_rank for d in args[1]]}
+    if name == "t":
+        return "transpose", {"perm": [1, 0]}
+    if name in _RESHAPE:
+        return "reshape", {"size": args[1] if len(args) > 1 and name in ("view", "reshape", "_unsafe_view") else None}
+    if name == "expand":
+        return "expand", {"size": args[1]}
+    if name == "cat":
+        return "concat", {"axis": dim(1, 0)}
+    if name in ("split", "split_with_sizes", "unbind", "chunk", "tensor_split"):
+        return "split", {"axis": dim(2, 0) if name != "unbind" else dim(1, 0), "unbind": name == "unbind"}
+    if name == "getitem":
+        return "getitem", {"index": args[1]}
+    if name == "select":
+        return "select", {"axis": args[1], "index": args[2]}
+    if name == "slice":
+        return "slice", {"axis": dim(1, 0)}
+    if name in _REDUCE and out_rank is not None:
+        return "reduce", {}
+    if name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"):
+        mask = args[3] if len(args) > 3 else kw.get("attn_mask")
+        return "sdpa", {
+            "is_causal": bool(args[5] if len(args) > 5 else kw.get("is_causal", False)),
+            "scale": kw.get("scale", args[6] if len(args) > 6 else None),
+            "enable_gqa": bool(kw.get("enable_gqa", False)),
+            "mask_index": 3 if isinstance(mask, torch.fx.Node) else None,
+        }
+    if name == "embedding":
+        return "embedding", {}
+    if name in _CREATE:
+        return "create", {"size": args[1] if name.startswith("new_") else args[0]}
+    if name == "arange":
+        return "range", {}
+    if name in ("sym_size",):
+        return "shape", {}
+    if name in ("index_select", "gather", "index", "take_along_dim"):
+        return "gather_tensor", {"name": name}
+    return f"unknown:{name}", {}
+
+
+def from_fx(gm: torch.fx.GraphModule) -> Graph:
+    """Build the uniform graph from an fx GraphModule produced by torch.export."""
+    values: dict[torch.fx.Node, Value] = {}
+    inputs, nodes, outputs = [], [], []
+    params = dict(gm.named_parameters(remove_duplicate=False))
+    params.update(dict(gm.named_buffers(remove_duplicate=False)))
+    for fx_node in gm.graph.nodes:
+        if fx_node.op in ("placeholder", "get_attr"):
+            shape, dtype = _meta_shape(fx_node)
+            if shape is None and fx_node.op == "get_attr":
+                t = params.get(fx_node.target)
+                if t is None:
+                    t = getattr(gm, fx_node.target, None)
+                if isinstance(t, torch.Tensor):
+                    shape, dtype = tuple(t.shape), str(t.dtype).replace("torch.", "")
+            v = Value(fx_node.name, shape, dtype, is_input=fx_node.op == "placeholder",
+                      is_param=fx_node.op == "get_attr", ref=fx_node)
+            values[fx_node] = v
+            if fx_node.op == "placeholder":
+                inputs.append(v)
+        elif fx_node.op == "call_function":
+            shape, dtype = _meta_shape(fx_node)
+            name = _base_name(fx_node.target)
+            op, attrs = _normalize(name, fx_node, None if shape is None else len(shape))
+            out = Value(fx_node.name, shape, dtype, ref=fx_node)
+            values[fx_node] = out
+            tensor_inputs = []
+            for a in fx_node.all_input_nodes:
+                tensor_inputs.append(values.get(a))
+            attrs["args"] = fx_node.args
+            node = Node(fx_node.name, op, tensor_inputs, [out], attrs, ref=fx_node)
+            if op == "sdpa" and attrs["mask_index"] is not None:
+                attrs["mask"] = values[fx_node.args[3] if len(fx_node.args) > 3 else fx_node.kwargs["attn_mask"]]
+            nodes.append(node)
+        elif fx_node.op == "output":
+            for a in fx_node.all_input_nodes:
+                if a in values:
+                    outputs.append(values[a])
+    graph = Graph("fx", nodes, inputs, outputs)
+    graph.gm = gm
+    return graph
+
+
+def probe_fx(graph: Graph, gm: torch.fx.GraphModule, args: tuple) -> None:
+    """Run ``gm`` once on ``args`` and record facts that need values."""
+    by_ref = {v.ref: v for v in graph.values() if v.ref is not None}
+
+    class Probe(torch.fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            v = by_ref.get(n)
+            if v is not None and isinstance(result, torch.Tensor):
+                record_value_facts(v, result)
+            return result
+
+    with torch.no_grad():
+        Probe(gm).run(*args)
+
+
+def record_value_facts(v: Value, t: torch.Tensor) -> None:
+    """Facts the analysis needs about a concrete tensor ``t`` (any frontend)."""
+    if not t.is_floating_point() and t.numel() <= 64 and t.dtype != torch.bool:
+        v.data = t.detach().cpu().numpy()
+    if t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] > 1:
+        n = t.shape[-1]
+        upper = torch.ones(n, n, dtype=torch.bool, device=t.device).triu(1)
+        if t.dtype == torch.bool:
+            masked = ~t
+        elif t.is_floating_point():
+            masked = (t == 0) | (t < -1e30) | torch.isinf(t)
+        else:
+            return
+        # For probabilities, 0 means masked; for additive masks, -inf / very negative.
+        if t.is_floating_point() and bool((t >= 0).all()) and bool((t <= 1).all()) and not bool((t == 0).all()):
+            masked = t == 0
+        elif t.is_floating_point():
+            masked = (t < -1e30) | torch.isinf(t)
+        v.facts["causal"] = bool(masked[..., upper].all()) and not bool(masked[..., ~upper].all())

@@ -1,0 +1,160 @@
+"""Build a :class:`~prunec.ir.graph.Graph` from an ONNX model (held as onnx-ir).
+
+ONNX shape information differs between exporters (the TorchScript exporter leaves
+most intermediate shapes unknown), so prunec reads concrete shapes and small
+integer values off one probe run in ONNX Runtime on example inputs: dynamic batch
+dimensions are probed at ``probe_batch``.  Static dims are the model's own.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+
+from .graph import Graph, Node, Value
+from .from_fx import record_value_facts
+
+_ELEMENTWISE = {
+    "Add", "Sub", "Mul", "Div", "Where", "Pow", "Erf", "Relu", "Sigmoid", "Tanh", "Exp", "Neg",
+    "Sqrt", "Cast", "CastLike", "Identity", "Dropout", "Not", "IsNaN", "IsInf", "Equal", "Less",
+    "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Reciprocal", "Softplus", "Abs",
+    "Clip", "Max", "Min", "Gelu", "FastGelu", "Log", "Cos", "Sin", "Floor", "Ceil", "Round", "Sign",
+    "QuickGelu", "BiasGelu", "HardSigmoid", "LeakyRelu", "Elu", "Selu", "Mod",
+}
+_RESHAPE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+_REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare"}
+_LAYERNORM = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization"}
+
+
+def _normalize(node: ir.Node) -> tuple[str, dict]:
+    t = node.op_type
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    if node.domain not in ("", "ai.onnx", "com.microsoft"):
+        return f"unknown:{node.domain}.{t}", attrs
+    if t in _ELEMENTWISE:
+        return "elementwise", attrs
+    if t == "MatMul":
+        return "matmul", attrs
+    if t == "Gemm":
+        return "gemm", attrs
+    if t == "Softmax":
+        return "softmax", {"axis": attrs.get("axis", -1)}
+    if t in _LAYERNORM:
+        return "layernorm", attrs
+    if t == "Transpose":
+        return "transpose", {"perm": list(attrs["perm"])} if "perm" in attrs else {}
+    if t in _RESHAPE:
+        return "reshape", attrs
+    if t == "Expand":
+        return "expand", attrs
+    if t == "Concat":
+        return "concat", {"axis": attrs["axis"]}
+    if t == "Split":
+        return "split", {"axis": attrs.get("axis", 0)}
+    if t == "Gather":
+        return "gather", {"axis": attrs.get("axis", 0)}
+    if t == "Slice":
+        return "slice", attrs
+    if t in _REDUCE:
+        return "reduce", attrs
+    if t == "Attention" and node.domain in ("", "ai.onnx"):
+        return "sdpa", {"is_causal": bool(attrs.get("is_causal", 0)), "scale": attrs.get("scale"),
+                        "q_num_heads": attrs.get("q_num_heads"), "kv_num_heads": attrs.get("kv_num_heads"),
+                        "mask_index": 3 if len(node.inputs) > 3 and node.inputs[3] is not None else None}
+    if t == "MultiHeadAttention" and node.domain == "com.microsoft":
+        return "sdpa", {"is_causal": False, "scale": attrs.get("scale"), "q_num_heads": attrs.get("num_heads"),
+                        "kv_num_heads": attrs.get("num_heads"), "mask_index": None, "ms_mha": True}
+    if t == "Attention" and node.domain == "com.microsoft":
+        return "packed_attention", attrs
+    if t == "ConstantOfShape":
+        return "create", attrs
+    if t == "Range":
+        return "range", attrs
+    if t == "Shape":
+        return "shape", attrs
+    if t == "Constant":
+        return "constant", attrs
+    return f"unknown:{t}", attrs
+
+
+def example_inputs(model: ir.Model, probe_batch: int = 2) -> dict[str, np.ndarray]:
+    """Inputs for a probe run: random floats, ones for masks, zeros for ids."""
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for v in model.graph.inputs:
+        dims = []
+        for axis, d in enumerate(v.shape):
+            if isinstance(d, int):
+                dims.append(d)
+            elif axis == 0:
+                dims.append(probe_batch)
+            else:
+                raise ValueError(
+                    f"input '{v.name}' has a dynamic dimension '{d}' at axis {axis}: prunec needs a static "
+                    f"token count; re-export with a fixed size or pass --shape {v.name}=...")
+        np_dtype = v.dtype.numpy()
+        if np.issubdtype(np_dtype, np.floating):
+            feeds[v.name] = rng.standard_normal(dims).astype(np_dtype)
+        elif np_dtype == np.bool_ or "mask" in v.name:
+            feeds[v.name] = np.ones(dims, dtype=np_dtype)
+        elif "position" in v.name and dims:
+            feeds[v.name] = np.broadcast_to(np.arange(dims[-1], dtype=np_dtype), dims).copy()
+        else:
+            feeds[v.name] = np.zeros(dims, dtype=np_dtype)
+    return feeds
+
+
+def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the model in ORT (CPU) exposing every intermediate value; returns name -> array."""
+    from ..backends.onnx import make_session
+
+    proto = ir.serde.serialize_model(model)
+    existing = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        for name in node.output:
+            if name and name not in existing:
+                proto.graph.output.append(onnx.ValueInfoProto(name=name))
+                existing.add(name)
+    del proto.graph.value_info[:]
+    sess = make_session(proto, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    results = sess.run(names, feeds)
+    return dict(zip(names, results))
+
+
+def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np.ndarray]) -> Graph:
+    """Uniform graph over an onnx-ir model; ``probe`` maps value names to concrete arrays."""
+    values: dict[int, Value] = {}
+
+    def wrap(v: ir.Value | None) -> Value | None:
+        if v is None:
+            return None
+        key = id(v)
+        if key not in values:
+            arr = probe.get(v.name)
+            if arr is None and v.name in feeds:
+                arr = feeds[v.name]
+            const = v.const_value
+            if arr is None and const is not None:
+                arr = const.numpy()
+            shape = tuple(int(s) for s in arr.shape) if arr is not None else None
+            dtype = str(arr.dtype) if arr is not None else (v.dtype.name.lower() if v.dtype else "unknown")
+            val = Value(v.name, shape, dtype, is_param=v.is_initializer(), is_input=v.is_graph_input(), ref=v)
+            if arr is not None:
+                if const is not None and not np.issubdtype(arr.dtype, np.floating):
+                    val.data = arr
+                else:
+                    record_value_facts(val, torch.from_numpy(np.ascontiguousarray(arr)))
+            values[key] = val
+        return values[key]
+
+    nodes = []
+    for i, n in enumerate(model.graph):
+        op, attrs = _normalize(n)
+        if op == "sdpa" and attrs.get("mask_index") is not None:
+            attrs["mask"] = wrap(n.inputs[attrs["mask_index"]])
+        name = n.name or f"{n.op_type}_{i}"
+        nodes.append(Node(name, op, [wrap(x) for x in n.inputs], [wrap(x) for x in n.outputs], attrs, ref=n))
+    graph = Graph("onnx", nodes, [wrap(v) for v in model.graph.inputs], [wrap(v) for v in model.graph.outputs])
+    return graph

@@ -1,0 +1,114 @@
+"""The uniform graph view prunec analyses, whichever frontend made it.
+
+A :class:`Graph` holds :class:`Node` s in topological order with a normalized op
+vocabulary and :class:`Value` s with concrete shapes (read off the frontend or off a
+probe run on example inputs).  Frontends (``from_fx``, ``from_onnx``) build it;
+``ref`` fields point back to the frontend objects so backends can rewrite them.
+
+Normalized ops: ``elementwise``, ``matmul``, ``linear``, ``gemm``, ``softmax``,
+``layernorm``, ``transpose`` (attrs ``perm``), ``reshape``, ``expand``, ``concat``
+(``axis``), ``split`` (``axis``, several outputs), ``getitem`` (``index``),
+``select`` (``axis``: removes the axis), ``gather`` (``axis``), ``slice``
+(``axis``), ``reduce`` (``axes``, ``keepdims``), ``sdpa`` (fused attention),
+``embedding``, ``create`` (a new tensor from a size list), ``range``, ``shape``,
+``constant``; anything else is ``unknown:<name>``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+
+@dataclass(eq=False)
+class Value:
+    name: str
+    shape: tuple[int, ...] | None = None
+    dtype: str = "float32"
+    producer: "Node | None" = None
+    uses: list = field(default_factory=list)  # [(Node, input_index)]
+    data: np.ndarray | None = None  # known content (constants, small int probe values)
+    is_param: bool = False
+    is_input: bool = False
+    facts: dict = field(default_factory=dict)  # probe facts, e.g. {"causal": True}
+    ref: Any = None
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith(("float", "bfloat"))
+
+    def __repr__(self) -> str:
+        return f"Value({self.name}, {self.shape}, {self.dtype})"
+
+
+@dataclass(eq=False)
+class Node:
+    name: str
+    op: str
+    inputs: list[Value | None]
+    outputs: list[Value]
+    attrs: dict = field(default_factory=dict)
+    ref: Any = None
+    index: int = 0  # position in topological order
+
+    def __repr__(self) -> str:
+        return f"Node({self.name}: {self.op})"
+
+
+class Graph:
+    """Nodes in topological order plus a networkx view for graph algorithms."""
+
+    def __init__(self, frontend: str, nodes: list[Node], inputs: list[Value], outputs: list[Value]):
+        self.frontend = frontend
+        self.nodes = nodes
+        self.inputs = inputs
+        self.outputs = outputs
+        for i, node in enumerate(nodes):
+            node.index = i
+            for j, v in enumerate(node.inputs):
+                if v is not None:
+                    v.uses.append((node, j))
+            for v in node.outputs:
+                v.producer = node
+        self._nx: nx.DiGraph | None = None
+
+    def nx(self) -> nx.DiGraph:
+        """Directed graph over nodes (edges follow data flow)."""
+        if self._nx is None:
+            g = nx.DiGraph()
+            g.add_nodes_from(self.nodes)
+            for node in self.nodes:
+                for v in node.inputs:
+                    if v is not None and v.producer is not None:
+                        g.add_edge(v.producer, node)
+            self._nx = g
+        return self._nx
+
+    def consumers_closure(self, value: Value) -> set[Node]:
+        """Every node that (transitively) consumes ``value``."""
+        out: set[Node] = set()
+        for node, _ in value.uses:
+            out.add(node)
+            out |= nx.descendants(self.nx(), node)
+        return out
+
+    def ancestors_of(self, value: Value) -> set[Node]:
+        if value.producer is None:
+            return set()
+        return nx.ancestors(self.nx(), value.producer) | {value.producer}
+
+    def values(self) -> list[Value]:
+        seen: dict[int, Value] = {}
+        for v in self.inputs:
+            seen[id(v)] = v
+        for node in self.nodes:
+            for v in list(node.inputs) + list(node.outputs):
+                if v is not None:
+                    seen.setdefault(id(v), v)
+        return list(seen.values())

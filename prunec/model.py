@@ -1,0 +1,261 @@
+"""The model object passes consume and produce: an ONNX graph or a torch.export module.
+
+``prunec.load("m.onnx")`` or ``prunec.load(module, example_inputs)`` give a
+:class:`Model`; passes return new Models (the input is never modified).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PruneError
+
+
+class Model:
+    """Common interface of :class:`OnnxModel` and :class:`TorchModel`."""
+
+    kind = ""
+
+    def __init__(self):
+        self._facts = None
+        self._graph = None
+
+    def facts(self):
+        """Analysis facts (attention sites, streams, prefix, ...), computed once."""
+        if self._facts is None:
+            from .passes.analysis.blocks import analyze
+
+            self._facts = analyze(self.graph())
+        return self._facts
+
+
+class OnnxModel(Model):
+    kind = "onnx"
+
+    def __init__(self, model, feeds: dict[str, np.ndarray] | None = None, probe_batch: int = 2):
+        super().__init__()
+        import onnx_ir as ir
+
+        from .ir.from_onnx import example_inputs
+
+        self.model: ir.Model = model
+        self.probe_batch = probe_batch
+        self.feeds = feeds if feeds is not None else example_inputs(model, probe_batch)
+        self._session = None
+
+    def graph(self):
+        if self._graph is None:
+            from .ir.from_onnx import from_onnx, probe_onnx
+
+            try:
+                probe = probe_onnx(self.model, self.feeds)
+            except PruneError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise PruneError(f"ONNX Runtime cannot run the model: {str(e).splitlines()[0]}") from None
+            self._graph = from_onnx(self.model, probe, self.feeds)
+        return self._graph
+
+    def lower(self, plan) -> "OnnxModel":
+        from .backends.onnx import lower_onnx
+
+        out = OnnxModel(lower_onnx(self.model, plan), self.feeds, self.probe_batch)
+        out.validate()
+        return out
+
+    def proto(self):
+        import onnx_ir as ir
+
+        return ir.serde.serialize_model(self.model)
+
+    def validate(self) -> None:
+        """Full onnx.checker check and one ORT run on the probe inputs."""
+        import onnx
+
+        proto = self.proto()
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except Exception as e:  # noqa: BLE001
+            raise PruneError(f"rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+        try:
+            self.run(self.feeds)
+        except Exception as e:  # noqa: BLE001
+            raise PruneError(f"rewritten graph does not run in ONNX Runtime: {str(e).splitlines()[0]}") from None
+
+    def session(self, device: str = "cpu", threads: int | None = None):
+        from .backends.onnx import make_session, providers
+
+        return make_session(self.proto(), providers(device), threads)
+
+    def run(self, feeds: dict[str, Any], outputs: list[str] | None = None, device: str = "cpu") -> list[np.ndarray]:
+        if self._session is None or device != "cpu":
+            sess = self.session(device)
+            if device == "cpu":
+                self._session = sess
+        else:
+            sess = self._session
+        feeds = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in feeds.items()}
+        return sess.run(outputs, feeds)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return atomic_write(path, self.proto().SerializeToString())
+
+    def to_torch(self):
+        """A torch module running this graph in ONNX Runtime (the ONNX path)."""
+        from .backends.torch_ort import OrtModule
+
+        return OrtModule(self)
+
+
+class TorchModel(Model):
+    kind = "torch"
+
+    def __init__(self, gm, args: tuple, kwargs: dict):
+        super().__init__()
+        self.gm = gm
+        self.args, self.kwargs = args, kwargs
+
+    @classmethod
+    def export(cls, module, args: tuple, kwargs: dict | None = None) -> "TorchModel":
+        import torch
+
+        kwargs = kwargs or {}
+        try:
+            ep = torch.export.export(module.eval() if hasattr(module, "eval") else module, args, kwargs, strict=False)
+        except Exception as e:  # noqa: BLE001
+            raise PruneError(f"torch.export failed: {str(e).splitlines()[0]}") from None
+        return cls(ep.module(), args, kwargs)
+
+    def flat_args(self) -> list:
+        import torch.utils._pytree as pytree
+
+        return pytree.tree_flatten((self.args, self.kwargs))[0]
+
+    def graph(self):
+        if self._graph is None:
+            from .ir.from_fx import from_fx, probe_fx
+
+            g = from_fx(self.gm)
+            probe_fx(g, self.gm, tuple(self.flat_args()))
+            self._graph = g
+        return self._graph
+
+    def lower(self, plan) -> "TorchModel":
+        from .backends.fx import lower_fx
+
+        gm = lower_fx(self.gm, plan)
+        out = TorchModel(gm, self.args, self.kwargs)
+        try:
+            out.run(*self.args, **self.kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise PruneError(f"rewritten torch graph does not run: {str(e).splitlines()[0]}") from None
+        return out.reexported()
+
+    def reexported(self) -> "TorchModel":
+        """Re-export through torch.export (fresh shapes on every node; proves exportability)."""
+        return TorchModel.export(self.gm, self.args, self.kwargs)
+
+    def run(self, *args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return self.gm(*args, **kwargs)
+
+    def to_torch(self):
+        return self.gm
+
+    def save(self, path: str | os.PathLike) -> Path:
+        import io
+
+        import torch
+
+        ep = torch.export.export(self.gm, self.args, self.kwargs, strict=False)
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+        return atomic_write(path, buf.getvalue())
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
+    """Write via a temporary file in the same folder and rename: never a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load(source, example_inputs=None, *, probe_batch: int = 2) -> Model:
+    """Load a model.
+
+    ``source``: a path to an .onnx file, an ``onnx.ModelProto``, or a torch
+    ``nn.Module`` with ``example_inputs`` (a tuple of positional args or a dict of
+    keyword args).
+    """
+    import onnx
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise PruneError(f"no such file: {path}")
+        if path.is_dir():
+            raise PruneError(f"{path} is a directory, not an ONNX file")
+        return OnnxModel(_read_onnx(path), probe_batch=probe_batch)
+    if isinstance(source, onnx.ModelProto):
+        import onnx_ir as ir
+
+        return OnnxModel(ir.serde.deserialize_model(source), probe_batch=probe_batch)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        raise PruneError("loading a torch module needs torch installed") from None
+    if isinstance(source, torch.nn.Module):
+        if example_inputs is None:
+            raise PruneError("a torch module needs example_inputs (a tuple of args or a dict of kwargs)")
+        if isinstance(example_inputs, dict):
+            return TorchModel.export(source, (), example_inputs)
+        if isinstance(example_inputs, torch.Tensor):
+            example_inputs = (example_inputs,)
+        return TorchModel.export(source, tuple(example_inputs), {})
+    raise PruneError(f"cannot load a {type(source).__name__}: give an .onnx path or a torch nn.Module")
+
+
+def _read_onnx(path: Path):
+    import onnx
+    import onnx_ir as ir
+
+    if path.stat().st_size == 0:
+        raise PruneError(f"{path} is empty")
+    try:
+        proto = onnx.load(str(path))  # external data (model.onnx.data) is read too
+    except Exception as e:  # noqa: BLE001
+        raise PruneError(f"{path} is not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
+    if not proto.graph.node:
+        raise PruneError(f"{path} is not a valid ONNX model (no graph nodes)")
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as e:  # noqa: BLE001
+        raise PruneError(f"{path} is not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
+    return ir.serde.deserialize_model(proto)
+
+
+class Pipeline:
+    """Apply passes in order. Pure: ``Pipeline([...])(model)`` leaves ``model`` untouched."""
+
+    def __init__(self, passes):
+        self.passes = list(passes)
+
+    def __call__(self, model: Model) -> Model:
+        for p in self.passes:
+            model = p.apply(model)
+        return model

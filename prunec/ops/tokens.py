@@ -1,0 +1,88 @@
+"""Token scoring, selection and gathering in plain torch.
+
+Shapes: B batch, H query heads, Hkv key/value heads, N tokens, D head dim,
+M kept tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def keep_count(keep: float, span_len: int) -> int:
+    """Number of span tokens kept: ``round(keep * span_len)`` (FastV), at least 1."""
+    return max(1, min(span_len, int(round(keep * span_len))))
+
+
+def _query_rows(p: torch.Tensor, query) -> torch.Tensor:
+    """p: [B, H, Nq, Nk] -> [B, H, Nk] for one query row or the mean over rows."""
+    if query == "mean":
+        return p.mean(dim=2)
+    return p[:, :, int(query), :]
+
+
+def scores_from_probs(probs: torch.Tensor, query) -> torch.Tensor:
+    """Attention received by each key token. probs: [B, H, N, N] -> [B, N] (mean over heads)."""
+    return _query_rows(probs, query).mean(dim=1)
+
+
+def scores_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: torch.Tensor | None,
+                   causal: bool, query) -> torch.Tensor:
+    """Same as :func:`scores_from_probs` for a fused attention, from q and k only.
+
+    q: [B, H, N, D]; k: [B, Hkv, N, D] (GQA: H a multiple of Hkv); mask: additive or
+    boolean, broadcastable to [B, H, N, N]. For one query row this costs O(N·D) per
+    head and never builds the N×N matrix; ``query="mean"`` needs every row (O(N²)).
+    """
+    n, d = q.shape[-2], q.shape[-1]
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = scale if scale is not None else 1.0 / math.sqrt(d)
+    rows = q if query == "mean" else q[:, :, int(query):int(query) + 1, :]
+    logits = torch.matmul(rows, k.transpose(-1, -2)) * s  # [B, H, R, N]
+    if mask is not None:
+        m = mask if query == "mean" else mask[..., int(query):int(query) + 1, :]
+        if m.dtype == torch.bool:
+            logits = logits.masked_fill(~m, float("-inf"))
+        else:
+            logits = logits + m
+    if causal:
+        r = torch.arange(n, device=q.device) if query == "mean" else torch.tensor([int(query)], device=q.device)
+        future = torch.arange(n, device=q.device)[None, :] > r[:, None]
+        logits = logits.masked_fill(future, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    return p.mean(dim=2).mean(dim=1)
+
+
+def select_topk(scores: torch.Tensor, k: int, span_start: int, span_end: int) -> torch.Tensor:
+    """Keep the top-``k`` span tokens per sample plus every token outside the span.
+
+    scores: [B, N] -> kept indices [B, span_start + k + (N - span_end)], int64, ascending
+    (original order).
+    """
+    b, n = scores.shape
+    top = torch.topk(scores[:, span_start:span_end], k, dim=1).indices + span_start
+    parts = [top]
+    if span_start > 0:
+        parts.insert(0, torch.arange(span_start, device=scores.device).expand(b, span_start))
+    if span_end < n:
+        parts.append(torch.arange(span_end, n, device=scores.device).expand(b, n - span_end))
+    idx = torch.cat(parts, dim=1) if len(parts) > 1 else top
+    return torch.sort(idx, dim=1).values
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, axis: int, batch_axis: int) -> torch.Tensor:
+    """Gather tokens per sample along ``axis``.
+
+    x: any tensor with a batch axis (size B or 1, broadcast) and a token axis of size N;
+    idx: [B, M]. Returns x with the token axis of size M (and the batch axis of size B).
+    """
+    b, m = idx.shape
+    xt = x.movedim((batch_axis, axis), (0, 1))
+    if xt.shape[0] != b:
+        xt = xt.expand(b, *xt.shape[1:])
+    rest = xt.shape[2:]
+    index = idx.reshape(b, m, *([1] * len(rest))).expand(b, m, *rest)
+    out = torch.gather(xt, 1, index)
+    return out.movedim((0, 1), (batch_axis, axis))

@@ -1,0 +1,130 @@
+"""Find attention sites in every spelling prunec knows.
+
+* fused: torch ``scaled_dot_product_attention`` (fx/aten), ONNX ``Attention``
+  (opset 23), ORT ``com.microsoft.MultiHeadAttention``; ``com.microsoft.Attention``
+  (packed QKV weights) is found but cannot be scored (q/k are internal).
+* eager: ``q @ kᵀ -> [scale Mul/Div] -> [mask Add/Where] -> [Cast] -> softmax ->
+  [Cast/Dropout/Where] -> @ v``, in fx or ONNX.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...ir.graph import Graph, Node, Value
+
+_PASS_THROUGH = {"elementwise"}
+
+
+@dataclass(eq=False)
+class AttentionSite:
+    """One attention computation.
+
+    q: [B, H, N, D] (or [B, N, H*D] for 3-D fused forms); k: [B, Hkv, N, D];
+    k_t: kᵀ as fed to the logits matmul ([B, H, D, N]) for eager sites;
+    v: [B, Hkv, N, Dv]; probs: [B, H, N, N] when materialized (eager); output: the
+    attention output; mask: additive/boolean mask or None; causal: bool.
+    """
+
+    kind: str  # "fused" | "eager" | "packed"
+    node: Node  # the sdpa/Attention node, or the softmax node for eager
+    q: Value | None
+    k: Value | None
+    v: Value | None
+    output: Value
+    probs: Value | None = None
+    k_t: Value | None = None
+    logits: Value | None = None
+    mask: Value | None = None
+    causal: bool = False
+    heads: int | None = None
+    scale: float | None = None
+    layer: int = -1
+
+    def describe(self) -> str:
+        return f"{self.kind} @ {self.node.name}"
+
+
+def _single_use(v: Value):
+    return v.uses[0][0] if len(v.uses) == 1 else None
+
+
+def _walk_back_to_matmul(v: Value, mask_holder: list) -> Node | None:
+    for _ in range(8):
+        p = v.producer
+        if p is None:
+            return None
+        if p.op == "matmul":
+            return p
+        if p.op not in _PASS_THROUGH:
+            return None
+        # follow the operand that has the same shape as the output (the logits), note masks
+        same = [x for x in p.inputs if x is not None and x.shape == v.shape and x.is_float and not x.is_param]
+        others = [x for x in p.inputs if x is not None and x not in same and x.shape and len(x.shape) >= 2]
+        if not same:
+            same = [x for x in p.inputs if x is not None and x.shape and len(x.shape) == len(v.shape) and x.is_float]
+            others = [x for x in p.inputs if x is not None and x not in same[:1] and x.shape and len(x.shape) >= 2]
+        if not same:
+            return None
+        cand = same[0]
+        if len(same) > 1:  # both operands full shape: the one that comes from a matmul chain is the logits
+            for x in same:
+                if x.producer is not None and x.producer.op in ("matmul", "elementwise"):
+                    cand = x
+                    others = [y for y in same if y is not x] + others
+                    break
+        mask_holder.extend(others)
+        v = cand
+    return None
+
+
+def _walk_forward_to_matmul(v: Value) -> tuple[Node, Value] | None:
+    for _ in range(6):
+        if not v.uses:
+            return None
+        for user, idx in v.uses:
+            if user.op == "matmul" and idx == 0:
+                return user, v
+        user = _single_use(v) or next((u for u, _ in v.uses if u.op in _PASS_THROUGH), None)
+        if user is None or user.op not in _PASS_THROUGH:
+            return None
+        v = user.outputs[0]
+    return None
+
+
+def find_attention(graph: Graph) -> list[AttentionSite]:
+    sites: list[AttentionSite] = []
+    for node in graph.nodes:
+        if node.op == "sdpa":
+            q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
+            heads = node.attrs.get("q_num_heads") or (q.shape[1] if q.shape and len(q.shape) == 4 else None)
+            mask = node.attrs.get("mask")
+            causal = bool(node.attrs.get("is_causal")) or bool(mask is not None and mask.facts.get("causal"))
+            sites.append(AttentionSite("fused", node, q, k, v, node.outputs[0], mask=mask, causal=causal,
+                                       heads=heads, scale=node.attrs.get("scale")))
+        elif node.op == "packed_attention":
+            sites.append(AttentionSite("packed", node, None, None, None, node.outputs[0],
+                                       heads=node.attrs.get("num_heads")))
+        elif node.op == "softmax":
+            logits = node.inputs[0]
+            if logits.shape is None or len(logits.shape) < 3 or logits.shape[-1] != logits.shape[-2]:
+                continue
+            axis = node.attrs.get("axis", -1) % len(logits.shape)
+            if axis != len(logits.shape) - 1:
+                continue
+            masks: list[Value] = []
+            qk = _walk_back_to_matmul(logits, masks)
+            fw = _walk_forward_to_matmul(node.outputs[0])
+            if qk is None or fw is None:
+                continue
+            pv, probs_used = fw
+            probs = node.outputs[0]
+            mask = next((m for m in masks if not m.is_param), None)
+            causal = bool(probs.facts.get("causal"))
+            heads = probs.shape[-3] if len(probs.shape) == 4 else None
+            sites.append(AttentionSite("eager", node, qk.inputs[0], None, pv.inputs[1], pv.outputs[0],
+                                       probs=probs, k_t=qk.inputs[1], logits=logits, mask=mask,
+                                       causal=causal, heads=heads))
+    sites.sort(key=lambda s: s.output.producer.index)
+    for i, s in enumerate(sites):
+        s.layer = i
+    return sites

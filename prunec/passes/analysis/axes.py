@@ -1,0 +1,196 @@
+"""Axis equivalence: which tensor axes carry the same dimension (tokens, batch).
+
+Each op contributes equalities between its operands' axes by its semantics
+(elementwise broadcasting, matmul contraction, transposes, reshapes matched by
+prefix products, concat/split on other axes, ...).  A union-find over
+``(value, axis)`` pairs then gives classes; the token class is the one holding the
+residual stream's sequence axis.  Ops it does not understand contribute nothing,
+so propagation stops there rather than guessing.
+"""
+from __future__ import annotations
+
+from math import prod
+
+import networkx as nx
+
+from ...ir.graph import Graph, Node, Value
+
+
+def _align_right(src: Value, dst: Value):
+    """Pairs (src_axis, dst_axis) for broadcasting, only where sizes agree and > 1."""
+    if src.shape is None or dst.shape is None:
+        return
+    off = len(dst.shape) - len(src.shape)
+    for i, s in enumerate(src.shape):
+        j = i + off
+        if 0 <= j < len(dst.shape) and s == dst.shape[j] and s > 1:
+            yield i, j
+
+
+def _reshape_pairs(src: Value, dst: Value):
+    """Axes kept intact by a reshape: same size and same product of the dims before them."""
+    if src.shape is None or dst.shape is None:
+        return
+    pre_src = {}
+    for i, s in enumerate(src.shape):
+        pre_src.setdefault((prod(src.shape[:i]), s), i)
+    for j, s in enumerate(dst.shape):
+        i = pre_src.get((prod(dst.shape[:j]), s))
+        if i is not None and s > 1:
+            yield i, j
+
+
+def axis_links(node: Node):
+    """Yield ((value, axis), (value, axis)) equalities contributed by ``node``."""
+    op, ins, outs = node.op, node.inputs, node.outputs
+    out = outs[0] if outs else None
+    if out is None or out.shape is None:
+        return
+    rank = len(out.shape)
+    if op in ("elementwise", "softmax", "layernorm", "expand"):
+        srcs = ins if op == "elementwise" else ins[:1]
+        for v in srcs:
+            if v is not None and v.shape is not None and len(v.shape) >= 1:
+                for i, j in _align_right(v, out):
+                    yield (v, i), (out, j)
+    elif op == "matmul":
+        a, b = ins[0], ins[1]
+        if a.shape is None or b.shape is None or len(a.shape) < 2 or len(b.shape) < 2:
+            return
+        yield (a, len(a.shape) - 2), (out, rank - 2)
+        yield (b, len(b.shape) - 1), (out, rank - 1)
+        yield (a, len(a.shape) - 1), (b, len(b.shape) - 2)
+        for v in (a, b):
+            for i, j in _align_right(v, out):
+                if j < rank - 2 and i < len(v.shape) - 2:
+                    yield (v, i), (out, j)
+    elif op in ("linear", "addmm", "gemm"):
+        x = ins[1] if op == "addmm" else ins[0]
+        if op == "gemm" and node.attrs.get("transA"):
+            yield (x, 1), (out, 0)
+        else:
+            for i in range(min(len(x.shape), rank) - 1):
+                yield (x, i), (out, i)
+    elif op == "transpose":
+        perm = node.attrs.get("perm") or list(reversed(range(rank)))
+        for j, i in enumerate(perm):
+            yield (ins[0], i), (out, j)
+    elif op == "reshape":
+        for i, j in _reshape_pairs(ins[0], out):
+            yield (ins[0], i), (out, j)
+    elif op == "concat":
+        axis = node.attrs["axis"] % rank
+        for v in ins:
+            if v is not None and v.shape is not None and len(v.shape) == rank:
+                for i in range(rank):
+                    if i != axis:
+                        yield (v, i), (out, i)
+    elif op == "split":
+        src = ins[0]
+        axis = node.attrs["axis"] % len(src.shape)
+        for o in outs:
+            if o.shape is None:
+                continue
+            if node.attrs.get("unbind"):
+                mapping = [i for i in range(len(src.shape)) if i != axis]
+                for j, i in enumerate(mapping):
+                    yield (src, i), (o, j)
+            else:
+                for i in range(len(src.shape)):
+                    if i != axis or src.shape[i] == o.shape[i]:
+                        yield (src, i), (o, i)
+    elif op == "getitem":
+        producer = ins[0].producer if ins and ins[0] is not None else None
+        if producer is None:
+            return
+        if producer.op == "layernorm" and node.attrs["index"] == 0:
+            for i, j in _align_right(producer.inputs[0], out):
+                yield (producer.inputs[0], i), (out, j)
+        elif producer.op == "split":
+            src = producer.inputs[0]
+            axis = producer.attrs["axis"] % len(src.shape)
+            if producer.attrs.get("unbind"):
+                mapping = [i for i in range(len(src.shape)) if i != axis]
+            else:
+                mapping = list(range(len(src.shape)))
+            for j, i in enumerate(mapping):
+                if i != axis or src.shape[i] == out.shape[j]:
+                    yield (src, i), (out, j)
+    elif op == "select":
+        src = ins[0]
+        axis = node.attrs["axis"] % len(src.shape)
+        mapping = [i for i in range(len(src.shape)) if i != axis]
+        for j, i in enumerate(mapping):
+            yield (src, i), (out, j)
+    elif op == "gather":
+        data, idx = ins[0], ins[1]
+        axis = node.attrs["axis"] % len(data.shape)
+        idx_rank = len(idx.shape) if idx.shape is not None else 0
+        for i in range(axis):
+            yield (data, i), (out, i)
+        for k in range(idx_rank):
+            if idx.shape[k] > 1:
+                yield (idx, k), (out, axis + k)
+        for i in range(axis + 1, len(data.shape)):
+            yield (data, i), (out, i - 1 + idx_rank)
+    elif op == "embedding":
+        ids = ins[1]
+        for k in range(len(ids.shape)):
+            yield (ids, k), (out, k)
+    elif op == "slice":
+        for i, j in _align_right(ins[0], out):
+            yield (ins[0], i), (out, j)
+    elif op == "reduce":
+        src = ins[0]
+        if src.shape is not None and len(src.shape) == rank:
+            for i, j in _align_right(src, out):
+                yield (src, i), (out, j)
+    elif op == "sdpa":
+        q, k, v = ins[0], ins[1], ins[2]
+        if len(q.shape) == 4 and rank == 4:
+            yield (q, 2), (out, 2)
+            yield (k, 2), (v, 2)
+            yield (q, 0), (out, 0)
+            yield (k, 0), (out, 0)
+            yield (v, 0), (out, 0)
+            if q.shape[1] == k.shape[1]:
+                yield (q, 1), (k, 1)
+            mask = node.attrs.get("mask")
+            if mask is not None and mask.shape is not None:
+                mr = len(mask.shape)
+                if mask.shape[-2] == q.shape[2] and mask.shape[-2] > 1:
+                    yield (mask, mr - 2), (q, 2)
+                if mask.shape[-1] == k.shape[2] and mask.shape[-1] > 1:
+                    yield (mask, mr - 1), (k, 2)
+                if mr == 4 and mask.shape[0] == q.shape[0] and mask.shape[0] > 1:
+                    yield (mask, 0), (q, 0)
+        elif len(q.shape) == 3:
+            yield (q, 1), (out, 1)
+            yield (q, 0), (out, 0)
+            yield (k, 1), (v, 1)
+
+
+class AxisClasses:
+    """Union-find over (value, axis) pairs."""
+
+    def __init__(self, graph: Graph):
+        self.uf = nx.utils.UnionFind()
+        for node in graph.nodes:
+            try:
+                for a, b in axis_links(node):
+                    if a[0] is None or b[0] is None:
+                        continue
+                    self.uf.union((id(a[0]), a[1]), (id(b[0]), b[1]))
+            except (TypeError, IndexError, KeyError, AttributeError):
+                continue  # an op whose operands do not match the rule contributes nothing
+
+    def same(self, a: tuple[Value, int], b: tuple[Value, int]) -> bool:
+        return self.uf[(id(a[0]), a[1])] == self.uf[(id(b[0]), b[1])]
+
+    def axes_in_class(self, value: Value, anchor: tuple[Value, int]) -> list[int]:
+        """Axes of ``value`` in the class of ``anchor`` (with the anchor's size)."""
+        if value is None or value.shape is None:
+            return []
+        size = anchor[0].shape[anchor[1]]
+        root = self.uf[(id(anchor[0]), anchor[1])]
+        return [i for i, s in enumerate(value.shape) if s == size and self.uf[(id(value), i)] == root]

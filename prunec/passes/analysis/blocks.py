@@ -1,0 +1,197 @@
+"""Blocks, the residual stream, prefix tokens and token-carrying side inputs.
+
+``Facts`` gathers everything a rewrite pass reads: attention sites, the residual
+stream tensor entering each layer ([B, N, C]), the token count N, the prefix
+tokens (CLS / distillation / registers, read off the concat that builds the
+sequence and off index reads of the final stream), the token and batch axis
+classes, and whether the model is a causal decoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ...errors import PruneError
+from ...ir.graph import Graph, Node, Value
+from .attention import AttentionSite, find_attention
+from .axes import AxisClasses
+
+
+@dataclass
+class Facts:
+    graph: Graph
+    sites: list[AttentionSite]
+    streams: list[Value]  # residual stream entering layer i: [B, N, C]
+    num_tokens: int
+    prefix: int
+    causal: bool
+    axes: AxisClasses
+    side_inputs: list[Value] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        return len(self.sites)
+
+    @property
+    def token_anchor(self) -> tuple[Value, int]:
+        return (self.streams[0], 1)
+
+    @property
+    def batch_anchor(self) -> tuple[Value, int]:
+        return (self.streams[0], 0)
+
+    def token_axes(self, v: Value) -> list[int]:
+        return self.axes.axes_in_class(v, self.token_anchor)
+
+    def batch_axis(self, v: Value) -> int | None:
+        if self.streams[0].shape[0] == 1:
+            return 0 if v.shape and v.shape[0] == 1 and len(v.shape) >= 2 else None
+        axes = self.axes.axes_in_class(v, self.batch_anchor)
+        return axes[0] if axes else None
+
+
+def _is_add(node: Node) -> bool:
+    if node.op != "elementwise":
+        return False
+    ref = node.ref
+    name = node.attrs.get("name") or getattr(ref, "op_type", "")
+    return name in ("add", "Add")
+
+
+def residual_stream(graph: Graph, site: AttentionSite) -> Value | None:
+    """The tensor entering the block of ``site``: the skip input of the first residual add
+    after the attention output."""
+    out = site.output
+    down = graph.consumers_closure(out)
+    anc_q = graph.ancestors_of(site.q) if site.q is not None else set()
+    for node in sorted(down, key=lambda n: n.index):
+        if not _is_add(node):
+            continue
+        if len(node.inputs) != 2 or any(x is None for x in node.inputs):
+            continue
+        a, b = node.inputs
+        a_down = a.producer in down or a is out
+        b_down = b.producer in down or b is out
+        if a_down == b_down:
+            continue
+        skip = b if a_down else a
+        if skip.shape is None or skip.shape != node.outputs[0].shape or len(skip.shape) != 3:
+            continue
+        if site.q is not None and skip.producer is not None and skip.producer not in anc_q and skip is not site.q:
+            continue
+        return skip
+    return None
+
+
+def _prefix_tokens(facts_axes: AxisClasses, graph: Graph, stream0: Value, last_stream_users: set[Node], n: int) -> int:
+    prefix = 0
+    # 1) concat that builds the sequence before the first layer
+    v = stream0
+    for _ in range(12):
+        p = v.producer
+        if p is None:
+            break
+        if p.op == "concat" and v.shape is not None and len(v.shape) >= 2:
+            axis = p.attrs["axis"] % len(v.shape)
+            if axis == 1:
+                sizes = [x.shape[axis] for x in p.inputs if x is not None and x.shape]
+                big = max(range(len(sizes)), key=lambda i: sizes[i])
+                prefix = sum(sizes[:big])
+                break
+        cands = [x for x in p.inputs if x is not None and x.shape is not None and x.shape == v.shape and not x.is_param]
+        if not cands:
+            cands = [x for x in p.inputs if x is not None and x.shape is not None and len(x.shape) == len(v.shape)
+                     and x.is_float and not x.is_param]
+        if not cands:
+            break
+        v = cands[0]
+    # 2) fixed positions read off the final stream by index (CLS pooling)
+    for node in last_stream_users:
+        if node.op == "select" and node.inputs[0].shape and len(node.inputs[0].shape) == 3:
+            if node.attrs["axis"] % 3 == 1 and isinstance(node.attrs.get("index"), int):
+                idx = node.attrs["index"] % n
+                if idx < n // 2:
+                    prefix = max(prefix, idx + 1)
+        if node.op == "gather" and node.inputs[0].shape and len(node.inputs[0].shape) == 3:
+            idx = node.inputs[1]
+            if node.attrs["axis"] % 3 == 1 and idx is not None and idx.data is not None and idx.data.size == 1:
+                i = int(idx.data.reshape(-1)[0]) % n
+                if i < n // 2:
+                    prefix = max(prefix, i + 1)
+    return prefix
+
+
+def analyze(graph: Graph) -> Facts:
+    sites = find_attention(graph)
+    if not sites:
+        raise PruneError("no attention found in the graph (looked for sdpa/Attention ops and "
+                         "matmul -> softmax -> matmul chains)")
+    streams = []
+    for s in sites:
+        x = residual_stream(graph, s)
+        if x is None:
+            raise PruneError(f"cannot find the residual stream entering the block of attention node "
+                             f"'{s.node.name}'")
+        streams.append(x)
+    axes = AxisClasses(graph)
+    n = streams[0].shape[1]
+    # Users of the final stream region (after the last block): the nodes after the last site's
+    # residual add whose inputs are 3-D token tensors.
+    last = sites[-1]
+    tail = graph.consumers_closure(last.output)
+    tail_users = {nd for nd in tail if nd.op in ("select", "gather")}
+    prefix = _prefix_tokens(axes, graph, streams[0], tail_users, n)
+    causal = all(s.causal for s in sites)
+    facts = Facts(graph, sites, streams, n, prefix, causal, axes)
+    facts.side_inputs = _side_inputs(facts)
+    facts.flops = [block_flops(facts, i) for i in range(len(sites))]
+    return facts
+
+
+def _side_inputs(facts: Facts) -> list[Value]:
+    """Token-carrying tensors produced outside the blocks and read inside them (masks,
+    rotary cos/sin, position ids): the edges that cross a cut placed before layer 1."""
+    if facts.depth < 2:
+        return []
+    post = facts.graph.consumers_closure(facts.streams[1])
+    out, seen = [], set()
+    for node in post:
+        for v in node.inputs:
+            if v is None or id(v) in seen or v is facts.streams[1]:
+                continue
+            if v.producer is not None and v.producer in post:
+                continue
+            seen.add(id(v))
+            if facts.token_axes(v) and not v.is_param:
+                out.append(v)
+    return sorted(out, key=lambda v: v.producer.index if v.producer else -1)
+
+
+def block_flops(facts: Facts, layer: int, tokens: int | None = None) -> float:
+    """Analytic multiply-adds ×2 of one block at ``tokens`` tokens: projections and MLP scale
+    with N (4·C² + 2·C·hidden per token, read off the block's matmul weights), attention
+    with N² (2·N²·C)."""
+    n = tokens if tokens is not None else facts.num_tokens
+    c = facts.streams[layer].shape[-1]
+    per_token = facts.__dict__.setdefault("_per_token_macs", {})
+    if layer not in per_token:
+        per_token[layer] = _per_token_weight_macs(facts, layer)
+    return 2.0 * (n * per_token[layer] + 2 * n * n * c)
+
+
+def _per_token_weight_macs(facts: Facts, layer: int) -> float:
+    g = facts.graph
+    start = facts.streams[layer]
+    end = facts.streams[layer + 1] if layer + 1 < facts.depth else None
+    inside = g.consumers_closure(start)
+    if end is not None:
+        inside -= g.consumers_closure(end)
+    macs = 0.0
+    for node in inside:
+        if node.op in ("linear", "matmul", "gemm", "addmm"):
+            w = next((x for x in node.inputs if x is not None and x.is_param and x.shape and len(x.shape) == 2), None)
+            if w is None and node.op == "matmul" and node.inputs[1] is not None and node.inputs[1].shape and len(node.inputs[1].shape) == 2:
+                w = node.inputs[1]
+            if w is not None:
+                macs += w.shape[0] * w.shape[1]
+    return macs

@@ -105,6 +105,21 @@ class OnnxModel(Model):
     def save(self, path: str | os.PathLike) -> Path:
         return atomic_write(path, self.proto().SerializeToString())
 
+    def kept_indices(self, feeds: dict[str, Any]) -> dict:
+        """Run once and return {cut tag: kept indices [B, M]} of every selection."""
+        import onnx
+
+        proto = self.proto()
+        names = [o for n in proto.graph.node for o in n.output if o.endswith("/keep_idx")]
+        for name in names:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+        from .backends.onnx import make_session
+
+        sess = make_session(proto)
+        feeds = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in feeds.items()}
+        res = sess.run(names, feeds)
+        return {name[: -len("/keep_idx")]: r for name, r in zip(names, res)}
+
     def to_torch(self):
         """A torch module running this graph in ONNX Runtime (the ONNX path)."""
         from .backends.torch_ort import OrtModule
@@ -140,25 +155,43 @@ class TorchModel(Model):
         if self._graph is None:
             from .ir.from_fx import from_fx, probe_fx
 
-            g = from_fx(self.gm)
-            probe_fx(g, self.gm, tuple(self.flat_args()))
+            gm = self.gm
+            if any(n.op == "call_function" and "val" not in n.meta for n in gm.graph.nodes):
+                gm = self.reexported().gm  # a rewritten module: re-export for fresh shapes
+            g = from_fx(gm)
+            probe_fx(g, gm, tuple(self.flat_args()))
             self._graph = g
         return self._graph
 
     def lower(self, plan) -> "TorchModel":
         from .backends.fx import lower_fx
 
-        gm = lower_fx(self.gm, plan)
+        if any(n.op == "call_function" and "val" not in n.meta for n in self.gm.graph.nodes):
+            base = self.reexported()  # plans name nodes of the analysed (re-exported) graph
+            base._graph, base._facts = self._graph, self._facts
+        else:
+            base = self
+        gm = lower_fx(base.gm, plan)
         out = TorchModel(gm, self.args, self.kwargs)
         try:
             out.run(*self.args, **self.kwargs)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten torch graph does not run: {str(e).splitlines()[0]}") from None
-        return out.reexported()
+        return out
 
     def reexported(self) -> "TorchModel":
         """Re-export through torch.export (fresh shapes on every node; proves exportability)."""
-        return TorchModel.export(self.gm, self.args, self.kwargs)
+        if not hasattr(self, "_reexported"):
+            self._reexported = TorchModel.export(self.gm, self.args, self.kwargs)
+        return self._reexported
+
+    def kept_indices(self, *args, **kwargs) -> dict:
+        """Run once and return {cut tag: kept indices [B, M]} of every selection."""
+        from .ops import tokens
+
+        with tokens.recording() as rec:
+            self.run(*args, **kwargs)
+        return rec
 
     def run(self, *args, **kwargs):
         import torch

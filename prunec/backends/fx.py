@@ -39,7 +39,7 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
                     ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")),
                                          cut.score.query))
             idx = graph.call_function(ops.select_topk, (scores, cut.select.k, cut.select.span_start,
-                                                        cut.select.span_end))
+                                                        cut.select.span_end, cut.tag))
             idx.name = f"{cut.tag}_keep_idx"
         for c in cut.crossings:
             src = by_name[c.value.ref.name]

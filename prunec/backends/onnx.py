@@ -164,7 +164,8 @@ def _select(b: _Builder, scores: ir.Value, cut: Cut) -> ir.Value:
     m = cut.kept
     as_float = b.op("Cast", [idx], {"to": ir.DataType.FLOAT})
     ordered, _ = b.op("TopK", [as_float, i64([m], "m")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
-    out = b.op("Cast", [ordered], {"to": ir.DataType.INT64}, name="keep_idx")
+    out = b.op("Cast", [ordered], {"to": ir.DataType.INT64})
+    out.name = f"{cut.tag}/keep_idx"
     return out
 
 

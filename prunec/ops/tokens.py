@@ -5,9 +5,23 @@ M kept tokens.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+
+_RECORDING: list[dict] = []
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect the indices :func:`select_topk` returns, keyed by the cut's tag."""
+    rec: dict = {}
+    _RECORDING.append(rec)
+    try:
+        yield rec
+    finally:
+        _RECORDING.remove(rec)
 
 
 def keep_count(keep: float, span_len: int) -> int:
@@ -55,7 +69,7 @@ def scores_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: 
     return p.mean(dim=2).mean(dim=1)
 
 
-def select_topk(scores: torch.Tensor, k: int, span_start: int, span_end: int) -> torch.Tensor:
+def select_topk(scores: torch.Tensor, k: int, span_start: int, span_end: int, tag: str = "") -> torch.Tensor:
     """Keep the top-``k`` span tokens per sample plus every token outside the span.
 
     scores: [B, N] -> kept indices [B, span_start + k + (N - span_end)], int64, ascending
@@ -69,7 +83,10 @@ def select_topk(scores: torch.Tensor, k: int, span_start: int, span_end: int) ->
     if span_end < n:
         parts.append(torch.arange(span_end, n, device=scores.device).expand(b, n - span_end))
     idx = torch.cat(parts, dim=1) if len(parts) > 1 else top
-    return torch.sort(idx, dim=1).values
+    idx = torch.sort(idx, dim=1).values
+    for rec in _RECORDING:
+        rec[tag] = idx.detach().cpu().numpy()
+    return idx
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor, axis: int, batch_axis: int) -> torch.Tensor:

@@ -47,7 +47,7 @@ def plan_cut(facts: Facts, layer: int, score: Score, select: TopK, tag: str) -> 
             axes = facts.token_axes(v)
             if not axes:
                 continue
-            b = facts.batch_axis(v)
+            b = facts.batch_axis(v, [u for u, _ in v.uses if u in post])
             if b is None or b in axes:
                 raise PruneError(f"token-carrying tensor '{v.name}' (shape {list(v.shape)}) crosses the cut "
                                  f"before layer {layer} without a batch axis; cannot gather it per sample")

@@ -43,11 +43,27 @@ class Facts:
     def token_axes(self, v: Value) -> list[int]:
         return self.axes.axes_in_class(v, self.token_anchor)
 
-    def batch_axis(self, v: Value) -> int | None:
+    def batch_axis(self, v: Value, consumers=()) -> int | None:
+        """The batch axis of ``v``: in the batch class, or a leading size-1 axis that broadcasts
+        against the batch axis of every consumer in ``consumers``."""
+        if self.streams[0].shape[0] > 1:
+            axes = self.axes.axes_in_class(v, self.batch_anchor)
+            if axes:
+                return axes[0]
+        if not v.shape or len(v.shape) < 2 or v.shape[0] != 1:
+            return None
         if self.streams[0].shape[0] == 1:
-            return 0 if v.shape and v.shape[0] == 1 and len(v.shape) >= 2 else None
-        axes = self.axes.axes_in_class(v, self.batch_anchor)
-        return axes[0] if axes else None
+            return 0
+        if not consumers:
+            return None
+        for node in consumers:
+            out = node.outputs[0]
+            if node.op != "elementwise" or out.shape is None:
+                return None
+            j = len(out.shape) - len(v.shape)
+            if j < 0 or j not in self.axes.axes_in_class(out, self.batch_anchor):
+                return None
+        return 0
 
 
 def _is_add(node: Node) -> bool:

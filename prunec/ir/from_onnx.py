@@ -144,8 +144,8 @@ def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np
             if arr is not None:
                 if const is not None and not np.issubdtype(arr.dtype, np.floating):
                     val.data = arr
-                else:
-                    record_value_facts(val, torch.from_numpy(np.ascontiguousarray(arr)))
+                elif arr.ndim == 0 or arr.size <= 64 or (arr.ndim >= 2 and arr.shape[-1] == arr.shape[-2]):
+                    record_value_facts(val, torch.from_numpy(np.array(arr)))
             values[key] = val
         return values[key]
 

@@ -1,0 +1,60 @@
+"""``prunec inspect``: the analysis facts of a model as a dict and as rich tables."""
+from __future__ import annotations
+
+from .passes.cut import plan_cut
+
+
+def describe(model) -> dict:
+    facts = model.facts()
+    layers = []
+    for s, stream, fl in zip(facts.sites, facts.streams, facts.flops):
+        layers.append({
+            "layer": s.layer, "attention": s.kind, "node": s.node.name, "heads": s.heads,
+            "causal": s.causal, "mask": s.mask.name if s.mask is not None else None,
+            "probabilities": s.probs.name if s.probs is not None else None,
+            "stream": stream.name, "stream_shape": list(stream.shape), "gflops": round(fl / 1e9, 4),
+        })
+    shape_literals = []
+    if facts.depth > 1:
+        cut = plan_cut(facts, 1, None, None, tag="inspect")
+        shape_literals = [f.node.name for f in cut.shape_fixes]
+    return {
+        "kind": model.kind,
+        "tokens": facts.num_tokens,
+        "batch": facts.streams[0].shape[0],
+        "prefix_tokens": facts.prefix,
+        "causal": facts.causal,
+        "layers": layers,
+        "side_inputs": [{"name": v.name, "shape": list(v.shape), "token_axes": facts.token_axes(v)}
+                        for v in facts.side_inputs],
+        "token_count_literals": shape_literals,
+        "total_gflops": round(sum(facts.flops) / 1e9, 4),
+    }
+
+
+def render(info: dict, console) -> None:
+    from rich.table import Table
+
+    console.print(f"[bold]{info['kind']} model[/bold]: {len(info['layers'])} attention layers, "
+                  f"{info['tokens']} tokens (probe batch {info['batch']}), "
+                  f"{info['prefix_tokens']} prefix token(s), "
+                  f"{'causal decoder' if info['causal'] else 'bidirectional encoder'}")
+    t = Table(title="attention sites and blocks", title_justify="left")
+    for col in ("layer", "attention", "node", "heads", "causal", "mask", "stream (entering)", "GFLOPs"):
+        t.add_column(col)
+    for row in info["layers"]:
+        t.add_row(str(row["layer"]), row["attention"] + ("" if row["probabilities"] else " (no probs)"),
+                  row["node"], str(row["heads"]), str(row["causal"]), row["mask"] or "-",
+                  f"{row['stream']} {row['stream_shape']}", f"{row['gflops']:.4f}")
+    console.print(t)
+    if info["side_inputs"]:
+        s = Table(title="token-carrying side inputs read inside the blocks", title_justify="left")
+        for col in ("tensor", "shape", "token axes"):
+            s.add_column(col)
+        for row in info["side_inputs"]:
+            s.add_row(row["name"], str(row["shape"]), str(row["token_axes"]))
+        console.print(s)
+    lits = info["token_count_literals"]
+    console.print(f"shape literals spelling the token count after layer 0: {len(lits)}"
+                  + (f" ({', '.join(lits[:6])}{', ...' if len(lits) > 6 else ''})" if lits else ""))
+    console.print(f"total block FLOPs: {info['total_gflops']:.4f} G")

@@ -1,0 +1,112 @@
+"""The command line: the headline command, inspect, passes, and bad inputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import onnx_file
+
+
+def prunec(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "prunec.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    src = onnx_file("timm_vit", "dynamo18")
+    d = tmp_path_factory.mktemp("cli")
+    dst = d / "vit.onnx"
+    dst.write_bytes(Path(src).read_bytes())
+    return dst
+
+
+def test_headline_command_writes_pruned_model(vit, tmp_path):
+    out = tmp_path / "vit.fastv.onnx"
+    before = vit.read_bytes()
+    r = prunec(vit, "--pass", "fastv", "--keep", "0.25", "--layer", "1", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and vit.read_bytes() == before
+    import onnx
+
+    onnx.checker.check_model(str(out), full_check=True)
+    import prunec as pc
+
+    info = pc.load(out).facts()
+    assert info.depth == 3
+
+
+def test_refuses_to_overwrite_without_force(vit, tmp_path):
+    out = tmp_path / "x.onnx"
+    out.write_bytes(b"keep me")
+    r = prunec(vit, "--pass", "fastv", "-o", out, "--layer", "1")
+    assert r.returncode != 0 and "exists" in r.stderr
+    assert out.read_bytes() == b"keep me"
+
+
+def test_inspect_text_and_json(vit):
+    r = prunec("inspect", vit)
+    assert r.returncode == 0, r.stderr
+    assert "3 attention layers" in r.stdout and "1 prefix token" in r.stdout
+    r = prunec("inspect", vit, "--json")
+    info = json.loads(r.stdout)
+    assert info["tokens"] == 17 and info["prefix_tokens"] == 1 and len(info["layers"]) == 3
+
+
+def test_inspect_says_when_there_is_no_attention(tmp_path):
+    path = tmp_path / "mlp.onnx"
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    torch.onnx.export(mlp, (torch.randn(2, 8),), str(path), dynamo=False, opset_version=17)
+    r = prunec("inspect", path)
+    assert r.returncode == 0 and "no attention found" in r.stdout
+
+
+def test_passes_lists_fastv():
+    r = prunec("passes")
+    assert r.returncode == 0 and "fastv" in r.stdout and "keep" in r.stdout
+
+
+def _bad(tmp_path, vit):
+    mlp_path = tmp_path / "mlp.onnx"
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    torch.onnx.export(mlp, (torch.randn(2, 8),), str(mlp_path), dynamo=False, opset_version=17)
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not an onnx model at all \x00\xff" * 10)
+    trunc = tmp_path / "trunc.onnx"
+    data = vit.read_bytes()
+    trunc.write_bytes(data[: len(data) // 2])
+    return {
+        "missing file": ([tmp_path / "nope.onnx", "--pass", "fastv"], "no such file"),
+        "not onnx": ([junk, "--pass", "fastv"], "not a valid ONNX"),
+        "truncated": ([trunc, "--pass", "fastv"], "not a valid ONNX"),
+        "no attention": ([mlp_path, "--pass", "fastv"], "no attention"),
+        "keep zero": ([vit, "--pass", "fastv", "--keep", "0"], "keep must be in (0, 1]"),
+        "keep above one": ([vit, "--pass", "fastv", "--keep", "1.5"], "keep must be in (0, 1]"),
+        "layer beyond depth": ([vit, "--pass", "fastv", "--layer", "7"], "out of range"),
+        "unknown pass": ([vit, "--pass", "nosuch"], "unknown pass"),
+        "output is input": ([vit, "--pass", "fastv", "-o", vit], "is the input"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "not onnx", "truncated", "no attention", "keep zero",
+                                  "keep above one", "layer beyond depth", "unknown pass", "output is input"])
+def test_bad_input_is_one_line_error(case, vit, tmp_path):
+    args, needle = _bad(tmp_path, vit)[case]
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    vit_before = vit.read_bytes()
+    out = tmp_path / "out.onnx"
+    if "-o" not in map(str, args):
+        args = [*args, "-o", out]
+    r = prunec(*args)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("prunec: error:") and needle in lines[0], lines[0]
+    assert not out.exists()
+    assert vit.read_bytes() == vit_before
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -157,7 +157,7 @@ class TorchModel(Model):
 
             gm = self.gm
             if any(n.op == "call_function" and "val" not in n.meta for n in gm.graph.nodes):
-                gm = self.reexported().gm  # a rewritten module: re-export for fresh shapes
+                refresh_meta(gm, tuple(self.flat_args()))  # a rewritten graph: shapes changed
             g = from_fx(gm)
             probe_fx(g, gm, tuple(self.flat_args()))
             self._graph = g
@@ -166,12 +166,7 @@ class TorchModel(Model):
     def lower(self, plan) -> "TorchModel":
         from .backends.fx import lower_fx
 
-        if any(n.op == "call_function" and "val" not in n.meta for n in self.gm.graph.nodes):
-            base = self.reexported()  # plans name nodes of the analysed (re-exported) graph
-            base._graph, base._facts = self._graph, self._facts
-        else:
-            base = self
-        gm = lower_fx(base.gm, plan)
+        gm = lower_fx(self.gm, plan)
         out = TorchModel(gm, self.args, self.kwargs)
         try:
             out.run(*self.args, **self.kwargs)
@@ -211,6 +206,24 @@ class TorchModel(Model):
         buf = io.BytesIO()
         torch.export.save(ep, buf)
         return atomic_write(path, buf.getvalue())
+
+
+def refresh_meta(gm, flat_args: tuple) -> None:
+    """Set every node's ``meta['val']`` to its concrete output, by one run (after a rewrite the
+    exporter's shapes downstream of a cut are stale)."""
+    import torch
+    import torch.fx
+
+    class Fill(torch.fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if n.op == "call_function":  # shape/dtype only: meta tensors hold no memory
+                n.meta["val"] = torch.utils._pytree.tree_map_only(
+                    torch.Tensor, lambda t: torch.empty_like(t, device="meta"), result)
+            return result
+
+    with torch.no_grad():
+        Fill(gm).run(*flat_args)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> Path:

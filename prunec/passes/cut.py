@@ -33,7 +33,7 @@ def plan_cut(facts: Facts, layer: int, score: Score, select: TopK, tag: str) -> 
                          f"(valid cuts: 1..{facts.depth - 1})")
     g = facts.graph
     stream = facts.streams[layer]
-    n = facts.num_tokens
+    n = facts.tokens(layer)
     post = g.consumers_closure(stream)
     cut = Cut(layer, stream, score, select, n, post, tag=tag)
     seen = set()
@@ -44,27 +44,27 @@ def plan_cut(facts: Facts, layer: int, score: Score, select: TopK, tag: str) -> 
             if v.producer is not None and v.producer in post:
                 continue
             seen.add(id(v))
-            axes = facts.token_axes(v)
+            axes = facts.token_axes(v, layer)
             if not axes:
                 continue
-            b = facts.batch_axis(v, [u for u, _ in v.uses if u in post])
+            b = facts.batch_axis(v, [u for u, _ in v.uses if u in post], layer)
             if b is None or b in axes:
                 raise PruneError(f"token-carrying tensor '{v.name}' (shape {list(v.shape)}) crosses the cut "
                                  f"before layer {layer} without a batch axis; cannot gather it per sample")
             cut.crossings.append(Crossing(v, axes, b))
-        if node.op == "range" and node.outputs[0].shape and facts.token_axes(node.outputs[0]):
+        if node.op == "range" and node.outputs[0].shape and facts.token_axes(node.outputs[0], layer):
             raise PruneError(f"node '{node.name}' builds a range over the tokens after the cut; "
                              f"pruned tokens would get wrong positions")
         size = _size_operand(node)
         if size is not None:
             out = node.outputs[0]
-            tok = facts.token_axes(out)
+            tok = facts.token_axes(out, layer)
             pos = [j for j in tok if j < len(size) and size[j] == n]
             if pos:
                 cut.shape_fixes.append(ShapeFix(node, pos))
     for v in g.outputs:
         if v.producer is not None and v.producer in post:
-            cut.output_axes[v.name] = facts.token_axes(v)
+            cut.output_axes[v.name] = facts.token_axes(v, layer)
     if not any(c.value is stream for c in cut.crossings):
         raise PruneError(f"the residual stream '{stream.name}' entering layer {layer} has no token axis")
     return cut

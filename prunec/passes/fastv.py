@@ -40,8 +40,7 @@ def parse_span(span, n: int, prefix: int) -> tuple[int, int]:
     return start, end
 
 
-def resolve_query(query, facts) -> int | str:
-    n = facts.num_tokens
+def resolve_query(query, facts, n: int) -> int | str:
     if query in (None, "", "auto"):
         if facts.causal:
             return n - 1
@@ -68,7 +67,8 @@ class FastV(Pass):
     options = [
         Option("keep", float, 0.5, "fraction of span tokens kept, in (0, 1]"),
         Option("layer", int, 2, "prune before this layer (0-based), scoring with layer-1's attention"),
-        Option("span", str, None, "START:END token range to prune (default: all but prefix tokens)"),
+        Option("span", str, None, "START:END range of the tokens entering the layer that may be pruned "
+                                  "(default: all but prefix tokens)"),
         Option("query", str, "auto", "auto|cls|last|mean|<index>: whose attention scores the tokens"),
     ]
 
@@ -81,11 +81,12 @@ class FastV(Pass):
         if not 1 <= layer < facts.depth:
             raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
                              f"(valid: 1..{facts.depth - 1})")
-        start, end = parse_span(self.span, facts.num_tokens, facts.prefix)
+        n = facts.tokens(layer)
+        start, end = parse_span(self.span, n, facts.prefix)
         k = keep_count(keep, end - start)
         site = facts.sites[layer - 1]
         if site.kind == "packed":
             raise PruneError(f"attention node '{site.node.name}' packs q/k inside a com.microsoft.Attention "
                              f"op; FastV cannot score it")
-        score = Score(site, resolve_query(self.query, facts))
+        score = Score(site, resolve_query(self.query, facts, facts.tokens(layer - 1)))
         return Plan([plan_cut(facts, layer, score, TopK(k, start, end), tag=f"fastv_l{layer}")])

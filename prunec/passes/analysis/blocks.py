@@ -32,27 +32,26 @@ class Facts:
     def depth(self) -> int:
         return len(self.sites)
 
-    @property
-    def token_anchor(self) -> tuple[Value, int]:
-        return (self.streams[0], 1)
+    def tokens(self, layer: int = 0) -> int:
+        """Tokens entering ``layer`` (an earlier cut may have reduced them)."""
+        return self.streams[layer].shape[1]
 
-    @property
-    def batch_anchor(self) -> tuple[Value, int]:
-        return (self.streams[0], 0)
+    def token_axes(self, v: Value, layer: int = 0) -> list[int]:
+        """Axes of ``v`` carrying the tokens that enter ``layer``. Axes of another token count
+        (before an earlier cut, say) are a different class: gathers stop propagation."""
+        return self.axes.axes_in_class(v, (self.streams[layer], 1))
 
-    def token_axes(self, v: Value) -> list[int]:
-        return self.axes.axes_in_class(v, self.token_anchor)
-
-    def batch_axis(self, v: Value, consumers=()) -> int | None:
+    def batch_axis(self, v: Value, consumers=(), layer: int = 0) -> int | None:
         """The batch axis of ``v``: in the batch class, or a leading size-1 axis that broadcasts
         against the batch axis of every consumer in ``consumers``."""
-        if self.streams[0].shape[0] > 1:
-            axes = self.axes.axes_in_class(v, self.batch_anchor)
+        anchor = (self.streams[layer], 0)
+        if self.streams[layer].shape[0] > 1:
+            axes = self.axes.axes_in_class(v, anchor)
             if axes:
                 return axes[0]
         if not v.shape or len(v.shape) < 2 or v.shape[0] != 1:
             return None
-        if self.streams[0].shape[0] == 1:
+        if self.streams[layer].shape[0] == 1:
             return 0
         if not consumers:
             return None
@@ -61,7 +60,7 @@ class Facts:
             if node.op != "elementwise" or out.shape is None:
                 return None
             j = len(out.shape) - len(v.shape)
-            if j < 0 or j not in self.axes.axes_in_class(out, self.batch_anchor):
+            if j < 0 or j not in self.axes.axes_in_class(out, anchor):
                 return None
         return 0
 
@@ -187,7 +186,7 @@ def block_flops(facts: Facts, layer: int, tokens: int | None = None) -> float:
     """Analytic multiply-adds ×2 of one block at ``tokens`` tokens: projections and MLP scale
     with N (4·C² + 2·C·hidden per token, read off the block's matmul weights), attention
     with N² (2·N²·C)."""
-    n = tokens if tokens is not None else facts.num_tokens
+    n = tokens if tokens is not None else facts.tokens(layer)
     c = facts.streams[layer].shape[-1]
     per_token = facts.__dict__.setdefault("_per_token_macs", {})
     if layer not in per_token:

@@ -77,7 +77,9 @@ class OnnxModel(Model):
         """Full onnx.checker check and one ORT run on the probe inputs."""
         import onnx
 
-        proto = self.proto()
+        from .backends.onnx import graph_only_proto
+
+        proto = graph_only_proto(self.model, as_inputs=True)  # weights as typed inputs: same check, no copy
         try:
             onnx.checker.check_model(proto, full_check=True)
         except Exception as e:  # noqa: BLE001
@@ -90,7 +92,7 @@ class OnnxModel(Model):
     def session(self, device: str = "cpu", threads: int | None = None):
         from .backends.onnx import make_session, providers
 
-        return make_session(self.proto(), providers(device), threads)
+        return make_session(self.model, providers(device), threads)
 
     def run(self, feeds: dict[str, Any], outputs: list[str] | None = None, device: str = "cpu") -> list[np.ndarray]:
         if self._session is None or device != "cpu":
@@ -109,13 +111,10 @@ class OnnxModel(Model):
         """Run once and return {cut tag: kept indices [B, M]} of every selection."""
         import onnx
 
-        proto = self.proto()
-        names = [o for n in proto.graph.node for o in n.output if o.endswith("/keep_idx")]
-        for name in names:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
         from .backends.onnx import make_session
 
-        sess = make_session(proto)
+        names = [o.name for n in self.model.graph for o in n.outputs if o.name.endswith("/keep_idx")]
+        sess = make_session(self.model, extra_outputs=names)
         feeds = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in feeds.items()}
         res = sess.run(names, feeds)
         return {name[: -len("/keep_idx")]: r for name, r in zip(names, res)}
@@ -288,10 +287,8 @@ def _read_onnx(path: Path):
         raise PruneError(f"{path} is not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
     if not proto.graph.node:
         raise PruneError(f"{path} is not a valid ONNX model (no graph nodes)")
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as e:  # noqa: BLE001
-        raise PruneError(f"{path} is not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
+    if not proto.graph.output or not proto.opset_import:
+        raise PruneError(f"{path} is not a valid ONNX model (no outputs or opset)")
     return ir.serde.deserialize_model(proto)
 
 

@@ -40,17 +40,71 @@ def _cuda_usable() -> bool:
         return False
 
 
-def make_session(model, providers: list[str] | None = None, threads: int | None = None):
-    """An ORT session with quiet logs and explicit providers. ``model``: proto, path or bytes."""
+def make_session(model, providers: list[str] | None = None, threads: int | None = None,
+                 extra_outputs: list[str] | None = None):
+    """An ORT session with quiet logs and explicit providers.
+
+    ``model``: an onnx-ir Model (its weights are handed to ORT in memory, so only the
+    graph is serialized), a ModelProto, a path or bytes. ``extra_outputs``: intermediate
+    values to expose as outputs.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads
+    keepalive: list = []
+    if isinstance(model, ir.Model):
+        model = graph_only_proto(model, so, keepalive=keepalive)
+    if extra_outputs:
+        if not isinstance(model, onnx.ModelProto):
+            model = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+        for name in extra_outputs:
+            model.graph.output.append(onnx.ValueInfoProto(name=name))
+        del model.graph.value_info[:]
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
-    return ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
+    sess._prunec_keepalive = keepalive  # ORT reads the weights in place: keep the buffers alive
+    return sess
+
+
+_IN_MEMORY = "__prunec_in_memory__"
+
+
+def graph_only_proto(model: ir.Model, so=None, as_inputs: bool = False, keepalive: list | None = None) -> onnx.ModelProto:
+    """The model as a proto without its large weights (cheap to serialize).
+
+    With ``so`` (ORT SessionOptions) the weights are registered as in-memory external
+    initializers; with ``as_inputs`` they become typed graph inputs (for onnx.checker).
+    """
+    big = {n: v for n, v in model.graph.initializers.items()
+           if v.const_value is not None and v.const_value.nbytes > 1024}
+    saved = {n: v.const_value for n, v in big.items()}
+    try:
+        for n, v in big.items():
+            c = saved[n]
+            v.const_value = ir.ExternalTensor(_IN_MEMORY, 0, c.nbytes, c.dtype, shape=c.shape, name=n)
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for n, v in big.items():
+            v.const_value = saved[n]
+    if so is not None and big:
+        import onnxruntime as ort
+
+        arrays = [np.ascontiguousarray(saved[n].numpy()) for n in big]
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        so.add_external_initializers(list(big), values)
+        if keepalive is not None:
+            keepalive.extend(arrays + values)
+    if as_inputs and big:
+        keep = [t for t in proto.graph.initializer if t.name not in big]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(keep)
+        for n, c in saved.items():
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(n, int(c.dtype), list(c.shape)))
+    return proto
 
 
 class _Builder:
@@ -189,7 +243,7 @@ def _gather(b: _Builder, x: ir.Value, shape, idx: ir.Value, axis: int, batch_axi
 
 
 def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
-    model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    model = model.clone()  # weights are shared, the graph is new: the input stays untouched
     graph = model.graph
     values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
     values.update({v.name: v for v in graph.initializers.values()})

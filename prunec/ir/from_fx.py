@@ -11,7 +11,7 @@ import operator
 import torch
 import torch.fx
 
-from .graph import Graph, Node, Value
+from .graph import Graph, Node, Value, record_value_facts
 
 aten = torch.ops.aten
 
@@ -166,30 +166,12 @@ def probe_fx(graph: Graph, gm: torch.fx.GraphModule, args: tuple) -> None:
         def run_node(self, n):
             result = super().run_node(n)
             v = by_ref.get(n)
-            if v is not None and isinstance(result, torch.Tensor):
-                record_value_facts(v, result)
+            if v is not None and isinstance(result, torch.Tensor) and result.dim() >= 0:
+                small_int = not result.is_floating_point() and result.numel() <= 64 and result.dtype != torch.bool
+                square = result.dim() >= 2 and result.shape[-1] == result.shape[-2]
+                if small_int or square:
+                    record_value_facts(v, result.detach().cpu().numpy())
             return result
 
     with torch.no_grad():
         Probe(gm).run(*args)
-
-
-def record_value_facts(v: Value, t: torch.Tensor) -> None:
-    """Facts the analysis needs about a concrete tensor ``t`` (any frontend)."""
-    if not t.is_floating_point() and t.numel() <= 64 and t.dtype != torch.bool:
-        v.data = t.detach().cpu().numpy()
-    if t.dim() >= 2 and t.shape[-1] == t.shape[-2] and t.shape[-1] > 1:
-        n = t.shape[-1]
-        upper = torch.ones(n, n, dtype=torch.bool, device=t.device).triu(1)
-        if t.dtype == torch.bool:
-            masked = ~t
-        elif t.is_floating_point():
-            masked = (t == 0) | (t < -1e30) | torch.isinf(t)
-        else:
-            return
-        # For probabilities, 0 means masked; for additive masks, -inf / very negative.
-        if t.is_floating_point() and bool((t >= 0).all()) and bool((t <= 1).all()) and not bool((t == 0).all()):
-            masked = t == 0
-        elif t.is_floating_point():
-            masked = (t < -1e30) | torch.isinf(t)
-        v.facts["causal"] = bool(masked[..., upper].all()) and not bool(masked[..., ~upper].all())

@@ -10,10 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-import torch
 
-from .graph import Graph, Node, Value
-from .from_fx import record_value_facts
+from .graph import Graph, Node, Value, record_value_facts
 
 _ELEMENTWISE = {
     "Add", "Sub", "Mul", "Div", "Where", "Pow", "Erf", "Relu", "Sigmoid", "Tanh", "Exp", "Neg",
@@ -109,18 +107,15 @@ def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.nd
     """Run the model in ORT (CPU) exposing every intermediate value; returns name -> array."""
     from ..backends.onnx import make_session
 
-    proto = ir.serde.serialize_model(model)
-    existing = {o.name for o in proto.graph.output}
-    for node in proto.graph.node:
-        for name in node.output:
-            if name and name not in existing:
-                proto.graph.output.append(onnx.ValueInfoProto(name=name))
-                existing.add(name)
-    del proto.graph.value_info[:]
-    sess = make_session(proto, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    results = sess.run(names, feeds)
-    return dict(zip(names, results))
+    names = []
+    existing = {v.name for v in model.graph.outputs}
+    for node in model.graph:
+        for o in node.outputs:
+            if o.name and o.name not in existing:
+                names.append(o.name)
+    sess = make_session(model, extra_outputs=names)
+    out_names = [o.name for o in sess.get_outputs()]
+    return dict(zip(out_names, sess.run(out_names, feeds)))
 
 
 def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np.ndarray]) -> Graph:
@@ -145,7 +140,7 @@ def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np
                 if const is not None and not np.issubdtype(arr.dtype, np.floating):
                     val.data = arr
                 elif arr.ndim == 0 or arr.size <= 64 or (arr.ndim >= 2 and arr.shape[-1] == arr.shape[-2]):
-                    record_value_facts(val, torch.from_numpy(np.array(arr)))
+                    record_value_facts(val, arr)
             values[key] = val
         return values[key]
 

@@ -112,3 +112,26 @@ class Graph:
                 if v is not None:
                     seen.setdefault(id(v), v)
         return list(seen.values())
+
+
+def record_value_facts(v: Value, arr: np.ndarray) -> None:
+    """Facts the analysis needs about a concrete array (any frontend): the content of small
+    integer tensors, and whether a square [.., N, N] tensor masks its upper triangle (causal).
+    Probabilities mask with 0, additive masks with -inf (or < -1e30), boolean masks with False."""
+    if arr.dtype.kind in "iu" and arr.size <= 64:
+        v.data = np.array(arr)
+        return
+    if arr.ndim < 2 or arr.shape[-1] != arr.shape[-2] or arr.shape[-1] < 2:
+        return
+    n = arr.shape[-1]
+    upper = np.triu(np.ones((n, n), dtype=bool), 1)
+    if arr.dtype == np.bool_:
+        masked = ~arr
+    elif arr.dtype.kind == "f":
+        if (arr >= 0).all() and (arr <= 1).all() and not (arr == 0).all():
+            masked = arr == 0
+        else:
+            masked = (arr < -1e30) | np.isinf(arr)
+    else:
+        return
+    v.facts["causal"] = bool(masked[..., upper].all()) and not bool(masked[..., ~upper].all())

@@ -1,4 +1,4 @@
 """Plain-torch reference kernels the torch backend calls (exportable with torch.export)."""
-from .tokens import gather_tokens, scores_from_probs, scores_from_qk, select_topk, keep_count
+from .tokens import gather_tokens, scores_from_probs, scores_from_qk, select_topk
 
-__all__ = ["gather_tokens", "scores_from_probs", "scores_from_qk", "select_topk", "keep_count"]
+__all__ = ["gather_tokens", "scores_from_probs", "scores_from_qk", "select_topk"]

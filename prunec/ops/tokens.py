@@ -24,11 +24,6 @@ def recording():
         _RECORDING.remove(rec)
 
 
-def keep_count(keep: float, span_len: int) -> int:
-    """Number of span tokens kept: ``round(keep * span_len)`` (FastV), at least 1."""
-    return max(1, min(span_len, int(round(keep * span_len))))
-
-
 def _query_rows(p: torch.Tensor, query) -> torch.Tensor:
     """p: [B, H, Nq, Nk] -> [B, H, Nk] for one query row or the mean over rows."""
     if query == "mean":

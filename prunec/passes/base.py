@@ -61,6 +61,11 @@ class Pass:
         return f"{type(self).__name__}({opts})"
 
 
+def keep_count(keep: float, span_len: int) -> int:
+    """Number of span tokens kept: ``round(keep * span_len)`` (FastV), at least 1."""
+    return max(1, min(span_len, int(round(keep * span_len))))
+
+
 @dataclass
 class Score:
     """Attention received by each token from ``query`` (row index or "mean") in ``site``.

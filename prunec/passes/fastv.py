@@ -19,8 +19,7 @@ Shapes: hidden [B, N, C] -> [B, M, C] with M = prefix + k + suffix.
 from __future__ import annotations
 
 from ..errors import PruneError
-from ..ops.tokens import keep_count
-from .base import Option, Pass, Plan, Score, TopK, register
+from .base import Option, Pass, Plan, Score, TopK, keep_count, register
 from .cut import plan_cut
 
 

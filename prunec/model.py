@@ -85,7 +85,9 @@ class OnnxModel(Model):
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from None
         try:
-            self.run(self.feeds)
+            from .backends.onnx import make_session
+
+            make_session(self.model, quick=True).run(None, self.feeds)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph does not run in ONNX Runtime: {str(e).splitlines()[0]}") from None
 
@@ -105,7 +107,9 @@ class OnnxModel(Model):
         return sess.run(outputs, feeds)
 
     def save(self, path: str | os.PathLike) -> Path:
-        return atomic_write(path, self.proto().SerializeToString())
+        import onnx_ir as ir
+
+        return atomic_write(path, lambda tmp: ir.save(self.model, tmp))
 
     def kept_indices(self, feeds: dict[str, Any]) -> dict:
         """Run once and return {cut tag: kept indices [B, M]} of every selection."""
@@ -225,13 +229,17 @@ def refresh_meta(gm, flat_args: tuple) -> None:
         Fill(gm).run(*flat_args)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
-    """Write via a temporary file in the same folder and rename: never a partial file."""
+def atomic_write(path: str | os.PathLike, data) -> Path:
+    """Write ``data`` (bytes, or a function that writes a given path) via a temporary file in
+    the same folder and rename: never a partial file at ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, (bytes, bytearray)):
+                f.write(data)
+        if not isinstance(data, (bytes, bytearray)):
+            data(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -282,14 +290,16 @@ def _read_onnx(path: Path):
     if path.stat().st_size == 0:
         raise PruneError(f"{path} is empty")
     try:
-        proto = onnx.load(str(path))  # external data (model.onnx.data) is read too
+        model = ir.load(path)  # external data (model.onnx.data) is memory-mapped
     except Exception as e:  # noqa: BLE001
         raise PruneError(f"{path} is not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
-    if not proto.graph.node:
-        raise PruneError(f"{path} is not a valid ONNX model (no graph nodes)")
-    if not proto.graph.output or not proto.opset_import:
-        raise PruneError(f"{path} is not a valid ONNX model (no outputs or opset)")
-    return ir.serde.deserialize_model(proto)
+    if len(model.graph) == 0 or not model.graph.outputs or not model.opset_imports:
+        raise PruneError(f"{path} is not a valid ONNX model (no nodes, outputs or opset)")
+    for v in model.graph.initializers.values():
+        # decode each weight once into a numpy-backed tensor: ORT sessions and saving reuse it
+        if v.const_value is not None and not isinstance(v.const_value, ir.Tensor):
+            v.const_value = ir.Tensor(v.const_value.numpy(), name=v.name)
+    return model
 
 
 class Pipeline:

@@ -41,17 +41,21 @@ def _cuda_usable() -> bool:
 
 
 def make_session(model, providers: list[str] | None = None, threads: int | None = None,
-                 extra_outputs: list[str] | None = None):
+                 extra_outputs: list[str] | None = None, quick: bool = False):
     """An ORT session with quiet logs and explicit providers.
 
     ``model``: an onnx-ir Model (its weights are handed to ORT in memory, so only the
     graph is serialized), a ModelProto, a path or bytes. ``extra_outputs``: intermediate
-    values to expose as outputs.
+    values to expose as outputs. ``quick``: basic graph optimizations only (prunec's own
+    probe and check runs: faster to build, run once).
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if quick:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.add_session_config_entry("session.disable_prepacking", "1")
     if threads:
         so.intra_op_num_threads = threads
     keepalive: list = []

@@ -104,18 +104,59 @@ def example_inputs(model: ir.Model, probe_batch: int = 2) -> dict[str, np.ndarra
 
 
 def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run the model in ORT (CPU) exposing every intermediate value; returns name -> array."""
-    from ..backends.onnx import make_session
+    """Concrete shapes and the values the analysis needs, as name -> array.
 
-    names = []
-    existing = {v.name for v in model.graph.outputs}
+    ONNX shape inference (at the probe's input sizes) gives most shapes for free; one
+    ORT run (CPU) exposes only what it leaves open: values without a static shape,
+    small integer tensors (shape operands), and square [.., N, N] tensors (to tell
+    causal masks). Values known only by shape come back as zero-strided placeholders.
+    """
+    from ..backends.onnx import graph_only_proto, make_session
+
+    proto = graph_only_proto(model, as_inputs=True)
+    for inp in proto.graph.input:
+        if inp.name in feeds:
+            dims = inp.type.tensor_type.shape.dim
+            for d, size in zip(dims, feeds[inp.name].shape):
+                d.ClearField("dim_param")
+                d.dim_value = size
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        infos = list(inferred.graph.value_info) + list(inferred.graph.output)
+    except Exception:  # noqa: BLE001  (inference is an optimization; the probe run covers all)
+        infos = []
+    known: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    for vi in infos:
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape") or not tt.elem_type:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if any(d is None for d in dims):
+            continue
+        known[vi.name] = (tuple(dims), onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    wanted, produced = [], set()
     for node in model.graph:
         for o in node.outputs:
-            if o.name and o.name not in existing:
-                names.append(o.name)
-    sess = make_session(model, extra_outputs=names)
+            if not o.name:
+                continue
+            produced.add(o.name)
+            info = known.get(o.name)
+            if info is None:
+                wanted.append(o.name)
+                continue
+            shape, dtype = info
+            small_int = np.dtype(dtype).kind in "iu" and int(np.prod(shape)) <= 64
+            square = len(shape) >= 2 and shape[-1] == shape[-2] and shape[-1] > 1
+            if small_int or square:
+                wanted.append(o.name)
+    outputs = [v.name for v in model.graph.outputs]
+    sess = make_session(model, extra_outputs=[n for n in wanted if n not in outputs], quick=True)
     out_names = [o.name for o in sess.get_outputs()]
-    return dict(zip(out_names, sess.run(out_names, feeds)))
+    result = dict(zip(out_names, sess.run(out_names, feeds)))
+    for name, (shape, dtype) in known.items():
+        if name not in result and name in produced:
+            result[name] = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, [0] * len(shape))
+    return result
 
 
 def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np.ndarray]) -> Graph:
@@ -127,12 +168,11 @@ def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np
             return None
         key = id(v)
         if key not in values:
-            arr = probe.get(v.name)
-            if arr is None and v.name in feeds:
-                arr = feeds[v.name]
             const = v.const_value
-            if arr is None and const is not None:
+            if const is not None:
                 arr = const.numpy()
+            else:
+                arr = probe.get(v.name, feeds.get(v.name))
             shape = tuple(int(s) for s in arr.shape) if arr is not None else None
             dtype = str(arr.dtype) if arr is not None else (v.dtype.name.lower() if v.dtype else "unknown")
             val = Value(v.name, shape, dtype, is_param=v.is_initializer(), is_input=v.is_graph_input(), ref=v)

@@ -44,6 +44,7 @@ class OnnxModel(Model):
         from .ir.from_onnx import example_inputs
 
         self.model: ir.Model = model
+        _name_nodes(model)
         self.probe_batch = probe_batch
         self.feeds = feeds if feeds is not None else example_inputs(model, probe_batch)
         self._session = None
@@ -209,6 +210,17 @@ class TorchModel(Model):
         buf = io.BytesIO()
         torch.export.save(ep, buf)
         return atomic_write(path, buf.getvalue())
+
+
+def _name_nodes(model) -> None:
+    """Give every unnamed (or duplicate-named) node a unique name: plans refer to nodes by name."""
+    seen = set()
+    for i, node in enumerate(model.graph):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+            while node.name in seen:
+                node.name += "_"
+        seen.add(node.name)
 
 
 def refresh_meta(gm, flat_args: tuple) -> None:

@@ -18,6 +18,7 @@ from ..passes.base import Plan
 
 
 def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    plan.check_single_cut()
     gm = copy.deepcopy(gm)
     graph = gm.graph
     by_name = {n.name: n for n in graph.nodes}

@@ -247,6 +247,7 @@ def _gather(b: _Builder, x: ir.Value, shape, idx: ir.Value, axis: int, batch_axi
 
 
 def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
+    plan.check_single_cut()
     model = model.clone()  # weights are shared, the graph is new: the input stays untouched
     graph = model.graph
     values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
@@ -276,8 +277,6 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                 shape[axis] = cut.kept
             for u, i in uses:
                 u.replace_input_with(i, y)
-            if src.is_graph_output():
-                pass
         m = cut.kept
         for fix in cut.shape_fixes:
             node = nodes[fix.node.ref.name]
@@ -286,11 +285,10 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
             new = np.array(fix.node.inputs[slot].data).reshape(-1).copy()
             for j in fix.positions:
                 new[j] = m
+            fb = _Builder(graph, node, f"{cut.tag}/shape", counter)
             if shp.const_value is not None or (shp.producer() is not None and shp.producer().op_type == "Constant"):
-                fb = _Builder(graph, node, f"{cut.tag}/shape", counter)
                 node.replace_input_with(slot, fb.const(new, "size"))
-            else:
-                fb = _Builder(graph, node, f"{cut.tag}/shape", counter)
+            else:  # a computed shape (dynamic batch): overwrite only the token entries at run time
                 pos = np.array(fix.positions, np.int64)
                 upd = np.full(len(fix.positions), m, np.int64)
                 node.replace_input_with(slot, fb.op("ScatterElements", [shp, fb.const(pos, "pos"), fb.const(upd, "upd")],

@@ -1,6 +1,6 @@
 """Pass registry, options and the Plan that rewrite passes hand to the backends.
 
-A Plan is a list of cuts. Each :class:`Cut` says: before layer ``layer``, score the
+A Plan holds a cut. A :class:`Cut` says: before layer ``layer``, score the
 tokens (:class:`Score`), select the kept indices [B, M] (:class:`TopK`), and gather
 every token-carrying edge that crosses the cut with those indices; shape literals
 after the cut that spell the old token count N are rewritten to M.
@@ -117,4 +117,11 @@ class Cut:
 
 @dataclass
 class Plan:
+    """Token ops to insert. A plan names nodes of the graph it was planned on, so it holds one
+    cut: a schedule of several cuts is several passes (each re-analyses the rewritten graph)."""
+
     cuts: list[Cut]
+
+    def check_single_cut(self) -> None:
+        if len(self.cuts) != 1:
+            raise PruneError(f"a plan lowers exactly one cut (got {len(self.cuts)}); apply cuts as separate passes")

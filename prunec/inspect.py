@@ -16,7 +16,7 @@ def describe(model) -> dict:
         })
     shape_literals = []
     if facts.depth > 1:
-        cut = plan_cut(facts, 1, None, None, tag="inspect")
+        cut = plan_cut(facts, 1, None, tag="inspect")
         shape_literals = [f.node.name for f in cut.shape_fixes]
     return {
         "kind": model.kind,

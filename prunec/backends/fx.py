@@ -14,7 +14,33 @@ import torch.fx
 
 from .. import ops
 from ..errors import PruneError
-from ..passes.base import Plan
+from ..passes.base import Diverse, GridPool, Plan, Random, TopK
+
+
+def _selection(graph: torch.fx.Graph, by_name: dict, cut):
+    """Insert the nodes computing the kept indices [B, M] of ``cut``."""
+    r = cut.reduce
+    if isinstance(r, GridPool):  # side inputs follow each window's first token
+        return graph.call_function(ops.select_fixed, (by_name[cut.stream.ref.name], r.representatives(), cut.tag))
+    if isinstance(r, Diverse):
+        return graph.call_function(ops.select_diverse, (by_name[r.features.ref.name], r.k, r.span_start, r.span_end,
+                                                         cut.tag))
+    if isinstance(r, Random):
+        return graph.call_function(ops.select_random, (by_name[cut.stream.ref.name], r.k, r.span_start, r.span_end,
+                                                        r.seed, cut.tag))
+    if not isinstance(r, TopK):
+        raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
+    site, query = r.score.site, r.score.query
+    if site.probs is not None:
+        if len(site.probs.shape) != 4:
+            raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
+        scores = graph.call_function(ops.scores_from_probs, (by_name[site.probs.ref.name], query))
+    else:
+        q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
+        mask = by_name[site.mask.ref.name] if site.mask is not None else None
+        scores = graph.call_function(ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")),
+                                                          query))
+    return graph.call_function(ops.select_topk, (scores, r.k, r.span_start, r.span_end, cut.tag))
 
 
 def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
@@ -26,31 +52,21 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     for cut in plan.cuts:
         post = {by_name[n.ref.name] for n in cut.post}
         first_post = min(post, key=order.__getitem__)
-        site = cut.score.site
         with graph.inserting_before(first_post):
-            if site.probs is not None:
-                probs = by_name[site.probs.ref.name]
-                if len(site.probs.shape) != 4:
-                    raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
-                scores = graph.call_function(ops.scores_from_probs, (probs, cut.score.query))
-            else:
-                q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
-                mask = by_name[site.mask.ref.name] if site.mask is not None else None
-                scores = graph.call_function(
-                    ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")),
-                                         cut.score.query))
-            idx = graph.call_function(ops.select_topk, (scores, cut.select.k, cut.select.span_start,
-                                                        cut.select.span_end, cut.tag))
-            idx.name = f"{cut.tag}_keep_idx"
+            idx = _selection(graph, by_name, cut)
         for c in cut.crossings:
             src = by_name[c.value.ref.name]
-            users = [u for u in src.users if u in post]
+            users = [u for u in src.users if u in post or (u.op == "output" and src.name == cut.stream.ref.name)]
             if not users:
                 continue
             with graph.inserting_before(min(users, key=order.__getitem__)):
-                g = src
-                for axis in c.token_axes:
-                    g = graph.call_function(ops.gather_tokens, (g, idx, axis, c.batch_axis))
+                if isinstance(cut.reduce, GridPool) and c.value is cut.stream:
+                    g = graph.call_function(ops.pool_tokens, (src, cut.reduce.prefix, cut.reduce.height,
+                                                              cut.reduce.width, cut.reduce.factor))
+                else:
+                    g = src
+                    for axis in c.token_axes:
+                        g = graph.call_function(ops.gather_tokens, (g, idx, axis, c.batch_axis))
             for u in users:
                 u.replace_input_with(src, g)
         m = cut.kept

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import PruneError
-from ..passes.base import Cut, Plan
+from ..passes.base import Cut, Diverse, GridPool, Plan, Random, TopK, random_scores
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -118,10 +118,19 @@ class _Builder:
         self.graph, self.before, self.prefix, self.counter = graph, before, prefix, counter
         self.opset = graph.opset_imports.get("", 17)
 
-    def reduce_mean(self, x: ir.Value, axes: list[int]) -> ir.Value:
-        if self.opset >= 18:
-            return self.op("ReduceMean", [x, self.const(np.array(axes, np.int64), "axes")], {"keepdims": 0})
-        return self.op("ReduceMean", [x], {"axes": axes, "keepdims": 0})
+    def reduce(self, op_type: str, x: ir.Value, axes: list[int], keepdims: int = 0) -> ir.Value:
+        if self.opset >= 18 or op_type == "ReduceSum" and self.opset >= 13:
+            return self.op(op_type, [x, self.const(np.array(axes, np.int64), "axes")], {"keepdims": keepdims})
+        return self.op(op_type, [x], {"axes": axes, "keepdims": keepdims})
+
+    def reduce_mean(self, x: ir.Value, axes: list[int], keepdims: int = 0) -> ir.Value:
+        return self.reduce("ReduceMean", x, axes, keepdims)
+
+    def reduce_sum(self, x: ir.Value, axes: list[int], keepdims: int = 0) -> ir.Value:
+        return self.reduce("ReduceSum", x, axes, keepdims)
+
+    def reduce_min(self, x: ir.Value, axes: list[int], keepdims: int = 0) -> ir.Value:
+        return self.reduce("ReduceMin", x, axes, keepdims)
 
     def batch_size(self, x: ir.Value) -> ir.Value:
         """[1] int64 holding x's first dimension."""
@@ -146,7 +155,10 @@ class _Builder:
                        num_outputs=outputs, name=f"{self.prefix}/{name or op_type}_{self.count}")
         for i, o in enumerate(node.outputs):
             o.name = f"{node.name}:{i}" if outputs > 1 else node.name
-        self.graph.insert_before(self.before, node)
+        if self.before is None:
+            self.graph.append(node)
+        else:
+            self.graph.insert_before(self.before, node)
         return node.outputs[0] if outputs == 1 else node.outputs
 
 
@@ -162,7 +174,7 @@ def _as_4d_heads(b: _Builder, x: ir.Value, shape, heads: int | None) -> ir.Value
 
 
 def _scores(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value:
-    site, query = cut.score.site, cut.score.query
+    site, query = cut.reduce.score.site, cut.reduce.score.query
     if site.probs is not None:
         if len(site.probs.shape) != 4:
             raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
@@ -204,15 +216,107 @@ def _scores(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value:
     return b.reduce_mean(p, [1, 2])
 
 
-def _select(b: _Builder, scores: ir.Value, cut: Cut) -> ir.Value:
-    s, e, k, n = cut.select.span_start, cut.select.span_end, cut.select.k, cut.num_tokens
+def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value | None:
+    """Nodes computing the kept indices [B, M] of ``cut``."""
+    r = cut.reduce
     i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
-    span = b.op("Slice", [scores, i64([s], "s"), i64([e], "e"), i64([1], "ax")])
-    _, top = b.op("TopK", [span, i64([k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    if isinstance(r, GridPool):  # side inputs follow each window's first token
+        reps = r.representatives()
+        idx = b.op("Expand", [i64([reps], "reps"), b.op("Concat", [b.batch_size(values[cut.stream.name]),
+                                                                   i64([len(reps)], "m")], {"axis": 0})])
+        idx.name = f"{cut.tag}/keep_idx"
+        return idx
+    if isinstance(r, Diverse):
+        top = _diverse(b, values[r.features.name], r)
+        batch_of = values[r.features.name]
+    else:
+        if isinstance(r, Random):
+            ranks = b.const(np.array(random_scores(cut.num_tokens, r.seed), np.float32)[None, :], "ranks")
+            stream = values[cut.stream.name]
+            scores = b.op("Expand", [ranks, b.op("Concat", [b.batch_size(stream), i64([cut.num_tokens], "n")],
+                                                 {"axis": 0})])
+        elif isinstance(r, TopK):
+            scores = _scores(b, cut, values)
+        else:
+            raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
+        span = b.op("Slice", [scores, i64([r.span_start], "s"), i64([r.span_end], "e"), i64([1], "ax")])
+        _, top = b.op("TopK", [span, i64([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+        batch_of = scores
+    return _with_fixed(b, top, batch_of, cut)
+
+
+def _diverse(b: _Builder, x: ir.Value, r: Diverse) -> ir.Value:
+    """DivPrune's greedy max-min selection over the span of x [B, N, C] -> span picks [B, k]
+    (same algorithm as ``prunec.ops.select_diverse``; the k−1 greedy steps run in a Loop)."""
+    i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
+    f32 = lambda a, name: b.const(np.array(a, np.float32), name)  # noqa: E731
+    s = b.op("Slice", [x, i64([r.span_start], "s"), i64([r.span_end], "e"), i64([1], "ax")])
+    sq = b.op("Mul", [s, s])
+    norm = b.op("Sqrt", [b.reduce_sum(sq, [2], keepdims=1)])
+    s = b.op("Div", [s, b.op("Max", [norm, f32(1e-12, "eps")])])
+    sim = b.op("MatMul", [s, b.op("Transpose", [s], {"perm": [0, 2, 1]})])
+    dist = b.op("Sub", [f32(1.0, "one"), sim])  # [B, S, S]
+    size = r.span_end - r.span_start
+    diag = np.where(np.eye(size, dtype=bool), np.inf, 0.0).astype(np.float32)
+    nearest = b.reduce_min(b.op("Add", [dist, b.const(diag, "diag")]), [2])
+    first = b.op("ArgMax", [nearest], {"axis": 1, "keepdims": 1})  # [B, 1]
+    mind = b.op("GatherND", [dist, first], {"batch_dims": 1})  # [B, S]
+    ninf = b.op("Expand", [f32([[-np.inf]], "ninf"), b.op("Shape", [first])])
+    mind = b.op("ScatterElements", [mind, first, ninf], {"axis": 1})
+    if r.k == 1:
+        return first
+    # Loop body: (iteration, cond, mind) -> (cond, mind', pick)
+    it = ir.Value(name=f"{b.prefix}/body_iter", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+    cond_in = ir.Value(name=f"{b.prefix}/body_cond", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
+    mind_in = ir.Value(name=f"{b.prefix}/body_mind", type=ir.TensorType(ir.DataType.FLOAT))
+    body_nodes = []
+
+    def node(op_type, inputs, attrs=None, name=""):
+        n = ir.Node("", op_type, inputs, attributes=[ir.convenience.convert_attribute(k, v)
+                                                      for k, v in (attrs or {}).items()],
+                    name=f"{b.prefix}/body/{name or op_type}_{len(body_nodes)}")
+        n.outputs[0].name = n.name
+        body_nodes.append(n)
+        return n.outputs[0]
+
+    nxt = node("ArgMax", [mind_in], {"axis": 1, "keepdims": 1})
+    row = node("GatherND", [dist, nxt], {"batch_dims": 1})
+    new_mind = node("Min", [mind_in, row])
+    new_mind = node("ScatterElements", [new_mind, nxt, ninf], {"axis": 1})
+    cond_out = node("Identity", [cond_in])
+    pick = node("Identity", [nxt])
+    body = ir.Graph([it, cond_in, mind_in], [cond_out, new_mind, pick], nodes=body_nodes,
+                    name=f"{b.prefix}/divprune_body")
+    _, picks = b.op("Loop", [i64(r.k - 1, "steps"), b.const(np.array(True), "true"), mind],
+                    {"body": body}, outputs=2)  # picks: [k-1, B, 1]
+    rest = b.op("Squeeze", [b.op("Transpose", [picks], {"perm": [1, 0, 2]}), i64([2], "axes")])
+    return b.op("Concat", [first, rest], {"axis": 1})
+
+
+def _pool(b: _Builder, x: ir.Value, r: GridPool) -> ir.Value:
+    """x [B, prefix + H·W, C] -> [B, prefix + (H/f)(W/f), C] by average pooling the grid."""
+    i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
+    h, w, f, p = r.height, r.width, r.factor, r.prefix
+    grid = b.op("Slice", [x, i64([p], "s"), i64([p + h * w], "e"), i64([1], "ax")])
+    grid = b.op("Reshape", [grid, i64([0, h // f, f, w // f, f, -1], "grid")])
+    pooled = b.reduce_mean(grid, [2, 4])
+    pooled = b.op("Reshape", [pooled, i64([0, (h // f) * (w // f), -1], "flat")])
+    if not p:
+        return pooled
+    head = b.op("Slice", [x, i64([0], "s"), i64([p], "e"), i64([1], "ax")])
+    return b.op("Concat", [head, pooled], {"axis": 1})
+
+
+def _with_fixed(b: _Builder, top: ir.Value, batch_of: ir.Value, cut: Cut) -> ir.Value:
+    """Span picks [B, k] (span-relative) -> kept indices [B, M]: offset, add the tokens
+    outside the span, sort ascending."""
+    r = cut.reduce
+    s, e, n = r.span_start, r.span_end, cut.num_tokens
+    i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
     if s:
         top = b.op("Add", [top, i64(s, "off")])
     parts = [top]
-    batch = b.batch_size(scores)
+    batch = b.batch_size(batch_of)
     for lo, hi in ((0, s), (e, n)):
         if hi > lo:
             fixed = b.op("Expand", [i64(np.arange(lo, hi)[None, :], "fixed"),
@@ -264,19 +368,35 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
         first = min(post_names, key=order.__getitem__)
         counter = itertools.count()
         b = _Builder(graph, nodes[first], cut.tag, counter)
-        idx = _select(b, _scores(b, cut, values), cut)
+        idx = _selection(b, cut, values)
         for c in cut.crossings:
             src = values[c.value.name]
             uses = [(u, i) for u, i in src.uses() if u.name in post_names]
-            if not uses:
+            as_output = src.is_graph_output() and c.value is cut.stream  # a cut at the output
+            if not uses and not as_output:
                 continue
-            gb = _Builder(graph, min((u for u, _ in uses), key=lambda u: order[u.name]), f"{cut.tag}/gather", counter)
-            y, shape = src, list(c.value.shape)
-            for axis in c.token_axes:
-                y = _gather(gb, y, shape, idx, axis, c.batch_axis)
-                shape[axis] = cut.kept
+            before = min((u for u, _ in uses), key=lambda u: order[u.name]) if uses else None
+            gb = _Builder(graph, before, f"{cut.tag}/gather", counter)
+            if isinstance(cut.reduce, GridPool) and c.value is cut.stream:
+                y = _pool(gb, src, cut.reduce)
+            else:
+                y, shape = src, list(c.value.shape)
+                for axis in c.token_axes:
+                    y = _gather(gb, y, shape, idx, axis, c.batch_axis)
+                    shape[axis] = cut.kept
             for u, i in uses:
                 u.replace_input_with(i, y)
+            if as_output:  # the reduced tensor takes the output's place and name
+                name = src.name
+                src.name = f"{name}/unpruned"
+                y.name = name
+                dims = list(src.shape) if src.shape is not None else None
+                if dims is not None:
+                    for j in c.token_axes:
+                        dims[j] = cut.kept
+                    y.shape = ir.Shape(dims)
+                y.type = src.type
+                graph.outputs[graph.outputs.index(src)] = y
         m = cut.kept
         for fix in cut.shape_fixes:
             node = nodes[fix.node.ref.name]

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ..passes.base import random_scores
+
 _RECORDING: list[dict] = []
 
 
@@ -70,17 +72,9 @@ def select_topk(scores: torch.Tensor, k: int, span_start: int, span_end: int, ta
     scores: [B, N] -> kept indices [B, span_start + k + (N - span_end)], int64, ascending
     (original order).
     """
-    b, n = scores.shape
     top = torch.topk(scores[:, span_start:span_end], k, dim=1).indices + span_start
-    parts = [top]
-    if span_start > 0:
-        parts.insert(0, torch.arange(span_start, device=scores.device).expand(b, span_start))
-    if span_end < n:
-        parts.append(torch.arange(span_end, n, device=scores.device).expand(b, n - span_end))
-    idx = torch.cat(parts, dim=1) if len(parts) > 1 else top
-    idx = torch.sort(idx, dim=1).values
-    for rec in _RECORDING:
-        rec[tag] = idx.detach().cpu().numpy()
+    idx = _with_fixed(top, span_start, span_end, scores.shape[1])
+    _record(tag, idx)
     return idx
 
 
@@ -98,3 +92,76 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, axis: int, batch_axis: int
     index = idx.reshape(b, m, *([1] * len(rest))).expand(b, m, *rest)
     out = torch.gather(xt, 1, index)
     return out.movedim((0, 1), (batch_axis, axis))
+
+
+def _with_fixed(top: torch.Tensor, span_start: int, span_end: int, n: int) -> torch.Tensor:
+    """Add the tokens outside the span to span picks ``top`` [B, k] and sort: [B, M]."""
+    b = top.shape[0]
+    parts = [top]
+    if span_start > 0:
+        parts.insert(0, torch.arange(span_start, device=top.device).expand(b, span_start))
+    if span_end < n:
+        parts.append(torch.arange(span_end, n, device=top.device).expand(b, n - span_end))
+    idx = torch.cat(parts, dim=1) if len(parts) > 1 else top
+    return torch.sort(idx, dim=1).values
+
+
+def _record(tag: str, idx: torch.Tensor) -> None:
+    for rec in _RECORDING:
+        rec[tag] = idx.detach().cpu().numpy()
+
+
+def select_diverse(x: torch.Tensor, k: int, span_start: int, span_end: int, tag: str = "") -> torch.Tensor:
+    """DivPrune's greedy max-min diversity selection, per sample.
+
+    x: token features [B, N, C]. Over the span tokens, D = 1 − cos(x_i, x_j); the first pick
+    is the token farthest from its nearest other token (diagonal excluded); then, k−1
+    times, the token whose distance to the chosen set (min over chosen) is largest.
+    Ties go to the lowest index. Returns kept indices [B, M], ascending.
+    """
+    n = x.shape[1]
+    s = x[:, span_start:span_end].float()
+    s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dist = 1.0 - s @ s.transpose(1, 2)  # [B, S, S]
+    eye = torch.eye(dist.shape[-1], dtype=torch.bool, device=x.device)
+    first = dist.masked_fill(eye, float("inf")).amin(dim=2).argmax(dim=1)  # [B]
+    rows = torch.arange(dist.shape[0], device=x.device)
+    mind = dist[rows, first].clone()
+    mind[rows, first] = float("-inf")
+    picks = [first]
+    for _ in range(k - 1):
+        nxt = mind.argmax(dim=1)
+        mind = torch.minimum(mind, dist[rows, nxt])
+        mind[rows, nxt] = float("-inf")
+        picks.append(nxt)
+    top = torch.stack(picks, dim=1) + span_start
+    idx = _with_fixed(top, span_start, span_end, n)
+    _record(tag, idx)
+    return idx
+
+
+def select_random(x: torch.Tensor, k: int, span_start: int, span_end: int, seed: int, tag: str = "") -> torch.Tensor:
+    """Keep k span tokens chosen by a seeded pseudo-random order (the same for every sample).
+    x: [B, N, ...] (only its shape is used). Returns [B, M]."""
+    b, n = x.shape[0], x.shape[1]
+    scores = torch.tensor(random_scores(n, seed)[span_start:span_end], dtype=torch.float32, device=x.device)
+    top = torch.topk(scores, k).indices + span_start
+    idx = _with_fixed(top.expand(b, k), span_start, span_end, n)
+    _record(tag, idx)
+    return idx
+
+
+def pool_tokens(x: torch.Tensor, prefix: int, height: int, width: int, factor: int) -> torch.Tensor:
+    """Average-pool the patch grid. x: [B, prefix + H·W, C] (row-major grid) ->
+    [B, prefix + (H/f)·(W/f), C]; prefix tokens pass through."""
+    b, _, c = x.shape
+    grid = x[:, prefix:].reshape(b, height // factor, factor, width // factor, factor, c)
+    pooled = grid.mean(dim=(2, 4)).reshape(b, (height // factor) * (width // factor), c)
+    return torch.cat([x[:, :prefix], pooled], dim=1) if prefix else pooled
+
+
+def select_fixed(x: torch.Tensor, indices: list[int], tag: str = "") -> torch.Tensor:
+    """The same kept indices for every sample: [B, len(indices)]. x: [B, N, ...] (shape only)."""
+    idx = torch.tensor(indices, dtype=torch.int64, device=x.device).expand(x.shape[0], len(indices))
+    _record(tag, idx)
+    return idx

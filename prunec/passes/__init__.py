@@ -1,8 +1,12 @@
 """Rewrite passes (one per file) and the analysis passes they read."""
 from .base import REGISTRY, Pass, Plan
+from .cls_attn import ClsAttention
+from .divprune import DivPrune
 from .fastv import FastV
+from .pool import Pool
+from .random_select import RandomSelect
 
-__all__ = ["REGISTRY", "Pass", "Plan", "FastV", "get"]
+__all__ = ["REGISTRY", "Pass", "Plan", "FastV", "ClsAttention", "DivPrune", "RandomSelect", "Pool", "get"]
 
 
 def get(name: str) -> type[Pass]:

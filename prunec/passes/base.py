@@ -66,6 +66,26 @@ def keep_count(keep: float, span_len: int) -> int:
     return max(1, min(span_len, int(round(keep * span_len))))
 
 
+PARK_MILLER = 48271
+MERSENNE31 = 2147483647
+
+
+def random_scores(n: int, seed: int) -> list[float]:
+    """A seeded pseudo-random permutation of 0..n-1 (one score per token position, from
+    Park–Miller hashes); computed at compile time, so both backends and every sample see
+    the same numbers, and exact in float32."""
+    hashes = []
+    for i in range(n):
+        h = ((i + 1) * 2654435761 % MERSENNE31) ^ (seed * 40503 + 12345)
+        for _ in range(3):
+            h = (h * PARK_MILLER) % MERSENNE31
+        hashes.append((h, i))
+    rank = [0.0] * n
+    for r, (_, i) in enumerate(sorted(hashes)):
+        rank[i] = float(r)
+    return rank
+
+
 @dataclass
 class Score:
     """Attention received by each token from ``query`` (row index or "mean") in ``site``.
@@ -76,12 +96,57 @@ class Score:
 
 
 @dataclass
-class TopK:
-    """Keep ``k`` span tokens [span_start, span_end) by score plus every token outside."""
+class Select:
+    """Keep ``k`` tokens of the span [span_start, span_end) plus every token outside it,
+    in original order: kept indices [B, M]."""
 
     k: int
     span_start: int
     span_end: int
+
+    def kept(self, n: int) -> int:
+        return self.k + self.span_start + (n - self.span_end)
+
+
+@dataclass
+class TopK(Select):
+    """The top-k span tokens by an attention score."""
+
+    score: Score | None = None
+
+
+@dataclass
+class Diverse(Select):
+    """DivPrune's greedy max-min cosine-distance selection over ``features`` [B, N, C]."""
+
+    features: Value | None = None
+
+
+@dataclass
+class Random(Select):
+    """A seeded pseudo-random choice (the same for every sample)."""
+
+    seed: int = 0
+
+
+@dataclass
+class GridPool:
+    """Average-pool the [height × width] patch grid by ``factor``; ``prefix`` tokens kept."""
+
+    prefix: int
+    height: int
+    width: int
+    factor: int
+
+    def kept(self, n: int) -> int:
+        return self.prefix + (self.height // self.factor) * (self.width // self.factor)
+
+    def representatives(self) -> list[int]:
+        """Per pooled token, the token whose side inputs (masks, positions) it takes: the
+        prefix tokens, then the first (top-left) token of each window."""
+        f, w = self.factor, self.width
+        firsts = [self.prefix + (i * f) * w + j * f for i in range(self.height // f) for j in range(w // f)]
+        return list(range(self.prefix)) + firsts
 
 
 @dataclass
@@ -101,8 +166,7 @@ class ShapeFix:
 class Cut:
     layer: int
     stream: Value
-    score: Score
-    select: TopK
+    reduce: Any  # a Select subclass or GridPool
     num_tokens: int
     post: set = field(default_factory=set)  # nodes after the cut
     crossings: list[Crossing] = field(default_factory=list)
@@ -112,7 +176,7 @@ class Cut:
 
     @property
     def kept(self) -> int:
-        return self.select.k + self.select.span_start + (self.num_tokens - self.select.span_end)
+        return self.reduce.kept(self.num_tokens)
 
 
 @dataclass

@@ -19,24 +19,8 @@ Shapes: hidden [B, N, C] -> [B, M, C] with M = prefix + k + suffix.
 from __future__ import annotations
 
 from ..errors import PruneError
-from .base import Option, Pass, Plan, Score, TopK, keep_count, register
-from .cut import plan_cut
-
-
-def parse_span(span, n: int, prefix: int) -> tuple[int, int]:
-    if span is None or span == "":
-        return prefix, n
-    if isinstance(span, str):
-        try:
-            a, b = span.split(":")
-            start, end = int(a) if a else 0, int(b) if b else n
-        except ValueError:
-            raise PruneError(f"span '{span}' is not START:END") from None
-    else:
-        start, end = span
-    if not 0 <= start < end <= n:
-        raise PruneError(f"span {start}:{end} is outside the {n} tokens of the model")
-    return start, end
+from .base import Option, Score, TopK, register
+from .selection import COMMON, SelectionPass, parse_span  # noqa: F401  (parse_span re-exported)
 
 
 def resolve_query(query, facts, n: int) -> int | str:
@@ -59,33 +43,28 @@ def resolve_query(query, facts, n: int) -> int | str:
     return q % n
 
 
+def attention_score(facts, score_layer: int, query) -> Score:
+    site = facts.sites[score_layer]
+    if site.kind == "packed":
+        raise PruneError(f"attention node '{site.node.name}' packs q/k inside a com.microsoft.Attention "
+                         f"op; its attention cannot be scored")
+    return Score(site, resolve_query(query, facts, facts.tokens(score_layer)))
+
+
 @register
-class FastV(Pass):
+class FastV(SelectionPass):
     name = "fastv"
     summary = "prune span tokens after layer K by the attention they receive in layer K-1"
-    options = [
-        Option("keep", float, 0.5, "fraction of span tokens kept, in (0, 1]"),
-        Option("layer", int, 2, "prune before this layer (0-based), scoring with layer-1's attention"),
-        Option("span", str, None, "START:END range of the tokens entering the layer that may be pruned "
-                                  "(default: all but prefix tokens)"),
+    default_keep = 0.5
+    default_layer = "2"
+    options = COMMON + [
+        Option("layer", str, None, "prune before this layer (0-based; default 2), scoring with layer-1's "
+                                   "attention; a/b/c: a schedule"),
         Option("query", str, "auto", "auto|cls|last|mean|<index>: whose attention scores the tokens"),
     ]
 
-    def plan(self, model) -> Plan:
-        keep = float(self.keep)
-        if not 0.0 < keep <= 1.0:
-            raise PruneError(f"keep must be in (0, 1], got {self.keep}")
-        facts = model.facts()
-        layer = int(self.layer)
-        if not 1 <= layer < facts.depth:
-            raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
+    def reduction(self, model, facts, layer, k, start, end):
+        if layer >= facts.depth:
+            raise PruneError(f"layer {layer} is out of range: FastV prunes before a layer "
                              f"(valid: 1..{facts.depth - 1})")
-        n = facts.tokens(layer)
-        start, end = parse_span(self.span, n, facts.prefix)
-        k = keep_count(keep, end - start)
-        site = facts.sites[layer - 1]
-        if site.kind == "packed":
-            raise PruneError(f"attention node '{site.node.name}' packs q/k inside a com.microsoft.Attention "
-                             f"op; FastV cannot score it")
-        score = Score(site, resolve_query(self.query, facts, facts.tokens(layer - 1)))
-        return Plan([plan_cut(facts, layer, score, TopK(k, start, end), tag=f"fastv_l{layer}")])
+        return TopK(k, start, end, score=attention_score(facts, layer - 1, self.query))

@@ -32,6 +32,26 @@ class Facts:
     def depth(self) -> int:
         return len(self.sites)
 
+    def output_stream(self) -> Value:
+        """The token tensor [B, N, C] leaving the encoder: the last one after the final block
+        (e.g. after the final norm) before the tokens meet a head, a pooling or an output."""
+        if "_output_stream" not in self.__dict__:
+            last = self.streams[-1]
+            tail = self.graph.consumers_closure(self.sites[-1].output)
+            outs = [o for o in self.graph.outputs if o.producer in tail]
+            best = None
+            for node in sorted(tail, key=lambda n: n.index):
+                for v in node.outputs:
+                    if v.shape is None or v.shape != last.shape or self.token_axes(v, self.depth - 1) != [1]:
+                        continue
+                    below = self.graph.consumers_closure(v) | {node}
+                    if all(o.producer in below for o in outs):  # every output comes from it
+                        best = v
+            if best is None:
+                raise PruneError("cannot find the token tensor leaving the last block")
+            self.__dict__["_output_stream"] = best
+        return self.__dict__["_output_stream"]
+
     def tokens(self, layer: int = 0) -> int:
         """Tokens entering ``layer`` (an earlier cut may have reduced them)."""
         return self.streams[layer].shape[1]

@@ -1,0 +1,66 @@
+"""Grid pooling: average-pool the patch grid by a factor; prefix tokens are kept.
+
+The baseline "Feather the Throttle" shows to be strong. The grid (H × W patches,
+row-major as patch embeddings flatten them) is read off the graph: the 4-D output of the
+patch-embedding convolution whose H·W equals the number of non-prefix tokens; or given
+with ``grid=HxW``. H and W must be divisible by the factor.
+
+Shapes: [B, P + H·W, C] -> [B, P + (H/f)(W/f), C].
+"""
+from __future__ import annotations
+
+from ..errors import PruneError
+from .base import GridPool, Option, register
+from .selection import SelectionPass
+
+
+def find_grid(facts, patches: int) -> tuple[int, int] | None:
+    for node in facts.graph.nodes:
+        name = node.op.split(":")[-1].lower()
+        out = node.outputs[0] if node.outputs else None
+        if "conv" in name and out is not None and out.shape and len(out.shape) == 4:
+            h, w = out.shape[2], out.shape[3]
+            if h * w == patches:
+                return h, w
+    return None
+
+
+@register
+class Pool(SelectionPass):
+    name = "pool"
+    summary = "average-pool the patch grid by a factor, prefix tokens kept (baseline)"
+    default_layer = "output"
+    options = [
+        Option("factor", int, 2, "pooling window and stride on the patch grid"),
+        Option("layer", str, None, "cut: 'output' (default), K (before layer K) or a/b/c"),
+        Option("grid", str, None, "HxW patch grid (default: read off the patch embedding)"),
+    ]
+    keep = None
+    count = None
+    span = None
+
+    def _plan_one(self, model, layer, keep, span):
+        from .base import Plan
+        from .cut import plan_cut
+
+        facts = model.facts()
+        stream = facts.streams[layer] if layer < facts.depth else facts.output_stream()
+        patches = stream.shape[1] - facts.prefix
+        if self.grid:
+            try:
+                h, w = (int(x) for x in str(self.grid).lower().split("x"))
+            except ValueError:
+                raise PruneError(f"grid '{self.grid}' is not HxW") from None
+            if h * w != patches:
+                raise PruneError(f"grid {h}x{w} does not match the {patches} patch tokens at the cut")
+        else:
+            hw = find_grid(facts, patches)
+            if hw is None:
+                raise PruneError(f"cannot find the patch grid of the {patches} tokens at the cut "
+                                 f"(no patch-embedding convolution matches); pass grid=HxW")
+            h, w = hw
+        f = int(self.factor)
+        if f < 1 or h % f or w % f:
+            raise PruneError(f"factor {f} does not divide the {h}x{w} patch grid")
+        tag = f"pool_l{layer}" if layer < facts.depth else "pool_out"
+        return Plan([plan_cut(facts, layer, GridPool(facts.prefix, h, w, f), tag=tag)])

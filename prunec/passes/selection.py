@@ -1,0 +1,128 @@
+"""Shared machinery of the token-selection passes: keep ratio or count, the cut
+(a layer, a schedule of layers, or the encoder output), the span, and schedules.
+
+Options common to every selection pass:
+
+* ``keep``: fraction of the span kept, in (0, 1]; ``a/b/c`` gives one per scheduled layer.
+* ``count``: absolute number of span tokens kept (instead of ``keep``).
+* ``layer``: where to cut: ``K`` (before layer K, 0-based), ``output`` (after the last
+  block, where the tokens leave the encoder), or a schedule ``3/6/9``.
+* ``span``: ``START:END`` of the tokens entering the cut that may be pruned (default: all
+  but the prefix tokens). After a cut, the next cut's span is the kept part of it.
+"""
+from __future__ import annotations
+
+from ..errors import PruneError
+from .base import Option, Pass, Plan, keep_count
+from .cut import plan_cut
+
+COMMON = [
+    Option("keep", str, None, "fraction of span tokens kept, in (0, 1] (a/b/c: one per scheduled layer)"),
+    Option("count", int, None, "absolute number of span tokens kept (instead of keep)"),
+    Option("span", str, None, "START:END of the tokens entering the cut that may be pruned "
+                              "(default: all but prefix tokens)"),
+]
+
+
+def parse_span(span, n: int, prefix: int) -> tuple[int, int]:
+    if span is None or span == "":
+        return prefix, n
+    if isinstance(span, str):
+        try:
+            a, b = span.split(":")
+            start, end = int(a) if a else 0, int(b) if b else n
+        except ValueError:
+            raise PruneError(f"span '{span}' is not START:END") from None
+    else:
+        start, end = span
+    if not 0 <= start < end <= n:
+        raise PruneError(f"span {start}:{end} is outside the {n} tokens of the model")
+    return start, end
+
+
+class SelectionPass(Pass):
+    """Subclasses implement :meth:`reduction` (a Select for one cut) and set defaults."""
+
+    default_keep = 0.5
+    default_layer = "output"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if getattr(self, "keep", None) is None:
+            self.keep = self.default_keep
+        if getattr(self, "layer", None) is None:
+            self.layer = self.default_layer
+
+    def reduction(self, model, facts, layer: int, k: int, start: int, end: int):
+        raise NotImplementedError
+
+    def schedule(self, depth: int) -> list[tuple[int, float | None]]:
+        """[(cut layer, keep)], ascending; ``depth`` means the encoder output."""
+        spec = str(self.layer)
+        layers = []
+        for part in spec.split("/"):
+            part = part.strip()
+            if part in ("output", "out", "end"):
+                layers.append(depth)
+                continue
+            try:
+                layers.append(int(part))
+            except ValueError:
+                raise PruneError(f"layer '{spec}' is not an integer, 'output' or a schedule like 3/6/9") from None
+        for layer in layers:
+            if not 1 <= layer <= depth:
+                raise PruneError(f"layer {layer} is out of range: the model has {depth} attention layers "
+                                 f"(valid: 1..{depth - 1}, or 'output')")
+        if layers != sorted(set(layers)):
+            raise PruneError(f"schedule '{spec}' must list distinct layers in increasing order")
+        if self.count is not None:
+            if int(self.count) < 1:
+                raise PruneError(f"count must be at least 1, got {self.count}")
+            return [(layer, None) for layer in layers]
+        keeps = [k for k in str(self.keep).split("/")]
+        if len(keeps) == 1:
+            keeps = keeps * len(layers)
+        if len(keeps) != len(layers):
+            raise PruneError(f"{len(keeps)} keep values for {len(layers)} scheduled layers")
+        out = []
+        for layer, kv in zip(layers, keeps):
+            try:
+                keep = float(kv)
+            except ValueError:
+                raise PruneError(f"keep '{kv}' is not a number") from None
+            if not 0.0 < keep <= 1.0:
+                raise PruneError(f"keep must be in (0, 1], got {kv}")
+            out.append((layer, keep))
+        return out
+
+    def _plan_one(self, model, layer: int, keep: float | None, span) -> Plan:
+        facts = model.facts()
+        stream = facts.streams[layer] if layer < facts.depth else facts.output_stream()
+        n = stream.shape[1]
+        start, end = parse_span(span, n, facts.prefix)
+        if keep is None:
+            if int(self.count) > end - start:
+                raise PruneError(f"count {self.count} exceeds the {end - start} tokens of the span")
+            k = int(self.count)
+        else:
+            k = keep_count(keep, end - start)
+        red = self.reduction(model, facts, layer, k, start, end)
+        tag = f"{self.name.replace('-', '_')}_l{layer}" if layer < facts.depth else f"{self.name.replace('-', '_')}_out"
+        return Plan([plan_cut(facts, layer, red, tag=tag)])
+
+    def plan(self, model) -> Plan:
+        """The plan of the first scheduled cut."""
+        layer, keep = self.schedule(model.facts().depth)[0]
+        return self._plan_one(model, layer, keep, self.span)
+
+    def apply(self, model):
+        """Cut at every scheduled layer in turn (each on the re-analysed, rewritten model)."""
+        span = self.span
+        for layer, keep in self.schedule(model.facts().depth):
+            plan = self._plan_one(model, layer, keep, span)
+            cut = plan.cuts[0]
+            red = cut.reduce
+            if span is not None and hasattr(red, "k"):
+                span = (red.span_start, red.span_start + red.k)
+            model = model.lower(plan)
+        return model

@@ -148,7 +148,10 @@ class TorchModel(Model):
             ep = torch.export.export(module.eval() if hasattr(module, "eval") else module, args, kwargs, strict=False)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"torch.export failed: {str(e).splitlines()[0]}") from None
-        return cls(ep.module(), args, kwargs)
+        gm = ep.module()
+        gm.graph.eliminate_dead_code()  # e.g. an unused pooler: analysis must see what the outputs use
+        gm.recompile()
+        return cls(gm, args, kwargs)
 
     def flat_args(self) -> list:
         import torch.utils._pytree as pytree

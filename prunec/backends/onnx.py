@@ -294,17 +294,20 @@ def _diverse(b: _Builder, x: ir.Value, r: Diverse) -> ir.Value:
 
 
 def _pool(b: _Builder, x: ir.Value, r: GridPool) -> ir.Value:
-    """x [B, prefix + H·W, C] -> [B, prefix + (H/f)(W/f), C] by average pooling the grid."""
+    """x [B, prefix + H·W + suffix, C] -> [B, prefix + (H/f)(W/f) + suffix, C] by average
+    pooling the grid."""
     i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
     h, w, f, p = r.height, r.width, r.factor, r.prefix
-    grid = b.op("Slice", [x, i64([p], "s"), i64([p + h * w], "e"), i64([1], "ax")])
+    end = p + h * w
+    grid = b.op("Slice", [x, i64([p], "s"), i64([end], "e"), i64([1], "ax")])
     grid = b.op("Reshape", [grid, i64([0, h // f, f, w // f, f, -1], "grid")])
     pooled = b.reduce_mean(grid, [2, 4])
-    pooled = b.op("Reshape", [pooled, i64([0, (h // f) * (w // f), -1], "flat")])
-    if not p:
-        return pooled
-    head = b.op("Slice", [x, i64([0], "s"), i64([p], "e"), i64([1], "ax")])
-    return b.op("Concat", [head, pooled], {"axis": 1})
+    parts = [b.op("Reshape", [pooled, i64([0, (h // f) * (w // f), -1], "flat")])]
+    if p:
+        parts.insert(0, b.op("Slice", [x, i64([0], "s"), i64([p], "e"), i64([1], "ax")]))
+    if end < r.num_tokens:
+        parts.append(b.op("Slice", [x, i64([end], "s"), i64([r.num_tokens], "e"), i64([1], "ax")]))
+    return b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else parts[0]
 
 
 def _with_fixed(b: _Builder, top: ir.Value, batch_of: ir.Value, cut: Cut) -> ir.Value:

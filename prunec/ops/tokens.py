@@ -72,7 +72,9 @@ def select_topk(scores: torch.Tensor, k: int, span_start: int, span_end: int, ta
     scores: [B, N] -> kept indices [B, span_start + k + (N - span_end)], int64, ascending
     (original order).
     """
-    top = torch.topk(scores[:, span_start:span_end], k, dim=1).indices + span_start
+    # a stable sort: ties go to the lower index, as ONNX TopK specifies
+    order = torch.sort(scores[:, span_start:span_end], dim=1, descending=True, stable=True).indices
+    top = order[:, :k] + span_start
     idx = _with_fixed(top, span_start, span_end, scores.shape[1])
     _record(tag, idx)
     return idx
@@ -152,12 +154,13 @@ def select_random(x: torch.Tensor, k: int, span_start: int, span_end: int, seed:
 
 
 def pool_tokens(x: torch.Tensor, prefix: int, height: int, width: int, factor: int) -> torch.Tensor:
-    """Average-pool the patch grid. x: [B, prefix + H·W, C] (row-major grid) ->
-    [B, prefix + (H/f)·(W/f), C]; prefix tokens pass through."""
+    """Average-pool the patch grid. x: [B, prefix + H·W + suffix, C] (row-major grid) ->
+    [B, prefix + (H/f)·(W/f) + suffix, C]; tokens outside the grid pass through."""
     b, _, c = x.shape
-    grid = x[:, prefix:].reshape(b, height // factor, factor, width // factor, factor, c)
+    end = prefix + height * width
+    grid = x[:, prefix:end].reshape(b, height // factor, factor, width // factor, factor, c)
     pooled = grid.mean(dim=(2, 4)).reshape(b, (height // factor) * (width // factor), c)
-    return torch.cat([x[:, :prefix], pooled], dim=1) if prefix else pooled
+    return torch.cat([x[:, :prefix], pooled, x[:, end:]], dim=1)
 
 
 def select_fixed(x: torch.Tensor, indices: list[int], tag: str = "") -> torch.Tensor:

@@ -131,22 +131,24 @@ class Random(Select):
 
 @dataclass
 class GridPool:
-    """Average-pool the [height × width] patch grid by ``factor``; ``prefix`` tokens kept."""
+    """Average-pool the [height × width] patch grid that starts at token ``prefix`` by
+    ``factor``; the tokens before and after the grid are kept."""
 
     prefix: int
     height: int
     width: int
     factor: int
+    num_tokens: int = 0
 
     def kept(self, n: int) -> int:
-        return self.prefix + (self.height // self.factor) * (self.width // self.factor)
+        return n - self.height * self.width + (self.height // self.factor) * (self.width // self.factor)
 
     def representatives(self) -> list[int]:
-        """Per pooled token, the token whose side inputs (masks, positions) it takes: the
-        prefix tokens, then the first (top-left) token of each window."""
-        f, w = self.factor, self.width
+        """Per output token, the token whose side inputs (masks, positions) it takes: tokens
+        outside the grid themselves, each pooled token its window's first (top-left) token."""
+        f, w, end = self.factor, self.width, self.prefix + self.height * self.width
         firsts = [self.prefix + (i * f) * w + j * f for i in range(self.height // f) for j in range(w // f)]
-        return list(range(self.prefix)) + firsts
+        return list(range(self.prefix)) + firsts + list(range(end, self.num_tokens))
 
 
 @dataclass

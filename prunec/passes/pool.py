@@ -5,13 +5,17 @@ row-major as patch embeddings flatten them) is read off the graph: the 4-D outpu
 patch-embedding convolution whose H·W equals the number of non-prefix tokens; or given
 with ``grid=HxW``. H and W must be divisible by the factor.
 
-Shapes: [B, P + H·W, C] -> [B, P + (H/f)(W/f), C].
+With ``span=START:END`` the grid is that token range (an image span inside a
+decoder's sequence); tokens outside it are kept. Masks and positions of a pooled token
+are those of its window's first (top-left) token.
+
+Shapes: [B, P + H·W + S, C] -> [B, P + (H/f)(W/f) + S, C].
 """
 from __future__ import annotations
 
 from ..errors import PruneError
 from .base import GridPool, Option, register
-from .selection import SelectionPass
+from .selection import SelectionPass, parse_span
 
 
 def find_grid(facts, patches: int) -> tuple[int, int] | None:
@@ -34,10 +38,10 @@ class Pool(SelectionPass):
         Option("factor", int, 2, "pooling window and stride on the patch grid"),
         Option("layer", str, None, "cut: 'output' (default), K (before layer K) or a/b/c"),
         Option("grid", str, None, "HxW patch grid (default: read off the patch embedding)"),
+        Option("span", str, None, "START:END of the grid tokens (default: all but prefix tokens)"),
     ]
     keep = None
     count = None
-    span = None
 
     def _plan_one(self, model, layer, keep, span):
         from .base import Plan
@@ -45,7 +49,9 @@ class Pool(SelectionPass):
 
         facts = model.facts()
         stream = facts.streams[layer] if layer < facts.depth else facts.output_stream()
-        patches = stream.shape[1] - facts.prefix
+        n = stream.shape[1]
+        start, end = parse_span(span, n, facts.prefix)
+        patches = end - start
         if self.grid:
             try:
                 h, w = (int(x) for x in str(self.grid).lower().split("x"))
@@ -63,4 +69,4 @@ class Pool(SelectionPass):
         if f < 1 or h % f or w % f:
             raise PruneError(f"factor {f} does not divide the {h}x{w} patch grid")
         tag = f"pool_l{layer}" if layer < facts.depth else "pool_out"
-        return Plan([plan_cut(facts, layer, GridPool(facts.prefix, h, w, f), tag=tag)])
+        return Plan([plan_cut(facts, layer, GridPool(start, h, w, f, n), tag=tag)])

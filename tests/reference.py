@@ -1,0 +1,231 @@
+"""Plain-PyTorch references of the token-reduction methods, applied to the *unmodified*
+model with hooks (the way the official code patches a model):
+
+* the attention probabilities [B, H, N, N] of every layer before the cut are captured
+  (eager attention; timm: recomputed from the block's qkv);
+* ``choose(hidden, probs)`` returns the kept indices [B, M] (and, for pooling, the
+  reduced hidden states);
+* a cut before layer K gathers the hidden states entering layer K and, before every
+  layer >= K, the attention masks and rotary cos/sin handed to the layer; a cut at the
+  output reduces the encoder's final token tensor (last_hidden_state / timm's norm
+  output) and leaves outputs that read only prefix tokens as they are.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+def gather(x, idx, axis):
+    """Per-sample gather of x along ``axis`` with idx [B, M] (x's batch may be 1)."""
+    b = idx.shape[0]
+    if x.shape[0] != b:
+        x = x.expand(b, *x.shape[1:])
+    x = x.movedim(axis, 1)
+    index = idx.reshape(b, -1, *([1] * (x.dim() - 2))).expand(b, idx.shape[1], *x.shape[2:])
+    return torch.gather(x, 1, index).movedim(1, axis)
+
+
+def layers_of(model):
+    for path in ("blocks", "encoder.layer", "encoder.layers", "vision_model.encoder.layers", "model.layers", "layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+            return obj
+        except AttributeError:
+            continue
+    raise ValueError("unknown model family")
+
+
+def _timm_probs(block, x):
+    attn = block.attn
+    b, n, c = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
+
+
+@dataclass
+class Choice:
+    idx: torch.Tensor  # kept indices [B, M] (pooling: each output token's representative)
+    hidden: torch.Tensor  # the reduced hidden states [B, M, C]
+
+
+def reference_run(model, inputs: dict, layer, choose: Callable[[torch.Tensor, dict], Choice]):
+    """Run ``model`` on ``inputs`` with a cut before ``layer`` (int) or at "output"."""
+    model = copy.deepcopy(model).eval()
+    if hasattr(model, "config") and hasattr(model.config, "_attn_implementation"):
+        for mod in model.modules():
+            if hasattr(mod, "config"):
+                mod.config._attn_implementation = "eager"  # the official codes read eager probabilities
+    layers = layers_of(model)
+    is_timm = hasattr(layers[0], "attn") and hasattr(layers[0], "norm1")
+    state: dict = {"probs": {}}
+    hooks = []
+
+    def probs_hook(i):
+        def pre(module, args, kwargs):
+            if is_timm:
+                state["probs"][i] = _timm_probs(module, args[0])
+
+        def post(module, args, kwargs, output):
+            if i in state["probs"]:
+                return
+            for o in output if isinstance(output, tuple) else (output,):
+                if isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[-1] == o.shape[-2]:
+                    state["probs"][i] = o
+                    return
+        return pre, post
+
+    n_layers = len(layers)
+    cut_at = n_layers if layer == "output" else int(layer)
+    for i in range(cut_at):
+        pre, post = probs_hook(i)
+        if is_timm:
+            hooks.append(layers[i].register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            for mod in layers[i].modules():
+                hooks.append(mod.register_forward_hook(post, with_kwargs=True))
+
+    def side_inputs(module, args, kwargs, gather_hidden=False):
+        idx, n = state["choice"].idx, state["n"]
+        args = list(args)
+        if gather_hidden:
+            if args:
+                args[0] = state["choice"].hidden
+            else:
+                kwargs["hidden_states"] = state["choice"].hidden
+        extra = {f"__arg{i}": a for i, a in enumerate(args[1:], start=1)}
+        for key, val in list(kwargs.items()) + list(extra.items()):
+            if key == "hidden_states":
+                continue
+            if isinstance(val, torch.Tensor) and val.dim() >= 2:
+                for axis in range(val.dim() - 2, val.dim()):
+                    if val.shape[axis] == n:
+                        val = gather(val, idx, axis)
+            elif isinstance(val, tuple) and all(isinstance(t, torch.Tensor) for t in val):  # rotary (cos, sin)
+                val = tuple(gather(t, idx, 1) if t.shape[1] == n else t for t in val)
+            else:
+                continue
+            if key.startswith("__arg"):
+                args[int(key[5:])] = val
+            else:
+                kwargs[key] = val
+        return tuple(args), kwargs
+
+    def before_cut(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        state["n"] = hidden.shape[1]
+        state["choice"] = choose(hidden, state["probs"])
+        return side_inputs(module, args, kwargs, gather_hidden=True)
+
+    if cut_at < n_layers:
+        hooks.append(layers[cut_at].register_forward_pre_hook(before_cut, with_kwargs=True))
+        for later in layers[cut_at + 1:]:
+            hooks.append(later.register_forward_pre_hook(side_inputs, with_kwargs=True))
+    elif is_timm:
+        def after_norm(module, args, output):
+            state["n"] = output.shape[1]
+            state["choice"] = choose(output, state["probs"])
+            return state["choice"].hidden
+        hooks.append(model.norm.register_forward_hook(after_norm))
+    try:
+        with torch.no_grad():
+            out = model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    if cut_at == n_layers and not is_timm:
+        hidden = out.last_hidden_state
+        state["n"] = hidden.shape[1]
+        state["choice"] = choose(hidden, state["probs"])
+        out.last_hidden_state = state["choice"].hidden
+    return out, state["choice"].idx
+
+
+# -- selection rules, written from the papers -------------------------------------------
+
+def with_fixed(top, start, end, n):
+    b = top.shape[0]
+    idx = torch.cat([torch.arange(start).expand(b, start), top, torch.arange(end, n).expand(b, n - end)], dim=1)
+    return idx.sort(dim=1).values
+
+
+def keep_of(keep, span_len):
+    return max(1, int(round(keep * span_len)))
+
+
+def attention_choice(score_layer, query, keep, span=None, prefix=0):
+    def choose(hidden, probs):
+        p = probs[score_layer]
+        n = p.shape[-1]
+        start, end = (prefix, n) if span is None else span
+        q = n - 1 if query == "last" else (0 if query == "cls" else query)
+        row = p.mean(dim=2) if q == "mean" else p[:, :, q, :]
+        scores = row.mean(dim=1)
+        top = scores[:, start:end].topk(keep_of(keep, end - start), dim=1).indices + start
+        idx = with_fixed(top, start, end, n)
+        return Choice(idx, gather(hidden, idx, 1))
+    return choose
+
+
+def divprune_choice(keep, span=None, prefix=0):
+    """DivPrune's greedy max-min on cosine distance, one sample at a time (as the official code)."""
+    def choose(hidden, probs):
+        n = hidden.shape[1]
+        start, end = (prefix, n) if span is None else span
+        k = keep_of(keep, end - start)
+        rows = []
+        for x in hidden[:, start:end]:
+            x = x / x.norm(dim=-1, keepdim=True)
+            d = 1 - x @ x.T
+            s = d.shape[0]
+            nearest = torch.stack([torch.cat([d[i, :i], d[i, i + 1:]]).min() for i in range(s)])
+            chosen = [int(nearest.argmax())]
+            while len(chosen) < k:
+                to_set = torch.stack([d[i, chosen].min() for i in range(s)])
+                to_set[chosen] = float("-inf")
+                chosen.append(int(to_set.argmax()))
+            rows.append(torch.tensor(chosen) + start)
+        idx = with_fixed(torch.stack(rows), start, end, n)
+        return Choice(idx, gather(hidden, idx, 1))
+    return choose
+
+
+def park_miller_order(n, seed):
+    """The documented seeded order of the `random` pass: Park–Miller hashes per position."""
+    hashes = []
+    for i in range(n):
+        h = ((i + 1) * 2654435761 % 2147483647) ^ (seed * 40503 + 12345)
+        for _ in range(3):
+            h = h * 48271 % 2147483647
+        hashes.append(h)
+    return torch.tensor(hashes, dtype=torch.float64)
+
+
+def random_choice(keep, seed=0, span=None, prefix=0):
+    def choose(hidden, probs):
+        b, n = hidden.shape[:2]
+        start, end = (prefix, n) if span is None else span
+        scores = park_miller_order(n, seed)[start:end]
+        top = scores.topk(keep_of(keep, end - start)).indices + start
+        idx = with_fixed(top.expand(b, -1), start, end, n)
+        return Choice(idx, gather(hidden, idx, 1))
+    return choose
+
+
+def pool_choice(factor, grid, start):
+    def choose(hidden, probs):
+        b, n, c = hidden.shape
+        h, w = grid
+        end = start + h * w
+        g = hidden[:, start:end].reshape(b, h, w, c).permute(0, 3, 1, 2)
+        pooled = torch.nn.functional.avg_pool2d(g, factor).flatten(2).transpose(1, 2)
+        reps = [start + (i * factor) * w + j * factor for i in range(h // factor) for j in range(w // factor)]
+        idx = torch.tensor(list(range(start)) + reps + list(range(end, n))).expand(b, -1)
+        return Choice(idx, torch.cat([hidden[:, :start], pooled, hidden[:, end:]], dim=1))
+    return choose

@@ -127,19 +127,21 @@ def reference_run(model, inputs: dict, layer, choose: Callable[[torch.Tensor, di
         hooks.append(layers[cut_at].register_forward_pre_hook(before_cut, with_kwargs=True))
         for later in layers[cut_at + 1:]:
             hooks.append(later.register_forward_pre_hook(side_inputs, with_kwargs=True))
-    elif is_timm:
+    elif is_timm or hasattr(getattr(model, "model", None), "norm"):  # the final norm's output leaves the encoder
+        final_norm = model.norm if is_timm else model.model.norm
+
         def after_norm(module, args, output):
             state["n"] = output.shape[1]
             state["choice"] = choose(output, state["probs"])
             return state["choice"].hidden
-        hooks.append(model.norm.register_forward_hook(after_norm))
+        hooks.append(final_norm.register_forward_hook(after_norm))
     try:
         with torch.no_grad():
             out = model(**inputs)
     finally:
         for h in hooks:
             h.remove()
-    if cut_at == n_layers and not is_timm:
+    if cut_at == n_layers and hasattr(out, "last_hidden_state"):
         hidden = out.last_hidden_state
         state["n"] = hidden.shape[1]
         state["choice"] = choose(hidden, state["probs"])

@@ -42,14 +42,22 @@ warnings.filterwarnings("ignore")
 # The FastV query defaults to "auto" = the [CLS] token (token 0) when prunec finds 1 prefix token,
 # which it does on the torch path (torch.export keeps BertModel's unused pooler, a [CLS] read).
 SETTINGS: list[tuple[str, dict]] = [
-    ("fastv", dict(keep=0.75, layer=2)),
     ("fastv", dict(keep=0.5, layer=2)),
     ("fastv", dict(keep=0.25, layer=2)),
-    ("fastv", dict(keep=0.5, layer=1)),
-    ("fastv", dict(keep=0.5, layer=4)),
-    ("fastv", dict(keep=0.25, layer=4)),
-    ("fastv", dict(keep=0.5, layer=2, query="mean")),
-    ("fastv", dict(keep=0.25, layer=2, query="mean")),
+    ("fastv", dict(keep=0.5, layer=2, query="cls", span="1:")),
+    ("fastv", dict(keep=0.25, layer=2, query="cls", span="1:")),
+    ("cls-attn", dict(keep=0.5, layer="2", cls=0, span="1:")),
+    ("cls-attn", dict(keep=0.25, layer="2", cls=0, span="1:")),
+    ("cls-attn", dict(keep=0.5, cls=0, span="1:")),  # at the encoder output, before the pooling
+    ("divprune", dict(keep=0.5, layer="2")),
+    ("divprune", dict(keep=0.25, layer="2")),
+    ("divprune", dict(keep=0.5)),
+    ("zero-tprune", dict(keep=0.5, layer="2")),
+    ("zero-tprune", dict(keep=0.25, layer="2")),
+    ("random", dict(keep=0.5, layer="2")),
+    ("random", dict(keep=0.25, layer="2")),
+    ("pool", dict(factor=2, layer="2", grid="124x1", span="1:125")),
+    ("pool", dict(factor=4, layer="2", grid="124x1", span="1:125")),
 ]
 
 

@@ -64,7 +64,7 @@ def reference_run(model, inputs: dict, layer, choose: Callable[[torch.Tensor, di
                 mod.config._attn_implementation = "eager"  # the official codes read eager probabilities
     layers = layers_of(model)
     is_timm = hasattr(layers[0], "attn") and hasattr(layers[0], "norm1")
-    state: dict = {"probs": {}}
+    state: dict = {"probs": {"keys": {}}}  # probs[i]: [B, H, N, N]; probs["keys"][i]: keys [B, N, Dk]
     hooks = []
 
     def probs_hook(i):
@@ -83,6 +83,23 @@ def reference_run(model, inputs: dict, layer, choose: Callable[[torch.Tensor, di
 
     n_layers = len(layers)
     cut_at = n_layers if layer == "output" else int(layer)
+
+    def keys_hook(i, timm_qkv=False):
+        def hook(module, args, output):
+            if timm_qkv:
+                c = output.shape[-1] // 3
+                state["probs"]["keys"][i] = output[..., c:2 * c]
+            else:
+                state["probs"]["keys"][i] = output
+        return hook
+
+    for i in range(cut_at):
+        if is_timm:
+            hooks.append(layers[i].attn.qkv.register_forward_hook(keys_hook(i, True)))
+        else:
+            for name, mod in layers[i].named_modules():
+                if name.split(".")[-1] in ("key", "k_proj"):
+                    hooks.append(mod.register_forward_hook(keys_hook(i)))
     for i in range(cut_at):
         pre, post = probs_hook(i)
         if is_timm:
@@ -230,4 +247,48 @@ def pool_choice(factor, grid, start):
         reps = [start + (i * factor) * w + j * factor for i in range(h // factor) for j in range(w // factor)]
         idx = torch.tensor(list(range(start)) + reps + list(range(end, n))).expand(b, -1)
         return Choice(idx, torch.cat([hidden[:, :start], pooled, hidden[:, end:]], dim=1))
+    return choose
+
+
+def zero_tprune_choice(score_layer, keep, iters, similar, cls, span=None, prefix=0):
+    """Zero-TPrune as the paper describes it, one sample at a time: I′ (one WPR step, CLS
+    start weight √N, heads by RMS) ranks the span; S drops the ``similar`` share of the
+    pruned tokens among the less important half, those whose keys are most similar
+    (cosine) to a key in the more important half; I (``iters`` WPR steps) keeps the top-k."""
+    def choose(hidden, probs):
+        p = probs[score_layer]  # [B, H, N, N]
+        keys = probs["keys"][score_layer]  # [B, N, Dk]
+        b, h, n, _ = p.shape
+        start, end = (prefix, n) if span is None else span
+        size = end - start
+        k = keep_of(keep, size)
+        drop_n = min(int(round(similar * (size - k))), size // 2)
+        rows = []
+        for i in range(b):
+            s0 = torch.ones(n, dtype=torch.float64)
+            if cls is not None:
+                s0[cls] = n ** 0.5
+            s0 = s0 / s0.sum()
+            a = p[i].double()
+            per_head = [s0.clone() for _ in range(h)]
+            first = None
+            for step in range(iters):
+                per_head = [a[j].T @ per_head[j] for j in range(h)]
+                if step == 0:
+                    first = torch.stack(per_head).pow(2).mean(0).sqrt()
+            imp = torch.stack(per_head).pow(2).mean(0).sqrt()[start:end].clone()
+            if drop_n:
+                rank = first[start:end]
+                order = sorted(range(size), key=lambda t: (-float(rank[t]), t))
+                nb = size - size // 2
+                more, less = order[:nb], order[nb:]
+                kf = torch.nn.functional.normalize(keys[i, start:end].double(), dim=-1)
+                best = [(float((kf[t] @ kf[more].T).max()), pos) for pos, t in enumerate(less)]
+                worst = sorted(best, key=lambda x: (-x[0], x[1]))[:drop_n]
+                for _, pos in worst:
+                    imp[less[pos]] = float("-inf")
+            top = sorted(range(size), key=lambda t: (-float(imp[t]), t))[:k]
+            rows.append(torch.tensor(top) + start)
+        idx = with_fixed(torch.stack(rows), start, end, n)
+        return Choice(idx, gather(hidden, idx, 1))
     return choose

@@ -10,7 +10,8 @@ import torch.utils._pytree as pytree
 
 import prunec
 from conftest import case, onnx_file
-from reference import attention_choice, divprune_choice, pool_choice, random_choice, reference_run
+from reference import (attention_choice, divprune_choice, pool_choice, random_choice, reference_run,
+                       zero_tprune_choice)
 
 MODELS = ("timm_vit", "hf_vit", "hf_dinov2", "hf_clip_vision", "hf_llama")
 FORMS = ("torch", "dynamo18")
@@ -52,6 +53,9 @@ def settings(name):
     out.append(("random", dict(keep=0.25, layer="1", seed=3, **span_opt), 1, random_choice(0.25, 3, span, prefix)))
     pool_opts = dict(layer="1", factor=2, **({"span": c.span, "grid": "4x4"} if c.span else {}))
     out.append(("pool", pool_opts, 1, pool_choice(2, (GRID, GRID), span[0] if span else prefix)))
+    if not c.causal:  # the reference reads keys off the key projection: pre-rotary for llama, so not there
+        out.append(("zero-tprune", dict(keep=0.25, layer="2", iters=5, similar=0.5), 2,
+                    zero_tprune_choice(1, 0.25, 5, 0.5, 0 if prefix else None, span, prefix)))
     return out
 
 

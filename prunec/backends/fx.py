@@ -14,7 +14,7 @@ import torch.fx
 
 from .. import ops
 from ..errors import PruneError
-from ..passes.base import Diverse, GridPool, Plan, Random, TopK
+from ..passes.base import Diverse, GridPool, PageRank, Plan, Random, TopK
 
 
 def _selection(graph: torch.fx.Graph, by_name: dict, cut):
@@ -28,6 +28,20 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut):
     if isinstance(r, Random):
         return graph.call_function(ops.select_random, (by_name[cut.stream.ref.name], r.k, r.span_start, r.span_end,
                                                         r.seed, cut.tag))
+    if isinstance(r, PageRank):
+        site = r.site
+        if site.probs is not None:
+            probs = by_name[site.probs.ref.name]
+            kt = by_name[site.k_t.ref.name]  # [B, H, D, N]
+            keys = graph.call_function(torch.ops.aten.permute.default, (kt, [0, 3, 1, 2]))
+        else:
+            q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
+            mask = by_name[site.mask.ref.name] if site.mask is not None else None
+            probs = graph.call_function(ops.full_probs, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal"))))
+            keys = graph.call_function(torch.ops.aten.permute.default, (k, [0, 2, 1, 3]))
+        keys = graph.call_function(torch.ops.aten.flatten.using_ints, (keys, 2))
+        return graph.call_function(ops.select_zero_tprune, (probs, keys, r.k, r.span_start, r.span_end, r.iters,
+                                                            r.drop_similar, r.cls, cut.tag))
     if not isinstance(r, TopK):
         raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
     site, query = r.score.site, r.score.query
@@ -62,7 +76,7 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
             with graph.inserting_before(min(users, key=order.__getitem__)):
                 if isinstance(cut.reduce, GridPool) and c.value is cut.stream:
                     g = graph.call_function(ops.pool_tokens, (src, cut.reduce.prefix, cut.reduce.height,
-                                                              cut.reduce.width, cut.reduce.factor))
+                                                              cut.reduce.width, cut.reduce.fh, cut.reduce.fw))
                 else:
                     g = src
                     for axis in c.token_axes:

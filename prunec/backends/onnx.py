@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import PruneError
-from ..passes.base import Cut, Diverse, GridPool, Plan, Random, TopK, random_scores
+from ..passes.base import Cut, Diverse, GridPool, PageRank, Plan, Random, TopK, random_scores, wpr_start
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -173,16 +173,57 @@ def _as_4d_heads(b: _Builder, x: ir.Value, shape, heads: int | None) -> ir.Value
     return b.op("Transpose", [x], {"perm": [0, 2, 1, 3]})
 
 
-def _scores(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value:
-    site, query = cut.reduce.score.site, cut.reduce.score.query
+def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
+    """Zero-TPrune's I′ -> S -> I selection (as ``prunec.ops.select_zero_tprune``) -> span picks
+    [B, k] and a [B, ...] tensor to read the batch size from."""
+    i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
+    f32 = lambda a, name: b.const(np.array(a, np.float32), name)  # noqa: E731
+    site = r.site
     if site.probs is not None:
-        if len(site.probs.shape) != 4:
-            raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
-        p = values[site.probs.name]
-        if query == "mean":
-            return b.reduce_mean(p, [1, 2])
-        row = b.op("Gather", [p, b.const(np.array(int(query), np.int64), "row")], {"axis": 2})
-        return b.reduce_mean(row, [1])
+        probs = values[site.probs.name]
+        keys = b.op("Transpose", [values[site.k_t.name]], {"perm": [0, 3, 1, 2]})  # [B, N, H, D]
+    else:
+        probs = _attention_rows(b, site, values, "mean")
+        k4 = _as_4d_heads(b, values[site.k.name], site.k.shape, site.node.attrs.get("kv_num_heads") or site.heads)
+        keys = b.op("Transpose", [k4], {"perm": [0, 2, 1, 3]})
+    keys = b.op("Reshape", [keys, i64([0, n, -1], "keys")])  # [B, N, Dk]
+    pt = b.op("Transpose", [probs], {"perm": [0, 1, 3, 2]})
+    s = b.op("MatMul", [pt, f32(np.array(wpr_start(n, r.cls), np.float32)[:, None], "s0")])  # [B, H, N, 1]
+    s1 = s
+    for _ in range(r.iters - 1):
+        s = b.op("MatMul", [pt, s])
+
+    def eir(x):
+        return b.op("Squeeze", [b.op("Sqrt", [b.reduce_mean(b.op("Mul", [x, x]), [1])]), i64([2], "axes")])
+
+    span = [i64([r.span_start], "s"), i64([r.span_end], "e"), i64([1], "ax")]
+    imp = b.op("Slice", [eir(s), *span])
+    size = r.span_end - r.span_start
+    if r.drop_similar > 0:
+        rank = b.op("Slice", [eir(s1), *span])
+        _, order = b.op("TopK", [rank, i64([size], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+        nb = size - size // 2
+        b_idx = b.op("Slice", [order, i64([0], "s"), i64([nb], "e"), i64([1], "ax")])
+        a_idx = b.op("Slice", [order, i64([nb], "s"), i64([size], "e"), i64([1], "ax")])
+        kf = b.op("Slice", [keys, *span])
+        norm = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [kf, kf]), [2], keepdims=1)])
+        kf = b.op("Div", [kf, b.op("Max", [norm, f32(1e-12, "eps")])])
+        axes2 = i64([2], "axes")
+        ka = b.op("GatherND", [kf, b.op("Unsqueeze", [a_idx, axes2])], {"batch_dims": 1})
+        kb = b.op("GatherND", [kf, b.op("Unsqueeze", [b_idx, axes2])], {"batch_dims": 1})
+        best = b.reduce("ReduceMax", b.op("MatMul", [ka, b.op("Transpose", [kb], {"perm": [0, 2, 1]})]), [2])
+        _, worst = b.op("TopK", [best, i64([r.drop_similar], "r")], {"axis": 1, "largest": 1, "sorted": 1},
+                        outputs=2)
+        drop = b.op("GatherElements", [a_idx, worst], {"axis": 1})
+        ninf = b.op("Expand", [f32([[-np.inf]], "ninf"), b.op("Shape", [drop])])
+        imp = b.op("ScatterElements", [imp, drop, ninf], {"axis": 1})
+    _, top = b.op("TopK", [imp, i64([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    return top, imp
+
+
+def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query) -> ir.Value:
+    """softmax(q kᵀ·scale + mask) for one fused site: the query row(s) [B, H, R, N] (R = 1) or,
+    with query "mean", every row [B, H, N, N]."""
     heads = site.node.attrs.get("q_num_heads") or site.heads
     kv_heads = site.node.attrs.get("kv_num_heads") or heads
     q = _as_4d_heads(b, values[site.q.name], site.q.shape, heads)
@@ -212,7 +253,20 @@ def _scores(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value:
         rows = np.arange(n) if query == "mean" else np.array([int(query)])
         future = np.where(np.arange(n)[None, :] > rows[:, None], -np.inf, 0.0).astype(np.float32)
         logits = b.op("Add", [logits, b.const(future, "causal")])
-    p = b.op("Softmax", [logits], {"axis": -1})
+    return b.op("Softmax", [logits], {"axis": -1})
+
+
+def _scores(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value:
+    site, query = cut.reduce.score.site, cut.reduce.score.query
+    if site.probs is not None:
+        if len(site.probs.shape) != 4:
+            raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
+        p = values[site.probs.name]
+        if query == "mean":
+            return b.reduce_mean(p, [1, 2])
+        row = b.op("Gather", [p, b.const(np.array(int(query), np.int64), "row")], {"axis": 2})
+        return b.reduce_mean(row, [1])
+    p = _attention_rows(b, site, values, query)
     return b.reduce_mean(p, [1, 2])
 
 
@@ -229,6 +283,8 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value |
     if isinstance(r, Diverse):
         top = _diverse(b, values[r.features.name], r)
         batch_of = values[r.features.name]
+    elif isinstance(r, PageRank):
+        top, batch_of = _zero_tprune(b, r, values, cut.num_tokens)
     else:
         if isinstance(r, Random):
             ranks = b.const(np.array(random_scores(cut.num_tokens, r.seed), np.float32)[None, :], "ranks")
@@ -297,12 +353,12 @@ def _pool(b: _Builder, x: ir.Value, r: GridPool) -> ir.Value:
     """x [B, prefix + H·W + suffix, C] -> [B, prefix + (H/f)(W/f) + suffix, C] by average
     pooling the grid."""
     i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
-    h, w, f, p = r.height, r.width, r.factor, r.prefix
+    h, w, fh, fw, p = r.height, r.width, r.fh, r.fw, r.prefix
     end = p + h * w
     grid = b.op("Slice", [x, i64([p], "s"), i64([end], "e"), i64([1], "ax")])
-    grid = b.op("Reshape", [grid, i64([0, h // f, f, w // f, f, -1], "grid")])
+    grid = b.op("Reshape", [grid, i64([0, h // fh, fh, w // fw, fw, -1], "grid")])
     pooled = b.reduce_mean(grid, [2, 4])
-    parts = [b.op("Reshape", [pooled, i64([0, (h // f) * (w // f), -1], "flat")])]
+    parts = [b.op("Reshape", [pooled, i64([0, (h // fh) * (w // fw), -1], "flat")])]
     if p:
         parts.insert(0, b.op("Slice", [x, i64([0], "s"), i64([p], "e"), i64([1], "ax")]))
     if end < r.num_tokens:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..passes.base import random_scores
+from ..passes.base import random_scores, wpr_start
 
 _RECORDING: list[dict] = []
 
@@ -153,18 +153,81 @@ def select_random(x: torch.Tensor, k: int, span_start: int, span_end: int, seed:
     return idx
 
 
-def pool_tokens(x: torch.Tensor, prefix: int, height: int, width: int, factor: int) -> torch.Tensor:
-    """Average-pool the patch grid. x: [B, prefix + H·W + suffix, C] (row-major grid) ->
-    [B, prefix + (H/f)·(W/f) + suffix, C]; tokens outside the grid pass through."""
+def pool_tokens(x: torch.Tensor, prefix: int, height: int, width: int, fh: int, fw: int) -> torch.Tensor:
+    """Average-pool the patch grid by fh × fw windows. x: [B, prefix + H·W + suffix, C]
+    (row-major grid) -> [B, prefix + (H/fh)·(W/fw) + suffix, C]; tokens outside the grid pass
+    through."""
     b, _, c = x.shape
     end = prefix + height * width
-    grid = x[:, prefix:end].reshape(b, height // factor, factor, width // factor, factor, c)
-    pooled = grid.mean(dim=(2, 4)).reshape(b, (height // factor) * (width // factor), c)
+    grid = x[:, prefix:end].reshape(b, height // fh, fh, width // fw, fw, c)
+    pooled = grid.mean(dim=(2, 4)).reshape(b, (height // fh) * (width // fw), c)
     return torch.cat([x[:, :prefix], pooled, x[:, end:]], dim=1)
 
 
 def select_fixed(x: torch.Tensor, indices: list[int], tag: str = "") -> torch.Tensor:
     """The same kept indices for every sample: [B, len(indices)]. x: [B, N, ...] (shape only)."""
     idx = torch.tensor(indices, dtype=torch.int64, device=x.device).expand(x.shape[0], len(indices))
+    _record(tag, idx)
+    return idx
+
+
+def full_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: torch.Tensor | None,
+               causal: bool) -> torch.Tensor:
+    """softmax(q kᵀ·scale + mask) for one fused-attention layer: [B, H, N, N] (GQA expanded)."""
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    logits = torch.matmul(q, k.transpose(-1, -2)) * s
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    if causal:
+        n = q.shape[-2]
+        logits = logits.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def wpr(probs: torch.Tensor, s: torch.Tensor, iters: int) -> torch.Tensor:
+    """``iters`` weighted-PageRank steps s <- Aᵀ s per head. probs: [B, H, N, N]; s: [.., N, 1]."""
+    pt = probs.transpose(-1, -2)
+    for _ in range(iters):
+        s = torch.matmul(pt, s)
+    return s
+
+
+def eir(s: torch.Tensor) -> torch.Tensor:
+    """Root-mean-square over heads ("emphasizing informative region"): [B, H, N, 1] -> [B, N]."""
+    return (s * s).mean(dim=1).sqrt()[..., 0]
+
+
+def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_start: int, span_end: int,
+                       iters: int, drop_similar: int, cls: int | None, tag: str = "") -> torch.Tensor:
+    """Zero-TPrune's I′ -> S -> I selection over the span.
+
+    probs: [B, H, N, N] attention of the scoring layer; keys: [B, N, Dk] its key vectors.
+    I′: one WPR step ranks the span; S: the less important half A is compared with the
+    more important half B by cosine similarity of keys and the ``drop_similar`` A tokens
+    most similar to some B token are dropped; I: ``iters`` WPR steps, top-k of the rest.
+    Ties go to the lower index. Returns kept indices [B, M].
+    """
+    n = probs.shape[-1]
+    s0 = torch.tensor(wpr_start(n, cls), dtype=probs.dtype, device=probs.device)[:, None]
+    s1 = wpr(probs, s0, 1)
+    span = span_end - span_start
+    imp = eir(wpr(probs, s1, iters - 1))[:, span_start:span_end]
+    if drop_similar > 0:
+        rank = eir(s1)[:, span_start:span_end]
+        order = torch.sort(rank, dim=1, descending=True, stable=True).indices
+        nb = span - span // 2
+        b_idx, a_idx = order[:, :nb], order[:, nb:]
+        kf = keys[:, span_start:span_end].float()
+        kf = kf / kf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        ka = torch.gather(kf, 1, a_idx[..., None].expand(-1, -1, kf.shape[-1]))
+        kb = torch.gather(kf, 1, b_idx[..., None].expand(-1, -1, kf.shape[-1]))
+        best = torch.matmul(ka, kb.transpose(1, 2)).amax(dim=2)  # [B, |A|]
+        worst = torch.sort(best, dim=1, descending=True, stable=True).indices[:, :drop_similar]
+        drop = torch.gather(a_idx, 1, worst)
+        imp = imp.scatter(1, drop, float("-inf"))
+    top = torch.sort(imp, dim=1, descending=True, stable=True).indices[:, :k] + span_start
+    idx = _with_fixed(top, span_start, span_end, n)
     _record(tag, idx)
     return idx

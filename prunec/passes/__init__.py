@@ -5,8 +5,9 @@ from .divprune import DivPrune
 from .fastv import FastV
 from .pool import Pool
 from .random_select import RandomSelect
+from .zero_tprune import ZeroTPrune
 
-__all__ = ["REGISTRY", "Pass", "Plan", "FastV", "ClsAttention", "DivPrune", "RandomSelect", "Pool", "get"]
+__all__ = ["REGISTRY", "Pass", "Plan", "FastV", "ClsAttention", "DivPrune", "RandomSelect", "Pool", "ZeroTPrune", "get"]
 
 
 def get(name: str) -> type[Pass]:

@@ -7,6 +7,7 @@ after the cut that spell the old token count N are rewritten to M.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -86,6 +87,15 @@ def random_scores(n: int, seed: int) -> list[float]:
     return rank
 
 
+def wpr_start(n: int, cls: int | None) -> list[float]:
+    """Zero-TPrune's initial importance: uniform, the CLS token weighted √N; sums to 1."""
+    s = [1.0] * n
+    if cls is not None:
+        s[cls] = math.sqrt(n)
+    total = sum(s)
+    return [v / total for v in s]
+
+
 @dataclass
 class Score:
     """Attention received by each token from ``query`` (row index or "mean") in ``site``.
@@ -123,6 +133,17 @@ class Diverse(Select):
 
 
 @dataclass
+class PageRank(Select):
+    """Zero-TPrune: weighted PageRank over ``site``'s attention graph, similarity pruning on its
+    keys (``drop_similar`` tokens), then the top-k by importance."""
+
+    site: AttentionSite | None = None
+    iters: int = 5
+    drop_similar: int = 0
+    cls: int | None = None
+
+
+@dataclass
 class Random(Select):
     """A seeded pseudo-random choice (the same for every sample)."""
 
@@ -140,14 +161,23 @@ class GridPool:
     factor: int
     num_tokens: int = 0
 
+    @property
+    def fh(self) -> int:
+        """Window height (1 for a 1-D grid of one row)."""
+        return self.factor if self.height > 1 else 1
+
+    @property
+    def fw(self) -> int:
+        return self.factor if self.width > 1 else 1
+
     def kept(self, n: int) -> int:
-        return n - self.height * self.width + (self.height // self.factor) * (self.width // self.factor)
+        return n - self.height * self.width + (self.height // self.fh) * (self.width // self.fw)
 
     def representatives(self) -> list[int]:
         """Per output token, the token whose side inputs (masks, positions) it takes: tokens
         outside the grid themselves, each pooled token its window's first (top-left) token."""
-        f, w, end = self.factor, self.width, self.prefix + self.height * self.width
-        firsts = [self.prefix + (i * f) * w + j * f for i in range(self.height // f) for j in range(w // f)]
+        fh, fw, w, end = self.fh, self.fw, self.width, self.prefix + self.height * self.width
+        firsts = [self.prefix + (i * fh) * w + j * fw for i in range(self.height // fh) for j in range(w // fw)]
         return list(range(self.prefix)) + firsts + list(range(end, self.num_tokens))
 
 

@@ -27,15 +27,20 @@ class ClsAttention(SelectionPass):
         Option("layer", str, None, "cut: 'output' (default: the encoder output), K (before layer K) or a/b/c"),
         Option("score_layer", int, None, "layer whose CLS attention scores tokens (default: the penultimate "
                                          "layer, or the layer before the cut if that is earlier)"),
+        Option("cls", int, None, "index of the CLS token (default: 0, when the graph shows prefix tokens; "
+                                 "give it for text encoders whose [CLS] the graph does not single out)"),
     ]
 
     def reduction(self, model, facts, layer, k, start, end):
-        if facts.prefix < 1:
-            raise PruneError("cls-attn needs a CLS token, and this model has no prefix token")
+        if facts.prefix < 1 and self.cls is None:
+            raise PruneError("cls-attn needs a CLS token, and this model has no prefix token (give cls=INDEX)")
         if facts.causal:
             raise PruneError("cls-attn scores with the CLS row of a bidirectional encoder; this model is causal")
         score_layer = self.score_layer if self.score_layer is not None else min(facts.depth - 2, layer - 1)
         score_layer = max(score_layer, 0)
         if not 0 <= score_layer < layer:
             raise PruneError(f"score_layer {score_layer} must come before the cut at layer {layer}")
-        return TopK(k, start, end, score=attention_score(facts, score_layer, 0))
+        cls = 0 if self.cls is None else int(self.cls)
+        if start <= cls < end:
+            raise PruneError(f"the CLS token {cls} is inside the pruned span {start}:{end}")
+        return TopK(k, start, end, score=attention_score(facts, score_layer, cls))

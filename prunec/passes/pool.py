@@ -5,6 +5,7 @@ row-major as patch embeddings flatten them) is read off the graph: the 4-D outpu
 patch-embedding convolution whose H·W equals the number of non-prefix tokens; or given
 with ``grid=HxW``. H and W must be divisible by the factor.
 
+A 1-D grid (``grid=Nx1``, e.g. text) is pooled along its one long side.
 With ``span=START:END`` the grid is that token range (an image span inside a
 decoder's sequence); tokens outside it are kept. Masks and positions of a pooled token
 are those of its window's first (top-left) token.
@@ -66,7 +67,7 @@ class Pool(SelectionPass):
                                  f"(no patch-embedding convolution matches); pass grid=HxW")
             h, w = hw
         f = int(self.factor)
-        if f < 1 or h % f or w % f:
+        if f < 1 or (h > 1 and h % f) or (w > 1 and w % f):
             raise PruneError(f"factor {f} does not divide the {h}x{w} patch grid")
         tag = f"pool_l{layer}" if layer < facts.depth else "pool_out"
         return Plan([plan_cut(facts, layer, GridPool(start, h, w, f, n), tag=tag)])

@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--layer", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--passes", default="fastv,cls-attn,divprune,random,pool")
+    ap.add_argument("--passes", default="fastv,cls-attn,divprune,zero-tprune,random,pool")
     args = ap.parse_args()
 
     import timm
@@ -37,7 +37,7 @@ def main():
     from prunec import ops
     from prunec.bench import ideal_speedup, median_ms, time_pair
 
-    console = Console()
+    console = Console(width=200) if not Console().is_terminal else Console()
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False).eval()
     x = torch.randn(args.batch, 3, 224, 224)
@@ -78,6 +78,7 @@ def main():
         "cls-attn": lambda k: ops.select_topk(ops.scores_from_probs(probs, 0), k, 1, n),
         "divprune": lambda k: ops.select_diverse(feats, k, 1, n),
         "random": lambda k: ops.select_random(feats, k, 1, n, 0),
+        "zero-tprune": lambda k: ops.select_zero_tprune(probs, feats, k, 1, n, 30, (n - 1 - k) // 2, 0),
         "pool": lambda k: ops.pool_tokens(feats, 1, 14, 14, 2, 2),
     }
     t = Table(title=f"selection passes on {args.model}, batch {args.batch}, cut before layer {args.layer} "

@@ -37,7 +37,7 @@ def main():
     import prunec
     from prunec.bench import ideal_speedup, time_pair
 
-    console = Console()
+    console = Console(width=200) if not Console().is_terminal else Console()
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False).eval()
     x = torch.randn(args.batch, 3, 224, 224)

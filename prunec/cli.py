@@ -3,6 +3,8 @@
     prunec MODEL --pass fastv --keep 0.25 [-o OUT]    rewrite a model
     prunec inspect MODEL                             attention sites, blocks, token axes, FLOPs
     prunec passes                                    list passes and their options
+    prunec bench MODEL --pass ...                    latency, memory, FLOPs before/after
+    prunec eval MODEL --pass ... --data DIR          fidelity before/after on real inputs
     prunec demo                                      build, export, prune and time a ViT
 """
 from __future__ import annotations
@@ -21,10 +23,131 @@ EXAMPLES = """examples:
   prunec vit.onnx --pass fastv:keep=0.25,layer=3,query=cls
   prunec inspect vit.onnx
   prunec passes
+  prunec bench vit.onnx --pass fastv --keep 0.25 --batch 8
+  prunec eval vit.onnx --pass fastv --keep 0.25 --data images/
+  prunec tune bert.onnx --method fastv --budget 'cosine>=0.99' --inputs calib.npz -o bert.tuned.onnx
+  prunec sweep vit.onnx --pass fastv --pass divprune:layer=2 --keeps 0.75,0.5,0.25 --data images/ -o sweep/
   prunec demo
 """
 
-SUBCOMMANDS = ("inspect", "passes", "demo")
+SUBCOMMANDS = ("inspect", "passes", "bench", "eval", "tune", "sweep", "demo")
+
+
+def _pass_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--pass", dest="passes", action="append", required=True, metavar="NAME[:K=V,...]",
+                    help="pass to apply (repeatable); see `prunec passes`")
+    ap.add_argument("--keep", help="fraction of tokens kept, in (0, 1]")
+    ap.add_argument("--layer", help="cut before this layer (0-based), 'output', or a schedule a/b/c")
+    ap.add_argument("--span", help="START:END token range that may be pruned")
+    ap.add_argument("--query", help="auto|cls|last|mean|<index> (fastv)")
+
+
+def _rewrite(args, status):
+    from .model import OnnxModel
+
+    src = Path(args.model)
+    passes = build_passes(args.passes, {"keep": args.keep, "layer": args.layer, "span": args.span,
+                                        "query": args.query})
+    status.update(f"loading {src}")
+    model = _load_cli(src)
+    if not isinstance(model, OnnxModel):
+        raise PruneError(f"{src}: bench and eval take ONNX models")
+    rewritten = model
+    for p in passes:
+        status.update(f"applying {p!r}")
+        rewritten = p.apply(rewritten)
+    return model, rewritten, passes
+
+
+def bench_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="prunec bench", description="Latency, throughput, peak memory and FLOPs of a model before and after "
+        "the passes, on one backend in one run.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  prunec bench vit.onnx --pass fastv --keep 0.25 --batch 8 --json")
+    ap.add_argument("model", help="an .onnx model")
+    _pass_args(ap)
+    ap.add_argument("--provider", choices=("cpu", "cuda"), default="cpu", help="ONNX Runtime execution provider")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args(argv)
+    if args.batch < 1 or args.repeat < 1 or args.warmup < 0:
+        raise PruneError("batch and repeat must be >= 1, warmup >= 0")
+    from .measure import bench
+
+    err = _console(stderr=True)
+    with err.status("rewriting") as status:
+        model, rewritten, passes = _rewrite(args, status)
+        res = bench(model, rewritten, batch=args.batch, device=args.provider, warmup=args.warmup,
+                    repeat=args.repeat, progress=status.update)
+    res["model"], res["passes"] = args.model, [repr(p) for p in passes]
+    if args.json:
+        import json
+
+        print(json.dumps(res, indent=2))
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"{args.model}: {', '.join(res['passes'])}; batch {args.batch} on {res['providers'][0]}")
+    for col in ("model", "latency ms (median ± IQR)", "throughput /s", "peak memory MiB", "GFLOPs (blocks)",
+                "tokens per block"):
+        t.add_column(col, justify="right")
+    for key in ("original", "rewritten"):
+        e = res[key]
+        toks = e["tokens_per_block"]
+        t.add_row(key, f"{e['latency_ms']:.2f} ± {e['latency_iqr_ms']:.2f}", f"{e['throughput_per_s']:.1f}",
+                  f"{e['peak_memory_mib']:.1f}", f"{e['gflops']:.3f}",
+                  " ".join(map(str, toks)) if len(toks) <= 16 else f"{toks[0]} .. {toks[-1]}")
+    c = _console()
+    c.print(t)
+    c.print(f"speedup {res['speedup']:.2f}x, FLOPs ideal {res['ideal_speedup']:.2f}x, "
+            f"measured / ideal {res['measured_over_ideal']:.2f}")
+    return 0
+
+
+def eval_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="prunec eval", description="Fidelity of the rewritten model against the original on real inputs: "
+        "cosine of outputs, top-1 agreement of logits, accuracy when labels are given.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  prunec eval vit.onnx --pass fastv --keep 0.25 --data images/   "
+               "# class sub-folders give labels\n  prunec eval bert.onnx --pass fastv --keep 0.5 --inputs batch.npz "
+               "  # arrays named after the inputs, optional 'labels'\n\nimage recipe: resize the shorter side to "
+               "size/crop-pct (bicubic), center-crop to the model's H x W, scale to [0, 1], normalize by --mean/--std.")
+    ap.add_argument("model", help="an .onnx model")
+    _pass_args(ap)
+    _inputs_args(ap)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    from .measure import evaluate
+
+    err = _console(stderr=True)
+    with err.status("rewriting") as status:
+        model, rewritten, passes = _rewrite(args, status)
+        status.update("reading inputs")
+        batches, labels = _read_inputs(args, model)
+        res = evaluate(model, rewritten, batches, labels, progress=status.update)
+    res["model"], res["passes"] = args.model, [repr(p) for p in passes]
+    if args.json:
+        import json
+
+        print(json.dumps(res, indent=2))
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"{args.model}: {', '.join(res['passes'])}; {res['samples']} samples")
+    for col in ("output", "shape", "cosine mean", "cosine min", "top-1 agreement", "accuracy orig -> rewritten"):
+        t.add_column(col, justify="right")
+    for name, e in res["outputs"].items():
+        shape = str(e["shape_original"]) if e["shape_original"] == e["shape_rewritten"] else \
+            f"{e['shape_original']} -> {e['shape_rewritten']}"
+        acc = (f"{e['accuracy_original']:.3f} -> {e['accuracy_rewritten']:.3f}" if "accuracy_original" in e else "-")
+        t.add_row(name, shape, "-" if e["cosine_mean"] is None else f"{e['cosine_mean']:.4f}",
+                  f"{e['cosine_min']:.4f}" if "cosine_min" in e else "-",
+                  f"{e['top1_agreement']:.3f}" if "top1_agreement" in e else "-", acc)
+    _console().print(t)
+    return 0
 
 
 def _console(stderr: bool = False):
@@ -176,6 +299,194 @@ def passes_main(argv: list[str]) -> int:
     return 0
 
 
+def _inputs_args(ap: argparse.ArgumentParser) -> None:
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="folder of images (optionally in class sub-folders)")
+    src.add_argument("--inputs", help=".npz with one array per model input (and optional 'labels')")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--mean", default="0.485,0.456,0.406", help="per-channel mean of the image recipe")
+    ap.add_argument("--std", default="0.229,0.224,0.225", help="per-channel std of the image recipe")
+    ap.add_argument("--crop-pct", type=float, default=0.875, help="center-crop fraction of the image recipe")
+
+
+def _read_inputs(args, model):
+    from .measure import image_batches, npz_batches
+
+    if args.inputs:
+        path = Path(args.inputs)
+        if not path.is_file():
+            raise PruneError(f"no such file: {path}")
+        return npz_batches(path, model, args.batch)
+    folder = Path(args.data)
+    if not folder.is_dir():
+        raise PruneError(f"no such folder: {folder}")
+    try:
+        mean = tuple(float(x) for x in args.mean.split(","))
+        std = tuple(float(x) for x in args.std.split(","))
+    except ValueError:
+        raise PruneError("--mean and --std take comma-separated numbers") from None
+    return image_batches(folder, model, args.batch, mean, std, args.crop_pct)
+
+
+def tune_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="prunec tune", description="Find the strongest setting of a method (lowest keep, cheapest layer) "
+        "that meets a fidelity budget on calibration data, check it on held-out data, write that model and "
+        "the curve.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  prunec tune bert.onnx --method fastv --budget 'cosine>=0.99' --inputs docs.npz "
+               "-o bert.tuned.onnx --curve curve.csv")
+    ap.add_argument("model", help="an .onnx model")
+    ap.add_argument("--method", required=True, help="a pass with a keep option (fastv, cls-attn, divprune, ...)")
+    ap.add_argument("--budget", required=True, help="cosine>=X (mean output cosine) or top1>=X (agreement)")
+    ap.add_argument("--layers", help="candidate cut layers, comma-separated (default: every layer 1..depth-1)")
+    ap.add_argument("--option", action="append", default=[], metavar="K=V", help="fixed pass option (repeatable)")
+    ap.add_argument("--holdout", type=float, default=0.5, help="fraction of the samples held out (default 0.5)")
+    _inputs_args(ap)
+    ap.add_argument("-o", "--output", help="where to write the tuned model (default MODEL.tuned.onnx)")
+    ap.add_argument("--curve", help="CSV of every setting tried (default: OUTPUT with .csv)")
+    ap.add_argument("--force", action="store_true", help="overwrite existing output files")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    from .measure import tune
+
+    src = Path(args.model)
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.tuned.onnx")
+    curve_path = Path(args.curve) if args.curve else out.with_suffix(".csv")
+    for p in (out, curve_path):
+        if src.exists() and p.exists() and p.resolve() == src.resolve():
+            raise PruneError(f"output {p} is the input file")
+        if p.exists() and not args.force:
+            raise PruneError(f"output {p} exists; pass --force to overwrite it")
+    if not 0 < args.holdout < 1:
+        raise PruneError("--holdout must be in (0, 1)")
+    options = dict(parse_pass_spec("x:" + ",".join(args.option))[1]) if args.option else {}
+    err = _console(stderr=True)
+    with err.status(f"loading {src}") as status:
+        model = _load_cli(src)
+        batches, _ = _read_inputs(args, model)
+        samples = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
+        if len(samples) < 2:
+            raise PruneError("tune needs at least 2 samples (calibration and held-out)")
+        cut = max(1, min(len(samples) - 1, round(len(samples) * (1 - args.holdout))))
+        def group(rows):
+            import numpy as np
+            return [{k: np.concatenate([r[k] for r in rows[i:i + args.batch]]) for k in rows[0]}
+                    for i in range(0, len(rows), args.batch)]
+        layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+        res = tune(model, args.method, args.budget, group(samples[:cut]), group(samples[cut:]), layers, options,
+                   progress=status.update)
+        status.update(f"writing {out}")
+        res.pop("model").save(out)
+        import csv
+        import io
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(res["curve"][0]))
+        w.writeheader()
+        w.writerows(res["curve"])
+        from .model import atomic_write
+
+        atomic_write(curve_path, buf.getvalue().encode())
+    res["output"], res["curve_csv"], res["calibration_samples"], res["holdout_samples"] = \
+        str(out), str(curve_path), cut, len(samples) - cut
+    if args.json:
+        import json
+
+        print(json.dumps(res, indent=2))
+        return 0
+    c = _console()
+    verdict = "meets" if res["holdout_meets_budget"] else "[red]misses[/red]"
+    c.print(f"{args.method}: layer {res['layer']}, keep {res['keep']:.3f} "
+            f"({res['ideal_speedup']:.2f}x fewer block FLOPs); {res['metric']} {res['calibration']:.4f} on "
+            f"{cut} calibration samples, {res['holdout']:.4f} on {len(samples) - cut} held-out samples: "
+            f"{verdict} the budget {args.budget} (gap {res['holdout_gap']:+.4f})")
+    c.print(f"wrote {out} and {curve_path} ({len(res['curve'])} settings tried)")
+    return 0
+
+
+def sweep_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="prunec sweep", description="The keep / speed / fidelity curve of several passes (CSV and PNG plot) "
+        "and, for image models, a picture of the patches each cut kept for the first image.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  prunec sweep vit.onnx --pass fastv --pass divprune:layer=2 --keeps 0.75,0.5,0.25 "
+               "--data images/ -o sweep/\n\nwrites OUT/sweep.csv, OUT/sweep.png and (image models) "
+               "OUT/kept_tokens.png")
+    ap.add_argument("model", help="an .onnx model")
+    ap.add_argument("--pass", dest="passes", action="append", required=True, metavar="NAME[:K=V,...]",
+                    help="pass to sweep (repeatable); keep is swept, other options fixed")
+    ap.add_argument("--keeps", default="0.75,0.5,0.25", help="keep values (comma-separated)")
+    _inputs_args(ap)
+    ap.add_argument("--bench-batch", type=int, default=8, help="batch of the latency runs")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--picture", help="pass spec drawn in kept_tokens.png (default: the first pass at the "
+                                      "smallest keep)")
+    ap.add_argument("-o", "--output", required=True, help="output folder")
+    ap.add_argument("--force", action="store_true", help="overwrite files in the output folder")
+    args = ap.parse_args(argv)
+    import numpy as np
+
+    from .measure import kept_token_picture, plot_sweep, sweep
+
+    try:
+        keeps = [float(k) for k in args.keeps.split(",")]
+    except ValueError:
+        raise PruneError(f"--keeps '{args.keeps}' is not a comma-separated list of numbers") from None
+    if any(not 0 < k <= 1 for k in keeps):
+        raise PruneError("every keep must be in (0, 1]")
+    specs = [parse_pass_spec(s) for s in args.passes]
+    from .passes import get
+
+    for name, _ in specs:
+        get(name)
+    out = Path(args.output)
+    files = [out / "sweep.csv", out / "sweep.png", out / "kept_tokens.png"]
+    if not args.force and any(f.exists() for f in files):
+        raise PruneError(f"{out} already holds sweep files; pass --force to overwrite them")
+    err = _console(stderr=True)
+    with err.status(f"loading {args.model}") as status:
+        model = _load_cli(Path(args.model))
+        batches, _ = _read_inputs(args, model)
+        rows = sweep(model, specs, keeps, batches, args.bench_batch, args.repeat, progress=status.update)
+        out.mkdir(parents=True, exist_ok=True)
+        import csv
+        import io
+
+        from .model import atomic_write
+
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+        atomic_write(files[0], buf.getvalue().encode())
+        status.update("plotting")
+        plot_sweep(rows, files[1], f"{Path(args.model).name}: batch {args.bench_batch}, ORT CPU")
+        drawn = None
+        if args.data:
+            spec = args.picture or f"{specs[0][0]}:" + ",".join(
+                [f"{k}={v}" for k, v in specs[0][1].items()] + [f"keep={min(keeps)}"])
+            (p,) = build_passes([spec], {})
+            feeds = batches[0]
+            name = next(iter(feeds))
+            mean = np.array([float(x) for x in args.mean.split(",")], np.float32)[:, None, None]
+            std = np.array([float(x) for x in args.std.split(",")], np.float32)[:, None, None]
+            img = np.clip((feeds[name][0] * std + mean) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+            drawn = kept_token_picture(model, p.apply(model), feeds, img, files[2], repr(p))
+    from rich.table import Table
+
+    t = Table(title=f"sweep of {args.model}")
+    for col in ("pass", "options", "keep", "GFLOPs", "ideal", "speedup", "cosine", "top-1"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["pass"], r["options"], f"{r['keep']}", f"{r['gflops']:.3f}", f"{r['ideal_speedup']:.2f}x",
+                  f"{r['speedup']:.2f}x", f"{r['cosine']:.4f}",
+                  "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.3f}")
+    c = _console()
+    c.print(t)
+    c.print(f"wrote {files[0]}, {files[1]}" + (f", {files[2]} ({', '.join(drawn)})" if drawn else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
@@ -184,6 +495,14 @@ def main(argv: list[str] | None = None) -> int:
             return inspect_main(argv[1:])
         if argv and argv[0] == "passes":
             return passes_main(argv[1:])
+        if argv and argv[0] == "bench":
+            return bench_main(argv[1:])
+        if argv and argv[0] == "eval":
+            return eval_main(argv[1:])
+        if argv and argv[0] == "tune":
+            return tune_main(argv[1:])
+        if argv and argv[0] == "sweep":
+            return sweep_main(argv[1:])
         if argv and argv[0] == "demo":
             from .demo import demo_main
 

@@ -187,14 +187,14 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
         k4 = _as_4d_heads(b, values[site.k.name], site.k.shape, site.node.attrs.get("kv_num_heads") or site.heads)
         keys = b.op("Transpose", [k4], {"perm": [0, 2, 1, 3]})
     keys = b.op("Reshape", [keys, i64([0, n, -1], "keys")])  # [B, N, Dk]
-    pt = b.op("Transpose", [probs], {"perm": [0, 1, 3, 2]})
-    s = b.op("MatMul", [pt, f32(np.array(wpr_start(n, r.cls), np.float32)[:, None], "s0")])  # [B, H, N, 1]
+    # s <- Aᵀ s as the row vector sᵀ A: [B, H, 1, N]
+    s = b.op("MatMul", [f32(np.array(wpr_start(n, r.cls), np.float32)[None, :], "s0"), probs])
     s1 = s
     for _ in range(r.iters - 1):
-        s = b.op("MatMul", [pt, s])
+        s = b.op("MatMul", [s, probs])
 
-    def eir(x):
-        return b.op("Squeeze", [b.op("Sqrt", [b.reduce_mean(b.op("Mul", [x, x]), [1])]), i64([2], "axes")])
+    def eir(x):  # root-mean-square over heads: [B, H, 1, N] -> [B, N]
+        return b.op("Squeeze", [b.op("Sqrt", [b.reduce_mean(b.op("Mul", [x, x]), [1])]), i64([1], "axes")])
 
     span = [i64([r.span_start], "s"), i64([r.span_end], "e"), i64([1], "ax")]
     imp = b.op("Slice", [eir(s), *span])

@@ -187,16 +187,16 @@ def full_probs(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: torc
 
 
 def wpr(probs: torch.Tensor, s: torch.Tensor, iters: int) -> torch.Tensor:
-    """``iters`` weighted-PageRank steps s <- Aᵀ s per head. probs: [B, H, N, N]; s: [.., N, 1]."""
-    pt = probs.transpose(-1, -2)
+    """``iters`` weighted-PageRank steps s <- Aᵀ s per head, computed as the row vector sᵀ A
+    (same numbers, no transpose of A). probs: [B, H, N, N]; s: [.., 1, N] -> [B, H, 1, N]."""
     for _ in range(iters):
-        s = torch.matmul(pt, s)
+        s = torch.matmul(s, probs)
     return s
 
 
 def eir(s: torch.Tensor) -> torch.Tensor:
-    """Root-mean-square over heads ("emphasizing informative region"): [B, H, N, 1] -> [B, N]."""
-    return (s * s).mean(dim=1).sqrt()[..., 0]
+    """Root-mean-square over heads ("emphasizing informative region"): [B, H, 1, N] -> [B, N]."""
+    return (s * s).mean(dim=1).sqrt()[:, 0, :]
 
 
 def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_start: int, span_end: int,
@@ -210,7 +210,7 @@ def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_sta
     Ties go to the lower index. Returns kept indices [B, M].
     """
     n = probs.shape[-1]
-    s0 = torch.tensor(wpr_start(n, cls), dtype=probs.dtype, device=probs.device)[:, None]
+    s0 = torch.tensor(wpr_start(n, cls), dtype=probs.dtype, device=probs.device)[None, :]
     s1 = wpr(probs, s0, 1)
     span = span_end - span_start
     imp = eir(wpr(probs, s1, iters - 1))[:, span_start:span_end]

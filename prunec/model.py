@@ -5,7 +5,6 @@
 """
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from pathlib import Path
@@ -114,8 +113,6 @@ class OnnxModel(Model):
 
     def kept_indices(self, feeds: dict[str, Any]) -> dict:
         """Run once and return {cut tag: kept indices [B, M]} of every selection."""
-        import onnx
-
         from .backends.onnx import make_session
 
         names = [o.name for n in self.model.graph for o in n.outputs if o.name.endswith("/keep_idx")]
@@ -299,7 +296,6 @@ def load(source, example_inputs=None, *, probe_batch: int = 2) -> Model:
 
 
 def _read_onnx(path: Path):
-    import onnx
     import onnx_ir as ir
 
     if path.stat().st_size == 0:

@@ -46,3 +46,32 @@ def onnx_file(name, exporter):
             pytest.skip(f"the TorchScript exporter cannot export HF Llama here: {str(p).splitlines()[0][:100]}")
         raise p
     return p
+
+
+def load(name, form, inputs=None):
+    """A test model as a torch module (form "torch", traced at ``inputs``) or an ONNX export."""
+    import prunec
+
+    c = case(name)
+    if form == "torch":
+        return prunec.load(c.module, inputs if inputs is not None else c.inputs)
+    return prunec.load(onnx_file(name, form))
+
+
+def torch_outputs(out):
+    """Float tensors of a (nested) torch output as numpy arrays, in pytree order."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    return [t.detach().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def run(model, inputs):
+    """Flat list of float outputs as numpy arrays, for either backend."""
+    if model.kind == "torch":
+        return torch_outputs(model.run(**inputs))
+    return [o for o in model.run(inputs) if o.dtype.kind == "f"]
+
+
+def kept(model, inputs):
+    return model.kept_indices(**inputs) if model.kind == "torch" else model.kept_indices(inputs)

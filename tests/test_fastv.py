@@ -3,35 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.utils._pytree as pytree
 
 import prunec
-from conftest import case, onnx_file
+from conftest import case, load, run, torch_outputs
 from fastv_reference import fastv_reference
 from zoo import CASES, EXPORTERS
 
 FORMS = ("torch",) + EXPORTERS
-
-
-def load(name, form, inputs=None):
-    c = case(name)
-    if form == "torch":
-        return prunec.load(c.module, inputs if inputs is not None else c.inputs)
-    return prunec.load(onnx_file(name, form))
-
-
-def run(model, inputs):
-    """Flat list of float outputs as numpy arrays."""
-    if model.kind == "torch":
-        out = model.run(**inputs)
-        leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        return [t.detach().numpy() for t in leaves]
-    return [o for o in model.run(inputs) if o.dtype.kind == "f"]
-
-
-def torch_outputs(out):
-    return [t.detach().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 def query_of(c):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 import torch
 from onnx import TensorProto, helper
 
@@ -54,7 +53,7 @@ def _mha_model(weights) -> onnx.ModelProto:
 def _torch_reference(weights, x, keep, layer):
     """The same network in torch with FastV (query: mean over rows, no prefix tokens)."""
     x = torch.from_numpy(x)
-    idx = None
+    idx = scores = None
     for i, w in enumerate(weights):
         w = {k: torch.from_numpy(v) for k, v in w.items()}
         if i == layer:

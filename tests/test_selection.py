@@ -5,34 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.utils._pytree as pytree
 
 import prunec
-from conftest import case, onnx_file
+from conftest import case, kept, load, run, torch_outputs
 from reference import (attention_choice, divprune_choice, pool_choice, random_choice, reference_run,
                        zero_tprune_choice)
 
 MODELS = ("timm_vit", "hf_vit", "hf_dinov2", "hf_clip_vision", "hf_llama")
 FORMS = ("torch", "dynamo18")
 GRID = 4  # 32x32 images, patch 8; the llama case pools its 16-token image span 4:20 as 4x4
-
-
-def load(name, form, inputs=None):
-    c = case(name)
-    if form == "torch":
-        return prunec.load(c.module, inputs if inputs is not None else c.inputs)
-    return prunec.load(onnx_file(name, form))
-
-
-def run(model, inputs):
-    if model.kind == "torch":
-        return [t.detach().numpy() for t in pytree.tree_leaves(model.run(**inputs)) if isinstance(t, torch.Tensor)]
-    return [o for o in model.run(inputs) if o.dtype.kind == "f"]
-
-
-def kept(model, inputs):
-    return model.kept_indices(**inputs) if model.kind == "torch" else model.kept_indices(inputs)
 
 
 def span_of(c):
@@ -62,10 +43,6 @@ def settings(name):
 CASES = [(m, i) for m in MODELS for i in range(len(settings(m)))]
 
 
-def _id(val):
-    return str(val)
-
-
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("name,which", CASES, ids=[f"{m}-{settings(m)[i][0]}-{i}" for m, i in CASES])
 def test_matches_reference(name, which, form):
@@ -76,7 +53,7 @@ def test_matches_reference(name, which, form):
     idx = kept(pruned, c.inputs)
     assert len(idx) == 1
     np.testing.assert_array_equal(next(iter(idx.values())), ref_idx.numpy())
-    ref = [t.detach().numpy() for t in pytree.tree_leaves(ref_out) if isinstance(t, torch.Tensor)]
+    ref = torch_outputs(ref_out)
     got = run(pruned, c.inputs)
     assert [a.shape for a in got] == [b.shape for b in ref]
     for a, b in zip(got, ref):

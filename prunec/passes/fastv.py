@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .base import Option, Score, TopK, register
-from .selection import COMMON, SelectionPass, parse_span  # noqa: F401  (parse_span re-exported)
+from .selection import COMMON, SelectionPass
 
 
 def resolve_query(query, facts, n: int) -> int | str:

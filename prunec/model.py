@@ -252,6 +252,9 @@ def atomic_write(path: str | os.PathLike, data) -> Path:
                 f.write(data)
         if not isinstance(data, (bytes, bytearray)):
             data(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

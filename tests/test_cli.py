@@ -110,3 +110,20 @@ def test_bad_input_is_one_line_error(case, vit, tmp_path):
     assert not out.exists()
     assert vit.read_bytes() == vit_before
     assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_pt2_in_pt2_out(tmp_path):
+    import os
+
+    from conftest import case
+
+    c = case("timm_vit")
+    ep = torch.export.export(c.module, (c.inputs["x"],), strict=False)
+    src = tmp_path / "vit.pt2"
+    torch.export.save(ep, str(src))
+    r = prunec(src, "--pass", "fastv", "--keep", "0.5", "--layer", "1")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "vit.fastv.pt2"
+    assert out.exists() and (os.stat(out).st_mode & 0o044)  # readable like any file the user writes
+    module = torch.export.load(str(out)).module()
+    assert module(c.inputs["x"]).shape == (2, 10)

@@ -117,6 +117,12 @@ class _Builder:
         self.graph, self.before, self.prefix, self.counter = graph, before, prefix, counter
         self.opset = graph.opset_imports.get("", 17)
 
+    def ints(self, array, name: str) -> ir.Value:
+        return self.const(np.array(array, np.int64), name)
+
+    def floats(self, array, name: str) -> ir.Value:
+        return self.const(np.array(array, np.float32), name)
+
     def reduce(self, op_type: str, x: ir.Value, axes: list[int], keepdims: int = 0) -> ir.Value:
         if self.opset >= 18 or op_type == "ReduceSum" and self.opset >= 13:
             return self.op(op_type, [x, self.const(np.array(axes, np.int64), "axes")], {"keepdims": keepdims})
@@ -135,8 +141,7 @@ class _Builder:
         """[1] int64 holding x's first dimension."""
         if self.opset >= 15:
             return self.op("Shape", [x], {"start": 0, "end": 1})
-        i64 = lambda a, n: self.const(np.array(a, np.int64), n)  # noqa: E731
-        return self.op("Slice", [self.op("Shape", [x]), i64([0], "s"), i64([1], "e")])
+        return self.op("Slice", [self.op("Shape", [x]), self.ints([0], "s"), self.ints([1], "e")])
 
     @property
     def count(self) -> int:
@@ -175,8 +180,6 @@ def _as_4d_heads(b: _Builder, x: ir.Value, shape, heads: int | None) -> ir.Value
 def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
     """Zero-TPrune's I′ -> S -> I selection (as ``prunec.ops.select_zero_tprune``) -> span picks
     [B, k] and a [B, ...] tensor to read the batch size from."""
-    i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
-    f32 = lambda a, name: b.const(np.array(a, np.float32), name)  # noqa: E731
     site = r.site
     if site.probs is not None:
         probs = values[site.probs.name]
@@ -185,38 +188,38 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
         probs = _attention_rows(b, site, values, "mean")
         k4 = _as_4d_heads(b, values[site.k.name], site.k.shape, site.node.attrs.get("kv_num_heads") or site.heads)
         keys = b.op("Transpose", [k4], {"perm": [0, 2, 1, 3]})
-    keys = b.op("Reshape", [keys, i64([0, n, -1], "keys")])  # [B, N, Dk]
+    keys = b.op("Reshape", [keys, b.ints([0, n, -1], "keys")])  # [B, N, Dk]
     # s <- Aᵀ s as the row vector sᵀ A: [B, H, 1, N]
-    s = b.op("MatMul", [f32(np.array(wpr_start(n, r.cls), np.float32)[None, :], "s0"), probs])
+    s = b.op("MatMul", [b.floats(np.array(wpr_start(n, r.cls), np.float32)[None, :], "s0"), probs])
     s1 = s
     for _ in range(r.iters - 1):
         s = b.op("MatMul", [s, probs])
 
     def eir(x):  # root-mean-square over heads: [B, H, 1, N] -> [B, N]
-        return b.op("Squeeze", [b.op("Sqrt", [b.reduce_mean(b.op("Mul", [x, x]), [1])]), i64([1], "axes")])
+        return b.op("Squeeze", [b.op("Sqrt", [b.reduce_mean(b.op("Mul", [x, x]), [1])]), b.ints([1], "axes")])
 
-    span = [i64([r.span_start], "s"), i64([r.span_end], "e"), i64([1], "ax")]
+    span = [b.ints([r.span_start], "s"), b.ints([r.span_end], "e"), b.ints([1], "ax")]
     imp = b.op("Slice", [eir(s), *span])
     size = r.span_end - r.span_start
     if r.drop_similar > 0:
         rank = b.op("Slice", [eir(s1), *span])
-        _, order = b.op("TopK", [rank, i64([size], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+        _, order = b.op("TopK", [rank, b.ints([size], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
         nb = size - size // 2
-        b_idx = b.op("Slice", [order, i64([0], "s"), i64([nb], "e"), i64([1], "ax")])
-        a_idx = b.op("Slice", [order, i64([nb], "s"), i64([size], "e"), i64([1], "ax")])
+        b_idx = b.op("Slice", [order, b.ints([0], "s"), b.ints([nb], "e"), b.ints([1], "ax")])
+        a_idx = b.op("Slice", [order, b.ints([nb], "s"), b.ints([size], "e"), b.ints([1], "ax")])
         kf = b.op("Slice", [keys, *span])
         norm = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [kf, kf]), [2], keepdims=1)])
-        kf = b.op("Div", [kf, b.op("Max", [norm, f32(1e-12, "eps")])])
-        axes2 = i64([2], "axes")
+        kf = b.op("Div", [kf, b.op("Max", [norm, b.floats(1e-12, "eps")])])
+        axes2 = b.ints([2], "axes")
         ka = b.op("GatherND", [kf, b.op("Unsqueeze", [a_idx, axes2])], {"batch_dims": 1})
         kb = b.op("GatherND", [kf, b.op("Unsqueeze", [b_idx, axes2])], {"batch_dims": 1})
         best = b.reduce("ReduceMax", b.op("MatMul", [ka, b.op("Transpose", [kb], {"perm": [0, 2, 1]})]), [2])
-        _, worst = b.op("TopK", [best, i64([r.drop_similar], "r")], {"axis": 1, "largest": 1, "sorted": 1},
+        _, worst = b.op("TopK", [best, b.ints([r.drop_similar], "r")], {"axis": 1, "largest": 1, "sorted": 1},
                         outputs=2)
         drop = b.op("GatherElements", [a_idx, worst], {"axis": 1})
-        ninf = b.op("Expand", [f32([[-np.inf]], "ninf"), b.op("Shape", [drop])])
+        ninf = b.op("Expand", [b.floats([[-np.inf]], "ninf"), b.op("Shape", [drop])])
         imp = b.op("ScatterElements", [imp, drop, ninf], {"axis": 1})
-    _, top = b.op("TopK", [imp, i64([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    _, top = b.op("TopK", [imp, b.ints([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
     return top, imp
 
 
@@ -272,11 +275,10 @@ def _scores(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value:
 def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value | None:
     """Nodes computing the kept indices [B, M] of ``cut``."""
     r = cut.reduce
-    i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
     if isinstance(r, GridPool):  # side inputs follow each window's first token
         reps = r.representatives()
-        idx = b.op("Expand", [i64([reps], "reps"), b.op("Concat", [b.batch_size(values[cut.stream.name]),
-                                                                   i64([len(reps)], "m")], {"axis": 0})])
+        idx = b.op("Expand", [b.ints([reps], "reps"), b.op("Concat", [b.batch_size(values[cut.stream.name]),
+                                                                   b.ints([len(reps)], "m")], {"axis": 0})])
         idx.name = f"{cut.tag}/keep_idx"
         return idx
     if isinstance(r, Diverse):
@@ -288,14 +290,14 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value |
         if isinstance(r, Random):
             ranks = b.const(np.array(random_scores(cut.num_tokens, r.seed), np.float32)[None, :], "ranks")
             stream = values[cut.stream.name]
-            scores = b.op("Expand", [ranks, b.op("Concat", [b.batch_size(stream), i64([cut.num_tokens], "n")],
+            scores = b.op("Expand", [ranks, b.op("Concat", [b.batch_size(stream), b.ints([cut.num_tokens], "n")],
                                                  {"axis": 0})])
         elif isinstance(r, TopK):
             scores = _scores(b, cut, values)
         else:
             raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
-        span = b.op("Slice", [scores, i64([r.span_start], "s"), i64([r.span_end], "e"), i64([1], "ax")])
-        _, top = b.op("TopK", [span, i64([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+        span = b.op("Slice", [scores, b.ints([r.span_start], "s"), b.ints([r.span_end], "e"), b.ints([1], "ax")])
+        _, top = b.op("TopK", [span, b.ints([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
         batch_of = scores
     return _with_fixed(b, top, batch_of, cut)
 
@@ -303,20 +305,18 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value |
 def _diverse(b: _Builder, x: ir.Value, r: Diverse) -> ir.Value:
     """DivPrune's greedy max-min selection over the span of x [B, N, C] -> span picks [B, k]
     (same algorithm as ``prunec.ops.select_diverse``; the k−1 greedy steps run in a Loop)."""
-    i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
-    f32 = lambda a, name: b.const(np.array(a, np.float32), name)  # noqa: E731
-    s = b.op("Slice", [x, i64([r.span_start], "s"), i64([r.span_end], "e"), i64([1], "ax")])
+    s = b.op("Slice", [x, b.ints([r.span_start], "s"), b.ints([r.span_end], "e"), b.ints([1], "ax")])
     sq = b.op("Mul", [s, s])
     norm = b.op("Sqrt", [b.reduce_sum(sq, [2], keepdims=1)])
-    s = b.op("Div", [s, b.op("Max", [norm, f32(1e-12, "eps")])])
+    s = b.op("Div", [s, b.op("Max", [norm, b.floats(1e-12, "eps")])])
     sim = b.op("MatMul", [s, b.op("Transpose", [s], {"perm": [0, 2, 1]})])
-    dist = b.op("Sub", [f32(1.0, "one"), sim])  # [B, S, S]
+    dist = b.op("Sub", [b.floats(1.0, "one"), sim])  # [B, S, S]
     size = r.span_end - r.span_start
     diag = np.where(np.eye(size, dtype=bool), np.inf, 0.0).astype(np.float32)
     nearest = b.reduce_min(b.op("Add", [dist, b.const(diag, "diag")]), [2])
     first = b.op("ArgMax", [nearest], {"axis": 1, "keepdims": 1})  # [B, 1]
     mind = b.op("GatherND", [dist, first], {"batch_dims": 1})  # [B, S]
-    ninf = b.op("Expand", [f32([[-np.inf]], "ninf"), b.op("Shape", [first])])
+    ninf = b.op("Expand", [b.floats([[-np.inf]], "ninf"), b.op("Shape", [first])])
     mind = b.op("ScatterElements", [mind, first, ninf], {"axis": 1})
     if r.k == 1:
         return first
@@ -342,26 +342,25 @@ def _diverse(b: _Builder, x: ir.Value, r: Diverse) -> ir.Value:
     pick = node("Identity", [nxt])
     body = ir.Graph([it, cond_in, mind_in], [cond_out, new_mind, pick], nodes=body_nodes,
                     name=f"{b.prefix}/divprune_body")
-    _, picks = b.op("Loop", [i64(r.k - 1, "steps"), b.const(np.array(True), "true"), mind],
+    _, picks = b.op("Loop", [b.ints(r.k - 1, "steps"), b.const(np.array(True), "true"), mind],
                     {"body": body}, outputs=2)  # picks: [k-1, B, 1]
-    rest = b.op("Squeeze", [b.op("Transpose", [picks], {"perm": [1, 0, 2]}), i64([2], "axes")])
+    rest = b.op("Squeeze", [b.op("Transpose", [picks], {"perm": [1, 0, 2]}), b.ints([2], "axes")])
     return b.op("Concat", [first, rest], {"axis": 1})
 
 
 def _pool(b: _Builder, x: ir.Value, r: GridPool) -> ir.Value:
     """x [B, prefix + H·W + suffix, C] -> [B, prefix + (H/f)(W/f) + suffix, C] by average
     pooling the grid."""
-    i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
     h, w, fh, fw, p = r.height, r.width, r.fh, r.fw, r.prefix
     end = p + h * w
-    grid = b.op("Slice", [x, i64([p], "s"), i64([end], "e"), i64([1], "ax")])
-    grid = b.op("Reshape", [grid, i64([0, h // fh, fh, w // fw, fw, -1], "grid")])
+    grid = b.op("Slice", [x, b.ints([p], "s"), b.ints([end], "e"), b.ints([1], "ax")])
+    grid = b.op("Reshape", [grid, b.ints([0, h // fh, fh, w // fw, fw, -1], "grid")])
     pooled = b.reduce_mean(grid, [2, 4])
-    parts = [b.op("Reshape", [pooled, i64([0, (h // fh) * (w // fw), -1], "flat")])]
+    parts = [b.op("Reshape", [pooled, b.ints([0, (h // fh) * (w // fw), -1], "flat")])]
     if p:
-        parts.insert(0, b.op("Slice", [x, i64([0], "s"), i64([p], "e"), i64([1], "ax")]))
+        parts.insert(0, b.op("Slice", [x, b.ints([0], "s"), b.ints([p], "e"), b.ints([1], "ax")]))
     if end < r.num_tokens:
-        parts.append(b.op("Slice", [x, i64([end], "s"), i64([r.num_tokens], "e"), i64([1], "ax")]))
+        parts.append(b.op("Slice", [x, b.ints([end], "s"), b.ints([r.num_tokens], "e"), b.ints([1], "ax")]))
     return b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else parts[0]
 
 
@@ -370,20 +369,19 @@ def _with_fixed(b: _Builder, top: ir.Value, batch_of: ir.Value, cut: Cut) -> ir.
     outside the span, sort ascending."""
     r = cut.reduce
     s, e, n = r.span_start, r.span_end, cut.num_tokens
-    i64 = lambda a, name: b.const(np.array(a, np.int64), name)  # noqa: E731
     if s:
-        top = b.op("Add", [top, i64(s, "off")])
+        top = b.op("Add", [top, b.ints(s, "off")])
     parts = [top]
     batch = b.batch_size(batch_of)
     for lo, hi in ((0, s), (e, n)):
         if hi > lo:
-            fixed = b.op("Expand", [i64(np.arange(lo, hi)[None, :], "fixed"),
-                                    b.op("Concat", [batch, i64([hi - lo], "len")], {"axis": 0})])
+            fixed = b.op("Expand", [b.ints(np.arange(lo, hi)[None, :], "fixed"),
+                                    b.op("Concat", [batch, b.ints([hi - lo], "len")], {"axis": 0})])
             parts.insert(0 if lo == 0 else len(parts), fixed)
     idx = b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else top
     m = cut.kept
     as_float = b.op("Cast", [idx], {"to": ir.DataType.FLOAT})
-    ordered, _ = b.op("TopK", [as_float, i64([m], "m")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
+    ordered, _ = b.op("TopK", [as_float, b.ints([m], "m")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
     out = b.op("Cast", [ordered], {"to": ir.DataType.INT64})
     out.name = f"{cut.tag}/keep_idx"
     return out

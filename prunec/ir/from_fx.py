@@ -65,7 +65,7 @@ def _normalize(name: str, fx_node: torch.fx.Node, out_rank: int | None) -> tuple
         return "addmm", {}
     if name in ("softmax", "_softmax", "_safe_softmax", "log_softmax"):
         return "softmax", {"axis": dim(1, -1)}
-    if name in ("layer_norm", "native_layer_norm", "rms_norm", "group_norm_never"):
+    if name in ("layer_norm", "native_layer_norm", "rms_norm"):
         return "layernorm", {}
     if name == "transpose":
         rank = out_rank

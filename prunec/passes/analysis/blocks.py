@@ -118,7 +118,7 @@ def residual_stream(graph: Graph, site: AttentionSite) -> Value | None:
     return None
 
 
-def _prefix_tokens(facts_axes: AxisClasses, graph: Graph, stream0: Value, last_stream_users: set[Node], n: int) -> int:
+def _prefix_tokens(stream0: Value, last_stream_users: set[Node], n: int) -> int:
     prefix = 0
     # 1) concat that builds the sequence before the first layer
     v = stream0
@@ -175,7 +175,7 @@ def analyze(graph: Graph) -> Facts:
     last = sites[-1]
     tail = graph.consumers_closure(last.output)
     tail_users = {nd for nd in tail if nd.op in ("select", "gather")}
-    prefix = _prefix_tokens(axes, graph, streams[0], tail_users, n)
+    prefix = _prefix_tokens(streams[0], tail_users, n)
     causal = all(s.causal for s in sites)
     facts = Facts(graph, sites, streams, n, prefix, causal, axes)
     facts.side_inputs = _side_inputs(facts)

@@ -40,6 +40,7 @@ def _pass_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--layer", help="cut before this layer (0-based), 'output', or a schedule a/b/c")
     ap.add_argument("--span", help="START:END token range that may be pruned")
     ap.add_argument("--query", help="auto|cls|last|mean|<index> (fastv)")
+    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..", help="make dynamic input dims static")
 
 
 def _rewrite(args, status):
@@ -49,7 +50,7 @@ def _rewrite(args, status):
     passes = build_passes(args.passes, {"keep": args.keep, "layer": args.layer, "span": args.span,
                                         "query": args.query})
     status.update(f"loading {src}")
-    model = _load_cli(src)
+    model = _load_cli(src, args.shape)
     if not isinstance(model, OnnxModel):
         raise PruneError(f"{src}: bench and eval take ONNX models")
     rewritten = model
@@ -207,6 +208,8 @@ def prune_main(argv: list[str]) -> int:
     ap.add_argument("--span", help="START:END token range that may be pruned (e.g. an image span)")
     ap.add_argument("--query", help="auto|cls|last|mean|<index>: whose attention scores tokens")
     ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..",
+                    help="make dynamic input dims static, e.g. input_ids=?,128 (? keeps a dim dynamic)")
     args = ap.parse_args(argv)
     if not args.passes:
         ap.error("give at least one --pass (see `prunec passes`)")
@@ -225,7 +228,7 @@ def prune_main(argv: list[str]) -> int:
     console = _console(stderr=True)
     t0 = time.perf_counter()
     with console.status(f"loading and analysing {src}") as status:
-        model = _load_cli(src)
+        model = _load_cli(src, args.shape)
         before = model.facts().num_tokens
         for p in passes:
             status.update(f"applying {p!r}")
@@ -238,7 +241,21 @@ def prune_main(argv: list[str]) -> int:
     return 0
 
 
-def _load_cli(src: Path):
+def parse_shapes(specs: list[str] | None) -> dict:
+    """['input_ids=?,128', 'attention_mask=?,128'] -> {'input_ids': [None, 128], ...}."""
+    shapes = {}
+    for spec in specs or []:
+        name, eq, dims = spec.partition("=")
+        if not eq or not dims:
+            raise PruneError(f"--shape '{spec}' is not NAME=D0,D1,... (use ? to keep a dimension dynamic)")
+        try:
+            shapes[name] = [None if d.strip() in ("?", "-1", "") else int(d) for d in dims.split(",")]
+        except ValueError:
+            raise PruneError(f"--shape '{spec}': dimensions must be integers or ?") from None
+    return shapes
+
+
+def _load_cli(src: Path, shapes: list[str] | None = None):
     from . import load
 
     if src.suffix == ".pt2":
@@ -256,17 +273,18 @@ def _load_cli(src: Path):
 
         a, kw = ep.example_inputs
         return TorchModel(ep.module(), a, kw)
-    return load(src)
+    return load(src, input_shapes=parse_shapes(shapes))
 
 
 def inspect_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="prunec inspect", description="Print what prunec sees in a model.")
     ap.add_argument("model")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
+    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..", help="make dynamic input dims static")
     args = ap.parse_args(argv)
     from .inspect import describe, render
 
-    model = _load_cli(Path(args.model))
+    model = _load_cli(Path(args.model), args.shape)
     try:
         info = describe(model)
     except PruneError as e:
@@ -341,6 +359,7 @@ def tune_main(argv: list[str]) -> int:
     ap.add_argument("--layers", help="candidate cut layers, comma-separated (default: every layer 1..depth-1)")
     ap.add_argument("--option", action="append", default=[], metavar="K=V", help="fixed pass option (repeatable)")
     ap.add_argument("--holdout", type=float, default=0.5, help="fraction of the samples held out (default 0.5)")
+    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..", help="make dynamic input dims static")
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled calibration / held-out split")
     _inputs_args(ap)
     ap.add_argument("-o", "--output", help="where to write the tuned model (default MODEL.tuned.onnx)")
@@ -363,7 +382,7 @@ def tune_main(argv: list[str]) -> int:
     options = dict(parse_pass_spec("x:" + ",".join(args.option))[1]) if args.option else {}
     err = _console(stderr=True)
     with err.status(f"loading {src}") as status:
-        model = _load_cli(src)
+        model = _load_cli(src, args.shape)
         batches, _ = _read_inputs(args, model)
         samples = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
         if len(samples) < 2:
@@ -423,6 +442,7 @@ def sweep_main(argv: list[str]) -> int:
     ap.add_argument("--keeps", default="0.75,0.5,0.25", help="keep values (comma-separated)")
     _inputs_args(ap)
     ap.add_argument("--bench-batch", type=int, default=8, help="batch of the latency runs")
+    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..", help="make dynamic input dims static")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--picture", help="pass spec drawn in kept_tokens.png (default: the first pass at the "
                                       "smallest keep)")
@@ -450,7 +470,7 @@ def sweep_main(argv: list[str]) -> int:
         raise PruneError(f"{out} already holds sweep files; pass --force to overwrite them")
     err = _console(stderr=True)
     with err.status(f"loading {args.model}") as status:
-        model = _load_cli(Path(args.model))
+        model = _load_cli(Path(args.model), args.shape)
         batches, _ = _read_inputs(args, model)
         rows = sweep(model, specs, keeps, batches, args.bench_batch, args.repeat, progress=status.update)
         out.mkdir(parents=True, exist_ok=True)

@@ -263,12 +263,13 @@ def atomic_write(path: str | os.PathLike, data) -> Path:
     return path
 
 
-def load(source, example_inputs=None, *, probe_batch: int = 2) -> Model:
+def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dict | None = None) -> Model:
     """Load a model.
 
     ``source``: a path to an .onnx file, an ``onnx.ModelProto``, or a torch
     ``nn.Module`` with ``example_inputs`` (a tuple of positional args or a dict of
-    keyword args).
+    keyword args). ``input_shapes`` (ONNX): make dynamic input dimensions static, e.g.
+    ``{"input_ids": [None, 128], "attention_mask": [None, 128]}`` (None keeps a dimension).
     """
     import onnx
 
@@ -278,11 +279,19 @@ def load(source, example_inputs=None, *, probe_batch: int = 2) -> Model:
             raise PruneError(f"no such file: {path}")
         if path.is_dir():
             raise PruneError(f"{path} is a directory, not an ONNX file")
-        return OnnxModel(_read_onnx(path), probe_batch=probe_batch)
-    if isinstance(source, onnx.ModelProto):
+        model = _read_onnx(path)
+    elif isinstance(source, onnx.ModelProto):
         import onnx_ir as ir
 
-        return OnnxModel(ir.serde.deserialize_model(source), probe_batch=probe_batch)
+        model = ir.serde.deserialize_model(source)
+    else:
+        model = None
+    if model is not None:
+        if input_shapes:
+            from .ir.from_onnx import fix_input_shapes
+
+            fix_input_shapes(model, input_shapes)
+        return OnnxModel(model, probe_batch=probe_batch)
     try:
         import torch
     except ImportError:  # pragma: no cover

@@ -127,3 +127,36 @@ def test_pt2_in_pt2_out(tmp_path):
     assert out.exists() and (os.stat(out).st_mode & 0o044)  # readable like any file the user writes
     module = torch.export.load(str(out)).module()
     assert module(c.inputs["x"]).shape == (2, 10)
+
+
+def test_dynamic_sequence_needs_and_takes_shape(tmp_path):
+    from conftest import case
+
+    c = case("hf_bert")
+    names = list(c.inputs)
+    path = tmp_path / "bert.onnx"
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    torch.onnx.export(Wrap(c.module), tuple(c.inputs[n] for n in names), str(path), dynamo=False, opset_version=17,
+                      input_names=names, dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
+    r = prunec(path, "--pass", "fastv", "--layer", "1", "-o", tmp_path / "a.onnx")
+    assert r.returncode != 0 and "--shape" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = prunec(path, "--pass", "fastv", "--layer", "1", "--shape", "input_ids=?,16", "--shape",
+               "attention_mask=?,16", "-o", tmp_path / "b.onnx")
+    assert r.returncode == 0, r.stderr
+    import numpy as np
+
+    import prunec as pc
+
+    out = pc.load(tmp_path / "b.onnx").run({n: c.inputs[n].numpy() for n in names})[0]
+    assert out.shape == (2, 8, 64)  # nothing reads [CLS] in this graph: no prefix token, keep 0.5 of 16
+    r = prunec(path, "--pass", "fastv", "--shape", "nosuch=?,16", "-o", tmp_path / "c.onnx")
+    assert r.returncode != 0 and "not an input" in r.stderr
+    assert np.isfinite(out).all()

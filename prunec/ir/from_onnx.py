@@ -76,6 +76,30 @@ def _normalize(node: ir.Node) -> tuple[str, dict]:
     return f"unknown:{t}", attrs
 
 
+def fix_input_shapes(model: ir.Model, shapes: dict[str, list]) -> None:
+    """Make input dimensions static: ``{"input_ids": [None, 128]}`` fixes axis 1 to 128 and
+    leaves axis 0 (None, "?" or -1) as it is."""
+    from ..errors import PruneError
+
+    inputs = {v.name: v for v in model.graph.inputs}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise PruneError(f"--shape names '{name}', which is not an input (inputs: {', '.join(inputs)})")
+        v = inputs[name]
+        if v.shape is None or len(v.shape) != len(dims):
+            raise PruneError(f"--shape {name} gives {len(dims)} dims; the input has rank "
+                             f"{len(v.shape) if v.shape is not None else 'unknown'}")
+        new = []
+        for old, d in zip(v.shape, dims):
+            if d in (None, "?", -1):
+                new.append(old)
+            elif isinstance(old, int) and old != d:
+                raise PruneError(f"--shape {name}: dimension {old} is static already and differs from {d}")
+            else:
+                new.append(int(d))
+        v.shape = ir.Shape(new)
+
+
 def example_inputs(model: ir.Model, probe_batch: int = 2) -> dict[str, np.ndarray]:
     """Inputs for a probe run: random floats, ones for masks, zeros for ids."""
     rng = np.random.default_rng(0)
@@ -88,9 +112,11 @@ def example_inputs(model: ir.Model, probe_batch: int = 2) -> dict[str, np.ndarra
             elif axis == 0:
                 dims.append(probe_batch)
             else:
-                raise ValueError(
+                from ..errors import PruneError
+
+                raise PruneError(
                     f"input '{v.name}' has a dynamic dimension '{d}' at axis {axis}: prunec needs a static "
-                    f"token count; re-export with a fixed size or pass --shape {v.name}=...")
+                    f"token count; re-export with a fixed size or fix it with --shape {v.name}=?,N")
         np_dtype = v.dtype.numpy()
         if np.issubdtype(np_dtype, np.floating):
             feeds[v.name] = rng.standard_normal(dims).astype(np_dtype)

@@ -88,3 +88,25 @@ def test_bad_options_raise_clear_errors():
         prunec.passes.FastV(span="9:3", layer=1)(model)
     with pytest.raises(prunec.PruneError, match="needs example_inputs"):
         prunec.load(copy.deepcopy(case("timm_vit").module))
+
+
+def test_grid_consumer_after_the_cut_is_refused_not_misrewritten(tmp_path):
+    """A decoder that reshapes every patch token onto the grid cannot take fewer tokens:
+    prunec refuses (until recovery exists) instead of emitting a wrong model."""
+    vit = case("timm_vit").module
+
+    class Seg(torch.nn.Module):
+        def __init__(self, v):
+            super().__init__()
+            self.v, self.conv = v, torch.nn.Conv2d(64, 3, 3, padding=1)
+
+        def forward(self, x):
+            t = self.v.forward_features(x)[:, 1:]
+            return self.conv(t.reshape(t.shape[0], 4, 4, 64).permute(0, 3, 1, 2))
+
+    m, x = Seg(vit).eval(), case("timm_vit").inputs["x"]
+    torch.onnx.export(m, (x,), str(tmp_path / "seg.onnx"), dynamo=True, opset_version=18, external_data=False,
+                      verbose=False)
+    for model in (prunec.load(m, (x,)), prunec.load(tmp_path / "seg.onnx")):
+        with pytest.raises(prunec.PruneError, match="does not run"):
+            prunec.passes.FastV(keep=0.5, layer=1)(model)

@@ -51,7 +51,7 @@ def make_session(model, providers: list[str] | None = None, threads: int | None 
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors surface as exceptions; keep ORT from printing them too
     if quick:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.add_session_config_entry("session.disable_prepacking", "1")

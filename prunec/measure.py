@@ -112,9 +112,17 @@ def _is_logits(value) -> bool:
     return node is not None and node.op_type in ("Gemm", "MatMul")
 
 
-def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progress=None) -> dict:
-    """Compare outputs over ``batches`` (an iterable of feed dicts). Returns per-output metrics;
-    top-1 agreement and accuracy only for classifier outputs (see :func:`_is_logits`)."""
+def reference_outputs(model, batches) -> list[list[np.ndarray]]:
+    """The original model's outputs per batch, computed once for many :func:`evaluate` calls."""
+    return [model.run(feeds) for feeds in batches]
+
+
+def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progress=None,
+             reference: list | None = None) -> dict:
+    """Compare outputs over ``batches`` (a list of feed dicts). Returns per-output metrics;
+    top-1 agreement and accuracy only for classifier outputs (see :func:`_is_logits`).
+    ``reference``: the original's outputs from :func:`reference_outputs`, when several
+    rewritten models are compared on the same batches."""
     names = [v.name for v in model.model.graph.outputs]
     logits = {v.name for v in model.model.graph.outputs if _is_logits(v)}
     cos: dict[str, list] = {n: [] for n in names}
@@ -125,7 +133,8 @@ def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progre
     for i, feeds in enumerate(batches):
         if progress:
             progress(f"batch {i + 1}")
-        a_out, b_out = model.run(feeds), rewritten.run(feeds)
+        a_out = reference[i] if reference is not None else model.run(feeds)
+        b_out = rewritten.run(feeds)
         for name, a, b in zip(names, a_out, b_out):
             shapes[name] = (tuple(a.shape[1:]), tuple(b.shape[1:]))
             if a.dtype.kind != "f":
@@ -247,11 +256,12 @@ def tune(model, method: str, budget: str, calib, holdout, layers=None, options=N
     options = dict(options or {})
     curve, best = [], None
     base_flops = flops_profile(model)["gflops"]
+    calib_ref = reference_outputs(model, calib)
 
     def measure(layer, keep):
         p = cls(**{**options, "keep": keep, "layer": str(layer)})
         rewritten = p.apply(model)
-        value = fidelity(evaluate(model, rewritten, calib), metric)
+        value = fidelity(evaluate(model, rewritten, calib, reference=calib_ref), metric)
         gflops = flops_profile(rewritten)["gflops"]
         curve.append({"layer": layer, "keep": keep, metric: value, "gflops": gflops,
                       "ideal_speedup": base_flops / gflops})
@@ -300,6 +310,7 @@ def sweep(model, specs: list[tuple[str, dict]], keeps: list[float], batches, ben
 
     rows = []
     base_flops = flops_profile(model)["gflops"]
+    ref = reference_outputs(model, batches)
     for name, opts in specs:
         for keep in keeps:
             label = ",".join(f"{k}={v}" for k, v in opts.items())
@@ -308,7 +319,7 @@ def sweep(model, specs: list[tuple[str, dict]], keeps: list[float], batches, ben
             p = get(name)(**{**opts, "keep": keep})
             rewritten = p.apply(model)
             b = bench(model, rewritten, batch=bench_batch, repeat=repeat, warmup=1)
-            ev = evaluate(model, rewritten, batches)
+            ev = evaluate(model, rewritten, batches, reference=ref)
             agree = [e["top1_agreement"] for e in ev["outputs"].values() if e.get("top1_agreement") is not None]
             rows.append({"pass": name, "options": label, "keep": keep, "gflops": b["rewritten"]["gflops"],
                          "ideal_speedup": base_flops / b["rewritten"]["gflops"], "speedup": b["speedup"],

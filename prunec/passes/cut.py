@@ -34,7 +34,7 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str) -> Cut:
         raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
                          f"(valid cuts: 1..{facts.depth - 1}, or {facts.depth} for the output)")
     g = facts.graph
-    stream = facts.streams[layer] if layer < facts.depth else facts.output_stream()
+    stream = facts.stream_at(layer)
     cls_layer = min(layer, facts.depth - 1)
     n = stream.shape[1]
     post = g.consumers_closure(stream)

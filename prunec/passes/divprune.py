@@ -29,5 +29,5 @@ class DivPrune(SelectionPass):
     ]
 
     def reduction(self, model, facts, layer, k, start, end):
-        stream = facts.streams[layer] if layer < facts.depth else facts.output_stream()
+        stream = facts.stream_at(layer)
         return Diverse(k, start, end, features=stream)

@@ -49,7 +49,7 @@ class Pool(SelectionPass):
         from .cut import plan_cut
 
         facts = model.facts()
-        stream = facts.streams[layer] if layer < facts.depth else facts.output_stream()
+        stream = facts.stream_at(layer)
         n = stream.shape[1]
         start, end = parse_span(span, n, facts.prefix)
         patches = end - start
@@ -69,5 +69,4 @@ class Pool(SelectionPass):
         f = int(self.factor)
         if f < 1 or (h > 1 and h % f) or (w > 1 and w % f):
             raise PruneError(f"factor {f} does not divide the {h}x{w} patch grid")
-        tag = f"pool_l{layer}" if layer < facts.depth else "pool_out"
-        return Plan([plan_cut(facts, layer, GridPool(start, h, w, f, n), tag=tag)])
+        return Plan([plan_cut(facts, layer, GridPool(start, h, w, f, n), tag=self.cut_tag(layer, facts.depth))])

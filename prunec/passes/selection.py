@@ -97,7 +97,7 @@ class SelectionPass(Pass):
 
     def _plan_one(self, model, layer: int, keep: float | None, span) -> Plan:
         facts = model.facts()
-        stream = facts.streams[layer] if layer < facts.depth else facts.output_stream()
+        stream = facts.stream_at(layer)
         n = stream.shape[1]
         start, end = parse_span(span, n, facts.prefix)
         if keep is None:
@@ -107,8 +107,11 @@ class SelectionPass(Pass):
         else:
             k = keep_count(keep, end - start)
         red = self.reduction(model, facts, layer, k, start, end)
-        tag = f"{self.name.replace('-', '_')}_l{layer}" if layer < facts.depth else f"{self.name.replace('-', '_')}_out"
-        return Plan([plan_cut(facts, layer, red, tag=tag)])
+        return Plan([plan_cut(facts, layer, red, tag=self.cut_tag(layer, facts.depth))])
+
+    def cut_tag(self, layer: int, depth: int) -> str:
+        """Name of a cut (and prefix of its graph values): ``fastv_l2``, ``divprune_out``."""
+        return f"{self.name.replace('-', '_')}_" + (f"l{layer}" if layer < depth else "out")
 
     def plan(self, model) -> Plan:
         """The plan of the first scheduled cut."""

@@ -52,6 +52,11 @@ class Facts:
             self.__dict__["_output_stream"] = best
         return self.__dict__["_output_stream"]
 
+    def stream_at(self, layer: int) -> Value:
+        """The stream a cut at ``layer`` reduces: entering that layer, or leaving the encoder
+        for ``layer == depth``."""
+        return self.streams[layer] if layer < self.depth else self.output_stream()
+
     def tokens(self, layer: int = 0) -> int:
         """Tokens entering ``layer`` (an earlier cut may have reduced them)."""
         return self.streams[layer].shape[1]

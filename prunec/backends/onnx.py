@@ -123,6 +123,9 @@ class _Builder:
     def floats(self, array, name: str) -> ir.Value:
         return self.const(np.array(array, np.float32), name)
 
+    def slice(self, x: ir.Value, start: int, end: int, axis: int = 1) -> ir.Value:
+        return self.op("Slice", [x, self.ints([start], "s"), self.ints([end], "e"), self.ints([axis], "ax")])
+
     def reduce(self, op_type: str, x: ir.Value, axes: list[int], keepdims: int = 0) -> ir.Value:
         if self.opset >= 18 or op_type == "ReduceSum" and self.opset >= 13:
             return self.op(op_type, [x, self.const(np.array(axes, np.int64), "axes")], {"keepdims": keepdims})
@@ -141,7 +144,7 @@ class _Builder:
         """[1] int64 holding x's first dimension."""
         if self.opset >= 15:
             return self.op("Shape", [x], {"start": 0, "end": 1})
-        return self.op("Slice", [self.op("Shape", [x]), self.ints([0], "s"), self.ints([1], "e")])
+        return self.slice(self.op("Shape", [x]), 0, 1, axis=0)
 
     @property
     def count(self) -> int:
@@ -198,16 +201,15 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
     def eir(x):  # root-mean-square over heads: [B, H, 1, N] -> [B, N]
         return b.op("Squeeze", [b.op("Sqrt", [b.reduce_mean(b.op("Mul", [x, x]), [1])]), b.ints([1], "axes")])
 
-    span = [b.ints([r.span_start], "s"), b.ints([r.span_end], "e"), b.ints([1], "ax")]
-    imp = b.op("Slice", [eir(s), *span])
+    imp = b.slice(eir(s), r.span_start, r.span_end)
     size = r.span_end - r.span_start
     if r.drop_similar > 0:
-        rank = b.op("Slice", [eir(s1), *span])
+        rank = b.slice(eir(s1), r.span_start, r.span_end)
         _, order = b.op("TopK", [rank, b.ints([size], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
         nb = size - size // 2
-        b_idx = b.op("Slice", [order, b.ints([0], "s"), b.ints([nb], "e"), b.ints([1], "ax")])
-        a_idx = b.op("Slice", [order, b.ints([nb], "s"), b.ints([size], "e"), b.ints([1], "ax")])
-        kf = b.op("Slice", [keys, *span])
+        b_idx = b.slice(order, 0, nb)
+        a_idx = b.slice(order, nb, size)
+        kf = b.slice(keys, r.span_start, r.span_end)
         norm = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [kf, kf]), [2], keepdims=1)])
         kf = b.op("Div", [kf, b.op("Max", [norm, b.floats(1e-12, "eps")])])
         axes2 = b.ints([2], "axes")
@@ -296,7 +298,7 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value |
             scores = _scores(b, cut, values)
         else:
             raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
-        span = b.op("Slice", [scores, b.ints([r.span_start], "s"), b.ints([r.span_end], "e"), b.ints([1], "ax")])
+        span = b.slice(scores, r.span_start, r.span_end)
         _, top = b.op("TopK", [span, b.ints([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
         batch_of = scores
     return _with_fixed(b, top, batch_of, cut)
@@ -305,7 +307,7 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value |
 def _diverse(b: _Builder, x: ir.Value, r: Diverse) -> ir.Value:
     """DivPrune's greedy max-min selection over the span of x [B, N, C] -> span picks [B, k]
     (same algorithm as ``prunec.ops.select_diverse``; the k−1 greedy steps run in a Loop)."""
-    s = b.op("Slice", [x, b.ints([r.span_start], "s"), b.ints([r.span_end], "e"), b.ints([1], "ax")])
+    s = b.slice(x, r.span_start, r.span_end)
     sq = b.op("Mul", [s, s])
     norm = b.op("Sqrt", [b.reduce_sum(sq, [2], keepdims=1)])
     s = b.op("Div", [s, b.op("Max", [norm, b.floats(1e-12, "eps")])])
@@ -353,14 +355,14 @@ def _pool(b: _Builder, x: ir.Value, r: GridPool) -> ir.Value:
     pooling the grid."""
     h, w, fh, fw, p = r.height, r.width, r.fh, r.fw, r.prefix
     end = p + h * w
-    grid = b.op("Slice", [x, b.ints([p], "s"), b.ints([end], "e"), b.ints([1], "ax")])
+    grid = b.slice(x, p, end)
     grid = b.op("Reshape", [grid, b.ints([0, h // fh, fh, w // fw, fw, -1], "grid")])
     pooled = b.reduce_mean(grid, [2, 4])
     parts = [b.op("Reshape", [pooled, b.ints([0, (h // fh) * (w // fw), -1], "flat")])]
     if p:
-        parts.insert(0, b.op("Slice", [x, b.ints([0], "s"), b.ints([p], "e"), b.ints([1], "ax")]))
+        parts.insert(0, b.slice(x, 0, p))
     if end < r.num_tokens:
-        parts.append(b.op("Slice", [x, b.ints([end], "s"), b.ints([r.num_tokens], "e"), b.ints([1], "ax")]))
+        parts.append(b.slice(x, end, r.num_tokens))
     return b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else parts[0]
 
 

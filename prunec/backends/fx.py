@@ -8,13 +8,17 @@ ordinary GraphModule that ``torch.export`` can export again.
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx
 
 from .. import ops
 from ..errors import PruneError
-from ..passes.base import Diverse, GridPool, PageRank, Plan, Random, TopK
+from ..passes.analysis.blocks import BIAS_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
+from ..passes.base import Bipartite, Diverse, Fuse, GridPool, Merge, PageRank, Plan, Random, TopK
+
+aten = torch.ops.aten
 
 
 def _selection(graph: torch.fx.Graph, by_name: dict, cut):
@@ -57,6 +61,94 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut):
     return graph.call_function(ops.select_topk, (scores, r.k, r.span_start, r.span_end, cut.tag))
 
 
+def _site_keys(graph, by_name, site):
+    """The site's keys averaged over heads [B, N, D]."""
+    if site.probs is not None:
+        return graph.call_function(ops.merge.keys_metric, (by_name[site.k_t.ref.name], "bhdn"))
+    return graph.call_function(ops.merge.keys_metric, (by_name[site.k.ref.name], "bhnd"))
+
+
+def _site_cls_scores(graph, by_name, site, cls: int):
+    """Attention the CLS token pays every token in ``site``, mean over heads: [B, N]."""
+    if site.probs is not None:
+        return graph.call_function(ops.merge.cls_scores, (by_name[site.probs.ref.name], cls))
+    q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
+    mask = by_name[site.mask.ref.name] if site.mask is not None else None
+    return graph.call_function(ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")), cls))
+
+
+def _merge(graph, by_name, cut, size_in):
+    """Insert a merge: returns (merged stream [B, M, C], dest [B, N], rep [B, M])."""
+    r = cut.reduce
+    x = by_name[cut.stream.ref.name]
+    m = cut.kept
+    weight = None
+    if isinstance(r, Bipartite):
+        res = graph.call_function(ops.merge.tome_assign, (_site_keys(graph, by_name, r.site), r.r, r.prefix, cut.tag))
+        weight = size_in
+    elif isinstance(r, Fuse):
+        scores = _site_cls_scores(graph, by_name, r.site, 0)
+        res = graph.call_function(ops.merge.evit_assign, (scores, r.k, r.prefix, cut.tag))
+        weight = graph.call_function(operator.getitem, (res, 1))
+    else:
+        raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
+    dest = graph.call_function(operator.getitem, (res, 0))
+    rep = graph.call_function(operator.getitem, (res, -1))
+    merged = graph.call_function(ops.merge.merge_tokens, (x, dest, weight, m, r.normalize))
+    return merged, dest, rep
+
+
+def _named(graph, target, args, name):
+    return graph.create_node("call_function", target, args, name=name)
+
+
+def _size_state(graph, cut, size_in, x, idx, dest):
+    """Token sizes after the cut [B, M, 1] (named ``<tag>_prunec_size``) and the tensors derived
+    from them, built on demand: {role: node}."""
+    if isinstance(cut.reduce, Merge):
+        size = _named(graph, ops.merge.merge_sizes, (size_in, x, dest, cut.kept), f"{cut.tag}_{SIZE_TAG}")
+    else:
+        size = _named(graph, ops.gather_tokens, (size_in, idx, 1, 0), f"{cut.tag}_{SIZE_TAG}")
+    made = {SIZE_TAG: size}
+
+    def get(role):
+        if role not in made:
+            if role == LOGSIZE_TAG:  # [B, M, 1] -> [B, 1, 1, M]
+                t = graph.call_function(aten.permute.default, (graph.call_function(aten.log.default, (size,)), [0, 2, 1]))
+                made[role] = _named(graph, aten.unsqueeze.default, (t, 1), f"{cut.tag}_{LOGSIZE_TAG}")
+            elif role == MEANW_TAG:  # size / mean over tokens
+                mean = graph.call_function(aten.mean.dim, (size, [1], True))
+                made[role] = _named(graph, aten.div.Tensor, (size, mean), f"{cut.tag}_{MEANW_TAG}")
+        return made[role]
+    return get
+
+
+def _add_bias(graph, by_name, site, bias):
+    """Add log(size) [B, 1, 1, M] to the logits of ``site``: before the softmax (eager) or as
+    the additive mask of a fused attention."""
+    node = by_name[site.node.ref.name]
+    if site.kind == "eager":
+        logits = node.args[0]
+        with graph.inserting_before(node):
+            biased = graph.call_function(aten.add.Tensor, (logits, bias))
+        node.replace_input_with(logits, biased)
+        return
+    args = list(node.args) + [None] * max(0, 4 - len(node.args))
+    mask = node.kwargs.get("attn_mask", args[3])
+    with graph.inserting_before(node):
+        if mask is None:
+            new = bias
+        else:  # aten ops, so that analysis follows the token axes through them
+            if site.mask is not None and site.mask.dtype == "bool":
+                mask = _named(graph, aten.where.Scalar, (mask, 0.0, float("-inf")), f"{site.node.name}_{BIAS_TAG}_additive")
+            new = _named(graph, aten.add.Tensor, (mask, bias), f"{site.node.name}_{BIAS_TAG}")
+    if "attn_mask" in node.kwargs:
+        node.kwargs = {**node.kwargs, "attn_mask": new}
+    else:
+        args[3] = new
+        node.args = tuple(args)
+
+
 def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     plan.check_single_cut()
     gm = copy.deepcopy(gm)
@@ -66,15 +158,31 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     for cut in plan.cuts:
         post = {by_name[n.ref.name] for n in cut.post}
         first_post = min(post, key=order.__getitem__)
+        size_in = by_name[cut.size_in.ref.name] if cut.size_in is not None else None
+        merged = dest = None
         with graph.inserting_before(first_post):
-            idx = _selection(graph, by_name, cut)
+            if isinstance(cut.reduce, Merge):
+                merged, dest, idx = _merge(graph, by_name, cut, size_in)
+            else:
+                idx = _selection(graph, by_name, cut)
+            sizes = (_size_state(graph, cut, size_in, by_name[cut.stream.ref.name], idx, dest)
+                     if cut.sizes_out else None)
+            for role in {LOGSIZE_TAG for _ in cut.bias_sites} | {rw.role for rw in cut.reweigh} | {
+                    c.role for c in cut.crossings if c.role is not None}:
+                if sizes is None:
+                    raise PruneError(f"token sizes cross the cut before layer {cut.layer} but none enter it")
+                sizes(role)
         for c in cut.crossings:
             src = by_name[c.value.ref.name]
             users = [u for u in src.users if u in post or (u.op == "output" and src.name == cut.stream.ref.name)]
             if not users:
                 continue
             with graph.inserting_before(min(users, key=order.__getitem__)):
-                if isinstance(cut.reduce, GridPool) and c.value is cut.stream:
+                if c.role is not None:
+                    g = sizes(c.role)
+                elif merged is not None and c.value is cut.stream:
+                    g = merged
+                elif isinstance(cut.reduce, GridPool) and c.value is cut.stream:
                     g = graph.call_function(ops.pool_tokens, (src, cut.reduce.prefix, cut.reduce.height,
                                                               cut.reduce.width, cut.reduce.fh, cut.reduce.fw))
                 else:
@@ -83,6 +191,14 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
                         g = graph.call_function(ops.gather_tokens, (g, idx, axis, c.batch_axis))
             for u in users:
                 u.replace_input_with(src, g)
+        for site in cut.bias_sites:
+            _add_bias(graph, by_name, site, sizes(LOGSIZE_TAG))
+        for rw in cut.reweigh:
+            node = by_name[rw.node.ref.name]
+            x = node.args[0]
+            with graph.inserting_before(node):
+                weighed = graph.call_function(aten.mul.Tensor, (x, sizes(rw.role)))
+            node.replace_input_with(x, weighed)
         m = cut.kept
         for fix in cut.shape_fixes:
             node = by_name[fix.node.ref.name]

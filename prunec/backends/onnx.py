@@ -16,7 +16,8 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import PruneError
-from ..passes.base import Cut, Diverse, GridPool, PageRank, Plan, Random, TopK, random_scores, wpr_start
+from ..passes.analysis.blocks import BIAS_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
+from ..passes.base import Cut, Diverse, GridPool, Merge, PageRank, Plan, Random, TopK, random_scores, wpr_start
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -408,6 +409,29 @@ def _gather(b: _Builder, x: ir.Value, shape, idx: ir.Value, axis: int, batch_axi
     return y
 
 
+def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: str) -> None:
+    """Add log(size) [B, 1, 1, M] to a site's logits: before its Softmax (eager) or into the
+    additive mask of an ONNX Attention node."""
+    b = _Builder(graph, node, f"{tag}/bias", counter)
+    if site.kind == "eager":
+        node.replace_input_with(0, b.op("Add", [node.inputs[0], bias]))
+        return
+    if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
+        raise PruneError(f"attention node '{node.name}' ({node.op_type}) takes no additive bias")
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    bias = b.op("Expand", [bias, b.ints([1, 1, m, 1], "rows")], name=BIAS_TAG)  # ORT wants the query axis
+    if mask is None:
+        new = bias
+    elif site.mask is not None and site.mask.dtype == "bool":
+        additive = b.op("Where", [mask, b.floats(0.0, "zero"), b.floats(-np.inf, "ninf")], name=BIAS_TAG)
+        new = b.op("Add", [additive, bias], name=BIAS_TAG)
+    else:
+        new = b.op("Add", [mask, bias], name=BIAS_TAG)
+    if len(node.inputs) < 4:
+        node.resize_inputs(4)
+    node.replace_input_with(3, new)
+
+
 def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
     plan.check_single_cut()
     model = model.clone()  # weights are shared, the graph is new: the input stays untouched
@@ -426,7 +450,28 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
         first = min(post_names, key=order.__getitem__)
         counter = itertools.count()
         b = _Builder(graph, nodes[first], cut.tag, counter)
-        idx = _selection(b, cut, values)
+        size_in = values[cut.size_in.name] if cut.size_in is not None else None
+        merged = None
+        if isinstance(cut.reduce, Merge):
+            from .onnx_merge import lower_merge, merge_sizes
+
+            merged, dest, idx = lower_merge(b, cut, values, size_in)
+        else:
+            idx = _selection(b, cut, values)
+        sizes = {}
+        if cut.sizes_out:
+            if merged is not None:
+                size = merge_sizes(b, size_in, values[cut.stream.name], dest, cut.kept)
+            else:
+                size = _gather(b, size_in, list(cut.size_in.shape), idx, 1, 0)
+            size.name = f"{cut.tag}/{SIZE_TAG}"
+            sizes[SIZE_TAG] = size
+            log = b.op("Unsqueeze", [b.op("Transpose", [b.op("Log", [size])], {"perm": [0, 2, 1]}), b.ints([1], "axes")])
+            log.name = f"{cut.tag}/{LOGSIZE_TAG}"  # [B, 1, 1, M]
+            sizes[LOGSIZE_TAG] = log
+            meanw = b.op("Div", [size, b.reduce_mean(size, [1], keepdims=1)])
+            meanw.name = f"{cut.tag}/{MEANW_TAG}"
+            sizes[MEANW_TAG] = meanw
         for c in cut.crossings:
             src = values[c.value.name]
             uses = [(u, i) for u, i in src.uses() if u.name in post_names]
@@ -435,7 +480,14 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                 continue
             before = min((u for u, _ in uses), key=lambda u: order[u.name]) if uses else None
             gb = _Builder(graph, before, f"{cut.tag}/gather", counter)
-            if isinstance(cut.reduce, GridPool) and c.value is cut.stream:
+            if c.role is not None:
+                if c.role not in sizes:
+                    raise PruneError(f"token sizes '{c.value.name}' cross the cut before layer {cut.layer} "
+                                     f"but none enter it")
+                y = sizes[c.role]
+            elif merged is not None and c.value is cut.stream:
+                y = merged
+            elif isinstance(cut.reduce, GridPool) and c.value is cut.stream:
                 y = _pool(gb, src, cut.reduce)
             else:
                 y, shape = src, list(c.value.shape)
@@ -455,6 +507,12 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                     y.shape = ir.Shape(dims)
                 y.type = src.type
                 graph.outputs[graph.outputs.index(src)] = y
+        for site in cut.bias_sites:
+            _add_bias(graph, nodes[site.node.ref.name], site, sizes[LOGSIZE_TAG], cut.kept, counter, cut.tag)
+        for rw in cut.reweigh:
+            node = nodes[rw.node.ref.name]
+            wb = _Builder(graph, node, f"{cut.tag}/reweigh", counter)
+            node.replace_input_with(0, wb.op("Mul", [node.inputs[0], sizes[rw.role]]))
         m = cut.kept
         for fix in cut.shape_fixes:
             node = nodes[fix.node.ref.name]

@@ -5,9 +5,10 @@ from .divprune import DivPrune
 from .fastv import FastV
 from .pool import Pool
 from .random_select import RandomSelect
+from .tome import ToMe
 from .zero_tprune import ZeroTPrune
 
-__all__ = ["REGISTRY", "Pass", "Plan", "FastV", "ClsAttention", "DivPrune", "RandomSelect", "Pool", "ZeroTPrune", "get"]
+__all__ = ["REGISTRY", "Pass", "Plan", "FastV", "ClsAttention", "DivPrune", "RandomSelect", "Pool", "ZeroTPrune", "ToMe", "get"]
 
 
 def get(name: str) -> type[Pass]:

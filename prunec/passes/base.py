@@ -1,5 +1,8 @@
 """Pass registry, options and the Plan that rewrite passes hand to the backends.
 
+Reductions: selections (``Select`` subclasses: kept indices), ``GridPool``, and merges
+(``Merge`` subclasses: every token goes to an output slot, weighted).
+
 A Plan holds a cut. A :class:`Cut` says: before layer ``layer``, score the
 tokens (:class:`Score`), select the kept indices [B, M] (:class:`TopK`), and gather
 every token-carrying edge that crosses the cut with those indices; shape literals
@@ -60,6 +63,21 @@ class Pass:
     def __repr__(self) -> str:
         opts = ", ".join(f"{o.name}={getattr(self, o.name)!r}" for o in self.options)
         return f"{type(self).__name__}({opts})"
+
+
+def flag(value) -> bool:
+    """A boolean option: true/false, yes/no, on/off, 1/0."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
+
+
+flag.__name__ = "bool"
 
 
 def keep_count(keep: float, span_len: int) -> int:
@@ -181,11 +199,84 @@ class GridPool:
         return list(range(self.prefix)) + firsts + list(range(end, self.num_tokens))
 
 
+@dataclass(kw_only=True)
+class Merge:
+    """A merging reduction. Each of the N input tokens goes to one of M output slots
+    (``dest`` [B, N]; slot M means dropped) with a weight [B, N]; slot j becomes
+    Σ w·x / Σ w over its sources (``normalize``) or Σ w·x. ``rep`` [B, M] names, per slot,
+    the source token whose side inputs (masks, positions) it takes. Token sizes (how many
+    input tokens a slot stands for) are summed the same way when ``track_size`` or when an
+    earlier merge left sizes; ``prop_attn`` adds log(size) to later attention logits."""
+
+    site: AttentionSite
+    prefix: int
+    track_size: bool = False
+    prop_attn: bool = False
+    normalize: bool = True
+
+
+@dataclass(kw_only=True)
+class Bipartite(Merge):
+    """ToMe's bipartite soft matching on ``site``'s keys averaged over heads: the ``r`` most
+    similar (even -> odd) token pairs merge by size-weighted average; the first ``prefix``
+    tokens never merge. Output in ToMe's order."""
+
+    r: int
+
+    def kept(self, n: int) -> int:
+        return n - self.r
+
+
+@dataclass(kw_only=True)
+class Fuse(Merge):
+    """EViT: keep the ``k`` non-prefix tokens the CLS token attends to most in ``site``; fuse the
+    rest into one token, weighted by that attention."""
+
+    k: int
+
+    def kept(self, n: int) -> int:
+        return self.prefix + self.k + (1 if n - self.prefix > self.k else 0)
+
+
+@dataclass(kw_only=True)
+class Contextual(Merge):
+    """VisionZip: ``dominant`` tokens by CLS attention in ``site``, plus ``contextual`` tokens made
+    by merging the rest into uniformly spaced anchors by key similarity."""
+
+    dominant: int
+    contextual: int
+
+    def kept(self, n: int) -> int:
+        return self.prefix + self.dominant + self.contextual
+
+
+@dataclass(kw_only=True)
+class Adaptive(Merge):
+    """PPT: per sample, prune ``r`` tokens by importance (CLS attention) when the variance of the
+    importance scores exceeds ``threshold``, else merge ``r`` pairs as ToMe does."""
+
+    r: int
+    threshold: float
+
+    def kept(self, n: int) -> int:
+        return n - self.r
+
+
 @dataclass
 class Crossing:
     value: Value
     token_axes: list[int]
     batch_axis: int
+    role: str | None = None  # a token-size tensor (prunec_size/logsize/meanw): recomputed, not gathered
+
+
+@dataclass
+class Reweigh:
+    """A mean or sum over the token axis after the cut: its input is multiplied by size (sum) or
+    size / mean(size) (mean) so it counts every token a merged token stands for."""
+
+    node: Node
+    role: str  # SIZE_TAG or MEANW_TAG
 
 
 @dataclass
@@ -205,6 +296,14 @@ class Cut:
     shape_fixes: list[ShapeFix] = field(default_factory=list)
     output_axes: dict = field(default_factory=dict)  # graph output name -> token axes
     tag: str = "prunec"
+    size_in: Value | None = None  # token sizes [B, N, 1] entering the cut, left by an earlier merge
+    bias_sites: list = field(default_factory=list)  # later sites that get log(size) added to their logits
+    reweigh: list = field(default_factory=list)  # Reweigh: token means/sums after the cut
+
+    @property
+    def sizes_out(self) -> bool:
+        """Whether the cut produces token sizes (a merge that tracks them, or sizes entering)."""
+        return self.size_in is not None or getattr(self.reduce, "track_size", False)
 
     @property
     def kept(self) -> int:

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from ..errors import PruneError
-from .analysis.blocks import Facts
-from .base import Crossing, Cut, ShapeFix
+from .analysis.blocks import BIAS_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role
+from .base import Crossing, Cut, GridPool, Reweigh, ShapeFix
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -27,17 +27,26 @@ def _size_operand(node):
     return None
 
 
-def plan_cut(facts: Facts, layer: int, reduce, tag: str) -> Cut:
+def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False) -> Cut:
     """A cut before ``layer`` (1..depth-1), or at the encoder output (``layer == depth``:
-    after the last block, where the final stream leaves for the head / outputs)."""
-    if not 1 <= layer <= facts.depth:
+    after the last block, where the final stream leaves for the head / outputs); with
+    ``mid``, inside block ``layer`` (0..depth-1) between attention and MLP."""
+    if mid:
+        if not 0 <= layer < facts.depth:
+            raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
+                             f"(valid: 0..{facts.depth - 1})")
+    elif not 1 <= layer <= facts.depth:
         raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
                          f"(valid cuts: 1..{facts.depth - 1}, or {facts.depth} for the output)")
     g = facts.graph
-    stream = facts.stream_at(layer)
+    stream = facts.mid_stream(layer) if mid else facts.stream_at(layer)
     cls_layer = min(layer, facts.depth - 1)
     n = stream.shape[1]
     post = g.consumers_closure(stream)
+    # masks combined with log(size) for a later fused attention are rebuilt after the cut
+    for node in sorted(g.nodes, key=lambda x: -x.index):
+        if any(BIAS_TAG in o.name and any(u in post for u, _ in o.uses) for o in node.outputs):
+            post.add(node)
     cut = Cut(layer, stream, reduce, n, post, tag=tag)
     seen = set()
     for node in sorted(post, key=lambda x: x.index):
@@ -47,6 +56,10 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str) -> Cut:
             if v.producer is not None and v.producer in post:
                 continue
             seen.add(id(v))
+            role = size_role(v)
+            if role is not None:  # token sizes and what is computed from them: recomputed after the cut
+                cut.crossings.append(Crossing(v, [], 0, role))
+                continue
             axes = facts.token_axes(v, cls_layer)
             if not axes:
                 continue
@@ -70,4 +83,54 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str) -> Cut:
             cut.output_axes[v.name] = facts.token_axes(v, cls_layer)
     if not any(c.value is stream for c in cut.crossings):
         raise PruneError(f"the residual stream '{stream.name}' entering layer {layer} has no token axis")
+    _plan_sizes(facts, cut, cls_layer)
     return cut
+
+
+def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
+    """Token sizes: the size tensor entering the cut, the later attention sites that need a
+    log(size) bias, and the token means/sums to re-weigh (those not already handled by an
+    earlier merge, whose size-derived tensors cross this cut and are recomputed)."""
+    b, n = cut.stream.shape[0], cut.num_tokens
+    cut.size_in = facts.size_at(layer, (b, n, 1), before=cut.post)
+    if not cut.sizes_out:
+        return
+    if isinstance(cut.reduce, GridPool):
+        raise PruneError("pool cannot follow a token merge (the patch grid no longer exists)")
+    if getattr(cut.reduce, "prop_attn", False):
+        for site in facts.sites:
+            if site.node in cut.post and not _has_bias(site):
+                if site.kind == "packed" or site.node.attrs.get("ms_mha"):
+                    raise PruneError(f"attention node '{site.node.name}' takes no additive bias; proportional "
+                                     f"attention cannot be added (prop_attn=false turns it off)")
+                cut.bias_sites.append(site)
+    for node in sorted(cut.post, key=lambda x: x.index):
+        kind = _reduce_kind(node)
+        if kind is None or not node.inputs or node.inputs[0] is None:
+            continue
+        x = node.inputs[0]
+        if facts.token_axes(x, layer) != [1] or facts.token_axes(node.outputs[0], layer):
+            continue  # not a reduction over the token axis of a [B, N, ...] tensor
+        if x.producer is not None and any(size_role(v) for v in x.producer.inputs if v is not None):
+            continue  # already re-weighed by an earlier merge
+        cut.reweigh.append(Reweigh(node, SIZE_TAG if kind == "sum" else MEANW_TAG))
+
+
+def _has_bias(site) -> bool:
+    if site.kind == "eager":
+        v = site.node.inputs[0]
+        return v.producer is not None and any(x is not None and size_role(x) == LOGSIZE_TAG
+                                              for x in v.producer.inputs)
+    return site.mask is not None and (size_role(site.mask) == LOGSIZE_TAG or BIAS_TAG in site.mask.name)
+
+
+def _reduce_kind(node) -> str | None:
+    if node.op != "reduce":
+        return None
+    ref = node.ref
+    name = str(getattr(ref, "op_type", None) or getattr(ref, "target", "")).lower()
+    if "mean" in name:
+        return "mean"
+    if "sum" in name and "square" not in name:
+        return "sum"
+    return None

@@ -57,6 +57,27 @@ class Facts:
         for ``layer == depth``."""
         return self.streams[layer] if layer < self.depth else self.output_stream()
 
+    def mid_stream(self, layer: int) -> Value:
+        """The stream between attention and MLP of block ``layer`` ([B, N, C]): the tensor the
+        MLP's residual add skips over. Pre-norm blocks: ``x + attn(norm1(x))``; post-norm
+        blocks (BERT): the norm after that add. Token merging (ToMe, EViT) cuts here."""
+        cache = self.__dict__.setdefault("_mid_streams", {})
+        if layer not in cache:
+            cache[layer] = _mid_stream(self, layer)
+        return cache[layer]
+
+    def size_at(self, layer: int, shape: tuple, before=()) -> Value | None:
+        """The token-size tensor [B, N, 1] live at a cut (left by an earlier merge and carried
+        through later cuts: the latest value named ``*prunec_size`` of that shape whose producer
+        is not in ``before``), or None before any merge."""
+        best = None
+        for v in self.graph.values():
+            if (size_role(v) == SIZE_TAG and v.producer is not None and v.producer not in before
+                    and v.shape is not None and tuple(v.shape) == tuple(shape)):
+                if best is None or v.producer.index > best.producer.index:
+                    best = v
+        return best
+
     def tokens(self, layer: int = 0) -> int:
         """Tokens entering ``layer`` (an earlier cut may have reduced them)."""
         return self.streams[layer].shape[1]
@@ -88,6 +109,47 @@ class Facts:
             if j < 0 or j not in self.axes.axes_in_class(out, anchor):
                 return None
         return 0
+
+
+SIZE_TAG = "prunec_size"  # token sizes [B, N, 1] (how many input tokens each token stands for)
+LOGSIZE_TAG = "prunec_logsize"  # log(size) as an attention-logit bias [B, 1, 1, N]
+MEANW_TAG = "prunec_meanw"  # size / mean(size) [B, N, 1]: weights that make a token mean size-weighted
+SIZE_DERIVED = (SIZE_TAG, LOGSIZE_TAG, MEANW_TAG)
+BIAS_TAG = "prunec_bias"  # a fused attention's mask combined with log(size): rebuilt at every later cut
+
+
+def size_role(v: Value) -> str | None:
+    """Which token-size tensor ``v`` is (one of SIZE_DERIVED), or None."""
+    for tag in SIZE_DERIVED:
+        if tag in v.name:
+            return tag
+    return None
+
+
+def _mid_stream(facts: "Facts", layer: int) -> Value:
+    g = facts.graph
+    site = facts.sites[layer]
+    skip = facts.streams[layer]
+    attn_add = next((u for u, _ in skip.uses if _is_add(u) and u.outputs[0].shape == skip.shape
+                     and u in g.consumers_closure(site.output)), None)
+    if attn_add is None:
+        raise PruneError(f"cannot find the attention residual add of layer {layer}")
+    start = attn_add.outputs[0]
+    end = facts.streams[layer + 1] if layer + 1 < facts.depth else None
+    region = g.consumers_closure(start)
+    if end is not None:
+        region -= g.consumers_closure(end)
+    cands = [start] + [o for nd in sorted(region, key=lambda n: n.index) for o in nd.outputs
+                       if o.shape == skip.shape and o is not end]
+    for h in cands:
+        below = g.consumers_closure(h)
+        for u, _ in h.uses:
+            if _is_add(u) and len(u.inputs) == 2 and u.outputs[0].shape == skip.shape:
+                other = u.inputs[1] if u.inputs[0] is h else u.inputs[0]
+                if other is not None and other.producer is not None and other.producer in below:
+                    return h
+    raise PruneError(f"cannot find the stream between attention and MLP in layer {layer} "
+                     f"(no residual add around the MLP)")
 
 
 def _is_add(node: Node) -> bool:

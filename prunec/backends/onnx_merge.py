@@ -1,0 +1,173 @@
+"""Token merging in standard ONNX ops (the same algorithms as :mod:`prunec.ops.merge`).
+
+An assignment is ``dest`` [B, N] int64 (output slot per token, M = dropped), an optional
+``weight`` [B, N, 1] and ``rep`` [B, M] (named ``<tag>/keep_idx``). The merge itself is a
+ScatterElements with ``reduction="add"`` into M + 1 slots, then a Slice.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import PruneError
+from ..ops.merge import tome_order
+from ..passes.base import Adaptive, Bipartite, Contextual, Fuse
+
+
+def _as_4d(b, site, which: str, values):
+    from .onnx import _as_4d_heads
+
+    v = getattr(site, which)
+    heads = site.node.attrs.get("q_num_heads") or site.heads
+    if which != "q":
+        heads = site.node.attrs.get("kv_num_heads") or heads
+    return _as_4d_heads(b, values[v.name], v.shape, heads)
+
+
+def site_keys(b, site, values) -> ir.Value:
+    """Keys averaged over heads: [B, N, D]."""
+    if site.probs is not None:  # eager: kᵀ [B, H, D, N]
+        return b.op("Transpose", [b.reduce_mean(values[site.k_t.name], [1])], {"perm": [0, 2, 1]})
+    return b.reduce_mean(_as_4d(b, site, "k", values), [1])
+
+
+def site_cls_scores(b, site, values, cls: int = 0) -> ir.Value:
+    """Attention the CLS row pays each token, mean over heads: [B, N]."""
+    from .onnx import _attention_rows
+
+    if site.probs is not None:
+        row = b.op("Gather", [values[site.probs.name], b.ints(cls, "row")], {"axis": 2})  # [B, H, N]
+        return b.reduce_mean(row, [1])
+    return b.reduce_mean(_attention_rows(b, site, values, cls), [1, 2])
+
+
+def _normalize(b, x: ir.Value, axis: int = -1) -> ir.Value:
+    norm = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [x, x]), [axis], keepdims=1)])
+    return b.op("Div", [x, b.op("Max", [norm, b.floats(1e-12, "eps")])])
+
+
+def _expand_batch(b, const: np.ndarray, like: ir.Value, name: str) -> ir.Value:
+    """A [1, ...] constant expanded to like's batch size."""
+    shape = b.op("Concat", [b.batch_size(like), b.ints(list(const.shape[1:]), "rest")], {"axis": 0})
+    return b.op("Expand", [b.const(const, name), shape])
+
+
+def _sort_ascending(b, idx: ir.Value, k: int) -> ir.Value:
+    as_float = b.op("Cast", [idx], {"to": ir.DataType.FLOAT})
+    ordered, _ = b.op("TopK", [as_float, b.ints([k], "k")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
+    return b.op("Cast", [ordered], {"to": ir.DataType.INT64})
+
+
+def tome_assign(b, metric: ir.Value, n: int, r: int, prefix: int):
+    """ToMe bipartite soft matching (as ``prunec.ops.merge.tome_assign``): dest [B, N], rep [B, N-r]."""
+    na, nb = (n + 1) // 2, n // 2
+    m = _normalize(b, metric)
+    a = b.op("Gather", [m, b.ints(np.arange(0, n, 2), "even")], {"axis": 1})
+    bb = b.op("Gather", [m, b.ints(np.arange(1, n, 2), "odd")], {"axis": 1})
+    scores = b.op("MatMul", [a, b.op("Transpose", [bb], {"perm": [0, 2, 1]})])  # [B, Na, Nb]
+    pa, pb = (prefix + 1) // 2, prefix // 2
+    if prefix:
+        protect = np.zeros((na, nb), np.float32)
+        protect[:pa, :] = -np.inf
+        protect[:, :pb] = -np.inf
+        scores = b.op("Add", [scores, b.const(protect, "protect")])
+    node_max = b.reduce("ReduceMax", scores, [2])
+    node_idx = b.op("ArgMax", [scores], {"axis": 2, "keepdims": 0})  # [B, Na]
+    _, edge = b.op("TopK", [node_max, b.ints([na], "na")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    u = na - r
+    unm = b.slice(edge, r, na)
+    src = b.slice(edge, 0, r)
+    if prefix:
+        unm = _sort_ascending(b, unm, u)
+    zeros = b.op("Mul", [node_idx, b.ints(0, "zero")])
+    slot_a = b.op("ScatterElements", [zeros, unm, _expand_batch(b, np.arange(u)[None, :], unm, "slots")], {"axis": 1})
+    dst = b.op("Add", [b.op("GatherElements", [node_idx, src], {"axis": 1}), b.ints(u, "u")])
+    slot_a = b.op("ScatterElements", [slot_a, src, dst], {"axis": 1})
+    slot_b = _expand_batch(b, (u + np.arange(nb))[None, :], unm, "slot_b")
+    both = b.op("Concat", [slot_a, slot_b], {"axis": 1})  # [B, Na + Nb]: A tokens, then B tokens
+    interleave = np.array([i // 2 if i % 2 == 0 else na + i // 2 for i in range(n)], np.int64)
+    dest = b.op("Gather", [both, b.ints(interleave, "interleave")], {"axis": 1})
+    rep = b.op("Concat", [b.op("Mul", [unm, b.ints(2, "two")]),
+                          _expand_batch(b, (2 * np.arange(nb) + 1)[None, :], unm, "odd_idx")], {"axis": 1})
+    order = tome_order(prefix, u, nb)
+    if order is not None:
+        inverse = np.empty(len(order), np.int64)
+        inverse[np.array(order)] = np.arange(len(order))
+        dest = b.op("Gather", [b.ints(inverse, "inverse"), dest], {"axis": 0})
+        rep = b.op("Gather", [rep, b.ints(order, "order")], {"axis": 1})
+    return dest, rep
+
+
+def evit_assign(b, scores: ir.Value, n: int, k: int, prefix: int):
+    """EViT (as ``prunec.ops.merge.evit_assign``): dest [B, N], weight [B, N, 1], rep [B, M]."""
+    cand = b.slice(scores, prefix, n)
+    _, order = b.op("TopK", [cand, b.ints([n - prefix], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    order = b.op("Add", [order, b.ints(prefix, "prefix")])
+    top, rest = b.slice(order, 0, k), b.slice(order, k, n - prefix)
+    fused = prefix + k
+    base = np.full((1, n), fused, np.int64)
+    base[0, :prefix] = np.arange(prefix)
+    dest = b.op("ScatterElements", [_expand_batch(b, base, scores, "base"), top,
+                                    _expand_batch(b, (prefix + np.arange(k))[None, :], scores, "slots")], {"axis": 1})
+    ones = b.op("Add", [b.op("Mul", [scores, b.floats(0.0, "zero")]), b.floats(1.0, "one")])
+    weight = b.op("ScatterElements", [ones, rest, b.op("GatherElements", [scores, rest], {"axis": 1})], {"axis": 1})
+    parts = [top]
+    if prefix:
+        parts.insert(0, _expand_batch(b, np.arange(prefix)[None, :], scores, "prefix_idx"))
+    if n - prefix > k:
+        parts.append(b.slice(rest, 0, 1))
+    rep = b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else top
+    return dest, b.op("Unsqueeze", [weight, b.ints([2], "axes")]), rep
+
+
+def scatter_sum(b, x: ir.Value, dest: ir.Value, m: int, width: int) -> ir.Value:
+    """Σ over tokens with the same dest: x [B, N, width] -> [B, M, width] (slot M dropped)."""
+    zeros = _expand_batch(b, np.zeros((1, m + 1, width), np.float32), x, "zeros")
+    idx = b.op("Expand", [b.op("Unsqueeze", [dest, b.ints([2], "axes")]), b.op("Shape", [x])])
+    out = b.op("ScatterElements", [zeros, idx, x], {"axis": 1, "reduction": "add"})
+    return b.slice(out, 0, m)
+
+
+def merge(b, x: ir.Value, dest: ir.Value, weight: ir.Value | None, m: int, c: int, normalize: bool) -> ir.Value:
+    """x [B, N, C] -> [B, M, C]: Σ w·x / Σ w per slot (or Σ w·x)."""
+    if weight is None:
+        return _mean_by_count(b, x, dest, m, c) if normalize else scatter_sum(b, x, dest, m, c)
+    num = scatter_sum(b, b.op("Mul", [x, weight]), dest, m, c)
+    if not normalize:
+        return num
+    den = scatter_sum(b, weight, dest, m, 1)
+    return b.op("Div", [num, den])
+
+
+def _mean_by_count(b, x, dest, m, c):
+    ones = b.op("Add", [b.op("Mul", [b.slice(x, 0, 1, axis=2), b.floats(0.0, "zero")]), b.floats(1.0, "one")])
+    return b.op("Div", [scatter_sum(b, x, dest, m, c), scatter_sum(b, ones, dest, m, 1)])
+
+
+def merge_sizes(b, size: ir.Value | None, stream: ir.Value, dest: ir.Value, m: int) -> ir.Value:
+    """Token sizes [B, N, 1] (None: ones like the stream's tokens) summed into [B, M, 1]."""
+    if size is None:
+        size = b.op("Add", [b.op("Mul", [b.slice(stream, 0, 1, axis=2), b.floats(0.0, "zero")]), b.floats(1.0, "one")])
+    return scatter_sum(b, size, dest, m, 1)
+
+
+def lower_merge(b, cut, values, size_in: ir.Value | None):
+    """The merged stream [B, M, C], dest [B, N] and rep [B, M] of a merge cut."""
+    r = cut.reduce
+    n, m = cut.num_tokens, cut.kept
+    x = values[cut.stream.name]
+    c = cut.stream.shape[-1]
+    weight = None
+    if isinstance(r, Bipartite):
+        dest, rep = tome_assign(b, site_keys(b, r.site, values), n, r.r, r.prefix)
+        weight = size_in
+    elif isinstance(r, Fuse):
+        dest, weight, rep = evit_assign(b, site_cls_scores(b, r.site, values), n, r.k, r.prefix)
+    else:
+        raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
+    merged = merge(b, x, dest, weight, m, c, r.normalize)
+    rep.name = f"{cut.tag}/keep_idx"
+    return merged, dest, rep
+
+
+__all__ = ["lower_merge", "merge_sizes", "site_keys", "site_cls_scores", "Adaptive", "Contextual"]

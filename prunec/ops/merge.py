@@ -1,0 +1,132 @@
+"""Token merging in plain torch: assignments (which output slot each token goes to) and
+the weighted merge itself.
+
+Shapes: B batch, N tokens in, M tokens out, C channels, D metric width.
+An assignment is ``dest`` [B, N] (slot in 0..M, M = dropped), ``weight`` [B, N] and
+``rep`` [B, M] (per slot, the source token whose masks/positions it takes).
+"""
+from __future__ import annotations
+
+import torch
+
+from .tokens import _record
+
+
+def _normalized(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def keys_metric(k: torch.Tensor, layout: str) -> torch.Tensor:
+    """Keys averaged over heads: [B, H, N, D] ("bhnd") or kᵀ [B, H, D, N] ("bhdn") -> [B, N, D]."""
+    m = k.mean(dim=1)
+    return m.transpose(1, 2) if layout == "bhdn" else m
+
+
+def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = ""):
+    """ToMe's bipartite soft matching, per sample.
+
+    metric [B, N, D]: tokens alternate into A (even) and B (odd); each A token's most
+    cosine-similar B token is its edge; the ``r`` A tokens with the strongest edges merge
+    into their B match. The first ``prefix`` tokens never merge (ToMe: CLS in A's rows,
+    a distillation token in B's columns). Output order as ToMe: the unmerged A tokens
+    (sorted by index when there are prefix tokens, else by edge strength), then every B
+    token; prefix tokens first, in their original order.
+    Returns dest [B, N], rep [B, N - r].
+    """
+    b, n, _ = metric.shape
+    dev = metric.device
+    m = _normalized(metric)
+    a, bb = m[:, ::2], m[:, 1::2]
+    na, nb = a.shape[1], bb.shape[1]
+    scores = a @ bb.transpose(1, 2)  # [B, Na, Nb]
+    pa, pb = (prefix + 1) // 2, prefix // 2
+    if pa:
+        scores[:, :pa, :] = float("-inf")
+    if pb:
+        scores[:, :, :pb] = float("-inf")
+    node_max, node_idx = scores.max(dim=-1)
+    edge = torch.sort(node_max, dim=1, descending=True, stable=True).indices  # [B, Na]
+    unm, src = edge[:, r:], edge[:, :r]
+    if prefix:
+        unm = unm.sort(dim=1).values
+    u = na - r
+    slot_a = torch.empty(b, na, dtype=torch.long, device=dev)
+    slot_a.scatter_(1, unm, torch.arange(u, device=dev).expand(b, u))
+    slot_a.scatter_(1, src, u + node_idx.gather(1, src))
+    dest = torch.empty(b, n, dtype=torch.long, device=dev)
+    dest[:, 0::2] = slot_a
+    dest[:, 1::2] = u + torch.arange(nb, device=dev)
+    rep = torch.cat([2 * unm, (2 * torch.arange(nb, device=dev) + 1).expand(b, nb)], dim=1)
+    order = tome_order(prefix, u, nb)
+    if order is not None:
+        inverse = torch.empty(len(order), dtype=torch.long, device=dev)
+        inverse[torch.tensor(order, device=dev)] = torch.arange(len(order), device=dev)
+        dest = inverse[dest]
+        rep = rep[:, order]
+    _record(tag, rep)
+    return dest, rep
+
+
+def tome_order(prefix: int, unmerged: int, nb: int) -> list[int] | None:
+    """Slot order putting the prefix tokens first in original order (ToMe with a distillation
+    token: [unm[:1], dst[:1], unm[1:], dst[1:]]); None when it is the identity."""
+    pb = prefix // 2
+    if pb == 0:
+        return None
+    firsts = [i // 2 if i % 2 == 0 else unmerged + i // 2 for i in range(prefix)]
+    rest = [s for s in range(unmerged + nb) if s not in set(firsts)]
+    return firsts + rest
+
+
+def merge_tokens(x: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor | None, m: int,
+                 normalize: bool = True) -> torch.Tensor:
+    """x [B, N, C] -> [B, M, C]: slot j = Σ w·x / Σ w over the tokens with dest == j (or Σ w·x
+    without ``normalize``); dest == M drops a token. weight [B, N] or [B, N, 1] (None: ones)."""
+    b, n, c = x.shape
+    w = torch.ones(b, n, 1, dtype=x.dtype, device=x.device) if weight is None else weight.reshape(b, n, 1).to(x.dtype)
+    idx = dest.unsqueeze(-1)
+    out = torch.zeros(b, m + 1, c, dtype=x.dtype, device=x.device).scatter_add(1, idx.expand(b, n, c), x * w)
+    if normalize:
+        den = torch.zeros(b, m + 1, 1, dtype=x.dtype, device=x.device).scatter_add(1, idx, w)
+        out = out / den.clamp_min(torch.finfo(x.dtype).tiny)
+    return out[:, :m]
+
+
+def merge_sizes(size: torch.Tensor | None, like: torch.Tensor, dest: torch.Tensor, m: int) -> torch.Tensor:
+    """Token sizes after a merge: [B, N, 1] summed into [B, M, 1] (None: every token has size 1)."""
+    b, n = dest.shape
+    if size is None:
+        size = torch.ones(b, n, 1, dtype=like.dtype, device=like.device)
+    out = torch.zeros(b, m + 1, 1, dtype=size.dtype, device=size.device).scatter_add(1, dest.unsqueeze(-1), size)
+    return out[:, :m]
+
+
+def cls_scores(probs: torch.Tensor, cls: int) -> torch.Tensor:
+    """Attention the CLS row pays each token, mean over heads: [B, H, N, N] -> [B, N]."""
+    return probs[:, :, cls, :].mean(dim=1)
+
+
+def evit_assign(scores: torch.Tensor, k: int, prefix: int, tag: str = ""):
+    """EViT: keep the top-``k`` non-prefix tokens by CLS attention ``scores`` [B, N] (in
+    descending score order, as EViT's topk), fuse the rest into one last token weighted by
+    their attention (an unnormalized sum, as EViT). Returns dest [B, N], weight [B, N],
+    rep [B, prefix + k + 1] (the fused slot takes its most attended token's masks)."""
+    b, n = scores.shape
+    dev = scores.device
+    cand = scores[:, prefix:]
+    order = torch.sort(cand, dim=1, descending=True, stable=True).indices + prefix  # [B, N - prefix]
+    top, rest = order[:, :k], order[:, k:]
+    fused = prefix + k
+    dest = torch.full((b, n), fused, dtype=torch.long, device=dev)
+    if prefix:
+        dest[:, :prefix] = torch.arange(prefix, device=dev)
+    dest.scatter_(1, top, (prefix + torch.arange(k, device=dev)).expand(b, k))
+    weight = torch.ones(b, n, dtype=scores.dtype, device=dev)
+    weight.scatter_(1, rest, scores.gather(1, rest))
+    parts = [torch.arange(prefix, device=dev).expand(b, prefix), top]
+    if rest.shape[1]:
+        parts.append(rest[:, :1])
+    rep = torch.cat(parts, dim=1)
+    _record(tag, rep)
+    return dest, weight, rep
+

@@ -16,7 +16,7 @@ import torch.fx
 from .. import ops
 from ..errors import PruneError
 from ..passes.analysis.blocks import BIAS_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
-from ..passes.base import Bipartite, Diverse, Fuse, GridPool, Merge, PageRank, Plan, Random, TopK
+from ..passes.base import Adaptive, Bipartite, Contextual, Diverse, Fuse, GridPool, Merge, PageRank, Plan, Random, TopK
 
 aten = torch.ops.aten
 
@@ -88,8 +88,19 @@ def _merge(graph, by_name, cut, size_in):
         weight = size_in
     elif isinstance(r, Fuse):
         scores = _site_cls_scores(graph, by_name, r.site, 0)
-        res = graph.call_function(ops.merge.evit_assign, (scores, r.k, r.prefix, cut.tag))
+        res = graph.call_function(ops.merge.evit_assign, (scores, r.k, r.prefix, r.fuse, cut.tag))
         weight = graph.call_function(operator.getitem, (res, 1))
+    elif isinstance(r, Contextual):
+        scores = _site_cls_scores(graph, by_name, r.site, 0)
+        res = graph.call_function(ops.merge.visionzip_assign, (scores, _site_keys(graph, by_name, r.site), r.dominant,
+                                                               r.contextual, r.prefix, cut.tag))
+        weight = graph.call_function(operator.getitem, (res, 1))
+    elif isinstance(r, Adaptive):
+        cls = _site_cls_scores(graph, by_name, r.site, 0)
+        scores = graph.call_function(ops.merge.ppt_scores, (cls, by_name[r.site.v.ref.name], r.prefix))
+        res = graph.call_function(ops.merge.ppt_assign, (scores, _site_keys(graph, by_name, r.site), r.r, r.prefix,
+                                                         r.threshold, cut.tag))
+        weight = size_in
     else:
         raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
     dest = graph.call_function(operator.getitem, (res, 0))

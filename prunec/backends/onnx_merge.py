@@ -98,7 +98,7 @@ def tome_assign(b, metric: ir.Value, n: int, r: int, prefix: int):
     return dest, rep
 
 
-def evit_assign(b, scores: ir.Value, n: int, k: int, prefix: int):
+def evit_assign(b, scores: ir.Value, n: int, k: int, prefix: int, fuse: bool = True):
     """EViT (as ``prunec.ops.merge.evit_assign``): dest [B, N], weight [B, N, 1], rep [B, M]."""
     cand = b.slice(scores, prefix, n)
     _, order = b.op("TopK", [cand, b.ints([n - prefix], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
@@ -114,10 +114,74 @@ def evit_assign(b, scores: ir.Value, n: int, k: int, prefix: int):
     parts = [top]
     if prefix:
         parts.insert(0, _expand_batch(b, np.arange(prefix)[None, :], scores, "prefix_idx"))
-    if n - prefix > k:
+    if fuse and n - prefix > k:
         parts.append(b.slice(rest, 0, 1))
     rep = b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else top
     return dest, b.op("Unsqueeze", [weight, b.ints([2], "axes")]), rep
+
+
+def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n: int, dominant: int, contextual: int, prefix: int):
+    """VisionZip (as ``prunec.ops.merge.visionzip_assign``): dest [B, N], weight [B, N, 1], rep [B, M]."""
+    _, top = b.op("TopK", [b.slice(scores, prefix, n), b.ints([dominant - prefix], "d")],
+                  {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    top = b.op("Add", [top, b.ints(prefix, "prefix")])
+    flag = np.zeros((1, n), np.float32)
+    flag[0, :prefix] = 1.0
+    zeros_like_top = b.op("Mul", [b.op("Cast", [top], {"to": ir.DataType.FLOAT}), b.floats(0.0, "zero")])
+    keep = b.op("ScatterElements", [_expand_batch(b, flag, scores, "flag"), top,
+                                    b.op("Add", [zeros_like_top, b.floats(1.0, "one")])], {"axis": 1})
+    key = b.op("Sub", [b.floats(np.arange(n, dtype=np.float32)[None, :], "pos"), b.op("Mul", [keep, b.floats(float(n), "n")])])
+    _, order = b.op("TopK", [key, b.ints([n], "all")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
+    dom, rest = b.slice(order, 0, dominant), b.slice(order, dominant, n)
+    n_rest = n - dominant
+    dest = b.op("ScatterElements", [_expand_batch(b, np.full((1, n), dominant + contextual, np.int64), scores, "drop"),
+                                    dom, _expand_batch(b, np.arange(dominant)[None, :], scores, "slots")], {"axis": 1})
+    ones = b.op("Add", [b.op("Mul", [scores, b.floats(0.0, "zero")]), b.floats(1.0, "one")])
+    if not (contextual and n_rest):
+        return dest, b.op("Unsqueeze", [ones, b.ints([2], "axes")]), dom
+    step = max(1, n_rest // contextual)
+    targets = list(range(0, n_rest, step))[:contextual]
+    others = [i for i in range(n_rest) if i not in set(targets)]
+    t_idx = b.op("Gather", [rest, b.ints(targets, "targets")], {"axis": 1})
+    o_idx = b.op("Gather", [rest, b.ints(others, "others")], {"axis": 1})
+    m = _normalize(b, metric)
+    axes2 = b.ints([2], "axes")
+    mt = b.op("GatherND", [m, b.op("Unsqueeze", [t_idx, axes2])], {"batch_dims": 1})
+    mo = b.op("GatherND", [m, b.op("Unsqueeze", [o_idx, axes2])], {"batch_dims": 1})
+    choice = b.op("ArgMax", [b.op("MatMul", [mo, b.op("Transpose", [mt], {"perm": [0, 2, 1]})])], {"axis": 2, "keepdims": 0})
+    ones_o = b.op("Add", [b.op("Mul", [b.op("Cast", [choice], {"to": ir.DataType.FLOAT}), b.floats(0.0, "zero")]),
+                          b.floats(1.0, "one")])
+    counts = b.op("ScatterElements", [_expand_batch(b, np.zeros((1, len(targets)), np.float32), scores, "counts"),
+                                      choice, ones_o], {"axis": 1, "reduction": "add"})
+    counts = b.op("Max", [counts, b.floats(1.0, "one")])
+    dest = b.op("ScatterElements", [dest, t_idx, _expand_batch(b, (dominant + np.arange(len(targets)))[None, :], scores,
+                                                                 "t_slots")], {"axis": 1})
+    dest = b.op("ScatterElements", [dest, o_idx, b.op("Add", [choice, b.ints(dominant, "d")])], {"axis": 1})
+    inv = b.op("Div", [b.floats(1.0, "one"), b.op("GatherElements", [counts, choice], {"axis": 1})])
+    weight = b.op("ScatterElements", [ones, o_idx, inv], {"axis": 1})
+    rep = b.op("Concat", [dom, t_idx], {"axis": 1})
+    return dest, b.op("Unsqueeze", [weight, axes2]), rep
+
+
+def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n: int, r: int, prefix: int, threshold: float):
+    """PPT (as ``prunec.ops.merge.ppt_scores`` + ``ppt_assign``): dest [B, N], rep [B, N - r]."""
+    v = values[site.v.name]
+    vn = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [v, v]), [1, 3] if len(site.v.shape) == 4 else [2])])  # [B, N]
+    s = b.slice(b.op("Mul", [cls_scores, vn]), prefix, n)
+    s = b.op("Div", [s, b.reduce_sum(s, [1], keepdims=1)])
+    parts = [s]
+    if prefix:
+        parts.insert(0, _expand_batch(b, np.full((1, prefix), 2.0, np.float32), cls_scores, "cls_score"))
+    scores = b.op("Concat", parts, {"axis": 1}) if prefix else s
+    centered = b.op("Sub", [s, b.reduce_mean(s, [1], keepdims=1)])
+    var = b.op("Div", [b.reduce_sum(b.op("Mul", [centered, centered]), [1], keepdims=1), b.floats(float(n - prefix - 1), "dof")])
+    pool = b.op("Less", [var, b.floats(float(threshold), "threshold")])  # [B, 1]
+    dest_m, rep_m = tome_assign(b, metric, n, r, prefix)
+    _, order = b.op("TopK", [scores, b.ints([n], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    kept = b.slice(order, 0, n - r)
+    dest_p = b.op("ScatterElements", [_expand_batch(b, np.full((1, n), n - r, np.int64), scores, "drop"), kept,
+                                      _expand_batch(b, np.arange(n - r)[None, :], scores, "slots")], {"axis": 1})
+    return b.op("Where", [pool, dest_m, dest_p]), b.op("Where", [pool, rep_m, kept])
 
 
 def scatter_sum(b, x: ir.Value, dest: ir.Value, m: int, width: int) -> ir.Value:
@@ -162,12 +226,17 @@ def lower_merge(b, cut, values, size_in: ir.Value | None):
         dest, rep = tome_assign(b, site_keys(b, r.site, values), n, r.r, r.prefix)
         weight = size_in
     elif isinstance(r, Fuse):
-        dest, weight, rep = evit_assign(b, site_cls_scores(b, r.site, values), n, r.k, r.prefix)
+        dest, weight, rep = evit_assign(b, site_cls_scores(b, r.site, values), n, r.k, r.prefix, r.fuse)
+    elif isinstance(r, Contextual):
+        dest, weight, rep = visionzip_assign(b, site_cls_scores(b, r.site, values), site_keys(b, r.site, values), n,
+                                             r.dominant, r.contextual, r.prefix)
+    elif isinstance(r, Adaptive):
+        dest, rep = ppt_assign(b, r.site, values, site_cls_scores(b, r.site, values), site_keys(b, r.site, values), n,
+                               r.r, r.prefix, r.threshold)
+        weight = size_in
     else:
         raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
     merged = merge(b, x, dest, weight, m, c, r.normalize)
     rep.name = f"{cut.tag}/keep_idx"
     return merged, dest, rep
 
-
-__all__ = ["lower_merge", "merge_sizes", "site_keys", "site_cls_scores", "Adaptive", "Contextual"]

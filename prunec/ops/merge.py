@@ -106,10 +106,10 @@ def cls_scores(probs: torch.Tensor, cls: int) -> torch.Tensor:
     return probs[:, :, cls, :].mean(dim=1)
 
 
-def evit_assign(scores: torch.Tensor, k: int, prefix: int, tag: str = ""):
+def evit_assign(scores: torch.Tensor, k: int, prefix: int, fuse: bool = True, tag: str = ""):
     """EViT: keep the top-``k`` non-prefix tokens by CLS attention ``scores`` [B, N] (in
     descending score order, as EViT's topk), fuse the rest into one last token weighted by
-    their attention (an unnormalized sum, as EViT). Returns dest [B, N], weight [B, N],
+    their attention (an unnormalized sum, as EViT; without ``fuse`` they are dropped). Returns dest [B, N], weight [B, N],
     rep [B, prefix + k + 1] (the fused slot takes its most attended token's masks)."""
     b, n = scores.shape
     dev = scores.device
@@ -124,9 +124,78 @@ def evit_assign(scores: torch.Tensor, k: int, prefix: int, tag: str = ""):
     weight = torch.ones(b, n, dtype=scores.dtype, device=dev)
     weight.scatter_(1, rest, scores.gather(1, rest))
     parts = [torch.arange(prefix, device=dev).expand(b, prefix), top]
-    if rest.shape[1]:
+    if fuse and rest.shape[1]:
         parts.append(rest[:, :1])
     rep = torch.cat(parts, dim=1)
     _record(tag, rep)
     return dest, weight, rep
 
+
+
+def visionzip_assign(scores: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int, prefix: int,
+                     tag: str = ""):
+    """VisionZip: ``dominant`` tokens (the prefix tokens plus the top non-prefix tokens by CLS
+    attention ``scores`` [B, N]) kept in original order; the remaining R tokens (original
+    order) give ``contextual`` targets at stride max(1, R // contextual); every other remaining
+    token joins its most cosine-similar target by keys ``metric`` [B, N, D]; a contextual
+    token is target + mean(joined). Returns dest [B, N], weight [B, N], rep [B, dominant +
+    contextual] (weights: 1 for dominant and targets, 1/count for joined tokens; no
+    normalization)."""
+    b, n = scores.shape
+    dev = scores.device
+    top = torch.sort(scores[:, prefix:], dim=1, descending=True, stable=True).indices[:, :dominant - prefix] + prefix
+    keep = torch.zeros(b, n, dtype=torch.bool, device=dev)
+    keep[:, :prefix] = True
+    keep.scatter_(1, top, True)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, each part in original order
+    dom, rest = order[:, :dominant], order[:, dominant:]
+    n_rest = n - dominant
+    dest = torch.full((b, n), dominant + contextual, dtype=torch.long, device=dev)
+    dest.scatter_(1, dom, torch.arange(dominant, device=dev).expand(b, dominant))
+    weight = torch.ones(b, n, dtype=scores.dtype, device=dev)
+    rep = dom
+    if contextual and n_rest:
+        step = max(1, n_rest // contextual)
+        targets = list(range(0, n_rest, step))[:contextual]
+        others = [i for i in range(n_rest) if i not in set(targets)]
+        t_idx, o_idx = rest[:, targets], rest[:, others]
+        m = _normalized(metric)
+        mt = m.gather(1, t_idx[..., None].expand(-1, -1, m.shape[-1]))
+        mo = m.gather(1, o_idx[..., None].expand(-1, -1, m.shape[-1]))
+        choice = (mo @ mt.transpose(1, 2)).argmax(dim=2)  # [B, R - c]
+        counts = torch.zeros(b, len(targets), dtype=scores.dtype, device=dev).scatter_add(
+            1, choice, torch.ones_like(choice, dtype=scores.dtype)).clamp_min(1.0)
+        dest.scatter_(1, t_idx, (dominant + torch.arange(len(targets), device=dev)).expand(b, len(targets)))
+        dest.scatter_(1, o_idx, dominant + choice)
+        weight.scatter_(1, o_idx, 1.0 / counts.gather(1, choice))
+        rep = torch.cat([dom, t_idx], dim=1)
+    _record(tag, rep)
+    return dest, weight, rep
+
+
+def ppt_scores(probs_cls: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
+    """PPT's importance: CLS attention [B, N] (any head reduction) times the value norm (heads
+    concatenated; v [B, H, N, D] or [B, N, H·D]), normalized to sum 1 over the non-prefix
+    tokens; prefix tokens score 2 (always kept). -> [B, N]."""
+    vn = v.pow(2).sum(dim=(1, 3)).sqrt() if v.dim() == 4 else v.pow(2).sum(dim=2).sqrt()
+    s = (probs_cls * vn)[:, prefix:]
+    s = s / s.sum(dim=1, keepdim=True)
+    return torch.cat([torch.full_like(probs_cls[:, :prefix], 2.0), s], dim=1)
+
+
+def ppt_assign(scores: torch.Tensor, metric: torch.Tensor, r: int, prefix: int, threshold: float, tag: str = ""):
+    """PPT, per sample: when the (unbiased) variance of the non-prefix importance ``scores``
+    [B, N] is below ``threshold``, pool (ToMe's matching on ``metric``); otherwise prune the
+    ``r`` least important tokens (kept tokens in descending importance, as PPT).
+    Returns dest [B, N], rep [B, N - r]."""
+    b, n = scores.shape
+    dev = scores.device
+    pool = (scores[:, prefix:].var(dim=1) < threshold)[:, None]  # [B, 1]
+    dest_m, rep_m = tome_assign(metric, r, prefix)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    dest_p = torch.full((b, n), n - r, dtype=torch.long, device=dev)
+    dest_p.scatter_(1, order[:, :n - r], torch.arange(n - r, device=dev).expand(b, n - r))
+    dest = torch.where(pool, dest_m, dest_p)
+    rep = torch.where(pool, rep_m, order[:, :n - r])
+    _record(tag, rep)
+    return dest, rep

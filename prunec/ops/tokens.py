@@ -109,6 +109,8 @@ def _with_fixed(top: torch.Tensor, span_start: int, span_end: int, n: int) -> to
 
 
 def _record(tag: str, idx: torch.Tensor) -> None:
+    if not tag:
+        return
     for rec in _RECORDING:
         rec[tag] = idx.detach().cpu().numpy()
 

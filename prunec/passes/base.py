@@ -233,21 +233,23 @@ class Fuse(Merge):
     rest into one token, weighted by that attention."""
 
     k: int
+    fuse: bool = True  # False: the rest is dropped (EViT without --fuse_token)
 
     def kept(self, n: int) -> int:
-        return self.prefix + self.k + (1 if n - self.prefix > self.k else 0)
+        return self.prefix + self.k + (1 if self.fuse and n - self.prefix > self.k else 0)
 
 
 @dataclass(kw_only=True)
 class Contextual(Merge):
-    """VisionZip: ``dominant`` tokens by CLS attention in ``site``, plus ``contextual`` tokens made
-    by merging the rest into uniformly spaced anchors by key similarity."""
+    """VisionZip: ``dominant`` tokens (prefix included) by CLS attention in ``site``, plus
+    ``contextual`` tokens made by merging the rest into uniformly spaced anchors by key
+    similarity."""
 
     dominant: int
     contextual: int
 
     def kept(self, n: int) -> int:
-        return self.prefix + self.dominant + self.contextual
+        return self.dominant + self.contextual
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,53 @@
+"""Shared machinery of the merging passes that act at chosen layers (EViT, PPT): the layer
+list and one mid-block cut per layer, each planned on the re-analysed, rewritten model."""
+from __future__ import annotations
+
+from ..errors import PruneError
+from .base import Pass, Plan
+from .cut import plan_cut
+
+
+def parse_layers(spec, depth: int) -> list[int]:
+    """``auto`` (the quarter points of the depth: 3/6/9 for 12 layers, as EViT and PPT use on
+    DeiT) or a list ``a/b/c`` of 0-based block indices."""
+    text = str(spec).strip().lower()
+    if text in ("", "auto", "none"):
+        return sorted({min(depth - 1, max(0, round(depth * i / 4))) for i in (1, 2, 3)})
+    try:
+        layers = [int(x) for x in text.split("/")]
+    except ValueError:
+        raise PruneError(f"layers '{spec}' is not 'auto' or a list like 3/6/9") from None
+    for layer in layers:
+        if not 0 <= layer < depth:
+            raise PruneError(f"layer {layer} is out of range: the model has {depth} attention layers (0..{depth - 1})")
+    if layers != sorted(set(layers)):
+        raise PruneError(f"layers '{spec}' must be distinct and increasing")
+    return layers
+
+
+class LayerMergePass(Pass):
+    """Subclasses implement :meth:`reduction` (a Merge for one layer, or None to skip it)."""
+
+    def reduction(self, facts, layer: int, step: int):
+        raise NotImplementedError
+
+    def _plan(self, model, layer: int, step: int) -> Plan | None:
+        facts = model.facts()
+        red = self.reduction(facts, layer, step)
+        if red is None:
+            return None
+        return Plan([plan_cut(facts, layer, red, tag=f"{self.name.replace('-', '_')}_l{layer}", mid=True)])
+
+    def plan(self, model) -> Plan:
+        for step, layer in enumerate(parse_layers(self.layers, model.facts().depth)):
+            plan = self._plan(model, layer, step)
+            if plan is not None:
+                return plan
+        raise PruneError(f"{self.name}: nothing to reduce at layers {self.layers}")
+
+    def apply(self, model):
+        for step, layer in enumerate(parse_layers(self.layers, model.facts().depth)):
+            plan = self._plan(model, layer, step)
+            if plan is not None:
+                model = model.lower(plan)
+        return model

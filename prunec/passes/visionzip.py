@@ -1,0 +1,68 @@
+"""VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language
+Models"; dvlab-research/VisionZip), training-free.
+
+At the cut (default: the encoder output, where VisionZip hands features to the projector;
+or before layer K) the tokens leaving the previous layer are reduced with that layer's
+attention and keys:
+
+* dominant: the prefix (CLS) tokens plus the non-prefix tokens the CLS token attends to
+  most (mean over heads), ``dominant`` in all (CLS included, as VisionZip's count), kept in
+  original order;
+* contextual: the remaining R tokens (original order) give ``contextual`` targets at stride
+  max(1, R // contextual); every other remaining token joins the target its head-averaged
+  key is most cosine-similar to; each contextual token is target + mean(joined).
+
+Output: [dominant, contextual]. Defaults: the paper's 54 + 10 for 576 patches, scaled to the
+model's patch count (at least prefix + 1 and 1). No token sizes (as VisionZip).
+
+Shapes: [B, N, C] -> [B, dominant + contextual, C].
+"""
+from __future__ import annotations
+
+from ..errors import PruneError
+from .base import Contextual, Option, Pass, Plan, register
+from .cut import plan_cut
+
+
+@register
+class VisionZip(Pass):
+    name = "visionzip"
+    summary = "dominant tokens by CLS attention + contextual tokens merged by key similarity (VisionZip)"
+    options = [
+        Option("dominant", int, None, "dominant tokens kept, prefix included (default: 54/576 of the patches)"),
+        Option("contextual", int, None, "contextual tokens (default: 10/576 of the patches)"),
+        Option("layer", str, "output", "cut: 'output' (default) or K (before layer K, with layer K-1's attention)"),
+    ]
+
+    def plan(self, model) -> Plan:
+        facts = model.facts()
+        spec = str(self.layer).strip().lower()
+        try:
+            layer = facts.depth if spec in ("output", "out", "end") else int(spec)
+        except ValueError:
+            raise PruneError(f"layer '{self.layer}' is not an integer or 'output'") from None
+        if not 1 <= layer <= facts.depth:
+            raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
+                             f"(valid: 1..{facts.depth - 1}, or 'output')")
+        if facts.prefix < 1:
+            raise PruneError("visionzip ranks tokens by CLS attention, and this model shows no CLS token")
+        n = facts.stream_at(layer).shape[1]
+        prefix = facts.prefix
+        patches = facts.num_tokens - prefix
+        dominant = max(prefix + 1, round(54 / 576 * patches)) if self.dominant is None else int(self.dominant)
+        contextual = max(1, round(10 / 576 * patches)) if self.contextual is None else int(self.contextual)
+        if not prefix < dominant <= n:
+            raise PruneError(f"dominant must be in {prefix + 1}..{n} (the prefix tokens count), got {dominant}")
+        if not 0 <= contextual <= n - dominant:
+            raise PruneError(f"contextual must be in 0..{n - dominant}, got {contextual}")
+        red = Contextual(site=facts.sites[layer - 1], prefix=prefix, dominant=dominant, contextual=contextual,
+                         normalize=False)
+        tag = "visionzip_" + (f"l{layer}" if layer < facts.depth else "out")
+        return Plan([plan_cut(facts, layer, red, tag=tag)])
+
+    def apply(self, model):
+        plan = self.plan(model)
+        cut = plan.cuts[0]
+        if cut.kept >= cut.num_tokens and cut.reduce.contextual == 0:
+            return model  # every token is dominant: nothing to do
+        return model.lower(plan)

@@ -15,7 +15,7 @@ import torch.fx
 
 from .. import ops
 from ..errors import PruneError
-from ..passes.analysis.blocks import BIAS_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
+from ..passes.analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
 from ..passes.base import Adaptive, Bipartite, Contextual, Diverse, Fuse, GridPool, Merge, PageRank, Plan, Random, TopK
 
 aten = torch.ops.aten
@@ -208,7 +208,7 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
             node = by_name[rw.node.ref.name]
             x = node.args[0]
             with graph.inserting_before(node):
-                weighed = graph.call_function(aten.mul.Tensor, (x, sizes(rw.role)))
+                weighed = _named(graph, aten.mul.Tensor, (x, sizes(rw.role)), f"{node.name}_{REWEIGH_TAG}")
             node.replace_input_with(x, weighed)
         m = cut.kept
         for fix in cut.shape_fixes:

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import PruneError
-from ..passes.analysis.blocks import BIAS_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
+from ..passes.analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
 from ..passes.base import Cut, Diverse, GridPool, Merge, PageRank, Plan, Random, TopK, random_scores, wpr_start
 
 
@@ -512,7 +512,7 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
         for rw in cut.reweigh:
             node = nodes[rw.node.ref.name]
             wb = _Builder(graph, node, f"{cut.tag}/reweigh", counter)
-            node.replace_input_with(0, wb.op("Mul", [node.inputs[0], sizes[rw.role]]))
+            node.replace_input_with(0, wb.op("Mul", [node.inputs[0], sizes[rw.role]], name=REWEIGH_TAG))
         m = cut.kept
         for fix in cut.shape_fixes:
             node = nodes[fix.node.ref.name]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import PruneError
-from .analysis.blocks import BIAS_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role
+from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role
 from .base import Crossing, Cut, GridPool, Reweigh, ShapeFix
 
 _SIZED = ("reshape", "expand", "create")
@@ -43,10 +43,7 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False) -> C
     cls_layer = min(layer, facts.depth - 1)
     n = stream.shape[1]
     post = g.consumers_closure(stream)
-    # masks combined with log(size) for a later fused attention are rebuilt after the cut
-    for node in sorted(g.nodes, key=lambda x: -x.index):
-        if any(BIAS_TAG in o.name and any(u in post for u, _ in o.uses) for o in node.outputs):
-            post.add(node)
+    _pull_in(facts, post, min(layer, facts.depth - 1))
     cut = Cut(layer, stream, reduce, n, post, tag=tag)
     seen = set()
     for node in sorted(post, key=lambda x: x.index):
@@ -85,6 +82,28 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False) -> C
         raise PruneError(f"the residual stream '{stream.name}' entering layer {layer} has no token axis")
     _plan_sizes(facts, cut, cls_layer)
     return cut
+
+
+def _pull_in(facts: Facts, post: set, layer: int) -> None:
+    """Add to ``post`` the nodes placed after the cut that feed it and must see the reduced tokens:
+    masks combined with log(size) for a later fused attention and size-weighed token means
+    (prunec's own, tagged), and sums/means over the tokens computed off the stream (a pooling's
+    mask count) together with what lies between them and the cut's nodes."""
+    g = facts.graph
+    first = min(n.index for n in post) if post else 0
+    token_sums = set()
+    for node in g.nodes:
+        if (node.index > first and node not in post and node.op == "reduce" and node.inputs
+                and node.inputs[0] is not None and facts.token_axes(node.inputs[0], layer)
+                and not any(facts.token_axes(o, layer) for o in node.outputs)):
+            token_sums |= {node} | g.consumers_closure(node.outputs[0])
+    for node in sorted(g.nodes, key=lambda x: -x.index):
+        if node.index < first or node in post:
+            continue
+        if not any(u in post for o in node.outputs for u, _ in o.uses):
+            continue
+        if node in token_sums or any(BIAS_TAG in o.name or REWEIGH_TAG in o.name for o in node.outputs):
+            post.add(node)
 
 
 def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:

@@ -115,6 +115,7 @@ SIZE_TAG = "prunec_size"  # token sizes [B, N, 1] (how many input tokens each to
 LOGSIZE_TAG = "prunec_logsize"  # log(size) as an attention-logit bias [B, 1, 1, N]
 MEANW_TAG = "prunec_meanw"  # size / mean(size) [B, N, 1]: weights that make a token mean size-weighted
 SIZE_DERIVED = (SIZE_TAG, LOGSIZE_TAG, MEANW_TAG)
+REWEIGH_TAG = "prunec_reweigh"  # a token mean/sum input times size: rebuilt at every later cut
 BIAS_TAG = "prunec_bias"  # a fused attention's mask combined with log(size): rebuilt at every later cut
 
 

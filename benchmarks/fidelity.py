@@ -57,6 +57,15 @@ SETTINGS: list[tuple[str, dict]] = [
     ("random", dict(keep=0.25, layer="2")),
     ("pool", dict(factor=2, layer="2", grid="124x1", span="1:125")),
     ("pool", dict(factor=4, layer="2", grid="124x1", span="1:125")),
+    # merging passes ([CLS] protected / used as the scoring token: prefix=1)
+    ("tome", dict(r="8", prefix=1)),
+    ("tome", dict(r="16", prefix=1)),
+    ("evit", dict(keep="0.7", prefix=1)),
+    ("evit", dict(keep="0.5", prefix=1)),
+    ("ppt", dict(prefix=1)),
+    ("ppt", dict(r=16, prefix=1)),
+    ("visionzip", dict(prefix=1)),
+    ("visionzip", dict(dominant=54, contextual=10, layer="2", prefix=1)),
 ]
 
 
@@ -89,12 +98,12 @@ def kept_real(idx: np.ndarray, mask: np.ndarray) -> list[set]:
     return [set(idx[b][mask[b, idx[b]] == 1].tolist()) for b in range(len(idx))]
 
 
-def onnx_cross_check(wrapper, ids, mask, sims, base, facts, torch_first, log) -> dict:
-    """Export the wrapper to ONNX, run it unpruned and under ``SETTINGS[0]`` in ONNX Runtime, and
-    compare with the torch backend (r, embeddings, kept non-padding tokens)."""
+def onnx_cross_check(wrapper, ids, mask, sims, base, facts, first, torch_first, log) -> dict:
+    """Export the wrapper to ONNX, run it unpruned and under the ``first`` setting in ONNX Runtime,
+    and compare with the torch backend (r, embeddings, kept non-padding tokens)."""
     import prunec
 
-    name, opts = SETTINGS[0]
+    name, opts = first
     p, temb, tidx = torch_first
     feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
     tmp = Path(tempfile.mkdtemp(prefix="prunec-fidelity-"))
@@ -159,6 +168,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=128, help="fixed token count (pad/truncate), default 128")
     ap.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX Runtime cross-check")
+    ap.add_argument("--only", default=None, help="comma-separated pass names: run only their settings")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -202,7 +212,8 @@ def main():
     rows = [dict(method="unpruned", setting="", tokens=f"{args.seq_len}", real_tokens=float(real.mean()),
                  pearson_r=ref_r, delta_r=0.0, cos_to_unpruned=1.0, backend="torch")]
     onnx_first = None
-    for i, (name, opts) in enumerate(SETTINGS):
+    settings = [s for s in SETTINGS if args.only is None or s[0] in args.only.split(",")]
+    for i, (name, opts) in enumerate(settings):
         with log.status(f"{name} {describe(opts)}"):
             t0 = time.perf_counter()
             p = prunec.passes.get(name)(**opts)
@@ -228,8 +239,8 @@ def main():
                   f"{time.perf_counter() - t0:.1f} s")
 
     onnx_check = None
-    if not args.no_onnx and SETTINGS:
-        onnx_check = onnx_cross_check(wrapper, ids, mask, sims, base, facts, onnx_first, log)
+    if not args.no_onnx and settings:
+        onnx_check = onnx_cross_check(wrapper, ids, mask, sims, base, facts, settings[0], onnx_first, log)
 
     total_s = time.perf_counter() - t_start
     if args.json:

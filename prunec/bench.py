@@ -36,6 +36,23 @@ def ideal_speedup(facts, cuts: list[tuple[int, int]]) -> float:
     return full / pruned
 
 
+def merge_ideal_speedup(facts, tokens_in: list[int], tokens_mid: list[int]) -> float:
+    """Block-FLOPs ratio unpruned / merged when block i's attention runs on ``tokens_in[i]``
+    tokens and its MLP on ``tokens_mid[i]`` (a merge between attention and MLP, as ToMe).
+    Attention: q/k/v/out projections 4·C² and 2·N²·C per block; the MLP: the rest of the block's
+    weights (read off the graph)."""
+    from .passes.analysis.blocks import _per_token_weight_macs
+
+    def flops(i, n_in, n_mid):
+        c = facts.streams[i].shape[-1]
+        weights = _per_token_weight_macs(facts, i)
+        attn = 4 * c * c
+        return 2.0 * (attn * n_in + 2 * n_in * n_in * c + (weights - attn) * n_mid)
+
+    full = sum(flops(i, facts.tokens(i), facts.tokens(i)) for i in range(facts.depth))
+    return full / sum(flops(i, a, b) for i, (a, b) in enumerate(zip(tokens_in, tokens_mid)))
+
+
 def time_pair(onnx_or_torch: str, base, pruned, inputs, warmup=3, repeat=10, threads=None):
     """Median latency (ms) of the unpruned and pruned model on one backend.
     ``inputs``: a feed dict for onnx, an (args, kwargs) pair for torch."""

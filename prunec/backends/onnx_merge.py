@@ -185,11 +185,18 @@ def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n: int, 
 
 
 def scatter_sum(b, x: ir.Value, dest: ir.Value, m: int, width: int) -> ir.Value:
-    """Σ over tokens with the same dest: x [B, N, width] -> [B, M, width] (slot M dropped)."""
-    zeros = _expand_batch(b, np.zeros((1, m + 1, width), np.float32), x, "zeros")
-    idx = b.op("Expand", [b.op("Unsqueeze", [dest, b.ints([2], "axes")]), b.op("Shape", [x])])
-    out = b.op("ScatterElements", [zeros, idx, x], {"axis": 1, "reduction": "add"})
-    return b.slice(out, 0, m)
+    """Σ over tokens with the same dest: x [B, N, width] -> [B, M, width] (slot M dropped).
+    One ScatterND with ``reduction="add"`` over rows of a [B·(M+1), width] view: the index is
+    [B·N, 1], not a [B, N, width] tensor, and ORT adds whole rows."""
+    batch = b.op("Squeeze", [b.batch_size(dest), b.ints([0], "axes")])
+    offsets = b.op("Mul", [b.op("Range", [b.ints(0, "zero"), batch, b.ints(1, "one")]), b.ints(m + 1, "slots")])
+    flat = b.op("Add", [dest, b.op("Unsqueeze", [offsets, b.ints([1], "axes")])])
+    flat = b.op("Reshape", [flat, b.ints([-1, 1], "rows")])
+    rows = b.op("Mul", [batch, b.ints(m + 1, "slots")])
+    shape = b.op("Concat", [b.op("Unsqueeze", [rows, b.ints([0], "axes")]), b.ints([width], "width")], {"axis": 0})
+    zeros = b.op("Expand", [b.floats(np.zeros((1, width), np.float32), "zeros"), shape])
+    out = b.op("ScatterND", [zeros, flat, b.op("Reshape", [x, b.ints([-1, width], "flat")])], {"reduction": "add"})
+    return b.slice(b.op("Reshape", [out, b.ints([-1, m + 1, width], "slots")]), 0, m)
 
 
 def merge(b, x: ir.Value, dest: ir.Value, weight: ir.Value | None, m: int, c: int, normalize: bool) -> ir.Value:

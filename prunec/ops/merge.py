@@ -78,17 +78,23 @@ def tome_order(prefix: int, unmerged: int, nb: int) -> list[int] | None:
     return firsts + rest
 
 
+def _scatter_rows(x: torch.Tensor, dest: torch.Tensor, m: int) -> torch.Tensor:
+    """Σ of x's rows [B, N, W] per dest slot -> [B, m + 1, W] (an index_add over whole rows)."""
+    b, n, w = x.shape
+    flat = (dest + torch.arange(b, device=dest.device)[:, None] * (m + 1)).reshape(-1)
+    out = torch.zeros(b * (m + 1), w, dtype=x.dtype, device=x.device).index_add_(0, flat, x.reshape(b * n, w))
+    return out.reshape(b, m + 1, w)
+
+
 def merge_tokens(x: torch.Tensor, dest: torch.Tensor, weight: torch.Tensor | None, m: int,
                  normalize: bool = True) -> torch.Tensor:
     """x [B, N, C] -> [B, M, C]: slot j = Σ w·x / Σ w over the tokens with dest == j (or Σ w·x
     without ``normalize``); dest == M drops a token. weight [B, N] or [B, N, 1] (None: ones)."""
     b, n, c = x.shape
     w = torch.ones(b, n, 1, dtype=x.dtype, device=x.device) if weight is None else weight.reshape(b, n, 1).to(x.dtype)
-    idx = dest.unsqueeze(-1)
-    out = torch.zeros(b, m + 1, c, dtype=x.dtype, device=x.device).scatter_add(1, idx.expand(b, n, c), x * w)
+    out = _scatter_rows(x * w, dest, m)
     if normalize:
-        den = torch.zeros(b, m + 1, 1, dtype=x.dtype, device=x.device).scatter_add(1, idx, w)
-        out = out / den.clamp_min(torch.finfo(x.dtype).tiny)
+        out = out / _scatter_rows(w, dest, m).clamp_min(torch.finfo(x.dtype).tiny)
     return out[:, :m]
 
 
@@ -97,8 +103,7 @@ def merge_sizes(size: torch.Tensor | None, like: torch.Tensor, dest: torch.Tenso
     b, n = dest.shape
     if size is None:
         size = torch.ones(b, n, 1, dtype=like.dtype, device=like.device)
-    out = torch.zeros(b, m + 1, 1, dtype=size.dtype, device=size.device).scatter_add(1, dest.unsqueeze(-1), size)
-    return out[:, :m]
+    return _scatter_rows(size, dest, m)[:, :m]
 
 
 def cls_scores(probs: torch.Tensor, cls: int) -> torch.Tensor:

@@ -28,12 +28,15 @@ class EViT(LayerMergePass):
     options = [
         Option("keep", str, "0.7", "fraction of non-prefix tokens kept at each chosen layer (a/b/c: one per layer)"),
         Option("layers", str, "auto", "0-based blocks that reduce: a/b/c, or auto (3/6/9 of 12)"),
+        Option("prefix", int, None, "prefix tokens, CLS first (default: those the graph shows; give 1 for a text "
+                                    "encoder whose [CLS] the graph does not single out)"),
         Option("fuse", flag, True, "fuse the inattentive tokens into one token (false: drop them)"),
     ]
 
     def reduction(self, facts, layer, step):
-        if facts.prefix < 1:
-            raise PruneError("evit ranks tokens by CLS attention, and this model shows no CLS token")
+        prefix = facts.prefix if self.prefix is None else int(self.prefix)
+        if prefix < 1:
+            raise PruneError("evit ranks tokens by CLS attention, and this model shows no CLS token (give prefix=1)")
         if facts.causal:
             raise PruneError("evit needs a bidirectional encoder with a CLS token; this model is causal")
         keeps = str(self.keep).split("/")
@@ -46,7 +49,7 @@ class EViT(LayerMergePass):
             raise PruneError(f"keep '{self.keep}' is not a number") from None
         if not 0.0 < keep <= 1.0:
             raise PruneError(f"keep must be in (0, 1], got {keep}")
-        n, prefix = facts.tokens(layer), facts.prefix
+        n = facts.tokens(layer)
         k = max(1, math.ceil(keep * (n - prefix)))
         if k >= n - prefix:
             return None

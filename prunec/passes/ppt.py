@@ -31,15 +31,18 @@ class PPT(LayerMergePass):
         Option("r", int, None, "tokens removed at each chosen layer (default: 50/196 of the patch tokens)"),
         Option("threshold", float, 7e-5, "importance-score variance at and above which a sample is pruned"),
         Option("layers", str, "auto", "0-based blocks that reduce: a/b/c, or auto (3/6/9 of 12)"),
+        Option("prefix", int, None, "prefix tokens, CLS first (default: those the graph shows; give 1 for a text "
+                                    "encoder whose [CLS] the graph does not single out)"),
         Option("prop_attn", flag, True, "proportional attention: add log(size) to later attention logits"),
     ]
 
     def reduction(self, facts, layer, step):
-        if facts.prefix < 1:
-            raise PruneError("ppt scores tokens by CLS attention, and this model shows no CLS token")
+        prefix = facts.prefix if self.prefix is None else int(self.prefix)
+        if prefix < 1:
+            raise PruneError("ppt scores tokens by CLS attention, and this model shows no CLS token (give prefix=1)")
         if facts.sites[layer].v is None:
             raise PruneError(f"attention node '{facts.sites[layer].node.name}' hides its values; ppt needs them")
-        n, prefix = facts.tokens(layer), facts.prefix
+        n = facts.tokens(layer)
         r = max(1, round(50 / 196 * (facts.num_tokens - prefix))) if self.r is None else int(self.r)
         if r < 0:
             raise PruneError(f"r must not be negative, got {self.r}")

@@ -31,6 +31,8 @@ class VisionZip(Pass):
     options = [
         Option("dominant", int, None, "dominant tokens kept, prefix included (default: 54/576 of the patches)"),
         Option("contextual", int, None, "contextual tokens (default: 10/576 of the patches)"),
+        Option("prefix", int, None, "prefix tokens, CLS first (default: those the graph shows; give 1 for a text "
+                                    "encoder whose [CLS] the graph does not single out)"),
         Option("layer", str, "output", "cut: 'output' (default) or K (before layer K, with layer K-1's attention)"),
     ]
 
@@ -44,10 +46,11 @@ class VisionZip(Pass):
         if not 1 <= layer <= facts.depth:
             raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
                              f"(valid: 1..{facts.depth - 1}, or 'output')")
-        if facts.prefix < 1:
-            raise PruneError("visionzip ranks tokens by CLS attention, and this model shows no CLS token")
+        prefix = facts.prefix if self.prefix is None else int(self.prefix)
+        if prefix < 1:
+            raise PruneError("visionzip ranks tokens by CLS attention, and this model shows no CLS token "
+                             "(give prefix=1)")
         n = facts.stream_at(layer).shape[1]
-        prefix = facts.prefix
         patches = facts.num_tokens - prefix
         dominant = max(prefix + 1, round(54 / 576 * patches)) if self.dominant is None else int(self.dominant)
         contextual = max(1, round(10 / 576 * patches)) if self.contextual is None else int(self.contextual)

@@ -21,6 +21,9 @@ EXAMPLES = """examples:
   prunec vit.onnx --pass fastv --keep 0.25 -o vit.fastv.onnx
   prunec llama.onnx --pass fastv --keep 0.5 --layer 2 --span 35:611 -o out.onnx
   prunec vit.onnx --pass fastv:keep=0.25,layer=3,query=cls
+  prunec vit.onnx --pass tome:r=8                    # merging: tome, evit, ppt, visionzip
+  prunec seg.onnx --pass fastv --keep 0.5 --layer 2  # a grid decoder gets its tokens back (recovery)
+  prunec bert.onnx --pass fastv --keep 0.5 --recover copy   # last_hidden_state stays [B, N, C]
   prunec inspect vit.onnx
   prunec passes
   prunec bench vit.onnx --pass fastv --keep 0.25 --batch 8
@@ -207,6 +210,10 @@ def prune_main(argv: list[str]) -> int:
     ap.add_argument("--layer", help="prune before this layer (0-based)")
     ap.add_argument("--span", help="START:END token range that may be pruned (e.g. an image span)")
     ap.add_argument("--query", help="auto|cls|last|mean|<index>: whose attention scores tokens")
+    ap.add_argument("--recover", help="restore the full token count: auto (default: before a grid reshape or token "
+                                      "mixing), none, copy, unmerge or attn (also restores token outputs)")
+    ap.add_argument("--recover-at", dest="recover_at", type=int, metavar="LAYER",
+                    help="restore the full token count before this layer instead of at the output")
     ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
     ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..",
                     help="make dynamic input dims static, e.g. input_ids=?,128 (? keeps a dim dynamic)")
@@ -215,7 +222,8 @@ def prune_main(argv: list[str]) -> int:
         ap.error("give at least one --pass (see `prunec passes`)")
     src = Path(args.model)
     passes = build_passes(args.passes, {"keep": args.keep, "layer": args.layer, "span": args.span,
-                                        "query": args.query})
+                                        "query": args.query, "recover": args.recover,
+                                        "recover_at": None if args.recover_at is None else str(args.recover_at)})
     suffix = src.suffix or ".onnx"
     tag = ".".join(p.name for p in passes)
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{tag}{suffix}")

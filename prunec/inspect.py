@@ -1,6 +1,7 @@
 """``prunec inspect``: the analysis facts of a model as a dict and as rich tables."""
 from __future__ import annotations
 
+from .passes.analysis.consumers import full_token_consumers
 from .passes.cut import plan_cut
 
 
@@ -28,6 +29,8 @@ def describe(model) -> dict:
         "side_inputs": [{"name": v.name, "shape": list(v.shape), "token_axes": facts.token_axes(v)}
                         for v in facts.side_inputs],
         "token_count_literals": shape_literals,
+        "full_token_consumers": [{"kind": c.kind, "node": c.name, "reads": c.value.name, "shape": list(c.value.shape),
+                                  "needs_recovery": c.needs_recovery} for c in full_token_consumers(facts)],
         "total_gflops": round(sum(facts.flops) / 1e9, 4),
     }
 
@@ -57,4 +60,13 @@ def render(info: dict, console) -> None:
     lits = info["token_count_literals"]
     console.print(f"shape literals spelling the token count after layer 0: {len(lits)}"
                   + (f" ({', '.join(lits[:6])}{', ...' if len(lits) > 6 else ''})" if lits else ""))
+    cons = info.get("full_token_consumers") or []
+    if cons:
+        c = Table(title="consumers that need every token (recovery restores them; token outputs only on request)",
+                  title_justify="left")
+        for col in ("kind", "node / output", "reads", "restored by default"):
+            c.add_column(col)
+        for row in cons:
+            c.add_row(row["kind"], row["node"], f"{row['reads']} {row['shape']}", "yes" if row["needs_recovery"] else "no")
+        console.print(c)
     console.print(f"total block FLOPs: {info['total_gflops']:.4f} G")

@@ -112,14 +112,22 @@ class OnnxModel(Model):
         return atomic_write(path, lambda tmp: ir.save(self.model, tmp))
 
     def kept_indices(self, feeds: dict[str, Any]) -> dict:
-        """Run once and return {cut tag: kept indices [B, M]} of every selection."""
+        """Run once and return {cut tag: kept indices [B, M]} of every cut (a merge: each output
+        token's representative)."""
+        return self._named_outputs(feeds, "/keep_idx")
+
+    def merge_maps(self, feeds: dict[str, Any]) -> dict:
+        """Run once and return {cut tag: dest [B, N]} of every merge."""
+        return self._named_outputs(feeds, "/dest")
+
+    def _named_outputs(self, feeds: dict[str, Any], suffix: str) -> dict:
         from .backends.onnx import make_session
 
-        names = [o.name for n in self.model.graph for o in n.outputs if o.name.endswith("/keep_idx")]
+        names = [o.name for n in self.model.graph for o in n.outputs if o.name.endswith(suffix)]
         sess = make_session(self.model, extra_outputs=names)
         feeds = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in feeds.items()}
         res = sess.run(names, feeds)
-        return {name[: -len("/keep_idx")]: r for name, r in zip(names, res)}
+        return {name[: -len(suffix)]: r for name, r in zip(names, res)}
 
     def to_torch(self):
         """A torch module running this graph in ONNX Runtime (the ONNX path)."""
@@ -185,7 +193,16 @@ class TorchModel(Model):
         return self._reexported
 
     def kept_indices(self, *args, **kwargs) -> dict:
-        """Run once and return {cut tag: kept indices [B, M]} of every selection."""
+        """Run once and return {cut tag: kept indices [B, M]} of every cut (a merge: each output
+        token's representative)."""
+        return {k: v for k, v in self._recorded(*args, **kwargs).items() if not k.endswith("/dest")}
+
+    def merge_maps(self, *args, **kwargs) -> dict:
+        """Run once and return {cut tag: dest [B, N]} of every merge (each input token's output
+        slot; M = dropped)."""
+        return {k[: -len("/dest")]: v for k, v in self._recorded(*args, **kwargs).items() if k.endswith("/dest")}
+
+    def _recorded(self, *args, **kwargs) -> dict:
         from .ops import tokens
 
         with tokens.recording() as rec:

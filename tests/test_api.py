@@ -91,8 +91,9 @@ def test_bad_options_raise_clear_errors():
 
 
 def test_grid_consumer_after_the_cut_is_refused_not_misrewritten(tmp_path):
-    """A decoder that reshapes every patch token onto the grid cannot take fewer tokens:
-    prunec refuses (until recovery exists) instead of emitting a wrong model."""
+    """A decoder that reshapes every patch token onto the grid cannot take fewer tokens: with
+    recovery turned off prunec refuses, naming the reshape, instead of emitting a wrong model
+    (with the default, recovery restores the tokens: tests/test_recover.py)."""
     vit = case("timm_vit").module
 
     class Seg(torch.nn.Module):
@@ -108,5 +109,5 @@ def test_grid_consumer_after_the_cut_is_refused_not_misrewritten(tmp_path):
     torch.onnx.export(m, (x,), str(tmp_path / "seg.onnx"), dynamo=True, opset_version=18, external_data=False,
                       verbose=False)
     for model in (prunec.load(m, (x,)), prunec.load(tmp_path / "seg.onnx")):
-        with pytest.raises(prunec.PruneError, match="does not run"):
-            prunec.passes.FastV(keep=0.5, layer=1)(model)
+        with pytest.raises(prunec.PruneError, match="grid reshape .* needs every token"):
+            prunec.passes.FastV(keep=0.5, layer=1, recover="none")(model)

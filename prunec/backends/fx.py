@@ -15,7 +15,7 @@ import torch.fx
 
 from .. import ops
 from ..errors import PruneError
-from ..passes.analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
+from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
 from ..passes.base import Adaptive, Bipartite, Contextual, Diverse, Fuse, GridPool, Merge, PageRank, Plan, Random, TopK
 
 aten = torch.ops.aten
@@ -160,6 +160,29 @@ def _add_bias(graph, by_name, site, bias):
         node.args = tuple(args)
 
 
+def _recover(graph, by_name, cut, idx, dest, reduced, post):
+    """Restore the tokens at ``cut.recovery.point`` to the cut's length and order; every use of
+    the point after the cut reads the restored tensor [B, N, C]."""
+    point = by_name[cut.recovery.point.ref.name]
+    src = by_name[cut.stream.ref.name]
+    users = [u for u in point.users if u not in post]
+    r = cut.reduce
+    with graph.inserting_before(point.next):
+        entry = _named(graph, aten.alias.default, (point,), f"{cut.tag}_{RECOVER_TAG}")
+        mode = cut.recovery.mode
+        if mode == "unmerge" and isinstance(r, GridPool):
+            dest = graph.call_function(ops.select_fixed, (src, r.dest()))
+        if mode == "attn":
+            args, fn = (src, reduced, entry), ops.recover.recover_attn
+        elif mode == "unmerge" and dest is not None:
+            args, fn = (src, dest, entry), ops.recover.recover_unmerge
+        else:
+            args, fn = (src, idx, entry), ops.recover.recover_copy
+        full = _named(graph, fn, args, f"{cut.tag}_{RECOVERED_TAG}")
+    for u in users:
+        u.replace_input_with(point, full)
+
+
 def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     plan.check_single_cut()
     gm = copy.deepcopy(gm)
@@ -183,6 +206,7 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
                 if sizes is None:
                     raise PruneError(f"token sizes cross the cut before layer {cut.layer} but none enter it")
                 sizes(role)
+        reduced = merged
         for c in cut.crossings:
             src = by_name[c.value.ref.name]
             users = [u for u in src.users if u in post or (u.op == "output" and src.name == cut.stream.ref.name)]
@@ -202,6 +226,10 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
                         g = graph.call_function(ops.gather_tokens, (g, idx, axis, c.batch_axis))
             for u in users:
                 u.replace_input_with(src, g)
+            if c.value is cut.stream:
+                reduced = g
+        if cut.recovery is not None:
+            _recover(graph, by_name, cut, idx, dest, reduced, post)
         for site in cut.bias_sites:
             _add_bias(graph, by_name, site, sizes(LOGSIZE_TAG))
         for rw in cut.reweigh:

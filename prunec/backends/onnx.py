@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import PruneError
-from ..passes.analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
+from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
 from ..passes.base import Cut, Diverse, GridPool, Merge, PageRank, Plan, Random, TopK, random_scores, wpr_start
 
 
@@ -432,6 +432,57 @@ def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: 
     node.replace_input_with(3, new)
 
 
+def _recover(graph, cut, values, idx, dest, reduced, post_names, counter) -> None:
+    """Restore the tokens at ``cut.recovery.point`` to the cut's length and order (as
+    ``prunec.ops.recover``); every use of the point after the cut reads the restored tensor."""
+    point = values[cut.recovery.point.name]
+    src = values[cut.stream.name]
+    uses = [(u, i) for u, i in point.uses() if u.name not in post_names]
+    b = _Builder(graph, None, f"{cut.tag}/recover", counter)
+    entry = b.op("Identity", [point], name=RECOVER_TAG)
+    r, mode = cut.reduce, cut.recovery.mode
+    axes2 = b.ints([2], "axes")
+    if mode == "unmerge" and isinstance(r, GridPool):
+        dest = b.op("Expand", [b.ints([r.dest()], "dest"), b.op("Concat", [b.batch_size(src), b.ints([cut.num_tokens], "n")],
+                                                                   {"axis": 0})])
+    if mode == "attn":
+        scale = b.floats(1.0 / math.sqrt(cut.stream.shape[-1]), "scale")
+        logits = b.op("Mul", [b.op("MatMul", [src, b.op("Transpose", [reduced], {"perm": [0, 2, 1]})]), scale])
+        full = b.op("MatMul", [b.op("Softmax", [logits], {"axis": -1}), entry])
+    elif mode == "unmerge" and dest is not None:
+        m = cut.kept
+        got = b.op("GatherND", [entry, b.op("Unsqueeze", [b.op("Min", [dest, b.ints(m - 1, "last")]), axes2])],
+                   {"batch_dims": 1})
+        keep = b.op("Unsqueeze", [b.op("Less", [dest, b.ints(m, "m")]), axes2])
+        full = b.op("Where", [keep, got, src])
+    else:
+        where = b.op("Expand", [b.op("Unsqueeze", [idx, axes2]), b.op("Shape", [entry])])
+        full = b.op("ScatterElements", [src, where, entry], {"axis": 1})
+    full.name = f"{cut.tag}/{RECOVERED_TAG}"
+    # the new nodes were appended: move them right after the point's producer (topological order)
+    new_nodes = []
+    seen = False
+    for node in list(graph):
+        if node is entry.producer():
+            seen = True
+        if seen:
+            new_nodes.append(node)
+    anchor = point.producer()
+    for node in new_nodes:
+        graph.remove(node)
+    graph.insert_after(anchor, new_nodes) if anchor is not None else graph.extend(new_nodes)
+    for u, i in uses:
+        u.replace_input_with(i, full)
+    if point.is_graph_output():
+        name = point.name
+        point.name = f"{name}/reduced"
+        full.name = name
+        full.type = point.type
+        shape = cut.recovery.point.shape
+        full.shape = ir.Shape(list(shape)) if shape is not None else None
+        graph.outputs[graph.outputs.index(point)] = full
+
+
 def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
     plan.check_single_cut()
     model = model.clone()  # weights are shared, the graph is new: the input stays untouched
@@ -451,7 +502,7 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
         counter = itertools.count()
         b = _Builder(graph, nodes[first], cut.tag, counter)
         size_in = values[cut.size_in.name] if cut.size_in is not None else None
-        merged = None
+        merged = dest = None
         if isinstance(cut.reduce, Merge):
             from .onnx_merge import lower_merge, merge_sizes
 
@@ -472,6 +523,7 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
             meanw = b.op("Div", [size, b.reduce_mean(size, [1], keepdims=1)])
             meanw.name = f"{cut.tag}/{MEANW_TAG}"
             sizes[MEANW_TAG] = meanw
+        reduced = merged
         for c in cut.crossings:
             src = values[c.value.name]
             uses = [(u, i) for u, i in src.uses() if u.name in post_names]
@@ -496,6 +548,8 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                     shape[axis] = cut.kept
             for u, i in uses:
                 u.replace_input_with(i, y)
+            if c.value is cut.stream:
+                reduced = y
             if as_output:  # the reduced tensor takes the output's place and name
                 name = src.name
                 src.name = f"{name}/unpruned"
@@ -507,6 +561,8 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                     y.shape = ir.Shape(dims)
                 y.type = src.type
                 graph.outputs[graph.outputs.index(src)] = y
+        if cut.recovery is not None:
+            _recover(graph, cut, values, idx, dest, reduced, post_names, counter)
         for site in cut.bias_sites:
             _add_bias(graph, nodes[site.node.ref.name], site, sizes[LOGSIZE_TAG], cut.kept, counter, cut.tag)
         for rw in cut.reweigh:

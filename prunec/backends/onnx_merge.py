@@ -245,5 +245,6 @@ def lower_merge(b, cut, values, size_in: ir.Value | None):
         raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
     merged = merge(b, x, dest, weight, m, c, r.normalize)
     rep.name = f"{cut.tag}/keep_idx"
+    dest.name = f"{cut.tag}/dest"
     return merged, dest, rep
 

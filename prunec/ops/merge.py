@@ -64,6 +64,7 @@ def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = ""):
         dest = inverse[dest]
         rep = rep[:, order]
     _record(tag, rep)
+    _record(f"{tag}/dest" if tag else "", dest)
     return dest, rep
 
 
@@ -133,6 +134,7 @@ def evit_assign(scores: torch.Tensor, k: int, prefix: int, fuse: bool = True, ta
         parts.append(rest[:, :1])
     rep = torch.cat(parts, dim=1)
     _record(tag, rep)
+    _record(f"{tag}/dest" if tag else "", dest)
     return dest, weight, rep
 
 
@@ -175,6 +177,7 @@ def visionzip_assign(scores: torch.Tensor, metric: torch.Tensor, dominant: int, 
         weight.scatter_(1, o_idx, 1.0 / counts.gather(1, choice))
         rep = torch.cat([dom, t_idx], dim=1)
     _record(tag, rep)
+    _record(f"{tag}/dest" if tag else "", dest)
     return dest, weight, rep
 
 
@@ -203,4 +206,5 @@ def ppt_assign(scores: torch.Tensor, metric: torch.Tensor, r: int, prefix: int, 
     dest = torch.where(pool, dest_m, dest_p)
     rep = torch.where(pool, rep_m, order[:, :n - r])
     _record(tag, rep)
+    _record(f"{tag}/dest" if tag else "", dest)
     return dest, rep

@@ -19,9 +19,14 @@ from ..ir.graph import Node, Value
 from .analysis.attention import AttentionSite
 
 REGISTRY: dict[str, type["Pass"]] = {}
+RECOVER_MODES = ("auto", "none", "copy", "unmerge", "attn")
 
 
 def register(cls):
+    """Register a reduction pass; every one also takes the recovery options."""
+    names = {o.name for o in cls.options}
+    extra = [o for o in RECOVER_OPTIONS if o.name not in names]
+    cls.options = list(cls.options) + extra
     REGISTRY[cls.name] = cls
     return cls
 
@@ -32,6 +37,9 @@ class Option:
     type: Any
     default: Any
     help: str
+
+
+RECOVER_OPTIONS: list = []  # filled below, once Option exists
 
 
 class Pass:
@@ -63,6 +71,13 @@ class Pass:
     def __repr__(self) -> str:
         opts = ", ".join(f"{o.name}={getattr(self, o.name)!r}" for o in self.options)
         return f"{type(self).__name__}({opts})"
+
+
+RECOVER_OPTIONS.extend([
+    Option("recover", str, "auto", "restore the full token count where the graph needs it: auto (before a grid "
+                                   "reshape or token mixing), none, or copy|unmerge|attn (also for token outputs)"),
+    Option("recover_at", int, None, "restore the full token count before this layer instead of at the output"),
+])
 
 
 def flag(value) -> bool:
@@ -191,6 +206,13 @@ class GridPool:
     def kept(self, n: int) -> int:
         return n - self.height * self.width + (self.height // self.fh) * (self.width // self.fw)
 
+    def dest(self) -> list[int]:
+        """Per input token, its output slot (the window it was pooled into)."""
+        fh, fw, w, end = self.fh, self.fw, self.width, self.prefix + self.height * self.width
+        grid = [self.prefix + (i // fh) * (w // fw) + j // fw for i in range(self.height) for j in range(w)]
+        m = self.prefix + (self.height // fh) * (w // fw)
+        return list(range(self.prefix)) + grid + list(range(m, m + self.num_tokens - end))
+
     def representatives(self) -> list[int]:
         """Per output token, the token whose side inputs (masks, positions) it takes: tokens
         outside the grid themselves, each pooled token its window's first (top-left) token."""
@@ -273,6 +295,17 @@ class Crossing:
 
 
 @dataclass
+class Recovery:
+    """Restore the tokens' length and order at ``point`` (a token tensor after the cut whose
+    consumers need every token): ``copy`` (kept tokens back to their positions, the others keep
+    their value at the cut), ``unmerge`` (every token takes its merged token's value) or
+    ``attn`` (each token at the cut attends over the reduced tokens)."""
+
+    point: Value
+    mode: str
+
+
+@dataclass
 class Reweigh:
     """A mean or sum over the token axis after the cut: its input is multiplied by size (sum) or
     size / mean(size) (mean) so it counts every token a merged token stands for."""
@@ -301,6 +334,7 @@ class Cut:
     size_in: Value | None = None  # token sizes [B, N, 1] entering the cut, left by an earlier merge
     bias_sites: list = field(default_factory=list)  # later sites that get log(size) added to their logits
     reweigh: list = field(default_factory=list)  # Reweigh: token means/sums after the cut
+    recovery: Recovery | None = None
 
     @property
     def sizes_out(self) -> bool:

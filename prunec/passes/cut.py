@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role
-from .base import Crossing, Cut, GridPool, Reweigh, ShapeFix
+from .base import RECOVER_MODES, Crossing, Cut, GridPool, Merge, Recovery, Reweigh, ShapeFix
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -27,10 +27,12 @@ def _size_operand(node):
     return None
 
 
-def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False) -> Cut:
+def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, recover="auto",
+             recover_at: int | None = None) -> Cut:
     """A cut before ``layer`` (1..depth-1), or at the encoder output (``layer == depth``:
     after the last block, where the final stream leaves for the head / outputs); with
-    ``mid``, inside block ``layer`` (0..depth-1) between attention and MLP."""
+    ``mid``, inside block ``layer`` (0..depth-1) between attention and MLP. ``recover`` /
+    ``recover_at``: where and how the full token count comes back (see :func:`plan_recovery`)."""
     if mid:
         if not 0 <= layer < facts.depth:
             raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
@@ -43,8 +45,18 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False) -> C
     cls_layer = min(layer, facts.depth - 1)
     n = stream.shape[1]
     post = g.consumers_closure(stream)
+    recovery = plan_recovery(facts, stream, post, reduce, recover, recover_at)
+    if recovery is not None:
+        after = g.consumers_closure(recovery.point)
+        post -= after
+        for node in after:  # only the restored tensor may reach past the recovery point
+            for v in node.inputs:
+                if (v is not None and v is not recovery.point and v.producer in post
+                        and facts.token_axes(v, min(layer, facts.depth - 1))):
+                    raise PruneError(f"token tensor '{v.name}' reaches node '{node.name}' after the point where "
+                                     f"the tokens are restored ('{recovery.point.name}'); only that tensor is restored")
     _pull_in(facts, post, min(layer, facts.depth - 1))
-    cut = Cut(layer, stream, reduce, n, post, tag=tag)
+    cut = Cut(layer, stream, reduce, n, post, tag=tag, recovery=recovery)
     seen = set()
     for node in sorted(post, key=lambda x: x.index):
         for v in node.inputs:
@@ -82,6 +94,46 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False) -> C
         raise PruneError(f"the residual stream '{stream.name}' entering layer {layer} has no token axis")
     _plan_sizes(facts, cut, cls_layer)
     return cut
+
+
+def plan_recovery(facts: Facts, stream, post: set, reduce, recover, recover_at) -> Recovery | None:
+    """Where the cut's tokens come back to full length, and how.
+
+    ``recover``: ``auto`` restores them before consumers that break on fewer tokens (a reshape
+    onto the patch grid, token mixing) and leaves token outputs reduced; ``copy``, ``unmerge``
+    or ``attn`` restore them with that mode, token outputs too. The point is the stream leaving
+    the last block (before a final norm, which then sees every token); ``none``
+    never does, and refuses a graph that needs it. ``recover_at``: before that layer instead.
+    Once a cut restores tokens somewhere, every later cut restores there too.
+    Default mode: ``copy`` after a selection, ``unmerge`` after a merge or pooling."""
+    from .analysis.consumers import full_token_consumers
+
+    mode = str(recover if recover is not None else "auto").strip().lower()
+    if mode not in RECOVER_MODES:
+        raise PruneError(f"recover '{recover}' is not one of {', '.join(RECOVER_MODES)}")
+    point = facts.recovery_point()
+    if point is None and recover_at is not None:
+        if not 1 <= int(recover_at) < facts.depth:
+            raise PruneError(f"recover_at {recover_at} is out of range (valid: 1..{facts.depth - 1})")
+        point = facts.streams[int(recover_at)]
+    if point is None:
+        needs = [c for c in full_token_consumers(facts) if c.needs_recovery]
+        if mode == "none":
+            if needs:
+                raise PruneError(f"{needs[0].describe()} and needs every token; restore them "
+                                 f"(recover=copy|unmerge|attn) or cut elsewhere")
+            return None
+        if mode == "auto" and not needs:
+            return None
+        point = facts.block_output(facts.depth - 1)  # before the final norm: every token goes through it
+    if point is not stream and (point.producer is None or point.producer not in post):
+        return None  # restored before this cut: nothing to do
+    if point is stream:
+        raise PruneError(f"the cut reduces '{stream.name}', where the tokens must be restored for what follows; "
+                         f"cut before a layer instead")
+    if mode in ("auto", "none"):
+        mode = "unmerge" if isinstance(reduce, (Merge, GridPool)) else "copy"
+    return Recovery(point, mode)
 
 
 def _pull_in(facts: Facts, post: set, layer: int) -> None:

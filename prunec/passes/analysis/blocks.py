@@ -78,6 +78,32 @@ class Facts:
                     best = v
         return best
 
+    def block_output(self, layer: int) -> Value:
+        """The residual stream leaving block ``layer`` [B, N, C]: the MLP's residual add, or for a
+        post-norm block (BERT: the stream entering each layer is a norm's output) the norm after
+        it. Unlike :meth:`output_stream` it comes before a pre-norm model's final norm."""
+        mid = self.mid_stream(layer)
+        below = self.graph.consumers_closure(mid)
+        add = next(u for u, _ in mid.uses if _is_add(u) and len(u.inputs) == 2 and any(
+            x is not mid and x is not None and x.producer in below for x in u.inputs))
+        out = add.outputs[0]
+        entering = self.streams[layer].producer
+        if entering is not None and entering.op == "layernorm" and len(out.uses) == 1:
+            norm = out.uses[0][0]
+            if norm.op == "layernorm":
+                return norm.outputs[0]
+        return out
+
+    def recovery_point(self) -> Value | None:
+        """Where an earlier cut restores the full token count (the token tensor its recovery
+        reads), or None: later cuts must restore theirs at the same point."""
+        for node in self.graph.nodes:
+            if any(RECOVER_TAG in o.name for o in node.outputs) and node.inputs and node.inputs[0] is not None:
+                v = node.inputs[0]
+                if RECOVERED_TAG not in v.name:
+                    return v
+        return None
+
     def tokens(self, layer: int = 0) -> int:
         """Tokens entering ``layer`` (an earlier cut may have reduced them)."""
         return self.streams[layer].shape[1]
@@ -116,6 +142,8 @@ LOGSIZE_TAG = "prunec_logsize"  # log(size) as an attention-logit bias [B, 1, 1,
 MEANW_TAG = "prunec_meanw"  # size / mean(size) [B, N, 1]: weights that make a token mean size-weighted
 SIZE_DERIVED = (SIZE_TAG, LOGSIZE_TAG, MEANW_TAG)
 REWEIGH_TAG = "prunec_reweigh"  # a token mean/sum input times size: rebuilt at every later cut
+RECOVER_TAG = "prunec_recover"  # the node that reads the reduced tokens a recovery restores
+RECOVERED_TAG = "prunec_recovered"  # a recovery's result [B, N, C]
 BIAS_TAG = "prunec_bias"  # a fused attention's mask combined with log(size): rebuilt at every later cut
 
 

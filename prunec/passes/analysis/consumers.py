@@ -33,21 +33,27 @@ def full_token_consumers(facts) -> list[Consumer]:
     for v in g.outputs:
         if v.producer is not None and v.producer in tail and facts.token_axes(v, layer):
             out.append(Consumer("token output", v.name, v))
+    sliced: dict[int, list[int]] = {}  # slices of the tokens (patch tokens without CLS): id -> axes
     for node in sorted(tail, key=lambda n: n.index):
-        x = next((v for v in node.inputs if v is not None and facts.token_axes(v, layer)), None)
+        x = next((v for v in node.inputs if v is not None and (facts.token_axes(v, layer) or id(v) in sliced)), None)
         if x is None:
             continue
-        kind = _kind(facts, node, x, layer)
+        axes = facts.token_axes(x, layer) or sliced[id(x)]
+        if node.op == "slice" and node.outputs and node.outputs[0].shape is not None:
+            y = node.outputs[0]
+            if not facts.token_axes(y, layer) and len(y.shape) == len(x.shape):
+                sliced[id(y)] = axes
+            continue
+        kind = _kind(facts, node, x, axes, layer)
         if kind is not None:
             out.append(Consumer(kind, node.name, x))
     return out
 
 
-def _kind(facts, node: Node, x: Value, layer: int) -> str | None:
+def _kind(facts, node: Node, x: Value, axes: list[int], layer: int) -> str | None:
     y = node.outputs[0] if node.outputs else None
     if y is None or y.shape is None or x.shape is None:
         return None
-    axes = facts.token_axes(x, layer)
     if node.op == "reshape" and not facts.token_axes(y, layer):
         n = x.shape[axes[0]]
         dims = list(y.shape)

@@ -15,7 +15,7 @@ import torch
 
 import prunec
 import zoo
-from conftest import case, kept, load, run, torch_outputs
+from conftest import case, kept, load, run
 from merge_reference import reference_merge
 from prunec.passes.analysis.consumers import full_token_consumers
 from recovery_models import pose_transformer, seg_vit
@@ -237,3 +237,26 @@ def test_cli_recover_flags(tmp_path):
                         "--recover", "none", "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "grid reshape" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+EVERY = [("fastv", dict(keep=0.5, layer="1")), ("cls-attn", dict(keep=0.5, layer="2")),
+         ("divprune", dict(keep=0.5, layer="2")), ("zero-tprune", dict(keep=0.5, layer="2")),
+         ("random", dict(keep=0.5, layer="1")), ("pool", dict(factor=2, layer="1")), ("tome", dict(r="3")),
+         ("evit", dict(keep="0.5", layers="1/2")), ("ppt", dict(r=3, layers="0/2")),
+         ("visionzip", dict(dominant=6, contextual=4, layer="2"))]
+
+
+@pytest.mark.parametrize("pname,opts", EVERY, ids=[p for p, _ in EVERY])
+def test_every_pass_gets_the_grid_back_and_backends_agree(pname, opts, tmp_path):
+    seg, x = seg_vit()
+    a = prunec.passes.get(pname)(**opts)(_load(seg, x, "torch", "seg", tmp_path))
+    b = prunec.passes.get(pname)(**opts)(_load(seg, x, "dynamo18", "seg", tmp_path))
+    ya, yb = run(a, x)[0], run(b, x)[0]
+    assert ya.shape == yb.shape == (2, 5, 4, 4)
+    np.testing.assert_allclose(ya, yb, rtol=1e-4, atol=1e-4)
+
+
+def test_a_cut_after_the_restore_point_is_refused(tmp_path):
+    seg, x = seg_vit()
+    with pytest.raises(prunec.PruneError, match="cut before a layer"):
+        prunec.passes.get("cls-attn")(keep=0.5)(prunec.load(seg, x))  # default cut: the encoder output

@@ -116,6 +116,7 @@ def plan_recovery(facts: Facts, stream, post: set, reduce, recover, recover_at) 
         if not 1 <= int(recover_at) < facts.depth:
             raise PruneError(f"recover_at {recover_at} is out of range (valid: 1..{facts.depth - 1})")
         point = facts.streams[int(recover_at)]
+    needs = []
     if point is None:
         needs = [c for c in full_token_consumers(facts) if c.needs_recovery]
         if mode == "none":
@@ -127,6 +128,10 @@ def plan_recovery(facts: Facts, stream, post: set, reduce, recover, recover_at) 
             return None
         point = facts.block_output(facts.depth - 1)  # before the final norm: every token goes through it
     if point is not stream and (point.producer is None or point.producer not in post):
+        if facts.recovery_point() is None and recover_at is None and (mode != "auto" or needs):
+            what = needs[0].describe() + " and needs every token" if needs else "the token outputs must keep every token"
+            raise PruneError(f"the cut comes after '{point.name}', where the tokens are restored, but {what}; "
+                             f"cut before a layer")
         return None  # restored before this cut: nothing to do
     if point is stream:
         raise PruneError(f"the cut reduces '{stream.name}', where the tokens must be restored for what follows; "

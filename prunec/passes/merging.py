@@ -36,7 +36,8 @@ class LayerMergePass(Pass):
         red = self.reduction(facts, layer, step)
         if red is None:
             return None
-        return Plan([plan_cut(facts, layer, red, tag=f"{self.name.replace('-', '_')}_l{layer}", mid=True, recover=self.recover, recover_at=self.recover_at)])
+        return Plan([plan_cut(facts, layer, red, tag=f"{self.name.replace('-', '_')}_l{layer}", mid=True,
+                              recover=self.recover, recover_at=self.recover_at)])
 
     def plan(self, model) -> Plan:
         for step, layer in enumerate(parse_layers(self.layers, model.facts().depth)):

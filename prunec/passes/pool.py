@@ -69,4 +69,5 @@ class Pool(SelectionPass):
         f = int(self.factor)
         if f < 1 or (h > 1 and h % f) or (w > 1 and w % f):
             raise PruneError(f"factor {f} does not divide the {h}x{w} patch grid")
-        return Plan([plan_cut(facts, layer, GridPool(start, h, w, f, n), tag=self.cut_tag(layer, facts.depth), recover=self.recover, recover_at=self.recover_at)])
+        return Plan([plan_cut(facts, layer, GridPool(start, h, w, f, n), tag=self.cut_tag(layer, facts.depth),
+                              recover=self.recover, recover_at=self.recover_at)])

@@ -107,7 +107,8 @@ class SelectionPass(Pass):
         else:
             k = keep_count(keep, end - start)
         red = self.reduction(model, facts, layer, k, start, end)
-        return Plan([plan_cut(facts, layer, red, tag=self.cut_tag(layer, facts.depth), recover=self.recover, recover_at=self.recover_at)])
+        return Plan([plan_cut(facts, layer, red, tag=self.cut_tag(layer, facts.depth),
+                              recover=self.recover, recover_at=self.recover_at)])
 
     def cut_tag(self, layer: int, depth: int) -> str:
         """Name of a cut (and prefix of its graph values): ``fastv_l2``, ``divprune_out``."""

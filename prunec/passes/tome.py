@@ -77,7 +77,8 @@ class ToMe(Pass):
         if r <= 0:
             return None
         red = Bipartite(site=facts.sites[layer], prefix=prefix, r=r, track_size=True, prop_attn=flag(self.prop_attn))
-        return Plan([plan_cut(facts, layer, red, tag=f"tome_l{layer}", mid=True, recover=self.recover, recover_at=self.recover_at)])
+        return Plan([plan_cut(facts, layer, red, tag=f"tome_l{layer}", mid=True,
+                              recover=self.recover, recover_at=self.recover_at)])
 
     def plan(self, model) -> Plan:
         """The plan of the first layer that merges."""

@@ -61,7 +61,8 @@ class VisionZip(Pass):
         red = Contextual(site=facts.sites[layer - 1], prefix=prefix, dominant=dominant, contextual=contextual,
                          normalize=False)
         tag = "visionzip_" + (f"l{layer}" if layer < facts.depth else "out")
-        return Plan([plan_cut(facts, layer, red, tag=tag, recover=self.recover, recover_at=self.recover_at)])
+        return Plan([plan_cut(facts, layer, red, tag=tag,
+                              recover=self.recover, recover_at=self.recover_at)])
 
     def apply(self, model):
         plan = self.plan(model)

@@ -260,3 +260,26 @@ def test_a_cut_after_the_restore_point_is_refused(tmp_path):
     seg, x = seg_vit()
     with pytest.raises(prunec.PruneError, match="cut before a layer"):
         prunec.passes.get("cls-attn")(keep=0.5)(prunec.load(seg, x))  # default cut: the encoder output
+
+
+class TwoTaps(torch.nn.Module):
+    """A decoder that reads the last block's tokens and block 1's (a DPT-style skip)."""
+
+    def __init__(self, seg):
+        super().__init__()
+        self.seg = seg
+
+    def forward(self, x):
+        enc = self.seg.encoder
+        h1 = enc.blocks[1](enc.blocks[0](enc.norm_pre(enc._pos_embed(enc.patch_embed(x)))))
+        return self.seg.decode(enc.norm(enc.blocks[2](h1)) + h1)
+
+
+def test_a_second_token_tensor_past_the_restore_point_is_refused():
+    """Only the stream at the restore point comes back: a skip from a layer after the cut
+    would reach the decoder with fewer tokens, so the rewrite is refused, naming it."""
+    seg, x = seg_vit()
+    model = prunec.load(TwoTaps(seg).eval(), x)
+    with pytest.raises(prunec.PruneError, match="reaches node .* after the point"):
+        prunec.passes.FastV(keep=0.5, layer="1")(model)
+    assert run(prunec.passes.FastV(keep=0.5, layer="2")(model), x)[0].shape == (2, 5, 4, 4)  # cut after the tap

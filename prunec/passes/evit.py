@@ -18,7 +18,7 @@ import math
 
 from ..errors import PruneError
 from .base import Fuse, Option, flag, register
-from .merging import LayerMergePass, parse_layers
+from .merging import LayerMergePass, cls_prefix, parse_layers
 
 
 @register
@@ -34,11 +34,7 @@ class EViT(LayerMergePass):
     ]
 
     def reduction(self, facts, layer, step):
-        prefix = facts.prefix if self.prefix is None else int(self.prefix)
-        if prefix < 1:
-            raise PruneError("evit ranks tokens by CLS attention, and this model shows no CLS token (give prefix=1)")
-        if facts.causal:
-            raise PruneError("evit needs a bidirectional encoder with a CLS token; this model is causal")
+        prefix = cls_prefix(facts, self.prefix, self.name)
         keeps = str(self.keep).split("/")
         n_layers = len(parse_layers(self.layers, facts.depth))
         if len(keeps) not in (1, n_layers):

@@ -7,6 +7,17 @@ from .base import Pass, Plan
 from .cut import plan_cut
 
 
+def cls_prefix(facts, prefix, name: str) -> int:
+    """The prefix tokens, CLS first: ``prefix`` if given, else what the graph shows; at least 1 for
+    passes that score tokens by the CLS token's attention."""
+    p = facts.prefix if prefix is None else int(prefix)
+    if p < 1:
+        raise PruneError(f"{name} scores tokens by CLS attention, and this model shows no CLS token (give prefix=1)")
+    if facts.causal:
+        raise PruneError(f"{name} needs a bidirectional encoder with a CLS token; this model is causal")
+    return p
+
+
 def parse_layers(spec, depth: int) -> list[int]:
     """``auto`` (the quarter points of the depth: 3/6/9 for 12 layers, as EViT and PPT use on
     DeiT) or a list ``a/b/c`` of 0-based block indices."""

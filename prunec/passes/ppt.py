@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .base import Adaptive, Option, flag, register
-from .merging import LayerMergePass
+from .merging import LayerMergePass, cls_prefix
 
 
 @register
@@ -37,9 +37,7 @@ class PPT(LayerMergePass):
     ]
 
     def reduction(self, facts, layer, step):
-        prefix = facts.prefix if self.prefix is None else int(self.prefix)
-        if prefix < 1:
-            raise PruneError("ppt scores tokens by CLS attention, and this model shows no CLS token (give prefix=1)")
+        prefix = cls_prefix(facts, self.prefix, self.name)
         if facts.sites[layer].v is None:
             raise PruneError(f"attention node '{facts.sites[layer].node.name}' hides its values; ppt needs them")
         n = facts.tokens(layer)

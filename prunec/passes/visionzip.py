@@ -22,6 +22,7 @@ from __future__ import annotations
 from ..errors import PruneError
 from .base import Contextual, Option, Pass, Plan, register
 from .cut import plan_cut
+from .merging import cls_prefix
 
 
 @register
@@ -46,10 +47,7 @@ class VisionZip(Pass):
         if not 1 <= layer <= facts.depth:
             raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
                              f"(valid: 1..{facts.depth - 1}, or 'output')")
-        prefix = facts.prefix if self.prefix is None else int(self.prefix)
-        if prefix < 1:
-            raise PruneError("visionzip ranks tokens by CLS attention, and this model shows no CLS token "
-                             "(give prefix=1)")
+        prefix = cls_prefix(facts, self.prefix, self.name)
         n = facts.stream_at(layer).shape[1]
         patches = facts.num_tokens - prefix
         dominant = max(prefix + 1, round(54 / 576 * patches)) if self.dominant is None else int(self.dominant)

@@ -48,16 +48,7 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut):
                                                             r.drop_similar, r.cls, cut.tag))
     if not isinstance(r, TopK):
         raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
-    site, query = r.score.site, r.score.query
-    if site.probs is not None:
-        if len(site.probs.shape) != 4:
-            raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
-        scores = graph.call_function(ops.scores_from_probs, (by_name[site.probs.ref.name], query))
-    else:
-        q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
-        mask = by_name[site.mask.ref.name] if site.mask is not None else None
-        scores = graph.call_function(ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")),
-                                                          query))
+    scores = _site_scores(graph, by_name, r.score.site, r.score.query)
     return graph.call_function(ops.select_topk, (scores, r.k, r.span_start, r.span_end, cut.tag))
 
 
@@ -68,13 +59,17 @@ def _site_keys(graph, by_name, site):
     return graph.call_function(ops.merge.keys_metric, (by_name[site.k.ref.name], "bhnd"))
 
 
-def _site_cls_scores(graph, by_name, site, cls: int):
-    """Attention the CLS token pays every token in ``site``, mean over heads: [B, N]."""
+def _site_scores(graph, by_name, site, query):
+    """Attention each token receives in ``site`` from ``query`` (a row index or "mean"), mean over
+    heads: [B, N]. Fused attention: only the needed softmax rows, from q and k."""
     if site.probs is not None:
-        return graph.call_function(ops.merge.cls_scores, (by_name[site.probs.ref.name], cls))
+        if len(site.probs.shape) != 4:
+            raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
+        return graph.call_function(ops.scores_from_probs, (by_name[site.probs.ref.name], query))
     q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
     mask = by_name[site.mask.ref.name] if site.mask is not None else None
-    return graph.call_function(ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")), cls))
+    return graph.call_function(ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")),
+                                                    query))
 
 
 def _merge(graph, by_name, cut, size_in):
@@ -87,16 +82,16 @@ def _merge(graph, by_name, cut, size_in):
         res = graph.call_function(ops.merge.tome_assign, (_site_keys(graph, by_name, r.site), r.r, r.prefix, cut.tag))
         weight = size_in
     elif isinstance(r, Fuse):
-        scores = _site_cls_scores(graph, by_name, r.site, 0)
+        scores = _site_scores(graph, by_name, r.site, 0)
         res = graph.call_function(ops.merge.evit_assign, (scores, r.k, r.prefix, r.fuse, cut.tag))
         weight = graph.call_function(operator.getitem, (res, 1))
     elif isinstance(r, Contextual):
-        scores = _site_cls_scores(graph, by_name, r.site, 0)
+        scores = _site_scores(graph, by_name, r.site, 0)
         res = graph.call_function(ops.merge.visionzip_assign, (scores, _site_keys(graph, by_name, r.site), r.dominant,
                                                                r.contextual, r.prefix, cut.tag))
         weight = graph.call_function(operator.getitem, (res, 1))
     elif isinstance(r, Adaptive):
-        cls = _site_cls_scores(graph, by_name, r.site, 0)
+        cls = _site_scores(graph, by_name, r.site, 0)
         scores = graph.call_function(ops.merge.ppt_scores, (cls, by_name[r.site.v.ref.name], r.prefix))
         res = graph.call_function(ops.merge.ppt_assign, (scores, _site_keys(graph, by_name, r.site), r.r, r.prefix,
                                                          r.threshold, cut.tag))
@@ -201,10 +196,7 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
                 idx = _selection(graph, by_name, cut)
             sizes = (_size_state(graph, cut, size_in, by_name[cut.stream.ref.name], idx, dest)
                      if cut.sizes_out else None)
-            for role in {LOGSIZE_TAG for _ in cut.bias_sites} | {rw.role for rw in cut.reweigh} | {
-                    c.role for c in cut.crossings if c.role is not None}:
-                if sizes is None:
-                    raise PruneError(f"token sizes cross the cut before layer {cut.layer} but none enter it")
+            for role in cut.size_roles():  # before the first post-cut node: every later use sees them
                 sizes(role)
         reduced = merged
         for c in cut.crossings:

@@ -147,6 +147,22 @@ class _Builder:
             return self.op("Shape", [x], {"start": 0, "end": 1})
         return self.slice(self.op("Shape", [x]), 0, 1, axis=0)
 
+    def batch_const(self, array, like: ir.Value, name: str) -> ir.Value:
+        """A [1, ...] constant expanded to ``like``'s batch size (the batch stays dynamic)."""
+        array = np.asarray(array)
+        shape = self.op("Concat", [self.batch_size(like), self.ints(list(array.shape[1:]), "rest")], {"axis": 0})
+        return self.op("Expand", [self.const(array, name), shape])
+
+    def ones_like(self, x: ir.Value) -> ir.Value:
+        """Float ones of x's shape."""
+        return self.op("Add", [self.op("Mul", [x, self.floats(0.0, "zero")]), self.floats(1.0, "one")])
+
+    def sort_ascending(self, idx: ir.Value, k: int) -> ir.Value:
+        """Int64 indices [B, k] sorted ascending along axis 1 (TopK on their float values)."""
+        as_float = self.op("Cast", [idx], {"to": ir.DataType.FLOAT})
+        ordered, _ = self.op("TopK", [as_float, self.ints([k], "k")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
+        return self.op("Cast", [ordered], {"to": ir.DataType.INT64})
+
     @property
     def count(self) -> int:
         return next(self.counter)
@@ -261,8 +277,9 @@ def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query) -> ir
     return b.op("Softmax", [logits], {"axis": -1})
 
 
-def _scores(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value:
-    site, query = cut.reduce.score.site, cut.reduce.score.query
+def site_scores(b: _Builder, site, query, values: dict[str, ir.Value]) -> ir.Value:
+    """Attention each token receives in ``site`` from ``query`` (a row index or "mean"), mean over
+    heads: [B, N]."""
     if site.probs is not None:
         if len(site.probs.shape) != 4:
             raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
@@ -280,8 +297,7 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value |
     r = cut.reduce
     if isinstance(r, GridPool):  # side inputs follow each window's first token
         reps = r.representatives()
-        idx = b.op("Expand", [b.ints([reps], "reps"), b.op("Concat", [b.batch_size(values[cut.stream.name]),
-                                                                   b.ints([len(reps)], "m")], {"axis": 0})])
+        idx = b.batch_const([reps], values[cut.stream.name], "reps")
         idx.name = f"{cut.tag}/keep_idx"
         return idx
     if isinstance(r, Diverse):
@@ -296,7 +312,7 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value |
             scores = b.op("Expand", [ranks, b.op("Concat", [b.batch_size(stream), b.ints([cut.num_tokens], "n")],
                                                  {"axis": 0})])
         elif isinstance(r, TopK):
-            scores = _scores(b, cut, values)
+            scores = site_scores(b, r.score.site, r.score.query, values)
         else:
             raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
         span = b.slice(scores, r.span_start, r.span_end)
@@ -375,17 +391,11 @@ def _with_fixed(b: _Builder, top: ir.Value, batch_of: ir.Value, cut: Cut) -> ir.
     if s:
         top = b.op("Add", [top, b.ints(s, "off")])
     parts = [top]
-    batch = b.batch_size(batch_of)
     for lo, hi in ((0, s), (e, n)):
         if hi > lo:
-            fixed = b.op("Expand", [b.ints(np.arange(lo, hi)[None, :], "fixed"),
-                                    b.op("Concat", [batch, b.ints([hi - lo], "len")], {"axis": 0})])
-            parts.insert(0 if lo == 0 else len(parts), fixed)
+            parts.insert(0 if lo == 0 else len(parts), b.batch_const(np.arange(lo, hi)[None, :], batch_of, "fixed"))
     idx = b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else top
-    m = cut.kept
-    as_float = b.op("Cast", [idx], {"to": ir.DataType.FLOAT})
-    ordered, _ = b.op("TopK", [as_float, b.ints([m], "m")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
-    out = b.op("Cast", [ordered], {"to": ir.DataType.INT64})
+    out = b.sort_ascending(idx, cut.kept)
     out.name = f"{cut.tag}/keep_idx"
     return out
 
@@ -432,19 +442,19 @@ def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: 
     node.replace_input_with(3, new)
 
 
-def _recover(graph, cut, values, idx, dest, reduced, post_names, counter) -> None:
+def _recover(graph, cut, values, idx, dest, reduced, post_names, order, counter) -> None:
     """Restore the tokens at ``cut.recovery.point`` to the cut's length and order (as
     ``prunec.ops.recover``); every use of the point after the cut reads the restored tensor."""
     point = values[cut.recovery.point.name]
     src = values[cut.stream.name]
     uses = [(u, i) for u, i in point.uses() if u.name not in post_names]
-    b = _Builder(graph, None, f"{cut.tag}/recover", counter)
+    before = min((u for u, _ in uses), key=lambda u: order[u.name]) if uses else None
+    b = _Builder(graph, before, f"{cut.tag}/recover", counter)
     entry = b.op("Identity", [point], name=RECOVER_TAG)
     r, mode = cut.reduce, cut.recovery.mode
     axes2 = b.ints([2], "axes")
     if mode == "unmerge" and isinstance(r, GridPool):
-        dest = b.op("Expand", [b.ints([r.dest()], "dest"), b.op("Concat", [b.batch_size(src), b.ints([cut.num_tokens], "n")],
-                                                                   {"axis": 0})])
+        dest = b.batch_const([r.dest()], src, "dest")
     if mode == "attn":
         scale = b.floats(1.0 / math.sqrt(cut.stream.shape[-1]), "scale")
         logits = b.op("Mul", [b.op("MatMul", [src, b.op("Transpose", [reduced], {"perm": [0, 2, 1]})]), scale])
@@ -459,18 +469,6 @@ def _recover(graph, cut, values, idx, dest, reduced, post_names, counter) -> Non
         where = b.op("Expand", [b.op("Unsqueeze", [idx, axes2]), b.op("Shape", [entry])])
         full = b.op("ScatterElements", [src, where, entry], {"axis": 1})
     full.name = f"{cut.tag}/{RECOVERED_TAG}"
-    # the new nodes were appended: move them right after the point's producer (topological order)
-    new_nodes = []
-    seen = False
-    for node in list(graph):
-        if node is entry.producer():
-            seen = True
-        if seen:
-            new_nodes.append(node)
-    anchor = point.producer()
-    for node in new_nodes:
-        graph.remove(node)
-    graph.insert_after(anchor, new_nodes) if anchor is not None else graph.extend(new_nodes)
     for u, i in uses:
         u.replace_input_with(i, full)
     if point.is_graph_output():
@@ -517,12 +515,16 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                 size = _gather(b, size_in, list(cut.size_in.shape), idx, 1, 0)
             size.name = f"{cut.tag}/{SIZE_TAG}"
             sizes[SIZE_TAG] = size
-            log = b.op("Unsqueeze", [b.op("Transpose", [b.op("Log", [size])], {"perm": [0, 2, 1]}), b.ints([1], "axes")])
-            log.name = f"{cut.tag}/{LOGSIZE_TAG}"  # [B, 1, 1, M]
-            sizes[LOGSIZE_TAG] = log
-            meanw = b.op("Div", [size, b.reduce_mean(size, [1], keepdims=1)])
-            meanw.name = f"{cut.tag}/{MEANW_TAG}"
-            sizes[MEANW_TAG] = meanw
+            roles = cut.size_roles()
+            if LOGSIZE_TAG in roles:  # [B, M, 1] -> [B, 1, 1, M]
+                log = b.op("Unsqueeze", [b.op("Transpose", [b.op("Log", [size])], {"perm": [0, 2, 1]}),
+                                         b.ints([1], "axes")])
+                log.name = f"{cut.tag}/{LOGSIZE_TAG}"
+                sizes[LOGSIZE_TAG] = log
+            if MEANW_TAG in roles:  # size / mean over tokens
+                meanw = b.op("Div", [size, b.reduce_mean(size, [1], keepdims=1)])
+                meanw.name = f"{cut.tag}/{MEANW_TAG}"
+                sizes[MEANW_TAG] = meanw
         reduced = merged
         for c in cut.crossings:
             src = values[c.value.name]
@@ -533,9 +535,6 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
             before = min((u for u, _ in uses), key=lambda u: order[u.name]) if uses else None
             gb = _Builder(graph, before, f"{cut.tag}/gather", counter)
             if c.role is not None:
-                if c.role not in sizes:
-                    raise PruneError(f"token sizes '{c.value.name}' cross the cut before layer {cut.layer} "
-                                     f"but none enter it")
                 y = sizes[c.role]
             elif merged is not None and c.value is cut.stream:
                 y = merged
@@ -562,7 +561,7 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                 y.type = src.type
                 graph.outputs[graph.outputs.index(src)] = y
         if cut.recovery is not None:
-            _recover(graph, cut, values, idx, dest, reduced, post_names, counter)
+            _recover(graph, cut, values, idx, dest, reduced, post_names, order, counter)
         for site in cut.bias_sites:
             _add_bias(graph, nodes[site.node.ref.name], site, sizes[LOGSIZE_TAG], cut.kept, counter, cut.tag)
         for rw in cut.reweigh:

@@ -12,50 +12,20 @@ import onnx_ir as ir
 from ..errors import PruneError
 from ..ops.merge import tome_order
 from ..passes.base import Adaptive, Bipartite, Contextual, Fuse
-
-
-def _as_4d(b, site, which: str, values):
-    from .onnx import _as_4d_heads
-
-    v = getattr(site, which)
-    heads = site.node.attrs.get("q_num_heads") or site.heads
-    if which != "q":
-        heads = site.node.attrs.get("kv_num_heads") or heads
-    return _as_4d_heads(b, values[v.name], v.shape, heads)
+from .onnx import _as_4d_heads, site_scores
 
 
 def site_keys(b, site, values) -> ir.Value:
     """Keys averaged over heads: [B, N, D]."""
     if site.probs is not None:  # eager: kᵀ [B, H, D, N]
         return b.op("Transpose", [b.reduce_mean(values[site.k_t.name], [1])], {"perm": [0, 2, 1]})
-    return b.reduce_mean(_as_4d(b, site, "k", values), [1])
-
-
-def site_cls_scores(b, site, values, cls: int = 0) -> ir.Value:
-    """Attention the CLS row pays each token, mean over heads: [B, N]."""
-    from .onnx import _attention_rows
-
-    if site.probs is not None:
-        row = b.op("Gather", [values[site.probs.name], b.ints(cls, "row")], {"axis": 2})  # [B, H, N]
-        return b.reduce_mean(row, [1])
-    return b.reduce_mean(_attention_rows(b, site, values, cls), [1, 2])
+    heads = site.node.attrs.get("kv_num_heads") or site.heads
+    return b.reduce_mean(_as_4d_heads(b, values[site.k.name], site.k.shape, heads), [1])
 
 
 def _normalize(b, x: ir.Value, axis: int = -1) -> ir.Value:
     norm = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [x, x]), [axis], keepdims=1)])
     return b.op("Div", [x, b.op("Max", [norm, b.floats(1e-12, "eps")])])
-
-
-def _expand_batch(b, const: np.ndarray, like: ir.Value, name: str) -> ir.Value:
-    """A [1, ...] constant expanded to like's batch size."""
-    shape = b.op("Concat", [b.batch_size(like), b.ints(list(const.shape[1:]), "rest")], {"axis": 0})
-    return b.op("Expand", [b.const(const, name), shape])
-
-
-def _sort_ascending(b, idx: ir.Value, k: int) -> ir.Value:
-    as_float = b.op("Cast", [idx], {"to": ir.DataType.FLOAT})
-    ordered, _ = b.op("TopK", [as_float, b.ints([k], "k")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
-    return b.op("Cast", [ordered], {"to": ir.DataType.INT64})
 
 
 def tome_assign(b, metric: ir.Value, n: int, r: int, prefix: int):
@@ -78,17 +48,17 @@ def tome_assign(b, metric: ir.Value, n: int, r: int, prefix: int):
     unm = b.slice(edge, r, na)
     src = b.slice(edge, 0, r)
     if prefix:
-        unm = _sort_ascending(b, unm, u)
+        unm = b.sort_ascending(unm, u)
     zeros = b.op("Mul", [node_idx, b.ints(0, "zero")])
-    slot_a = b.op("ScatterElements", [zeros, unm, _expand_batch(b, np.arange(u)[None, :], unm, "slots")], {"axis": 1})
+    slot_a = b.op("ScatterElements", [zeros, unm, b.batch_const(np.arange(u)[None, :], unm, "slots")], {"axis": 1})
     dst = b.op("Add", [b.op("GatherElements", [node_idx, src], {"axis": 1}), b.ints(u, "u")])
     slot_a = b.op("ScatterElements", [slot_a, src, dst], {"axis": 1})
-    slot_b = _expand_batch(b, (u + np.arange(nb))[None, :], unm, "slot_b")
+    slot_b = b.batch_const((u + np.arange(nb))[None, :], unm, "slot_b")
     both = b.op("Concat", [slot_a, slot_b], {"axis": 1})  # [B, Na + Nb]: A tokens, then B tokens
     interleave = np.array([i // 2 if i % 2 == 0 else na + i // 2 for i in range(n)], np.int64)
     dest = b.op("Gather", [both, b.ints(interleave, "interleave")], {"axis": 1})
     rep = b.op("Concat", [b.op("Mul", [unm, b.ints(2, "two")]),
-                          _expand_batch(b, (2 * np.arange(nb) + 1)[None, :], unm, "odd_idx")], {"axis": 1})
+                          b.batch_const((2 * np.arange(nb) + 1)[None, :], unm, "odd_idx")], {"axis": 1})
     order = tome_order(prefix, u, nb)
     if order is not None:
         inverse = np.empty(len(order), np.int64)
@@ -107,13 +77,13 @@ def evit_assign(b, scores: ir.Value, n: int, k: int, prefix: int, fuse: bool = T
     fused = prefix + k
     base = np.full((1, n), fused, np.int64)
     base[0, :prefix] = np.arange(prefix)
-    dest = b.op("ScatterElements", [_expand_batch(b, base, scores, "base"), top,
-                                    _expand_batch(b, (prefix + np.arange(k))[None, :], scores, "slots")], {"axis": 1})
-    ones = b.op("Add", [b.op("Mul", [scores, b.floats(0.0, "zero")]), b.floats(1.0, "one")])
+    dest = b.op("ScatterElements", [b.batch_const(base, scores, "base"), top,
+                                    b.batch_const((prefix + np.arange(k))[None, :], scores, "slots")], {"axis": 1})
+    ones = b.ones_like(scores)
     weight = b.op("ScatterElements", [ones, rest, b.op("GatherElements", [scores, rest], {"axis": 1})], {"axis": 1})
     parts = [top]
     if prefix:
-        parts.insert(0, _expand_batch(b, np.arange(prefix)[None, :], scores, "prefix_idx"))
+        parts.insert(0, b.batch_const(np.arange(prefix)[None, :], scores, "prefix_idx"))
     if fuse and n - prefix > k:
         parts.append(b.slice(rest, 0, 1))
     rep = b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else top
@@ -127,16 +97,15 @@ def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n: int, dominant: in
     top = b.op("Add", [top, b.ints(prefix, "prefix")])
     flag = np.zeros((1, n), np.float32)
     flag[0, :prefix] = 1.0
-    zeros_like_top = b.op("Mul", [b.op("Cast", [top], {"to": ir.DataType.FLOAT}), b.floats(0.0, "zero")])
-    keep = b.op("ScatterElements", [_expand_batch(b, flag, scores, "flag"), top,
-                                    b.op("Add", [zeros_like_top, b.floats(1.0, "one")])], {"axis": 1})
+    keep = b.op("ScatterElements", [b.batch_const(flag, scores, "flag"), top,
+                                    b.ones_like(b.op("Cast", [top], {"to": ir.DataType.FLOAT}))], {"axis": 1})
     key = b.op("Sub", [b.floats(np.arange(n, dtype=np.float32)[None, :], "pos"), b.op("Mul", [keep, b.floats(float(n), "n")])])
     _, order = b.op("TopK", [key, b.ints([n], "all")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
     dom, rest = b.slice(order, 0, dominant), b.slice(order, dominant, n)
     n_rest = n - dominant
-    dest = b.op("ScatterElements", [_expand_batch(b, np.full((1, n), dominant + contextual, np.int64), scores, "drop"),
-                                    dom, _expand_batch(b, np.arange(dominant)[None, :], scores, "slots")], {"axis": 1})
-    ones = b.op("Add", [b.op("Mul", [scores, b.floats(0.0, "zero")]), b.floats(1.0, "one")])
+    dest = b.op("ScatterElements", [b.batch_const(np.full((1, n), dominant + contextual, np.int64), scores, "drop"),
+                                    dom, b.batch_const(np.arange(dominant)[None, :], scores, "slots")], {"axis": 1})
+    ones = b.ones_like(scores)
     if not (contextual and n_rest):
         return dest, b.op("Unsqueeze", [ones, b.ints([2], "axes")]), dom
     step = max(1, n_rest // contextual)
@@ -149,12 +118,11 @@ def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n: int, dominant: in
     mt = b.op("GatherND", [m, b.op("Unsqueeze", [t_idx, axes2])], {"batch_dims": 1})
     mo = b.op("GatherND", [m, b.op("Unsqueeze", [o_idx, axes2])], {"batch_dims": 1})
     choice = b.op("ArgMax", [b.op("MatMul", [mo, b.op("Transpose", [mt], {"perm": [0, 2, 1]})])], {"axis": 2, "keepdims": 0})
-    ones_o = b.op("Add", [b.op("Mul", [b.op("Cast", [choice], {"to": ir.DataType.FLOAT}), b.floats(0.0, "zero")]),
-                          b.floats(1.0, "one")])
-    counts = b.op("ScatterElements", [_expand_batch(b, np.zeros((1, len(targets)), np.float32), scores, "counts"),
+    ones_o = b.ones_like(b.op("Cast", [choice], {"to": ir.DataType.FLOAT}))
+    counts = b.op("ScatterElements", [b.batch_const(np.zeros((1, len(targets)), np.float32), scores, "counts"),
                                       choice, ones_o], {"axis": 1, "reduction": "add"})
     counts = b.op("Max", [counts, b.floats(1.0, "one")])
-    dest = b.op("ScatterElements", [dest, t_idx, _expand_batch(b, (dominant + np.arange(len(targets)))[None, :], scores,
+    dest = b.op("ScatterElements", [dest, t_idx, b.batch_const((dominant + np.arange(len(targets)))[None, :], scores,
                                                                  "t_slots")], {"axis": 1})
     dest = b.op("ScatterElements", [dest, o_idx, b.op("Add", [choice, b.ints(dominant, "d")])], {"axis": 1})
     inv = b.op("Div", [b.floats(1.0, "one"), b.op("GatherElements", [counts, choice], {"axis": 1})])
@@ -171,7 +139,7 @@ def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n: int, 
     s = b.op("Div", [s, b.reduce_sum(s, [1], keepdims=1)])
     parts = [s]
     if prefix:
-        parts.insert(0, _expand_batch(b, np.full((1, prefix), 2.0, np.float32), cls_scores, "cls_score"))
+        parts.insert(0, b.batch_const(np.full((1, prefix), 2.0, np.float32), cls_scores, "cls_score"))
     scores = b.op("Concat", parts, {"axis": 1}) if prefix else s
     centered = b.op("Sub", [s, b.reduce_mean(s, [1], keepdims=1)])
     var = b.op("Div", [b.reduce_sum(b.op("Mul", [centered, centered]), [1], keepdims=1), b.floats(float(n - prefix - 1), "dof")])
@@ -179,8 +147,8 @@ def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n: int, 
     dest_m, rep_m = tome_assign(b, metric, n, r, prefix)
     _, order = b.op("TopK", [scores, b.ints([n], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
     kept = b.slice(order, 0, n - r)
-    dest_p = b.op("ScatterElements", [_expand_batch(b, np.full((1, n), n - r, np.int64), scores, "drop"), kept,
-                                      _expand_batch(b, np.arange(n - r)[None, :], scores, "slots")], {"axis": 1})
+    dest_p = b.op("ScatterElements", [b.batch_const(np.full((1, n), n - r, np.int64), scores, "drop"), kept,
+                                      b.batch_const(np.arange(n - r)[None, :], scores, "slots")], {"axis": 1})
     return b.op("Where", [pool, dest_m, dest_p]), b.op("Where", [pool, rep_m, kept])
 
 
@@ -211,14 +179,14 @@ def merge(b, x: ir.Value, dest: ir.Value, weight: ir.Value | None, m: int, c: in
 
 
 def _mean_by_count(b, x, dest, m, c):
-    ones = b.op("Add", [b.op("Mul", [b.slice(x, 0, 1, axis=2), b.floats(0.0, "zero")]), b.floats(1.0, "one")])
+    ones = b.ones_like(b.slice(x, 0, 1, axis=2))
     return b.op("Div", [scatter_sum(b, x, dest, m, c), scatter_sum(b, ones, dest, m, 1)])
 
 
 def merge_sizes(b, size: ir.Value | None, stream: ir.Value, dest: ir.Value, m: int) -> ir.Value:
     """Token sizes [B, N, 1] (None: ones like the stream's tokens) summed into [B, M, 1]."""
     if size is None:
-        size = b.op("Add", [b.op("Mul", [b.slice(stream, 0, 1, axis=2), b.floats(0.0, "zero")]), b.floats(1.0, "one")])
+        size = b.ones_like(b.slice(stream, 0, 1, axis=2))
     return scatter_sum(b, size, dest, m, 1)
 
 
@@ -233,12 +201,12 @@ def lower_merge(b, cut, values, size_in: ir.Value | None):
         dest, rep = tome_assign(b, site_keys(b, r.site, values), n, r.r, r.prefix)
         weight = size_in
     elif isinstance(r, Fuse):
-        dest, weight, rep = evit_assign(b, site_cls_scores(b, r.site, values), n, r.k, r.prefix, r.fuse)
+        dest, weight, rep = evit_assign(b, site_scores(b, r.site, 0, values), n, r.k, r.prefix, r.fuse)
     elif isinstance(r, Contextual):
-        dest, weight, rep = visionzip_assign(b, site_cls_scores(b, r.site, values), site_keys(b, r.site, values), n,
+        dest, weight, rep = visionzip_assign(b, site_scores(b, r.site, 0, values), site_keys(b, r.site, values), n,
                                              r.dominant, r.contextual, r.prefix)
     elif isinstance(r, Adaptive):
-        dest, rep = ppt_assign(b, r.site, values, site_cls_scores(b, r.site, values), site_keys(b, r.site, values), n,
+        dest, rep = ppt_assign(b, r.site, values, site_scores(b, r.site, 0, values), site_keys(b, r.site, values), n,
                                r.r, r.prefix, r.threshold)
         weight = size_in
     else:

@@ -107,11 +107,6 @@ def merge_sizes(size: torch.Tensor | None, like: torch.Tensor, dest: torch.Tenso
     return _scatter_rows(size, dest, m)[:, :m]
 
 
-def cls_scores(probs: torch.Tensor, cls: int) -> torch.Tensor:
-    """Attention the CLS row pays each token, mean over heads: [B, H, N, N] -> [B, N]."""
-    return probs[:, :, cls, :].mean(dim=1)
-
-
 def evit_assign(scores: torch.Tensor, k: int, prefix: int, fuse: bool = True, tag: str = ""):
     """EViT: keep the top-``k`` non-prefix tokens by CLS attention ``scores`` [B, N] (in
     descending score order, as EViT's topk), fuse the rest into one last token weighted by

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 from ..errors import PruneError
 from ..ir.graph import Node, Value
 from .analysis.attention import AttentionSite
+from .analysis.blocks import LOGSIZE_TAG
 
 REGISTRY: dict[str, type["Pass"]] = {}
 RECOVER_MODES = ("auto", "none", "copy", "unmerge", "attn")
@@ -39,7 +40,11 @@ class Option:
     help: str
 
 
-RECOVER_OPTIONS: list = []  # filled below, once Option exists
+RECOVER_OPTIONS = [
+    Option("recover", str, "auto", "restore the full token count where the graph needs it: auto (before a grid "
+                                   "reshape or token mixing), none, or copy|unmerge|attn (also for token outputs)"),
+    Option("recover_at", int, None, "restore the full token count before this layer instead of at the output"),
+]
 
 
 class Pass:
@@ -71,13 +76,6 @@ class Pass:
     def __repr__(self) -> str:
         opts = ", ".join(f"{o.name}={getattr(self, o.name)!r}" for o in self.options)
         return f"{type(self).__name__}({opts})"
-
-
-RECOVER_OPTIONS.extend([
-    Option("recover", str, "auto", "restore the full token count where the graph needs it: auto (before a grid "
-                                   "reshape or token mixing), none, or copy|unmerge|attn (also for token outputs)"),
-    Option("recover_at", int, None, "restore the full token count before this layer instead of at the output"),
-])
 
 
 def flag(value) -> bool:
@@ -340,6 +338,13 @@ class Cut:
     def sizes_out(self) -> bool:
         """Whether the cut produces token sizes (a merge that tracks them, or sizes entering)."""
         return self.size_in is not None or getattr(self.reduce, "track_size", False)
+
+    def size_roles(self) -> set[str]:
+        """The size tensors the lowering must build after the cut: those crossing it, the
+        log-size bias of ``bias_sites`` and the weights of ``reweigh`` (role tags of
+        ``analysis.blocks``)."""
+        roles = {c.role for c in self.crossings if c.role is not None} | {rw.role for rw in self.reweigh}
+        return roles | ({LOGSIZE_TAG} if self.bias_sites else set())
 
     @property
     def kept(self) -> int:

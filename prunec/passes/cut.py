@@ -52,10 +52,10 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
         for node in after:  # only the restored tensor may reach past the recovery point
             for v in node.inputs:
                 if (v is not None and v is not recovery.point and v.producer in post
-                        and facts.token_axes(v, min(layer, facts.depth - 1))):
+                        and facts.token_axes(v, cls_layer)):
                     raise PruneError(f"token tensor '{v.name}' reaches node '{node.name}' after the point where "
                                      f"the tokens are restored ('{recovery.point.name}'); only that tensor is restored")
-    _pull_in(facts, post, min(layer, facts.depth - 1))
+    _pull_in(facts, post, cls_layer)
     cut = Cut(layer, stream, reduce, n, post, tag=tag, recovery=recovery)
     seen = set()
     for node in sorted(post, key=lambda x: x.index):
@@ -111,7 +111,8 @@ def plan_recovery(facts: Facts, stream, post: set, reduce, recover, recover_at) 
     mode = str(recover if recover is not None else "auto").strip().lower()
     if mode not in RECOVER_MODES:
         raise PruneError(f"recover '{recover}' is not one of {', '.join(RECOVER_MODES)}")
-    point = facts.recovery_point()
+    earlier = facts.recovery_point()
+    point = earlier
     if point is None and recover_at is not None:
         if not 1 <= int(recover_at) < facts.depth:
             raise PruneError(f"recover_at {recover_at} is out of range (valid: 1..{facts.depth - 1})")
@@ -128,7 +129,7 @@ def plan_recovery(facts: Facts, stream, post: set, reduce, recover, recover_at) 
             return None
         point = facts.block_output(facts.depth - 1)  # before the final norm: every token goes through it
     if point is not stream and (point.producer is None or point.producer not in post):
-        if facts.recovery_point() is None and recover_at is None and (mode != "auto" or needs):
+        if earlier is None and recover_at is None and (mode != "auto" or needs):
             what = needs[0].describe() + " and needs every token" if needs else "the token outputs must keep every token"
             raise PruneError(f"the cut comes after '{point.name}', where the tokens are restored, but {what}; "
                              f"cut before a layer")
@@ -170,6 +171,9 @@ def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
     b, n = cut.stream.shape[0], cut.num_tokens
     cut.size_in = facts.size_at(layer, (b, n, 1), before=cut.post)
     if not cut.sizes_out:
+        crossing = next((c.value for c in cut.crossings if c.role is not None), None)
+        if crossing is not None:
+            raise PruneError(f"token sizes '{crossing.name}' cross the cut before layer {cut.layer} but none enter it")
         return
     if isinstance(cut.reduce, GridPool):
         raise PruneError("pool cannot follow a token merge (the patch grid no longer exists)")

@@ -227,25 +227,45 @@ def prune_main(argv: list[str]) -> int:
     suffix = src.suffix or ".onnx"
     tag = ".".join(p.name for p in passes)
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{tag}{suffix}")
+    if args.span:
+        from .passes.selection import span_bounds
+
+        span_bounds(args.span)
     if src.exists() and out.exists() and out.resolve() == src.resolve():
         raise PruneError(f"output {out} is the input file; choose another -o")
+    from .model import OnnxModel, check_writable
+
+    check_writable(out)
     if out.exists() and not args.force:
         raise PruneError(f"output {out} exists; pass --force to overwrite it")
     if out.suffix != suffix:
         raise PruneError(f"output {out} must have the input's suffix {suffix}")
     console = _console(stderr=True)
     t0 = time.perf_counter()
+    idle = []
     with console.status(f"loading and analysing {src}") as status:
         model = _load_cli(src, args.shape)
+        data = out.with_name(out.name + ".data")
+        if isinstance(model, OnnxModel) and model.external_data() and data.exists() and not args.force:
+            raise PruneError(f"output data file {data} exists; pass --force to overwrite it")
         before = model.facts().num_tokens
         for p in passes:
             status.update(f"applying {p!r}")
-            model = p.apply(model)
+            prev, model = model, p.apply(model)
+            if not model.reduced_since(prev):
+                idle.append(p)
         status.update(f"writing {out}")
         model.save(out)
     dt = time.perf_counter() - t0
-    console.print(f"[green]wrote[/green] {out}  ({', '.join(repr(p) for p in passes)}; "
-                  f"{before} tokens in; rewritten in {dt:.2f} s)")
+    written = f"{out} and its weights {data}" if isinstance(model, OnnxModel) and model.external_data() else f"{out}"
+    for p in idle:
+        console.print(f"prunec: warning: {p!r} reduced no tokens at these settings", markup=False)
+    if len(idle) == len(passes):
+        console.print(f"[yellow]nothing reduced[/yellow]: wrote {written} unchanged  ({before} tokens in and out; "
+                      f"{dt:.2f} s)")
+    else:
+        console.print(f"[green]wrote[/green] {written}  ({', '.join(repr(p) for p in passes)}; "
+                      f"{before} tokens in; rewritten in {dt:.2f} s)")
     return 0
 
 
@@ -547,8 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunec: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunec: interrupted", file=sys.stderr)
+        print("prunec: error: interrupted (no partial output is left)", file=sys.stderr)
         return 130
+    except OSError as e:  # the file system refused something: one line naming the file, not a traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"prunec: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -23,6 +23,16 @@ class Model:
     def __init__(self):
         self._facts = None
         self._graph = None
+        self.cuts: tuple = ()  # (tag, tokens in, tokens out) of every cut prunec applied to reach this model
+
+    def reduced_since(self, other: "Model") -> bool:
+        """Whether a cut made after ``other`` (this model's ancestor) removed tokens."""
+        return any(n_out < n_in for _, n_in, n_out in self.cuts[len(other.cuts):])
+
+    def copy(self) -> "Model":
+        """A new model object with the same graph (weights shared): what a pass that reduces
+        nothing returns, so that passes never hand back their input."""
+        raise NotImplementedError
 
     def facts(self):
         """Analysis facts (attention sites, streams, prefix, ...), computed once."""
@@ -66,6 +76,12 @@ class OnnxModel(Model):
 
         out = OnnxModel(lower_onnx(self.model, plan), self.feeds, self.probe_batch)
         out.validate()
+        out.cuts = self.cuts + tuple((c.tag, c.num_tokens, c.kept) for c in plan.cuts)
+        return out
+
+    def copy(self) -> "OnnxModel":
+        out = OnnxModel(self.model.clone(), self.feeds, self.probe_batch)
+        out.cuts = self.cuts
         return out
 
     def proto(self):
@@ -107,9 +123,13 @@ class OnnxModel(Model):
         return sess.run(outputs, feeds)
 
     def save(self, path: str | os.PathLike) -> Path:
-        import onnx_ir as ir
+        """Write the model atomically; with external data (``PATH.data`` beside it) when the input
+        had external data or the weights would not fit a 2 GiB protobuf."""
+        return save_onnx(self.model, path)
 
-        return atomic_write(path, lambda tmp: ir.save(self.model, tmp))
+    def external_data(self) -> bool:
+        """Whether :meth:`save` writes the weights to ``PATH.data`` beside the model."""
+        return _needs_external(self.model)
 
     def kept_indices(self, feeds: dict[str, Any]) -> dict:
         """Run once and return {cut tag: kept indices [B, M]} of every cut (a merge: each output
@@ -184,6 +204,15 @@ class TorchModel(Model):
             out.run(*self.args, **self.kwargs)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten torch graph does not run: {str(e).splitlines()[0]}") from None
+        out.cuts = self.cuts + tuple((c.tag, c.num_tokens, c.kept) for c in plan.cuts)
+        return out
+
+    def copy(self) -> "TorchModel":
+        import copy
+
+        shared = {id(t): t for t in [*self.gm.parameters(), *self.gm.buffers()]}  # weights shared, graph new
+        out = TorchModel(copy.deepcopy(self.gm, shared), self.args, self.kwargs)
+        out.cuts = self.cuts
         return out
 
     def reexported(self) -> "TorchModel":
@@ -258,25 +287,117 @@ def refresh_meta(gm, flat_args: tuple) -> None:
         Fill(gm).run(*flat_args)
 
 
+INLINE_LIMIT = 1_900_000_000  # bytes of weights above which a model is saved with external data (protobuf: 2 GiB)
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, an output path that cannot be written: a missing folder, a
+    directory given as the file, a folder that refuses a new file (read-only, permissions)."""
+    path = Path(path)
+    folder = path.parent
+    if path.is_dir():
+        raise PruneError(f"output {path} is a directory; give a file name such as {path / 'model.onnx'}")
+    if not folder.exists():
+        raise PruneError(f"output folder {folder} does not exist")
+    if not folder.is_dir():
+        raise PruneError(f"output folder {folder} is not a folder")
+    try:  # the only honest test of writability (root ignores permission bits, not read-only mounts)
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PruneError(f"cannot write to the output folder {folder}: {e.strerror or e}") from None
+    return path
+
+
 def atomic_write(path: str | os.PathLike, data) -> Path:
     """Write ``data`` (bytes, or a function that writes a given path) via a temporary file in
-    the same folder and rename: never a partial file at ``path``."""
+    the same folder and rename: never a partial file at ``path``, also on Ctrl-C."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as e:
+        raise PruneError(f"cannot write {path}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             if isinstance(data, (bytes, bytearray)):
                 f.write(data)
         if not isinstance(data, (bytes, bytearray)):
             data(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
+        _publish([(tmp, path)])
+    except OSError as e:
+        raise PruneError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+    return path
+
+
+def _publish(moves: list[tuple[str, Path]]) -> None:
+    """Give each finished temporary file the usual permissions and rename it into place, in
+    order; a Ctrl-C arriving meanwhile takes effect after the last rename (so a model and its
+    external data appear together)."""
+    import signal
+    import threading
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for tmp, dst in moves:
+        if dst.is_dir():
+            raise IsADirectoryError(21, "is a directory", str(dst))
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
+    pending = []
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, lambda *a: pending.append(a)) if main else None
+    try:
+        for tmp, dst in moves:
+            os.replace(tmp, dst)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, old if old is not None else signal.default_int_handler)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _external_files(model) -> set[str]:
+    import onnx_ir as ir
+
+    return {os.path.realpath(v.const_value.path) for g in model.graphs() for v in g.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+
+
+def _needs_external(model) -> bool:
+    if _external_files(model):
+        return True
+    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+               if v.const_value is not None) > INLINE_LIMIT
+
+
+def save_onnx(model, path: str | os.PathLike) -> Path:
+    """Save an onnx-ir model atomically. A model with external data (or weights over 2 GiB) is
+    written as ``PATH`` plus its weights in ``PATH.data`` beside it: both are written to a
+    temporary folder beside ``PATH`` and renamed into place together."""
+    import shutil
+
+    import onnx_ir as ir
+
+    path = Path(path)
+    if not _needs_external(model):
+        return atomic_write(path, lambda tmp: ir.save(model, tmp))
+    data = path.with_name(path.name + ".data")
+    if os.path.realpath(data) in _external_files(model):
+        raise PruneError(f"{data} holds the input model's weights; write the output under another name")
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as e:
+        raise PruneError(f"cannot write {path}: {e.strerror or e}") from None
+    try:
+        ir.save(model, os.path.join(tmpdir, path.name), external_data=data.name, size_threshold_bytes=1024)
+        _publish([(os.path.join(tmpdir, data.name), data), (os.path.join(tmpdir, path.name), path)])
+    except OSError as e:
+        raise PruneError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     return path
 
 
@@ -304,6 +425,9 @@ def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dic
     else:
         model = None
     if model is not None:
+        from .ir.from_onnx import sort_nodes
+
+        sort_nodes(model)
         if input_shapes:
             from .ir.from_onnx import fix_input_shapes
 
@@ -330,16 +454,38 @@ def _read_onnx(path: Path):
     if path.stat().st_size == 0:
         raise PruneError(f"{path} is empty")
     try:
-        model = ir.load(path)  # external data (model.onnx.data) is memory-mapped
+        model = ir.load(path)
     except Exception as e:  # noqa: BLE001
         raise PruneError(f"{path} is not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
     if len(model.graph) == 0 or not model.graph.outputs or not model.opset_imports:
         raise PruneError(f"{path} is not a valid ONNX model (no nodes, outputs or opset)")
-    for v in model.graph.initializers.values():
-        # decode each weight once into a numpy-backed tensor: ORT sessions and saving reuse it
-        if v.const_value is not None and not isinstance(v.const_value, ir.Tensor):
-            v.const_value = ir.Tensor(v.const_value.numpy(), name=v.name)
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor):
+                _map_external(path, v.name, t)  # memory-mapped: read lazily, never copied whole
+                if t.nbytes <= 1024:  # ORT sessions get only weights over 1 KiB from memory (graph_only_proto)
+                    v.const_value = ir.Tensor(t.numpy().copy(), name=v.name)
+            elif t is not None and not isinstance(t, ir.Tensor):
+                # decode each inline weight once into a numpy-backed tensor: ORT sessions and saving reuse it
+                v.const_value = ir.Tensor(t.numpy(), name=v.name)
     return model
+
+
+def _map_external(path: Path, name: str, t) -> None:
+    """Check that an initializer's external data is there in full, and map it (no read)."""
+    where = f"{path}: initializer '{name}' has its data in '{t.location}'"
+    if not os.path.isfile(t.path):
+        raise PruneError(f"{where}, which is missing (keep the .data file beside the model)")
+    need, have = (t.offset or 0) + (t.length if t.length is not None else t.nbytes), os.path.getsize(t.path)
+    if t.length is not None and t.length != t.nbytes:
+        raise PruneError(f"{where} with length {t.length}, but its {t.dtype.name} {list(t.shape)} needs {t.nbytes}")
+    if need > have:
+        raise PruneError(f"{where}, which is truncated: it needs bytes up to {need}, the file has {have}")
+    try:
+        t.numpy()
+    except Exception as e:  # noqa: BLE001
+        raise PruneError(f"{where}, which cannot be read ({str(e).splitlines()[0][:120]})") from None
 
 
 class Pipeline:

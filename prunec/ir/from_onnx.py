@@ -76,6 +76,18 @@ def _normalize(node: ir.Node) -> tuple[str, dict]:
     return f"unknown:{t}", attrs
 
 
+def sort_nodes(model: ir.Model) -> None:
+    """Put the nodes (and those of subgraphs) in topological order, keeping the given order
+    where it already is one. ORT's fp16 converter, for one, writes nodes out of order, and
+    everything after loading assumes producers come before their consumers."""
+    from ..errors import PruneError
+
+    try:
+        model.graph.sort()
+    except ValueError as e:
+        raise PruneError(f"the graph cannot be put in topological order ({str(e).splitlines()[0][:120]})") from None
+
+
 def fix_input_shapes(model: ir.Model, shapes: dict[str, list]) -> None:
     """Make input dimensions static: ``{"input_ids": [None, 128]}`` fixes axis 1 to 128 and
     leaves axis 0 (None, "?" or -1) as it is."""

@@ -58,8 +58,9 @@ class LayerMergePass(Pass):
         raise PruneError(f"{self.name}: nothing to reduce at layers {self.layers}")
 
     def apply(self, model):
+        out = model
         for step, layer in enumerate(parse_layers(self.layers, model.facts().depth)):
-            plan = self._plan(model, layer, step)
+            plan = self._plan(out, layer, step)
             if plan is not None:
-                model = model.lower(plan)
-        return model
+                out = out.lower(plan)
+        return out if out is not model else model.copy()  # nothing to reduce: an unchanged copy

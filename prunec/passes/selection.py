@@ -24,15 +24,27 @@ COMMON = [
 ]
 
 
+def span_bounds(span: str) -> tuple[int | None, int | None]:
+    """'START:END' -> (start, end), either None when left out; refuses text that is not two
+    integers or a reversed / empty range."""
+    parts = str(span).split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, end = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise PruneError(f"span '{span}' is not START:END with integer ends (e.g. 1:197)") from None
+    if start is not None and end is not None and start >= end:
+        raise PruneError(f"span {start}:{end} is {'empty' if start == end else 'reversed'}: START must be below END")
+    return start, end
+
+
 def parse_span(span, n: int, prefix: int) -> tuple[int, int]:
     if span is None or span == "":
         return prefix, n
     if isinstance(span, str):
-        try:
-            a, b = span.split(":")
-            start, end = int(a) if a else 0, int(b) if b else n
-        except ValueError:
-            raise PruneError(f"span '{span}' is not START:END") from None
+        a, b = span_bounds(span)
+        start, end = 0 if a is None else a, n if b is None else b
     else:
         start, end = span
     if not 0 <= start < end <= n:

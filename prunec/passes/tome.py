@@ -89,8 +89,9 @@ class ToMe(Pass):
         raise PruneError("r is 0 in every layer: nothing to merge")
 
     def apply(self, model):
+        out = model
         for layer, r in enumerate(self.schedule(model.facts().depth)):
-            plan = self._plan_layer(model, layer, r)
+            plan = self._plan_layer(out, layer, r)
             if plan is not None:
-                model = model.lower(plan)
-        return model
+                out = out.lower(plan)
+        return out if out is not model else model.copy()  # r=0 everywhere: an unchanged copy

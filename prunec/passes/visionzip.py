@@ -66,5 +66,5 @@ class VisionZip(Pass):
         plan = self.plan(model)
         cut = plan.cuts[0]
         if cut.kept >= cut.num_tokens and cut.reduce.contextual == 0:
-            return model  # every token is dominant: nothing to do
+            return model.copy()  # every token is dominant: nothing to do (an unchanged copy)
         return model.lower(plan)

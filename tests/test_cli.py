@@ -71,6 +71,22 @@ def test_passes_lists_fastv():
     assert r.returncode == 0 and "fastv" in r.stdout and "keep" in r.stdout
 
 
+def _external(vit, folder, name, damage):
+    """``vit`` saved with external data, then the data file damaged: 'missing' or 'truncated'."""
+    import onnx
+
+    path = folder / name
+    onnx.save(onnx.load(str(vit)), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=name + ".data", size_threshold=1024)
+    data = folder / (name + ".data")
+    if damage == "missing":
+        data.unlink()
+    else:
+        with open(data, "r+b") as f:
+            f.truncate(data.stat().st_size // 2)
+    return path
+
+
 def _bad(tmp_path, vit):
     mlp_path = tmp_path / "mlp.onnx"
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
@@ -80,6 +96,8 @@ def _bad(tmp_path, vit):
     trunc = tmp_path / "trunc.onnx"
     data = vit.read_bytes()
     trunc.write_bytes(data[: len(data) // 2])
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
     return {
         "missing file": ([tmp_path / "nope.onnx", "--pass", "fastv"], "no such file"),
         "not onnx": ([junk, "--pass", "fastv"], "not a valid ONNX"),
@@ -90,14 +108,36 @@ def _bad(tmp_path, vit):
         "layer beyond depth": ([vit, "--pass", "fastv", "--layer", "7"], "out of range"),
         "unknown pass": ([vit, "--pass", "nosuch"], "unknown pass"),
         "output is input": ([vit, "--pass", "fastv", "-o", vit], "is the input"),
+        "output folder missing": ([vit, "--pass", "fastv", "-o", tmp_path / "no" / "such" / "out.onnx"],
+                                  "folder " + str(tmp_path / "no" / "such") + " does not exist"),
+        "output is a folder": ([vit, "--pass", "fastv", "-o", folder], "is a directory"),
+        "output is a folder, forced": ([vit, "--pass", "fastv", "-o", folder, "--force"], "is a directory"),
+        "span reversed": ([vit, "--pass", "fastv", "--span", "10:3"], "span 10:3 is reversed"),
+        "span empty": ([vit, "--pass", "fastv", "--span", "5:5"], "span 5:5 is empty"),
+        "span not numeric": ([vit, "--pass", "fastv", "--span", "a:b"], "is not START:END"),
+        "span in the pass spec reversed": ([vit, "--pass", "fastv:span=9:2"], "span 9:2 is reversed"),
+        "shape of a missing input": ([vit, "--pass", "fastv", "--shape", "nosuch=?,3,32,32"],
+                                     "'nosuch', which is not an input"),
+        "external data missing": ([_external(vit, tmp_path, "gone.onnx", "missing"), "--pass", "fastv"],
+                                  "gone.onnx.data', which is missing"),
+        "external data truncated": ([_external(vit, tmp_path, "cut.onnx", "truncated"), "--pass", "fastv"],
+                                    "cut.onnx.data', which is truncated"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing file", "not onnx", "truncated", "no attention", "keep zero",
-                                  "keep above one", "layer beyond depth", "unknown pass", "output is input"])
+BAD = ["missing file", "not onnx", "truncated", "no attention", "keep zero", "keep above one", "layer beyond depth",
+       "unknown pass", "output is input", "output folder missing", "output is a folder", "output is a folder, forced",
+       "span reversed", "span empty", "span not numeric", "span in the pass spec reversed",
+       "shape of a missing input", "external data missing", "external data truncated"]
+
+
+@pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_one_line_error(case, vit, tmp_path):
+    """One line on stderr, exit != 0, no output written, every file as it was. (Read-only
+    folders, a weight file over 2 GiB and Ctrl-C during the write: tests/test_io.py.)"""
     args, needle = _bad(tmp_path, vit)[case]
-    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    snapshot = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}  # noqa: E731
+    before = snapshot()
     vit_before = vit.read_bytes()
     out = tmp_path / "out.onnx"
     if "-o" not in map(str, args):
@@ -109,7 +149,21 @@ def test_bad_input_is_one_line_error(case, vit, tmp_path):
     assert lines[0].startswith("prunec: error:") and needle in lines[0], lines[0]
     assert not out.exists()
     assert vit.read_bytes() == vit_before
-    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert snapshot() == before
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.name.startswith(".")) == []  # no temporary files
+
+
+def test_nothing_reduced_is_said(vit, tmp_path):
+    """A pass that reduces nothing (ToMe r=0, FastV keep=1) still writes the model, and says so."""
+    for args in (["--pass", "tome:r=0"], ["--pass", "fastv", "--keep", "1", "--layer", "1"]):
+        out = tmp_path / f"{args[1][:4]}.onnx"
+        r = prunec(vit, *args, "-o", out)
+        assert r.returncode == 0, r.stderr
+        assert "reduced no tokens" in r.stderr and "nothing reduced" in r.stderr and "unchanged" in r.stderr
+        assert out.exists()
+    r = prunec(vit, "--pass", "tome:r=0", "--pass", "fastv", "--layer", "1", "-o", tmp_path / "both.onnx")
+    assert r.returncode == 0 and "ToMe(" in r.stderr and "reduced no tokens" in r.stderr and "wrote" in r.stderr
+    assert "nothing reduced" not in r.stderr
 
 
 def test_pt2_in_pt2_out(tmp_path):

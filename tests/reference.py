@@ -250,45 +250,64 @@ def pool_choice(factor, grid, start):
     return choose
 
 
+def wpr_scores(attn: torch.Tensor, steps: int, cls: int | None) -> torch.Tensor:
+    """Weighted PageRank on one layer's attention graphs, as Zero-TPrune defines it: token i
+    passes its score to token j in proportion to the attention i pays j, so after ``steps``
+    iterations the scores are (Aᵀ)^steps · s₀ per head. s₀ is uniform, the CLS token (if any)
+    starting at √N times the others, normalized to sum 1. attn [H, N, N] -> scores [H, N]."""
+    h, n, _ = attn.shape
+    s0 = torch.ones(n, dtype=torch.float64)
+    if cls is not None:
+        s0[cls] = n ** 0.5
+    s0 = s0 / s0.sum()
+    walk = torch.linalg.matrix_power(attn.double().transpose(1, 2), steps)  # [H, N, N]
+    return walk @ s0
+
+
+def emphasize_informative_region(scores: torch.Tensor) -> torch.Tensor:
+    """EIR: the heads' scores [H, N] combined by root mean square -> [N]."""
+    return scores.square().mean(dim=0).sqrt()
+
+
+def descending(values: torch.Tensor) -> list[int]:
+    """Positions by decreasing value, equal values by increasing position."""
+    return sorted(range(len(values)), key=lambda i: (-float(values[i]), i))
+
+
 def zero_tprune_choice(score_layer, keep, iters, similar, cls, span=None, prefix=0):
-    """Zero-TPrune as the paper describes it, one sample at a time: I′ (one WPR step, CLS
-    start weight √N, heads by RMS) ranks the span; S drops the ``similar`` share of the
-    pruned tokens among the less important half, those whose keys are most similar
-    (cosine) to a key in the more important half; I (``iters`` WPR steps) keeps the top-k."""
+    """Zero-TPrune, written from the method description (the pass's docstring and the paper)
+    and run on the attention and keys of the unmodified model (captured by hooks):
+
+    * I′-stage: importance after one WPR step ranks the span tokens;
+    * S-stage ("Seq-U" partition): the more important half of the span by that rank is B, the
+      rest is A; an A token's redundancy is its highest key cosine similarity (all heads'
+      keys concatenated) to any B token; the ``similar`` share of the tokens to prune (at
+      most the size of A) goes first, the most redundant A tokens;
+    * I-stage: importance after ``iters`` WPR steps; the ``keep`` share of the span is kept,
+      the most important of the tokens the S-stage left, in their original order.
+    """
     def choose(hidden, probs):
-        p = probs[score_layer]  # [B, H, N, N]
-        keys = probs["keys"][score_layer]  # [B, N, Dk]
-        b, h, n, _ = p.shape
+        attn = probs[score_layer]  # [B, H, N, N]
+        keys = probs["keys"][score_layer]  # [B, N, C]
+        n = attn.shape[-1]
         start, end = (prefix, n) if span is None else span
         size = end - start
         k = keep_of(keep, size)
-        drop_n = min(int(round(similar * (size - k))), size // 2)
+        n_similar = min(int(round(similar * (size - k))), size // 2)
         rows = []
-        for i in range(b):
-            s0 = torch.ones(n, dtype=torch.float64)
-            if cls is not None:
-                s0[cls] = n ** 0.5
-            s0 = s0 / s0.sum()
-            a = p[i].double()
-            per_head = [s0.clone() for _ in range(h)]
-            first = None
-            for step in range(iters):
-                per_head = [a[j].T @ per_head[j] for j in range(h)]
-                if step == 0:
-                    first = torch.stack(per_head).pow(2).mean(0).sqrt()
-            imp = torch.stack(per_head).pow(2).mean(0).sqrt()[start:end].clone()
-            if drop_n:
-                rank = first[start:end]
-                order = sorted(range(size), key=lambda t: (-float(rank[t]), t))
-                nb = size - size // 2
-                more, less = order[:nb], order[nb:]
-                kf = torch.nn.functional.normalize(keys[i, start:end].double(), dim=-1)
-                best = [(float((kf[t] @ kf[more].T).max()), pos) for pos, t in enumerate(less)]
-                worst = sorted(best, key=lambda x: (-x[0], x[1]))[:drop_n]
-                for _, pos in worst:
-                    imp[less[pos]] = float("-inf")
-            top = sorted(range(size), key=lambda t: (-float(imp[t]), t))[:k]
-            rows.append(torch.tensor(top) + start)
+        for a, key in zip(attn, keys):  # one sample at a time
+            rough = emphasize_informative_region(wpr_scores(a, 1, cls))[start:end]
+            final = emphasize_informative_region(wpr_scores(a, iters, cls))[start:end]
+            ranked = descending(rough)
+            group_b, group_a = ranked[:size - size // 2], ranked[size - size // 2:]
+            unit = key[start:end].double()
+            unit = unit / unit.norm(dim=-1, keepdim=True)
+            redundancy = torch.full((size,), float("-inf"), dtype=torch.float64)
+            for t in group_a:
+                redundancy[t] = max(float(unit[t] @ unit[u]) for u in group_b)
+            pruned = set(descending(redundancy)[:n_similar])
+            survivors = [t for t in descending(final) if t not in pruned]
+            rows.append(torch.tensor(sorted(survivors[:k])) + start)
         idx = with_fixed(torch.stack(rows), start, end, n)
         return Choice(idx, gather(hidden, idx, 1))
     return choose

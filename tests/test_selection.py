@@ -35,12 +35,29 @@ def settings(name):
     pool_opts = dict(layer="1", factor=2, **({"span": c.span, "grid": "4x4"} if c.span else {}))
     out.append(("pool", pool_opts, 1, pool_choice(2, (GRID, GRID), span[0] if span else prefix)))
     if not c.causal:  # the reference reads keys off the key projection: pre-rotary for llama, so not there
-        out.append(("zero-tprune", dict(keep=0.25, layer="2", iters=5, similar=0.5), 2,
-                    zero_tprune_choice(1, 0.25, 5, 0.5, 0 if prefix else None, span, prefix)))
+        out.append(("zero-tprune", dict(keep=0.5, layer="2", iters=5, similar=0.75), 2,
+                    zero_tprune_choice(1, 0.5, 5, 0.75, 0 if prefix else None, span, prefix)))
     return out
 
 
 CASES = [(m, i) for m in MODELS for i in range(len(settings(m)))]
+
+
+def test_zero_tprune_reference_exercises_both_stages():
+    """In the setting the passes are held to, the S-stage (key similarity) changes which tokens
+    the reference keeps on every model, and the I-stage's iteration count on some, so matching
+    the reference tests both."""
+    s_stage, iterations = [], []
+    for name in [m for m in MODELS if not case(m).causal]:
+        c = case(name)
+        (_, opts, layer, choose), = [s for s in settings(name) if s[0] == "zero-tprune"]
+        cls, span = (0 if c.prefix else None), span_of(c)
+        chosen = reference_run(c.module, c.inputs, layer, choose)[1]
+        no_s = zero_tprune_choice(layer - 1, opts["keep"], opts["iters"], 0.0, cls, span, c.prefix)
+        one_step = zero_tprune_choice(layer - 1, opts["keep"], 1, opts["similar"], cls, span, c.prefix)
+        s_stage.append(not np.array_equal(chosen, reference_run(c.module, c.inputs, layer, no_s)[1]))
+        iterations.append(not np.array_equal(chosen, reference_run(c.module, c.inputs, layer, one_step)[1]))
+    assert all(s_stage) and any(iterations), (s_stage, iterations)
 
 
 @pytest.mark.parametrize("form", FORMS)

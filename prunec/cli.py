@@ -400,9 +400,12 @@ def tune_main(argv: list[str]) -> int:
     src = Path(args.model)
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.tuned.onnx")
     curve_path = Path(args.curve) if args.curve else out.with_suffix(".csv")
+    from .model import check_writable
+
     for p in (out, curve_path):
         if src.exists() and p.exists() and p.resolve() == src.resolve():
             raise PruneError(f"output {p} is the input file")
+        check_writable(p)
         if p.exists() and not args.force:
             raise PruneError(f"output {p} exists; pass --force to overwrite it")
     if not 0 < args.holdout < 1:
@@ -567,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prunec: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("prunec: error: interrupted (no partial output is left)", file=sys.stderr)
+        print("prunec: error: interrupted (files are written whole or not at all)", file=sys.stderr)
         return 130
     except OSError as e:  # the file system refused something: one line naming the file, not a traceback
         where = f": {e.filename}" if e.filename else ""

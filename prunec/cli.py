@@ -60,6 +60,8 @@ def _rewrite(args, status):
     for p in passes:
         status.update(f"applying {p!r}")
         rewritten = p.apply(rewritten)
+    if not rewritten.reduced_since(model):
+        _console(stderr=True).print("prunec: warning: the passes reduced no tokens at these settings", markup=False)
     return model, rewritten, passes
 
 

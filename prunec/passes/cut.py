@@ -180,7 +180,7 @@ def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
     if getattr(cut.reduce, "prop_attn", False):
         for site in facts.sites:
             if site.node in cut.post and not _has_bias(site):
-                if site.kind == "packed" or site.node.attrs.get("ms_mha"):
+                if site.kind == "packed" or site.node.attrs.get("ms_mha") or site.node.attrs.get("takes_mask") is False:
                     raise PruneError(f"attention node '{site.node.name}' takes no additive bias; proportional "
                                      f"attention cannot be added (prop_attn=false turns it off)")
                 cut.bias_sites.append(site)

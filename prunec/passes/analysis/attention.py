@@ -100,7 +100,10 @@ def find_attention(graph: Graph) -> list[AttentionSite]:
             heads = node.attrs.get("q_num_heads") or (q.shape[1] if q.shape and len(q.shape) == 4 else None)
             mask = node.attrs.get("mask")
             causal = bool(node.attrs.get("is_causal")) or bool(mask is not None and mask.facts.get("causal"))
-            sites.append(AttentionSite("fused", node, q, k, v, node.outputs[0], mask=mask, causal=causal,
+            if node.attrs.get("tuple_output") and node.attrs.get("result") is None:
+                continue  # a private fx variant whose output tensor is never read
+            output = node.attrs.get("result") or node.outputs[0]
+            sites.append(AttentionSite("fused", node, q, k, v, output, mask=mask, causal=causal,
                                        heads=heads, scale=node.attrs.get("scale")))
         elif node.op == "packed_attention":
             sites.append(AttentionSite("packed", node, None, None, None, node.outputs[0],

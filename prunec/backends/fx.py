@@ -234,6 +234,11 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
             with graph.inserting_before(node):
                 weighed = _named(graph, aten.mul.Tensor, (x, sizes(rw.role)), f"{node.name}_{REWEIGH_TAG}")
             node.replace_input_with(x, weighed)
+        for fix in cut.count_fixes:  # x.sum(1) / N -> / M
+            node = by_name[fix.node.ref.name]
+            args = list(node.args)
+            args[fix.slot] = int(fix.value) if isinstance(args[fix.slot], int) else fix.value
+            node.args = tuple(args)
         m = cut.kept
         for fix in cut.shape_fixes:
             node = by_name[fix.node.ref.name]

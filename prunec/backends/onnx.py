@@ -568,6 +568,11 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
             node = nodes[rw.node.ref.name]
             wb = _Builder(graph, node, f"{cut.tag}/reweigh", counter)
             node.replace_input_with(0, wb.op("Mul", [node.inputs[0], sizes[rw.role]], name=REWEIGH_TAG))
+        for fix in cut.count_fixes:  # x.sum(1) / N -> / M, in the constant's dtype and shape
+            node = nodes[fix.node.ref.name]
+            src = node.inputs[fix.slot]
+            new = np.full(tuple(src.shape) if src.shape is not None else (), fix.value).astype(src.dtype.numpy())
+            node.replace_input_with(fix.slot, _Builder(graph, node, f"{cut.tag}/count", counter).const(new, "count"))
         m = cut.kept
         for fix in cut.shape_fixes:
             node = nodes[fix.node.ref.name]

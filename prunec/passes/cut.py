@@ -229,6 +229,8 @@ def _plan_counts(facts: Facts, cut: Cut, layer: int) -> None:
     reshapes between them; any other op combining such a reduction with N is refused. A
     size-weighted reduction (after a merge tracking sizes) still counts the N original tokens:
     its numbers stay."""
+    if cut.reduce is None:  # a cut planned only to be described (inspect)
+        return
     n, m = cut.num_tokens, cut.kept
     weighed = {rw.node for rw in cut.reweigh}
     for node in sorted(cut.post, key=lambda x: x.index):

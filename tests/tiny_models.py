@@ -73,7 +73,8 @@ class Block(nn.Module):
 class TinyTransformer(nn.Module):
     """features [B, N, F] (+ key-padding mask [B, N] of 1/0) -> pooled [B, classes] or tokens.
 
-    pool: ``sum_div`` (``x.sum(1) / x.shape[1]``), ``mean`` or ``none`` (the tokens)."""
+    pool: ``sum_div`` (``x.sum(1) / x.shape[1]``), ``sum_div_early`` (the same count read off the
+    input, before the blocks), ``mean`` or ``none`` (the tokens)."""
 
     def __init__(self, attn="sdpa", depth=3, dim=32, heads=4, features=16, classes=5, causal=False, scale=0.3,
                  pool="sum_div"):
@@ -86,6 +87,7 @@ class TinyTransformer(nn.Module):
         self.pool = pool
 
     def forward(self, x, mask=None):
+        count = x.shape[1]  # read before the blocks: a cut in between does not change it
         additive = None if mask is None else ((1.0 - mask) * -1e4)[:, None, None, :]
         x = self.embed(x)
         for layer in self.layers:
@@ -93,6 +95,8 @@ class TinyTransformer(nn.Module):
         x = self.norm(x)
         if self.pool == "sum_div":
             return self.head(x.sum(1) / x.shape[1])
+        if self.pool == "sum_div_early":
+            return self.head(x.sum(1) / count)
         if self.pool == "mean":
             return self.head(x.mean(1))
         return x

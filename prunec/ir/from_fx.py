@@ -30,7 +30,8 @@ _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "prod", "var", "std", "a
 
 
 _SDPA = {
-    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_attention_math", "_scaled_dot_product_attention_math_for_mps",
     "_scaled_dot_product_fused_attention_overrideable",

@@ -64,7 +64,7 @@ SETTINGS: list[tuple[str, dict]] = [
     ("evit", dict(keep="0.5", prefix=1)),
     ("ppt", dict(prefix=1)),
     ("ppt", dict(r=16, prefix=1)),
-    ("visionzip", dict(prefix=1)),
+    ("visionzip", dict(prefix=1, layer="output")),
     ("visionzip", dict(dominant=54, contextual=10, layer="2", prefix=1)),
 ]
 

@@ -274,7 +274,7 @@ def tune(model, method: str, budget: str, calib, holdout, layers=None, options=N
     for layer in layers:
         if not 1 <= layer < facts.depth:
             raise PruneError(f"layer {layer} is out of range (valid: 1..{facts.depth - 1})")
-        start, end = parse_span(options.get("span"), facts.tokens(layer), facts.prefix)
+        start, end = parse_span(options.get("span"), facts.tokens(layer), facts.prefix, facts.causal)
         n = end - start
         lo, hi = 1, n  # kept span tokens; hi is known to meet the budget (keep = 1 is the identity)
         found = None

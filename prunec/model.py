@@ -112,13 +112,24 @@ class OnnxModel(Model):
 
         return make_session(self.model, providers(device), threads)
 
+    def _tagged(self, suffix: str) -> list[str]:
+        return [o.name for n in self.model.graph for o in n.outputs if o.name.endswith(suffix)]
+
+    def _cpu_session(self):
+        """The CPU session behind :meth:`run`, :meth:`kept_indices` and :meth:`merge_maps`: one
+        session (the saved model's graph and optimizations, with the cuts' kept indices and merge
+        maps also exposed), so the indices reported are those of the outputs returned, float-level
+        near-ties included."""
+        if self._session is None:
+            from .backends.onnx import make_session
+
+            self._session = make_session(self.model, extra_outputs=self._tagged("/keep_idx") + self._tagged("/dest"))
+        return self._session
+
     def run(self, feeds: dict[str, Any], outputs: list[str] | None = None, device: str = "cpu") -> list[np.ndarray]:
-        if self._session is None or device != "cpu":
-            sess = self.session(device)
-            if device == "cpu":
-                self._session = sess
-        else:
-            sess = self._session
+        sess = self._cpu_session() if device == "cpu" else self.session(device)
+        if outputs is None:
+            outputs = [v.name for v in self.model.graph.outputs]
         feeds = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in feeds.items()}
         return sess.run(outputs, feeds)
 
@@ -141,12 +152,10 @@ class OnnxModel(Model):
         return self._named_outputs(feeds, "/dest")
 
     def _named_outputs(self, feeds: dict[str, Any], suffix: str) -> dict:
-        from .backends.onnx import make_session
-
-        names = [o.name for n in self.model.graph for o in n.outputs if o.name.endswith(suffix)]
-        sess = make_session(self.model, extra_outputs=names)
-        feeds = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in feeds.items()}
-        res = sess.run(names, feeds)
+        names = self._tagged(suffix)
+        if not names:
+            return {}
+        res = self.run(feeds, outputs=names)
         return {name[: -len(suffix)]: r for name, r in zip(names, res)}
 
     def to_torch(self):

@@ -256,7 +256,10 @@ def ppt_reduce(r: int, threshold: float, prefix: int = 1, record: list | None = 
 # -- VisionZip (a choice for reference.reference_run: hidden at the cut) -------------------
 
 def visionzip_choice(score_layer: int, dominant: int, contextual: int, heads: int, prefix: int = 1):
-    """VisionZip, one sample at a time: dominant = CLS + the top (dominant − 1) tokens by CLS
+    """VisionZip, one sample at a time, on the hidden states at the cut with ``score_layer``'s
+    attention and keys (the official code: LLaVA's select layer −2, i.e. the penultimate
+    layer's attention / keys and the hidden states entering the last layer, a cut before layer
+    depth − 1 scored by layer depth − 2): dominant = CLS + the top (dominant − 1) tokens by CLS
     attention summed over heads, original order; the rest (original order) give contextual
     targets at stride max(1, R // contextual); others join their most key-similar target;
     contextual token = target + mean(joined)."""

@@ -178,12 +178,23 @@ def keep_of(keep, span_len):
     return max(1, int(round(keep * span_len)))
 
 
-def attention_choice(score_layer, query, keep, span=None, prefix=0):
+def default_span(n, prefix, causal):
+    """Prunable tokens when no span is given: all but the prefix; a decoder also keeps its
+    first (attention-sink) and last (next-token) token."""
+    return (max(prefix, 1), n - 1) if causal else (prefix, n)
+
+
+def attention_choice(score_layer, query, keep, span=None, prefix=0, causal=False):
+    """FastV's rule; the query token is never pruned (it leaves the span at either end)."""
     def choose(hidden, probs):
         p = probs[score_layer]
         n = p.shape[-1]
-        start, end = (prefix, n) if span is None else span
+        start, end = default_span(n, prefix, causal) if span is None else span
         q = n - 1 if query == "last" else (0 if query == "cls" else query)
+        if q == end - 1:
+            end -= 1
+        elif q == start:
+            start += 1
         row = p.mean(dim=2) if q == "mean" else p[:, :, q, :]
         scores = row.mean(dim=1)
         top = scores[:, start:end].topk(keep_of(keep, end - start), dim=1).indices + start

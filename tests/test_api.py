@@ -111,3 +111,19 @@ def test_grid_consumer_after_the_cut_is_refused_not_misrewritten(tmp_path):
     for model in (prunec.load(m, (x,)), prunec.load(tmp_path / "seg.onnx")):
         with pytest.raises(prunec.PruneError, match="grid reshape .* needs every token"):
             prunec.passes.FastV(keep=0.5, layer=1, recover="none")(model)
+
+
+def test_kept_indices_come_from_the_session_that_runs_the_model():
+    """kept_indices() reads the session behind run() (the saved graph's optimizations), so the
+    indices are those behind the outputs returned: at the encoder output the reduced token
+    output is the unpruned one gathered at them."""
+    c = case("hf_vit")
+    model = prunec.load(onnx_file("hf_vit", "dynamo18"))
+    out = prunec.passes.get("cls-attn")(keep=0.5)(model)
+    got = out.run(c.inputs)
+    sess = out._cpu_session()
+    idx = out.kept_indices(c.inputs)["cls_attn_out"]
+    assert out._cpu_session() is sess
+    assert len(got) == len(out.model.graph.outputs)  # the exposed indices are not among run()'s outputs
+    full = model.run(c.inputs)[0]
+    np.testing.assert_array_equal(got[0], np.take_along_axis(full, idx[:, :, None], axis=1))

@@ -93,3 +93,33 @@ def test_batch_rows_are_independent(name, form):
             if a.ndim == 0 or a.shape[0] != 3:
                 continue
             np.testing.assert_allclose(a[row:row + 1], b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,form", [("hf_llama", "torch"), ("hf_llama", "dynamo18"), ("hf_llama_eager", "torch"),
+                                       ("hf_llama_eager", "dynamo18")])
+def test_decoder_default_span_keeps_first_and_last(name, form):
+    """Without a span a decoder keeps its attention sink (token 0) and its last token (FastV's
+    query); eager Llama is found on the torch path (casts / dropout / asserts after the softmax)."""
+    c = case(name)
+    model = load(name, form)
+    pruned = prunec.passes.FastV(keep=0.1, layer=2)(model)
+    ref_out, ref_idx = fastv_reference(c.module, c.inputs, keep=0.1, layer=2, query="last", causal=True)
+    idx = (pruned.kept_indices(**c.inputs) if form == "torch" else pruned.kept_indices(c.inputs))["fastv_l2"]
+    n = c.inputs["input_ids"].shape[1]
+    assert (idx[:, 0] == 0).all() and (idx[:, -1] == n - 1).all()
+    np.testing.assert_array_equal(idx, ref_idx.numpy())
+    ref = torch_outputs(ref_out)
+    got = run(pruned, c.inputs)
+    assert [a.shape for a in got] == [b.shape for b in ref]
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_query_token_is_never_pruned():
+    model = load("hf_llama", "torch")
+    n = case("hf_llama").inputs["input_ids"].shape[1]
+    inputs = case("hf_llama").inputs
+    idx = prunec.passes.FastV(count=1, layer=1, span=f"0:{n}")(model).kept_indices(**inputs)["fastv_l1"]
+    assert idx.shape[1] == 2 and (idx[:, -1] == n - 1).all()  # the span shrinks to 0:n-1; the query stays
+    with pytest.raises(prunec.PruneError, match="query token 5 lies inside the span"):
+        prunec.passes.FastV(keep=0.5, layer=1, span="2:10", query="5")(model)

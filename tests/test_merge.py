@@ -53,14 +53,15 @@ def settings(name):
         ("ppt", "ppt", dict(r=3, layers="0/2", threshold=thr),
          lambda: reference_merge(c.module, c.inputs, {0: ppt_reduce(3, thr, p), 2: ppt_reduce(3, thr, p)},
                                  prop_attn=True)[0]),
-        ("visionzip-out", "visionzip", dict(dominant=5, contextual=3),
+        ("visionzip-out", "visionzip", dict(dominant=5, contextual=3, layer="output"),
          lambda: reference_run(c.module, c.inputs, "output", visionzip_choice(2, 5, 3, HEADS, p))[0]),
-        ("visionzip-l2", "visionzip", dict(dominant=6, contextual=4, layer="2"),
+        # the default, as the official code: the penultimate layer's attention, keys and output
+        ("visionzip-default", "visionzip", dict(dominant=6, contextual=4),
          lambda: reference_run(c.module, c.inputs, 2, visionzip_choice(1, 6, 4, HEADS, p))[0]),
     ]
 
 
-IDS = ["tome-r3", "tome-list", "evit", "evit-drop", "ppt", "visionzip-out", "visionzip-l2"]  # settings() order
+IDS = ["tome-r3", "tome-list", "evit", "evit-drop", "ppt", "visionzip-out", "visionzip-default"]  # settings() order
 CASES = [(m, i) for m in MODELS for i in range(len(IDS))]
 
 

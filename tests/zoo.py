@@ -121,7 +121,20 @@ def hf_llama():
                 make_inputs=lambda b, s=1: _llama_inputs(b, s))
 
 
+def hf_llama_eager():
+    """HF Llama with eager attention: in fx, ``to(dtype)``, ``dropout`` and
+    ``_assert_tensor_metadata`` sit between the softmax and the ``@ v`` matmul."""
+    c = hf_llama()
+    c.module.config._attn_implementation = "eager"
+    for mod in c.module.modules():
+        if hasattr(mod, "config"):
+            mod.config._attn_implementation = "eager"
+    c.name = "hf_llama_eager"
+    return c
+
+
 CASES = {f.__name__: f for f in (timm_vit, timm_deit_distilled, hf_vit, hf_clip_vision, hf_dinov2, hf_bert, hf_llama)}
+EXTRA_CASES = {f.__name__: f for f in (hf_llama_eager,)}  # for focused tests only
 EXPORTERS = ("dynamo18", "torchscript17", "dynamo23")
 
 

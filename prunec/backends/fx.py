@@ -139,8 +139,12 @@ def _add_bias(graph, by_name, site, bias):
             biased = graph.call_function(aten.add.Tensor, (logits, bias))
         node.replace_input_with(logits, biased)
         return
-    args = list(node.args) + [None] * max(0, 4 - len(node.args))
-    mask = node.kwargs.get("attn_mask", args[3])
+    slot = site.node.attrs.get("mask_arg", 3)  # a position, a keyword (private variants) or None
+    if slot is None:
+        raise PruneError(f"attention node '{site.node.name}' takes no mask; log(size) cannot be added")
+    args = list(node.args)
+    mask = args[slot] if isinstance(slot, int) and slot < len(args) else node.kwargs.get(
+        slot if isinstance(slot, str) else "attn_mask")
     with graph.inserting_before(node):
         if mask is None:
             new = bias
@@ -148,11 +152,11 @@ def _add_bias(graph, by_name, site, bias):
             if site.mask is not None and site.mask.dtype == "bool":
                 mask = _named(graph, aten.where.Scalar, (mask, 0.0, float("-inf")), f"{site.node.name}_{BIAS_TAG}_additive")
             new = _named(graph, aten.add.Tensor, (mask, bias), f"{site.node.name}_{BIAS_TAG}")
-    if "attn_mask" in node.kwargs:
-        node.kwargs = {**node.kwargs, "attn_mask": new}
-    else:
-        args[3] = new
+    if isinstance(slot, int) and slot < len(args):
+        args[slot] = new
         node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, slot if isinstance(slot, str) else "attn_mask": new}
 
 
 def _recover(graph, by_name, cut, idx, dest, reduced, post):
@@ -230,6 +234,11 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
             with graph.inserting_before(node):
                 weighed = _named(graph, aten.mul.Tensor, (x, sizes(rw.role)), f"{node.name}_{REWEIGH_TAG}")
             node.replace_input_with(x, weighed)
+        for fix in cut.count_fixes:  # x.sum(1) / N -> / M
+            node = by_name[fix.node.ref.name]
+            args = list(node.args)
+            args[fix.slot] = int(fix.value) if isinstance(args[fix.slot], int) else fix.value
+            node.args = tuple(args)
         m = cut.kept
         for fix in cut.shape_fixes:
             node = by_name[fix.node.ref.name]

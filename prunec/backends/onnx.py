@@ -64,9 +64,15 @@ def make_session(model, providers: list[str] | None = None, threads: int | None 
     if extra_outputs:
         if not isinstance(model, onnx.ModelProto):
             model = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+        known = {o.name for o in model.graph.output}
         for name in extra_outputs:
-            model.graph.output.append(onnx.ValueInfoProto(name=name))
+            if name not in known:
+                model.graph.output.append(onnx.ValueInfoProto(name=name))
+        # drop only the exposed values' own shape records: the others keep the optimizer's view
+        # (and so its fusions and float results) the same as in a session without extra outputs
+        kept = [vi for vi in model.graph.value_info if vi.name not in set(extra_outputs)]
         del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     sess = ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
@@ -568,6 +574,11 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
             node = nodes[rw.node.ref.name]
             wb = _Builder(graph, node, f"{cut.tag}/reweigh", counter)
             node.replace_input_with(0, wb.op("Mul", [node.inputs[0], sizes[rw.role]], name=REWEIGH_TAG))
+        for fix in cut.count_fixes:  # x.sum(1) / N -> / M, in the constant's dtype and shape
+            node = nodes[fix.node.ref.name]
+            src = node.inputs[fix.slot]
+            new = np.full(tuple(src.shape) if src.shape is not None else (), fix.value).astype(src.dtype.numpy())
+            node.replace_input_with(fix.slot, _Builder(graph, node, f"{cut.tag}/count", counter).const(new, "count"))
         m = cut.kept
         for fix in cut.shape_fixes:
             node = nodes[fix.node.ref.name]

@@ -29,6 +29,50 @@ _CREATE = {"new_zeros", "new_ones", "new_empty", "new_full", "zeros", "ones", "f
 _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "prod", "var", "std", "any", "all"}
 
 
+_SDPA = {
+    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_attention_math", "_scaled_dot_product_attention_math_for_mps",
+    "_scaled_dot_product_fused_attention_overrideable",
+}
+
+
+def _sdpa_attrs(fx_node: torch.fx.Node) -> dict:
+    """Mask, causal flag and scale of an sdpa call, read by name off the op's schema (the
+    private ``_scaled_dot_product_*`` variants place them differently: the flash ones take no
+    mask or take it keyword-only, efficient/cudnn call it ``attn_bias`` before a
+    ``compute_log_sumexp`` flag). ``mask_arg``: the mask's argument position (int), its
+    keyword (str), or None when the op takes no mask; ``tuple_output``: the op returns
+    (output, logsumexp, ...)."""
+    schema = getattr(fx_node.target, "_schema", None)
+    bound, mask_arg = {}, None
+    if schema is None:  # torch.nn.functional.scaled_dot_product_attention in a non-aten graph
+        names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+        bound = dict(zip(names, fx_node.args)) | dict(fx_node.kwargs)
+        mask_arg = 3 if len(fx_node.args) > 3 else "attn_mask"
+        returns = 1
+    else:
+        for i, a in enumerate(schema.arguments):
+            if not a.kwarg_only and i < len(fx_node.args):
+                bound[a.name] = fx_node.args[i]
+            elif a.name in fx_node.kwargs:
+                bound[a.name] = fx_node.kwargs[a.name]
+            if a.name in ("attn_mask", "attn_bias"):
+                mask_arg = a.name if a.kwarg_only or i >= len(fx_node.args) else i
+        returns = len(schema.returns)
+    mask = bound.get("attn_mask", bound.get("attn_bias"))
+    return {
+        "is_causal": bool(bound.get("is_causal", False)),
+        "scale": bound.get("scale"),
+        "enable_gqa": bool(bound.get("enable_gqa", False)),
+        "mask_node": mask if isinstance(mask, torch.fx.Node) else None,
+        "mask_arg": mask_arg,
+        "takes_mask": mask_arg is not None,
+        "tuple_output": returns > 1,
+    }
+
+
 def _base_name(target) -> str:
     if target is operator.getitem:
         return "getitem"
@@ -93,15 +137,8 @@ def _normalize(name: str, fx_node: torch.fx.Node, out_rank: int | None) -> tuple
         return "slice", {"axis": dim(1, 0)}
     if name in _REDUCE and out_rank is not None:
         return "reduce", {}
-    if name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention"):
-        mask = args[3] if len(args) > 3 else kw.get("attn_mask")
-        return "sdpa", {
-            "is_causal": bool(args[5] if len(args) > 5 else kw.get("is_causal", False)),
-            "scale": kw.get("scale", args[6] if len(args) > 6 else None),
-            "enable_gqa": bool(kw.get("enable_gqa", False)),
-            "mask_index": 3 if isinstance(mask, torch.fx.Node) else None,
-        }
+    if name in _SDPA:
+        return "sdpa", _sdpa_attrs(fx_node)
     if name == "embedding":
         return "embedding", {}
     if name in _CREATE:
@@ -146,13 +183,19 @@ def from_fx(gm: torch.fx.GraphModule) -> Graph:
                 tensor_inputs.append(values.get(a))
             attrs["args"] = fx_node.args
             node = Node(fx_node.name, op, tensor_inputs, [out], attrs, ref=fx_node)
-            if op == "sdpa" and attrs["mask_index"] is not None:
-                attrs["mask"] = values[fx_node.args[3] if len(fx_node.args) > 3 else fx_node.kwargs["attn_mask"]]
+            if op == "sdpa" and attrs.pop("mask_node") is not None:
+                mask = fx_node.args[attrs["mask_arg"]] if isinstance(attrs["mask_arg"], int) else \
+                    fx_node.kwargs[attrs["mask_arg"]]
+                attrs["mask"] = values[mask]
             nodes.append(node)
         elif fx_node.op == "output":
             for a in fx_node.all_input_nodes:
                 if a in values:
                     outputs.append(values[a])
+    for node in nodes:  # a private sdpa variant returns (output, logsumexp, ...): its result is item 0
+        if node.op == "sdpa" and node.attrs.get("tuple_output"):
+            item = next((u for u in node.ref.users if u.target is operator.getitem and u.args[1] == 0), None)
+            node.attrs["result"] = values.get(item)
     graph = Graph("fx", nodes, inputs, outputs)
     graph.gm = gm
     return graph

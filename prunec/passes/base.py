@@ -319,6 +319,17 @@ class ShapeFix:
 
 
 @dataclass
+class CountFix:
+    """A number equal to the token count N that scales a reduction over the tokens after the cut
+    (``x.sum(1) / x.shape[1]`` exported as ``/ N``): operand ``slot`` of ``node`` (an fx argument
+    position, an ONNX input index) becomes ``value`` (M, or 1/M for a multiplication by 1/N)."""
+
+    node: Node
+    slot: int
+    value: float
+
+
+@dataclass
 class Cut:
     layer: int
     stream: Value
@@ -332,6 +343,7 @@ class Cut:
     size_in: Value | None = None  # token sizes [B, N, 1] entering the cut, left by an earlier merge
     bias_sites: list = field(default_factory=list)  # later sites that get log(size) added to their logits
     reweigh: list = field(default_factory=list)  # Reweigh: token means/sums after the cut
+    count_fixes: list = field(default_factory=list)  # CountFix: numbers spelling N that scale token sums
     recovery: Recovery | None = None
 
     @property

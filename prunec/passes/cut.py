@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role
-from .base import RECOVER_MODES, Crossing, Cut, GridPool, Merge, Recovery, Reweigh, ShapeFix
+from .base import RECOVER_MODES, CountFix, Crossing, Cut, GridPool, Merge, Recovery, Reweigh, ShapeFix
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -93,6 +93,7 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
     if not any(c.value is stream for c in cut.crossings):
         raise PruneError(f"the residual stream '{stream.name}' entering layer {layer} has no token axis")
     _plan_sizes(facts, cut, cls_layer)
+    _plan_counts(facts, cut, cls_layer)
     return cut
 
 
@@ -180,7 +181,7 @@ def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
     if getattr(cut.reduce, "prop_attn", False):
         for site in facts.sites:
             if site.node in cut.post and not _has_bias(site):
-                if site.kind == "packed" or site.node.attrs.get("ms_mha"):
+                if site.kind == "packed" or site.node.attrs.get("ms_mha") or site.node.attrs.get("takes_mask") is False:
                     raise PruneError(f"attention node '{site.node.name}' takes no additive bias; proportional "
                                      f"attention cannot be added (prop_attn=false turns it off)")
                 cut.bias_sites.append(site)
@@ -194,6 +195,71 @@ def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
         if x.producer is not None and any(size_role(v) for v in x.producer.inputs if v is not None):
             continue  # already re-weighed by an earlier merge
         cut.reweigh.append(Reweigh(node, SIZE_TAG if kind == "sum" else MEANW_TAG))
+
+
+def _scalar_operand(node):
+    """[(slot, value)] of the scalar constants ``node`` combines its tensor with: fx numbers in
+    its arguments, ONNX single-element initializers / Constant outputs."""
+    if node.op != "elementwise":
+        return []
+    ref = node.ref
+    if hasattr(ref, "op_type"):  # ONNX
+        out = []
+        for i, v in enumerate(node.inputs):
+            arr = None if v is None or v.ref is None else getattr(v.ref, "const_value", None)
+            if arr is None and v is not None and v.producer is not None and v.producer.op == "constant":
+                attr = v.producer.ref.attributes.get("value")
+                arr = attr.value if attr is not None else None
+            if arr is not None:
+                a = arr.numpy() if hasattr(arr, "numpy") else arr
+                if a.size == 1 and a.dtype.kind in "fiu":
+                    out.append((i, float(a.reshape(-1)[0])))
+        return out
+    return [(i, float(a)) for i, a in enumerate(node.attrs.get("args", ()))
+            if isinstance(a, (int, float)) and not isinstance(a, bool)]
+
+
+def _op_name(node) -> str:
+    return str(getattr(node.ref, "op_type", None) or node.attrs.get("name", "")).lower()
+
+
+def _plan_counts(facts: Facts, cut: Cut, layer: int) -> None:
+    """Numbers equal to N that meet a reduction over the tokens after the cut (a token count
+    written as a constant: ``x.sum(1) / N``, ``x.sum(1) * (1 / N)``) become M, through casts and
+    reshapes between them; any other op combining such a reduction with N is refused. A
+    size-weighted reduction (after a merge tracking sizes) still counts the N original tokens:
+    its numbers stay."""
+    if cut.reduce is None:  # a cut planned only to be described (inspect)
+        return
+    n, m = cut.num_tokens, cut.kept
+    weighed = {rw.node for rw in cut.reweigh}
+    for node in sorted(cut.post, key=lambda x: x.index):
+        if node.op != "reduce" or not node.inputs or node.inputs[0] is None or node in weighed:
+            continue
+        x = node.inputs[0]
+        if not facts.token_axes(x, layer) or facts.token_axes(node.outputs[0], layer):
+            continue  # not a reduction over the tokens
+        if x.producer is not None and any(size_role(v) for v in x.producer.inputs if v is not None):
+            continue  # size-weighted by an earlier merge
+        frontier = [node.outputs[0]]
+        for _ in range(4):
+            nxt = []
+            for v in frontier:
+                for user, _ in v.uses:
+                    consts = _scalar_operand(user)
+                    name = _op_name(user)
+                    hits = [(i, c) for i, c in consts if c == n or (name == "mul" and abs(c * n - 1) < 1e-6)]
+                    if hits and (name == "mul" or (name == "div" and [i for i, _ in hits] == [1])):
+                        for i, c in hits:
+                            cut.count_fixes.append(CountFix(user, i, float(m) if c == n else 1.0 / m))
+                    elif hits:
+                        raise PruneError(f"node '{user.name}' combines the token reduction '{node.name}' with the "
+                                         f"number {hits[0][1]:g} (the token count {n}); cannot rewrite it for {m} "
+                                         f"tokens")
+                    elif user.op == "reshape" or (user.op == "elementwise" and not consts
+                                                  and sum(1 for u in user.inputs if u is not None) == 1):
+                        nxt.extend(user.outputs)  # a cast / reshape of the reduction
+            frontier = nxt
 
 
 def _has_bias(site) -> bool:

@@ -12,7 +12,10 @@ Deviations from the official code, on purpose: tokens are chosen per sample
 (sdpa / ONNX Attention) only the needed softmax row is computed from q and k
 (O(N) per head) instead of materializing the N×N matrix. Query default: the last
 token for causal decoders, the CLS token for encoders with prefix tokens, else the
-mean over all query rows (the FastV paper's "average attention received").
+mean over all query rows (the FastV paper's "average attention received"). The query
+token is never pruned (left out of the span; a span with the query strictly inside is
+refused); without ``span`` a causal decoder keeps its first (attention-sink) and last
+token (the official code prunes only the image tokens it is told about).
 
 Shapes: hidden [B, N, C] -> [B, M, C] with M = prefix + k + suffix.
 """
@@ -62,6 +65,24 @@ class FastV(SelectionPass):
                                    "attention; a/b/c: a schedule"),
         Option("query", str, "auto", "auto|cls|last|mean|<index>: whose attention scores the tokens"),
     ]
+
+    def narrow_span(self, facts, layer, start, end):
+        """The query token is always kept: at an end of the span it is left out of it."""
+        if layer >= facts.depth:
+            return start, end
+        q = resolve_query(self.query, facts, facts.tokens(layer - 1))
+        if isinstance(q, str) or not start <= q < end:
+            return start, end
+        if q == end - 1:
+            end -= 1
+        elif q == start:
+            start += 1
+        else:
+            raise PruneError(f"the query token {q} lies inside the span {start}:{end}; FastV keeps its query, "
+                             f"so give a span that leaves it out")
+        if start >= end:
+            raise PruneError(f"the span holds only the query token {q}; nothing is left to prune")
+        return start, end
 
     def reduction(self, model, facts, layer, k, start, end):
         if layer >= facts.depth:

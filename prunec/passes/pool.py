@@ -51,7 +51,7 @@ class Pool(SelectionPass):
         facts = model.facts()
         stream = facts.stream_at(layer)
         n = stream.shape[1]
-        start, end = parse_span(span, n, facts.prefix)
+        start, end = parse_span(span, n, facts.prefix, facts.causal)
         patches = end - start
         if self.grid:
             try:

@@ -8,7 +8,9 @@ Options common to every selection pass:
 * ``layer``: where to cut: ``K`` (before layer K, 0-based), ``output`` (after the last
   block, where the tokens leave the encoder), or a schedule ``3/6/9``.
 * ``span``: ``START:END`` of the tokens entering the cut that may be pruned (default: all
-  but the prefix tokens). After a cut, the next cut's span is the kept part of it.
+  but the prefix tokens; on a causal decoder also never the first token, the attention
+  sink, nor the last, which predicts the next token). After a cut, the next cut's span is
+  the kept part of it.
 """
 from __future__ import annotations
 
@@ -39,9 +41,16 @@ def span_bounds(span: str) -> tuple[int | None, int | None]:
     return start, end
 
 
-def parse_span(span, n: int, prefix: int) -> tuple[int, int]:
+def parse_span(span, n: int, prefix: int, causal: bool = False) -> tuple[int, int]:
+    """[start, end) of the prunable tokens among ``n``; the default is every token after the
+    ``prefix``, and for a ``causal`` decoder neither the first nor the last token."""
     if span is None or span == "":
-        return prefix, n
+        if not causal:
+            return prefix, n
+        start, end = max(prefix, 1), n - 1
+        if start >= end:
+            raise PruneError(f"a decoder's {n} tokens leave nothing to prune between its first and last token")
+        return start, end
     if isinstance(span, str):
         a, b = span_bounds(span)
         start, end = 0 if a is None else a, n if b is None else b
@@ -67,6 +76,10 @@ class SelectionPass(Pass):
 
     def reduction(self, model, facts, layer: int, k: int, start: int, end: int):
         raise NotImplementedError
+
+    def narrow_span(self, facts, layer: int, start: int, end: int) -> tuple[int, int]:
+        """The span a pass actually prunes (FastV leaves its query token out)."""
+        return start, end
 
     def schedule(self, depth: int) -> list[tuple[int, float | None]]:
         """[(cut layer, keep)], ascending; ``depth`` means the encoder output."""
@@ -111,7 +124,7 @@ class SelectionPass(Pass):
         facts = model.facts()
         stream = facts.stream_at(layer)
         n = stream.shape[1]
-        start, end = parse_span(span, n, facts.prefix)
+        start, end = self.narrow_span(facts, layer, *parse_span(span, n, facts.prefix, facts.causal))
         if keep is None:
             if int(self.count) > end - start:
                 raise PruneError(f"count {self.count} exceeds the {end - start} tokens of the span")

@@ -1,9 +1,8 @@
 """VisionZip (Yang et al., "VisionZip: Longer is Better but Not Necessary in Vision Language
 Models"; dvlab-research/VisionZip), training-free.
 
-At the cut (default: the encoder output, where VisionZip hands features to the projector;
-or before layer K) the tokens leaving the previous layer are reduced with that layer's
-attention and keys:
+At the cut (default: before the last layer; or before layer K, or at the encoder output)
+the tokens leaving the previous layer are reduced with that layer's attention and keys:
 
 * dominant: the prefix (CLS) tokens plus the non-prefix tokens the CLS token attends to
   most (mean over heads), ``dominant`` in all (CLS included, as VisionZip's count), kept in
@@ -14,6 +13,13 @@ attention and keys:
 
 Output: [dominant, contextual]. Defaults: the paper's 54 + 10 for 576 patches, scaled to the
 model's patch count (at least prefix + 1 and 1). No token sizes (as VisionZip).
+
+Default layer, as the official code: it reads LLaVA's ``select_layer = -2``, i.e. the
+attention (``attentions[-2]``), keys (``layers[-2].metric``) and output
+(``hidden_states[-2]``) of the penultimate layer, so prunec cuts before the last layer
+scoring with the penultimate one. In LLaVA the last layer is never run; in a graph that
+holds it, it runs on the reduced tokens. For a graph exported up to LLaVA's select layer
+(the vision tower truncated there), use ``layer=output``.
 
 Shapes: [B, N, C] -> [B, dominant + contextual, C].
 """
@@ -34,14 +40,22 @@ class VisionZip(Pass):
         Option("contextual", int, None, "contextual tokens (default: 10/576 of the patches)"),
         Option("prefix", int, None, "prefix tokens, CLS first (default: those the graph shows; give 1 for a text "
                                     "encoder whose [CLS] the graph does not single out)"),
-        Option("layer", str, "output", "cut: 'output' (default) or K (before layer K, with layer K-1's attention)"),
+        Option("layer", str, "penultimate", "cut: 'penultimate' (default: before the last layer, with the "
+                                            "penultimate layer's attention, as the official code), K (before "
+                                            "layer K, with layer K-1's attention) or 'output'"),
     ]
 
     def plan(self, model) -> Plan:
         facts = model.facts()
         spec = str(self.layer).strip().lower()
         try:
-            layer = facts.depth if spec in ("output", "out", "end") else int(spec)
+            if spec in ("penultimate", "auto", "", "none"):
+                layer = facts.depth - 1
+                if layer < 1:
+                    raise PruneError("the model has one attention layer: no penultimate layer to score with; "
+                                     "use layer=output")
+            else:
+                layer = facts.depth if spec in ("output", "out", "end") else int(spec)
         except ValueError:
             raise PruneError(f"layer '{self.layer}' is not an integer or 'output'") from None
         if not 1 <= layer <= facts.depth:

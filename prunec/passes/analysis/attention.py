@@ -44,9 +44,6 @@ class AttentionSite:
         return f"{self.kind} @ {self.node.name}"
 
 
-def _single_use(v: Value):
-    return v.uses[0][0] if len(v.uses) == 1 else None
-
 
 def _walk_back_to_matmul(v: Value, mask_holder: list) -> Node | None:
     for _ in range(8):
@@ -78,13 +75,17 @@ def _walk_back_to_matmul(v: Value, mask_holder: list) -> Node | None:
 
 
 def _walk_forward_to_matmul(v: Value) -> tuple[Node, Value] | None:
+    """From the probabilities forward through casts / dropout / no-ops (fx ``to(dtype)``,
+    ``dropout(p=0)``) to the ``@ v`` matmul; users whose output nobody reads (fx
+    ``_assert_tensor_metadata`` checks) are skipped."""
     for _ in range(6):
         if not v.uses:
             return None
         for user, idx in v.uses:
             if user.op == "matmul" and idx == 0:
                 return user, v
-        user = _single_use(v) or next((u for u, _ in v.uses if u.op in _PASS_THROUGH), None)
+        live = [u for u, _ in v.uses if not (u.op in _PASS_THROUGH and not any(o.uses for o in u.outputs))]
+        user = live[0] if len(live) == 1 else next((u for u in live if u.op in _PASS_THROUGH), None)
         if user is None or user.op not in _PASS_THROUGH:
             return None
         v = user.outputs[0]
@@ -99,7 +100,10 @@ def find_attention(graph: Graph) -> list[AttentionSite]:
             heads = node.attrs.get("q_num_heads") or (q.shape[1] if q.shape and len(q.shape) == 4 else None)
             mask = node.attrs.get("mask")
             causal = bool(node.attrs.get("is_causal")) or bool(mask is not None and mask.facts.get("causal"))
-            sites.append(AttentionSite("fused", node, q, k, v, node.outputs[0], mask=mask, causal=causal,
+            if node.attrs.get("tuple_output") and node.attrs.get("result") is None:
+                continue  # a private fx variant whose output tensor is never read
+            output = node.attrs.get("result") or node.outputs[0]
+            sites.append(AttentionSite("fused", node, q, k, v, output, mask=mask, causal=causal,
                                        heads=heads, scale=node.attrs.get("scale")))
         elif node.op == "packed_attention":
             sites.append(AttentionSite("packed", node, None, None, None, node.outputs[0],

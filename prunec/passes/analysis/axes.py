@@ -44,6 +44,8 @@ def axis_links(node: Node):
     """Yield ((value, axis), (value, axis)) equalities contributed by ``node``."""
     op, ins, outs = node.op, node.inputs, node.outputs
     out = outs[0] if outs else None
+    if op == "sdpa" and node.attrs.get("result") is not None:  # fx private variants: item 0 of a tuple
+        out = node.attrs["result"]
     if out is None or out.shape is None:
         return
     rank = len(out.shape)

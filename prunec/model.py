@@ -40,9 +40,10 @@ class OnnxModel(Model):
         super().__init__()
         import onnx_ir as ir
 
-        from .ir.from_onnx import example_inputs
+        from .ir.from_onnx import example_inputs, unfuse_skip_norms
 
         self.model: ir.Model = model
+        unfuse_skip_norms(model)
         _name_nodes(model)
         self.probe_batch = probe_batch
         self.feeds = feeds if feeds is not None else example_inputs(model, probe_batch)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role
-from .base import RECOVER_MODES, Crossing, Cut, GridPool, Merge, Recovery, Reweigh, ShapeFix
+from .base import RECOVER_MODES, Crossing, Cut, GridPool, LengthMask, Merge, Recovery, Reweigh, ShapeFix
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -87,6 +87,7 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
             pos = [j for j in tok if j < len(size) and size[j] == n]
             if pos:
                 cut.shape_fixes.append(ShapeFix(node, pos))
+    _plan_length_masks(facts, cut)
     for v in g.outputs:
         if v.producer is not None and v.producer in post:
             cut.output_axes[v.name] = facts.token_axes(v, cls_layer)
@@ -180,9 +181,6 @@ def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
     if getattr(cut.reduce, "prop_attn", False):
         for site in facts.sites:
             if site.node in cut.post and not _has_bias(site):
-                if site.kind == "packed" or site.node.attrs.get("ms_mha"):
-                    raise PruneError(f"attention node '{site.node.name}' takes no additive bias; proportional "
-                                     f"attention cannot be added (prop_attn=false turns it off)")
                 cut.bias_sites.append(site)
     for node in sorted(cut.post, key=lambda x: x.index):
         kind = _reduce_kind(node)
@@ -201,7 +199,8 @@ def _has_bias(site) -> bool:
         v = site.node.inputs[0]
         return v.producer is not None and any(x is not None and size_role(x) == LOGSIZE_TAG
                                               for x in v.producer.inputs)
-    return site.mask is not None and (size_role(site.mask) == LOGSIZE_TAG or BIAS_TAG in site.mask.name)
+    masks = [site.mask, site.node.attrs.get("attention_bias")]
+    return any(m is not None and (size_role(m) == LOGSIZE_TAG or BIAS_TAG in m.name) for m in masks)
 
 
 def _reduce_kind(node) -> str | None:
@@ -214,3 +213,22 @@ def _reduce_kind(node) -> str | None:
     if "sum" in name and "square" not in name:
         return "sum"
     return None
+
+
+def _plan_length_masks(facts: Facts, cut: Cut) -> None:
+    """ORT attention ops after the cut whose key mask is a sequence-lengths vector made before it
+    (EmbedLayerNormalization's ``mask_index`` [B], or [2B] end/start positions): lengths of the
+    uncut sequence, rewritten at the cut (:class:`LengthMask`). Other index forms are refused."""
+    batch = cut.stream.shape[0]
+    for node in sorted(cut.post, key=lambda x: x.index):
+        m = node.attrs.get("key_mask")
+        if m is None or m.shape is None or (m.producer is not None and m.producer in cut.post):
+            continue
+        if len(m.shape) == 1:
+            if m.shape[0] not in (batch, 2 * batch):
+                raise PruneError(f"attention node '{node.name}' reads the mask index '{m.name}' of shape "
+                                 f"{list(m.shape)}, which prunec cannot rewrite for fewer tokens")
+            cut.length_masks.append(LengthMask(node, node.attrs["named_inputs"]["key_mask"], m))
+        elif len(m.shape) == 4 or not facts.token_axes(m, min(cut.layer, facts.depth - 1)):
+            raise PruneError(f"attention node '{node.name}' reads the mask '{m.name}' of shape {list(m.shape)}, "
+                             f"which prunec cannot gather for fewer tokens")

@@ -109,3 +109,121 @@ def test_bert_skip_layernorm_eager_softmax_fastv_and_tome():
     assert ops["SkipLayerNormalization"] == 6 and ops["Softmax"] == 3
     check_fastv(path, "hf_bert")
     check_tome(path, "hf_bert")
+
+
+# -- MultiHeadAttention: bias, key padding mask, attention bias, unidirectional (silent wrong 1) --
+
+N, C = 12, 32
+
+
+def _mha_graph(weights, mask_kind: str, rel: bool, causal: bool) -> onnx.ModelProto:
+    """x [B, N, C], mask [B, N] (right padding) -> 3 pre-norm blocks with MultiHeadAttention reading
+    q/k/v without bias, the bias [3C], the key padding mask (``mask_kind``: "2d" as given, "lengths"
+    [B], or "none") and (``rel``) an attention bias [1, H, N, N] -> y [B, N, C]."""
+    nodes = [helper.make_node("Cast", ["mask"], ["mask32"], to=TensorProto.INT32)]
+    if mask_kind == "lengths":
+        nodes.append(helper.make_node("ReduceSum", ["mask32", "one_axis"], ["key_mask"], keepdims=0))
+    else:
+        nodes.append(helper.make_node("Identity", ["mask32"], ["key_mask"]))
+    inits = [helper.make_tensor("one_axis", TensorProto.INT64, [1], [1])]
+    x = "x"
+    for i, w in enumerate(weights):
+        for k, arr in w.items():
+            if k != "rel" or rel:
+                inits.append(helper.make_tensor(f"{k}{i}", TensorProto.FLOAT, list(arr.shape), arr.reshape(-1)))
+        nodes.append(helper.make_node("LayerNormalization", [x, f"ln{i}", f"lnb{i}"], [f"n{i}"], axis=-1))
+        for k in "qkv":
+            nodes.append(helper.make_node("MatMul", [f"n{i}", f"W{k}{i}"], [f"{k}{i}"]))
+        nodes.append(helper.make_node("MultiHeadAttention", [f"q{i}", f"k{i}", f"v{i}", f"bias{i}",
+                                                             "key_mask" if mask_kind != "none" else "",
+                                                             f"rel{i}" if rel else ""], [f"a{i}"], domain="com.microsoft",
+                                      num_heads=HEADS, unidirectional=int(causal)))
+        nodes.append(helper.make_node("MatMul", [f"a{i}", f"Wo{i}"], [f"o{i}"]))
+        nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"r{i}"]))
+        nodes.append(helper.make_node("MatMul", [f"r{i}", f"Wm{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"g{i}"]))
+        nodes.append(helper.make_node("Add", [f"r{i}", f"g{i}"], [f"x{i + 1}"]))
+        x = f"x{i + 1}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    graph = helper.make_graph(nodes, "mha", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", N, C]),
+                                             helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", N])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", N, C])], inits)
+    return helper.make_model(graph, ir_version=10,
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _mha_weights(seed=0, depth=3):
+    g = np.random.default_rng(seed)
+    out = []
+    for _ in range(depth):
+        w = {f"W{k}": (g.standard_normal((C, C)) / np.sqrt(C)).astype(np.float32) for k in "qkvom"}
+        w["bias"] = g.standard_normal(3 * C).astype(np.float32)  # large: ignoring it changes the choice
+        w["rel"] = (2.0 * g.standard_normal((1, HEADS, N, N))).astype(np.float32)
+        w["ln"], w["lnb"] = np.ones(C, np.float32), np.zeros(C, np.float32)
+        out.append(w)
+    return out
+
+
+def _mha_reference(weights, x, mask, rel, keep, layer, causal, end=N):
+    """The same network in torch with FastV before ``layer`` (query: the last token when causal,
+    else the mean over rows): the bias, padding mask (-10000), attention bias and causal mask
+    are part of the scores; the mask and the attention bias are gathered with the tokens. Tokens
+    from ``end`` on are always kept."""
+    x, valid = torch.from_numpy(x), torch.from_numpy(mask).bool()
+    idx = scores = None
+    h, d = HEADS, C // HEADS
+    pos = torch.arange(N)
+    for i, w in enumerate(weights):
+        w = {k: torch.from_numpy(v) for k, v in w.items()}
+        if i == layer:
+            top = scores[:, :end].topk(int(round(keep * end)), dim=1).indices
+            idx = torch.cat([top, torch.arange(end, N).expand(x.shape[0], -1)], dim=1).sort(dim=1).values
+            x = torch.gather(x, 1, idx[:, :, None].expand(-1, idx.shape[1], C))
+            valid = torch.gather(valid, 1, idx)
+        keep_pos = pos.expand(x.shape[0], -1) if idx is None else idx
+        bias = w["rel"].expand(x.shape[0], -1, -1, -1) * float(rel)
+        bias = torch.gather(bias, 2, keep_pos[:, None, :, None].expand(-1, h, -1, N))
+        bias = torch.gather(bias, 3, keep_pos[:, None, None, :].expand(-1, h, keep_pos.shape[1], -1))
+        b, n = x.shape[:2]
+        ln = torch.nn.functional.layer_norm(x, (C,), eps=1e-5)
+        q, k, v = ((ln @ w[f"W{t}"] + w["bias"][j * C:(j + 1) * C]).reshape(b, n, h, d).transpose(1, 2)
+                   for j, t in enumerate("qkv"))
+        logits = q @ k.transpose(-1, -2) / np.sqrt(d) + bias
+        logits = logits + torch.where(valid, 0.0, -10000.0)[:, None, None, :]
+        if causal:
+            logits = logits + torch.where(keep_pos[:, None, :] > keep_pos[:, :, None], -torch.inf, 0.0)[:, None]
+        p = torch.softmax(logits, dim=-1)
+        if i == layer - 1:
+            scores = (p[:, :, -1, :] if causal else p.mean(dim=2)).mean(dim=1)
+        a = (p @ v).transpose(1, 2).reshape(b, n, C)
+        r = x + a @ w["Wo"]
+        x = r + torch.relu(r @ w["Wm"])
+    return x.numpy(), idx.numpy()
+
+
+@pytest.mark.parametrize("mask_kind,rel,causal", [("none", False, False), ("2d", True, False),
+                                                  ("lengths", True, False), ("2d", False, True)],
+                         ids=["bias", "mask2d-attnbias", "lengths-attnbias", "unidirectional"])
+def test_multihead_attention_bias_masks_are_scored(tmp_path, mask_kind, rel, causal):
+    """Silent wrong 1: the scores read MultiHeadAttention's bias, key padding mask (a lengths mask
+    too, rewritten at the cut), attention bias and unidirectional flag; before, the bias and masks
+    were ignored and FastV kept other tokens than the model's own attention ranks highest."""
+    weights = _mha_weights()
+    path = tmp_path / "mha.onnx"
+    onnx.save(_mha_graph(weights, mask_kind, rel, causal), str(path))
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, N, C)).astype(np.float32)
+    mask = np.ones((3, N), np.int64)
+    if mask_kind != "none":
+        mask[0, 9:] = 0
+        mask[2, 7:] = 0
+    model = prunec.load(path)
+    assert model.facts().causal == causal
+    span = None if not causal else f"0:{N - 1}"  # a decoder keeps its query token
+    pruned = prunec.passes.FastV(keep=0.5, layer=2, span=span)(model)
+    ref, ref_idx = _mha_reference(weights, x, mask, rel, 0.5, 2, causal, end=N - 1 if causal else N)
+    feeds_ = {"x": x, "mask": mask}
+    np.testing.assert_array_equal(pruned.kept_indices(feeds_)["fastv_l2"], ref_idx)
+    np.testing.assert_allclose(pruned.run(feeds_)[0], ref, rtol=1e-4, atol=1e-4)
+    same = prunec.passes.FastV(keep=1.0, layer=2)(model)  # identity at keep=1
+    np.testing.assert_allclose(same.run(feeds_)[0], model.run(feeds_)[0], rtol=1e-5, atol=1e-6)

@@ -131,6 +131,8 @@ class Facts:
             return None
         for node in consumers:
             out = node.outputs[0]
+            if node.op in ("sdpa", "packed_attention") and v is node.attrs.get("attention_bias"):
+                continue  # ORT's attention_bias is [B or 1, H or 1, S, T]
             if node.op != "elementwise" or out.shape is None:
                 return None
             j = len(out.shape) - len(v.shape)

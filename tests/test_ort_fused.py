@@ -227,3 +227,22 @@ def test_multihead_attention_bias_masks_are_scored(tmp_path, mask_kind, rel, cau
     np.testing.assert_allclose(pruned.run(feeds_)[0], ref, rtol=1e-4, atol=1e-4)
     same = prunec.passes.FastV(keep=1.0, layer=2)(model)  # identity at keep=1
     np.testing.assert_allclose(same.run(feeds_)[0], model.run(feeds_)[0], rtol=1e-5, atol=1e-6)
+
+
+# -- BERT through the optimizer's attention fusions (HF eager attention) ----------------------------
+
+@pytest.mark.parametrize("attention,level", [("eager", 1), ("eager", 2), ("mha", 1)],
+                         ids=["attention-o1", "attention-o2", "multiheadattention-o1"])
+def test_bert_fused_attention_with_lengths_mask(attention, level):
+    """EmbedLayerNormalization turns the padding mask into lengths [B] (mask_index) that every
+    packed Attention / MultiHeadAttention reads (silent wrong 4: after a cut they still counted
+    the uncut positions). Scores come from the packed QKV projection with its bias and the
+    lengths mask; ToMe's proportional attention goes through the ops' attention_bias input."""
+    path = optimized("hf_bert", "torchscript17", level, attention)
+    ops = ops_of(path)
+    fused = "MultiHeadAttention" if attention == "mha" else "Attention"
+    assert ops[fused] == 3 and ops["EmbedLayerNormalization"] == 1 and ops["SkipLayerNormalization"] == 6
+    mask_index = [n.input[3 if fused == "Attention" else 4] for n in onnx.load(path).graph.node if n.op_type == fused]
+    assert all("mask_index" in m for m in mask_index)  # the lengths form
+    check_fastv(path, "hf_bert")
+    check_tome(path, "hf_bert")

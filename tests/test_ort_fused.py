@@ -246,3 +246,52 @@ def test_bert_fused_attention_with_lengths_mask(attention, level):
     assert all("mask_index" in m for m in mask_index)  # the lengths form
     check_fastv(path, "hf_bert")
     check_tome(path, "hf_bert")
+
+
+def test_bert_lengths_mask_random_selection():
+    """Silent wrong 4 for passes that score nothing: a random cut also rewrites the lengths."""
+    from reference import random_choice, reference_run
+
+    c = case("hf_bert")
+    path = optimized("hf_bert", "torchscript17", 1, "eager")
+    pruned = prunec.passes.get("random")(keep="0.5", layer="2")(prunec.load(path))
+    ref_out, ref_idx = reference_run(c.module, c.inputs, 2, random_choice(0.5, 0, None, c.prefix))
+    np.testing.assert_array_equal(pruned.kept_indices(feeds(c))["random_l2"], ref_idx.numpy())
+    close(pruned.run(feeds(c)), torch_outputs(ref_out))
+
+
+# -- refusals: one line naming the node ------------------------------------------------------------
+
+def _small_graph(extra_nodes, extra_inputs, attn_inputs, inits=()) -> onnx.ModelProto:
+    """x [B, N, C] -> q/k/v projections -> extra nodes -> MultiHeadAttention(attn_inputs) -> x + a."""
+    g = np.random.default_rng(0)
+    inits = list(inits) + [helper.make_tensor(f"W{k}", TensorProto.FLOAT, [C, C], g.standard_normal(C * C) / C)
+                           for k in "qkv"]
+    nodes = [helper.make_node("MatMul", ["x", f"W{k}"], [k]) for k in "qkv"] + list(extra_nodes)
+    nodes += [helper.make_node("MultiHeadAttention", attn_inputs, ["a"], domain="com.microsoft", num_heads=HEADS),
+              helper.make_node("Add", ["x", "a"], ["y"])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, N, C])] + list(extra_inputs)
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, N, C])],
+                              inits)
+    return helper.make_model(graph, ir_version=10,
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def test_kv_cache_and_rotary_are_refused(tmp_path):
+    d = C // HEADS
+    past = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, HEADS, 3, d]) for n in ("pk", "pv")]
+    cached = _small_graph([], past, ["q", "k", "v", "", "", "", "pk", "pv"])
+    half = np.arange(N * d // 2, dtype=np.float32).reshape(N, d // 2) / 100
+    rotary = _small_graph(
+        [helper.make_node("RotaryEmbedding", ["q", "pos", "cos", "sin"], ["qr"], domain="com.microsoft",
+                          num_heads=HEADS)],
+        [helper.make_tensor_value_info("pos", TensorProto.INT64, [2, N])], ["qr", "k", "v"],
+        [helper.make_tensor("cos", TensorProto.FLOAT, half.shape, np.cos(half).reshape(-1)),
+         helper.make_tensor("sin", TensorProto.FLOAT, half.shape, np.sin(half).reshape(-1))])
+    for proto, node, words in ((cached, "MultiHeadAttention", "past key/value"), (rotary, "RotaryEmbedding", "rotary")):
+        path = tmp_path / f"{node}.onnx"
+        onnx.save(proto, str(path))
+        with pytest.raises(PruneError) as e:
+            prunec.passes.FastV(keep=0.5, layer=1)(prunec.load(path))
+        msg = str(e.value)
+        assert "\n" not in msg and words in msg and node in msg, msg

@@ -136,8 +136,8 @@ def _mha_graph(weights, mask_kind: str, rel: bool, causal: bool) -> onnx.ModelPr
             nodes.append(helper.make_node("MatMul", [f"n{i}", f"W{k}{i}"], [f"{k}{i}"]))
         nodes.append(helper.make_node("MultiHeadAttention", [f"q{i}", f"k{i}", f"v{i}", f"bias{i}",
                                                              "key_mask" if mask_kind != "none" else "",
-                                                             f"rel{i}" if rel else ""], [f"a{i}"], domain="com.microsoft",
-                                      num_heads=HEADS, unidirectional=int(causal)))
+                                                             f"rel{i}" if rel else ""], [f"a{i}"],
+                                      domain="com.microsoft", num_heads=HEADS, unidirectional=int(causal)))
         nodes.append(helper.make_node("MatMul", [f"a{i}", f"Wo{i}"], [f"o{i}"]))
         nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"r{i}"]))
         nodes.append(helper.make_node("MatMul", [f"r{i}", f"Wm{i}"], [f"m{i}"]))

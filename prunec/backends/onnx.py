@@ -336,7 +336,7 @@ def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query) -> ir
         if query != "mean" and mask.shape[-2] > 1:
             m = b.op("Gather", [m, b.const(np.array([int(query)], np.int64), "row")], {"axis": len(mask.shape) - 2})
         if mask.dtype == "bool":
-            m = b.op("Where", [m, b.const(np.array(0.0, np.float32), "zero"), b.const(np.array(-np.inf, np.float32), "ninf")])
+            m = b.op("Where", [m, b.floats(0.0, "zero"), b.floats(-np.inf, "ninf")])
         logits = b.op("Add", [logits, m])
     key_mask = _key_mask(b, site, values, query, kshape[2])
     if key_mask is not None:

@@ -72,9 +72,10 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
             axes = facts.token_axes(v, cls_layer)
             if not axes:
                 continue
-            if isinstance(reduce, Merge) and v is not stream and v.producer is not None and v.producer is stream.producer:
-                raise PruneError(f"node '{v.producer.name}' makes both the stream '{stream.name}' and '{v.name}', which "
-                                 f"crosses the merge; a gathered copy would not be the merged tokens' value")
+            if isinstance(reduce, Merge) and v is not stream and v.producer is not None \
+                    and v.producer is stream.producer:
+                raise PruneError(f"node '{v.producer.name}' makes both the stream '{stream.name}' and '{v.name}', "
+                                 f"which crosses the merge; a gathered copy would not be the merged tokens' value")
             b = facts.batch_axis(v, [u for u, _ in v.uses if u in post], cls_layer)
             if b is None or b in axes:
                 raise PruneError(f"token-carrying tensor '{v.name}' (shape {list(v.shape)}) crosses the cut "

@@ -260,6 +260,48 @@ def test_bert_lengths_mask_random_selection():
     close(pruned.run(feeds(c)), torch_outputs(ref_out))
 
 
+def _ppt_threshold(c):
+    """Between the two samples' importance variances at PPT's first layer: one prunes, one pools."""
+    from merge_reference import ppt_variance
+
+    seen = []
+    reference_merge(c.module, c.inputs, {0: lambda x, k, v, probs, state: seen.append(
+        ppt_variance(probs, v, c.prefix)[1]) or x})
+    lo, hi = sorted(float(x) for x in seen[0])
+    return (lo + hi) / 2
+
+
+def _every_pass(c):
+    from merge_reference import evit_reduce, ppt_reduce, visionzip_choice
+    from reference import attention_choice, divprune_choice, reference_run, zero_tprune_choice
+
+    p, thr = c.prefix, _ppt_threshold(c)
+    return {
+        "cls-attn": (dict(keep=0.25, layer="2"), lambda: reference_run(c.module, c.inputs, 2, attention_choice(
+            1, "cls", 0.25, None, p))),
+        "divprune": (dict(keep=0.25, layer="2"), lambda: reference_run(c.module, c.inputs, 2, divprune_choice(
+            0.25, None, p))),
+        "zero-tprune": (dict(keep=0.25, layer="2", iters=5, similar=0.5), lambda: reference_run(
+            c.module, c.inputs, 2, zero_tprune_choice(1, 0.25, 5, 0.5, 0, None, p))),
+        "evit": (dict(keep="0.5", layers="1/2"), lambda: reference_merge(
+            c.module, c.inputs, {1: evit_reduce(0.5, p), 2: evit_reduce(0.5, p)})),
+        "ppt": (dict(r=3, layers="0/2", threshold=thr), lambda: reference_merge(
+            c.module, c.inputs, {0: ppt_reduce(3, thr, p), 2: ppt_reduce(3, thr, p)}, prop_attn=True)),
+        "visionzip": (dict(dominant=6, contextual=4, layer="2"), lambda: reference_run(
+            c.module, c.inputs, 2, visionzip_choice(1, 6, 4, HEADS, p))),
+    }
+
+
+@pytest.mark.parametrize("pname", ["cls-attn", "divprune", "zero-tprune", "evit", "ppt", "visionzip"])
+def test_bert_packed_attention_every_pass(pname):
+    """The other selections and merges on the packed-Attention BERT (lengths mask, post-norm
+    SkipLayerNormalization): outputs allclose to their references on the unmodified model."""
+    c = case("hf_bert")
+    opts, reference = _every_pass(c)[pname]
+    got = prunec.passes.get(pname)(**opts)(prunec.load(optimized("hf_bert", "torchscript17", 2, "eager")))
+    close(got.run(feeds(c)), torch_outputs(reference()[0]))
+
+
 # -- refusals: one line naming the node ------------------------------------------------------------
 
 def _small_graph(extra_nodes, extra_inputs, attn_inputs, inits=()) -> onnx.ModelProto:

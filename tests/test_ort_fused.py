@@ -50,7 +50,7 @@ def optimized(name: str, exporter: str, opt_level: int, attention: str = "defaul
                 for mod in c.module.modules():
                     if hasattr(mod, "config"):
                         mod.config._attn_implementation = saved
-    model_type = "bert" if "bert" in name else "vit"
+    model_type = "bert" if "bert" in name else "gpt2" if "llama" in name else "vit"
     options = FusionOptions(model_type)
     options.use_multi_head_attention = attention == "mha"
     out = export_dir() / f"{name}.{attention}.{exporter}.o{opt_level}.onnx"
@@ -109,6 +109,21 @@ def test_bert_skip_layernorm_eager_softmax_fastv_and_tome():
     assert ops["SkipLayerNormalization"] == 6 and ops["Softmax"] == 3
     check_fastv(path, "hf_bert")
     check_tome(path, "hf_bert")
+
+
+# -- pre-norm RMS decoder: SkipSimplifiedLayerNormalization (and ORT's SimplifiedLayerNormalization) --
+
+def test_llama_skip_simplified_layernorm_fastv():
+    c = case("hf_llama")
+    path = optimized("hf_llama", "dynamo18", 1)
+    ops = ops_of(path)
+    assert ops["SkipSimplifiedLayerNormalization"] == 6 and ops["SimplifiedLayerNormalization"] >= 1
+    model = prunec.load(path)
+    assert model.facts().causal
+    pruned = prunec.passes.FastV(keep=0.5, layer=2, span=c.span)(model)
+    ref_out, ref_idx = fastv_reference(c.module, c.inputs, keep=0.5, layer=2, query="last", span=(4, 20))
+    np.testing.assert_array_equal(pruned.kept_indices(feeds(c))["fastv_l2"], ref_idx.numpy())
+    close(pruned.run(feeds(c)), torch_outputs(ref_out))
 
 
 # -- MultiHeadAttention: bias, key padding mask, attention bias, unidirectional (silent wrong 1) --

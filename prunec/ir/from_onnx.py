@@ -249,9 +249,9 @@ def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np
 def unfuse_skip_norms(model: ir.Model) -> None:
     """Split every ORT ``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` whose sum
     output (output 3: input + skip [+ bias], [B, N, C]) is read — a pre-norm residual stream —
-    into ``Add`` (+ ``Add`` bias) and ``LayerNormalization`` / ``SimplifiedLayerNormalization``,
-    so the stream and the normalized branch are separate tensors (ORT fuses them back when it
-    builds a session). Needs opset >= 17 for LayerNormalization; others are left fused."""
+    into ``Add`` (+ ``Add`` bias) and ``LayerNormalization`` (or RMS norm in standard ops), so the
+    stream and the normalized branch are separate tensors (ORT fuses them back when it builds a
+    session). Needs opset >= 17 for LayerNormalization; others are left fused."""
     graph = model.graph
     opset = graph.opset_imports.get("", 0)
     for node in list(graph):
@@ -274,9 +274,26 @@ def unfuse_skip_norms(model: ir.Model) -> None:
         if bias is not None:
             new.append(ir.Node("", "Add", [new[-1].outputs[0], bias], name=f"{node.name}/add_bias"))
         total = new[-1].outputs[0]
-        if simplified:
-            norm = ir.Node("", "SimplifiedLayerNormalization", [total, ins[2]], attributes=[
-                ir.convenience.convert_attribute(k, v) for k, v in attrs.items()], name=f"{node.name}/norm")
+        if simplified:  # SimplifiedLayerNormalization is not an ONNX op: x / sqrt(mean(x²) + eps) · gamma
+            new.append(ir.Node("", "Mul", [total, total], name=f"{node.name}/square"))
+            axes = ir.Value(name=f"{node.name}/axes", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
+                            const_value=ir.tensor(np.array([-1], np.int64), name=f"{node.name}/axes"))
+            eps_v = ir.Value(name=f"{node.name}/eps", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                             const_value=ir.tensor(np.array(attrs["epsilon"], np.float32), name=f"{node.name}/eps"))
+            graph.register_initializer(axes)
+            graph.register_initializer(eps_v)
+            if opset >= 18:
+                mean = ir.Node("", "ReduceMean", [new[-1].outputs[0], axes], attributes=[
+                    ir.convenience.convert_attribute("keepdims", 1)], name=f"{node.name}/mean")
+            else:
+                mean = ir.Node("", "ReduceMean", [new[-1].outputs[0]], attributes=[
+                    ir.convenience.convert_attribute("axes", [-1]),
+                    ir.convenience.convert_attribute("keepdims", 1)], name=f"{node.name}/mean")
+            new.append(mean)
+            new.append(ir.Node("", "Add", [mean.outputs[0], eps_v], name=f"{node.name}/add_eps"))
+            new.append(ir.Node("", "Sqrt", [new[-1].outputs[0]], name=f"{node.name}/rms"))
+            new.append(ir.Node("", "Div", [total, new[-1].outputs[0]], name=f"{node.name}/scaled"))
+            norm = ir.Node("", "Mul", [new[-1].outputs[0], ins[2]], name=f"{node.name}/norm")
         else:
             norm_ins = [total, ins[2]] + ([ins[3]] if ins[3] is not None else [])
             norm = ir.Node("", "LayerNormalization", norm_ins, attributes=[

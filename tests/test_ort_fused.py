@@ -317,6 +317,129 @@ def test_bert_packed_attention_every_pass(pname):
     close(got.run(feeds(c)), torch_outputs(reference()[0]))
 
 
+# -- a GroupQueryAttention decoder with RotaryEmbedding: positions follow the kept tokens ---------
+
+KV = 2  # kv heads
+
+
+def _gqa_graph(weights, window=-1, offset_positions=False) -> onnx.ModelProto:
+    """ids-free decoder: x [B, N, C], position_ids [B, N] -> 3 pre-norm blocks: RotaryEmbedding on q
+    and k (positions from the input, or with ``offset_positions`` a constant offset [1]),
+    GroupQueryAttention (HEADS q heads, KV kv heads, seqlens_k from a ReduceSum of the mask input)
+    -> y [B, N, C]."""
+    d = C // HEADS
+    half = np.arange(64)[:, None] / (10000.0 ** (np.arange(d // 2)[None, :] / (d // 2)))
+    inits = [helper.make_tensor("cos", TensorProto.FLOAT, half.shape, np.cos(half).reshape(-1)),
+             helper.make_tensor("sin", TensorProto.FLOAT, half.shape, np.sin(half).reshape(-1)),
+             helper.make_tensor("one", TensorProto.INT64, [], [1]),
+             helper.make_tensor("ax1", TensorProto.INT64, [1], [1]),
+             helper.make_tensor("total", TensorProto.INT32, [], [N])]
+    if offset_positions:
+        inits.append(helper.make_tensor("pos", TensorProto.INT64, [1], [0]))
+    nodes = [helper.make_node("ReduceSum", ["mask", "ax1"], ["count"], keepdims=0),
+             helper.make_node("Sub", ["count", "one"], ["last"]),
+             helper.make_node("Cast", ["last"], ["seqlens_k"], to=TensorProto.INT32)]
+    x = "x"
+    for i, w in enumerate(weights):
+        for k, arr in w.items():
+            inits.append(helper.make_tensor(f"{k}{i}", TensorProto.FLOAT, list(arr.shape), arr.reshape(-1)))
+        nodes.append(helper.make_node("LayerNormalization", [x, f"ln{i}", f"lnb{i}"], [f"n{i}"], axis=-1))
+        for k in "qkv":
+            nodes.append(helper.make_node("MatMul", [f"n{i}", f"W{k}{i}"], [f"{k}{i}"]))
+        for k, heads in (("q", HEADS), ("k", KV)):
+            nodes.append(helper.make_node("RotaryEmbedding", [f"{k}{i}", "pos", "cos", "sin"], [f"{k}r{i}"],
+                                          domain="com.microsoft", num_heads=heads))
+        nodes.append(helper.make_node("GroupQueryAttention", [f"qr{i}", f"kr{i}", f"v{i}", "", "", "seqlens_k",
+                                                              "total"], [f"a{i}"], domain="com.microsoft",
+                                      num_heads=HEADS, kv_num_heads=KV, local_window_size=window))
+        nodes.append(helper.make_node("MatMul", [f"a{i}", f"Wo{i}"], [f"o{i}"]))
+        nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"r{i}"]))
+        nodes.append(helper.make_node("MatMul", [f"r{i}", f"Wm{i}"], [f"m{i}"]))
+        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"g{i}"]))
+        nodes.append(helper.make_node("Add", [f"r{i}", f"g{i}"], [f"x{i + 1}"]))
+        x = f"x{i + 1}"
+    nodes.append(helper.make_node("Identity", [x], ["y"]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", N, C]),
+              helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", N])]
+    if not offset_positions:
+        inputs.insert(1, helper.make_tensor_value_info("pos", TensorProto.INT64, ["batch", N]))
+    graph = helper.make_graph(nodes, "gqa", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT,
+                                                                                      ["batch", N, C])], inits)
+    return helper.make_model(graph, ir_version=10,
+                             opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _gqa_weights(seed=0):
+    g = np.random.default_rng(seed)
+    d = C // HEADS
+    out = []
+    for _ in range(3):
+        w = {f"W{k}": (g.standard_normal((C, C if k in "qom" else KV * d)) / np.sqrt(C)).astype(np.float32)
+             for k in "qkvom"}
+        w["ln"], w["lnb"] = np.ones(C, np.float32), np.zeros(C, np.float32)
+        out.append(w)
+    return out
+
+
+def _gqa_reference(weights, x, pos, keep, layer, end):
+    """The decoder in torch with FastV before ``layer`` (query: the last token; tokens from ``end``
+    on kept): rotary at each kept token's own position, causal over the kept tokens."""
+    x, pos = torch.from_numpy(x), torch.from_numpy(pos)
+    d, rep = C // HEADS, HEADS // KV
+    half = torch.arange(64)[:, None] / (10000.0 ** (torch.arange(d // 2)[None, :] / (d // 2)))
+    idx = scores = None
+
+    def rotary(t, heads, p):  # [B, n, heads·d] -> [B, heads, n, d]
+        t = t.reshape(t.shape[0], t.shape[1], heads, d)
+        cos, sin = torch.cos(half)[p][:, :, None].float(), torch.sin(half)[p][:, :, None].float()
+        t1, t2 = t[..., :d // 2], t[..., d // 2:]
+        return torch.cat([t1 * cos - t2 * sin, t2 * cos + t1 * sin], dim=-1).transpose(1, 2)
+    for i, w in enumerate(weights):
+        w = {k: torch.from_numpy(v) for k, v in w.items()}
+        if i == layer:
+            top = scores[:, :end].topk(int(round(keep * end)), dim=1).indices
+            idx = torch.cat([top, torch.arange(end, N).expand(x.shape[0], -1)], dim=1).sort(dim=1).values
+            x = torch.gather(x, 1, idx[:, :, None].expand(-1, idx.shape[1], C))
+            pos = torch.gather(pos, 1, idx)
+        b, n = x.shape[:2]
+        ln = torch.nn.functional.layer_norm(x, (C,), eps=1e-5)
+        q, k = rotary(ln @ w["Wq"], HEADS, pos), rotary(ln @ w["Wk"], KV, pos)
+        v = (ln @ w["Wv"]).reshape(b, n, KV, d).transpose(1, 2)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        logits = q @ k.transpose(-1, -2) / np.sqrt(d)
+        logits = logits + torch.triu(torch.full((n, n), -torch.inf), 1)
+        p = torch.softmax(logits, dim=-1)
+        if i == layer - 1:
+            scores = p[:, :, -1, :].mean(dim=1)
+        r = x + (p @ v).transpose(1, 2).reshape(b, n, C) @ w["Wo"]
+        x = r + torch.relu(r @ w["Wm"])
+    return x.numpy(), idx.numpy()
+
+
+def test_group_query_attention_with_rotary_fastv(tmp_path):
+    weights = _gqa_weights()
+    path = tmp_path / "gqa.onnx"
+    onnx.save(_gqa_graph(weights), str(path))
+    x = np.random.default_rng(2).standard_normal((2, N, C)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(N), (2, N)).copy()
+    data = {"x": x, "pos": pos, "mask": np.ones((2, N), np.int64)}
+    model = prunec.load(path)
+    assert model.facts().causal and all(s.kind == "fused" for s in model.facts().sites)
+    pruned = prunec.passes.FastV(keep=0.5, layer=2, span=f"0:{N - 1}")(model)
+    ref, ref_idx = _gqa_reference(weights, x, pos, 0.5, 2, N - 1)
+    np.testing.assert_array_equal(pruned.kept_indices(data)["fastv_l2"], ref_idx)
+    np.testing.assert_allclose(pruned.run(data)[0], ref, rtol=1e-4, atol=1e-4)
+    path2 = tmp_path / "gqa_window.onnx"  # a sliding window counts positions inside the op: refused
+    onnx.save(_gqa_graph(weights, window=4), str(path2))
+    with pytest.raises(PruneError, match="GroupQueryAttention.*local_window_size"):
+        prunec.passes.FastV(keep=0.5, layer=2)(prunec.load(path2))
+    path3 = tmp_path / "gqa_offset.onnx"  # rotary positions as an offset [1]: kept tokens would be renumbered
+    onnx.save(_gqa_graph(weights, offset_positions=True), str(path3))
+    with pytest.raises(PruneError, match="rotary node 'RotaryEmbedding.*positions") as e:
+        prunec.passes.FastV(keep=0.5, layer=2)(prunec.load(path3))
+    assert "\n" not in str(e.value)
+
+
 # -- refusals: one line naming the node ------------------------------------------------------------
 
 def _small_graph(extra_nodes, extra_inputs, attn_inputs, inits=()) -> onnx.ModelProto:
@@ -334,21 +457,12 @@ def _small_graph(extra_nodes, extra_inputs, attn_inputs, inits=()) -> onnx.Model
                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
 
 
-def test_kv_cache_and_rotary_are_refused(tmp_path):
+def test_kv_cache_is_refused(tmp_path):
     d = C // HEADS
     past = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, HEADS, 3, d]) for n in ("pk", "pv")]
-    cached = _small_graph([], past, ["q", "k", "v", "", "", "", "pk", "pv"])
-    half = np.arange(N * d // 2, dtype=np.float32).reshape(N, d // 2) / 100
-    rotary = _small_graph(
-        [helper.make_node("RotaryEmbedding", ["q", "pos", "cos", "sin"], ["qr"], domain="com.microsoft",
-                          num_heads=HEADS)],
-        [helper.make_tensor_value_info("pos", TensorProto.INT64, [2, N])], ["qr", "k", "v"],
-        [helper.make_tensor("cos", TensorProto.FLOAT, half.shape, np.cos(half).reshape(-1)),
-         helper.make_tensor("sin", TensorProto.FLOAT, half.shape, np.sin(half).reshape(-1))])
-    for proto, node, words in ((cached, "MultiHeadAttention", "past key/value"), (rotary, "RotaryEmbedding", "rotary")):
-        path = tmp_path / f"{node}.onnx"
-        onnx.save(proto, str(path))
-        with pytest.raises(PruneError) as e:
-            prunec.passes.FastV(keep=0.5, layer=1)(prunec.load(path))
-        msg = str(e.value)
-        assert "\n" not in msg and words in msg and node in msg, msg
+    path = tmp_path / "cached.onnx"
+    onnx.save(_small_graph([], past, ["q", "k", "v", "", "", "", "pk", "pv"]), str(path))
+    with pytest.raises(PruneError) as e:
+        prunec.passes.FastV(keep=0.5, layer=1)(prunec.load(path))
+    msg = str(e.value)
+    assert "\n" not in msg and "past key/value" in msg and "MultiHeadAttention" in msg, msg

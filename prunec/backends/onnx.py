@@ -281,6 +281,12 @@ def _key_mask(b: _Builder, site, values: dict[str, ir.Value], query, t: int) -> 
     (MultiHeadAttention ``key_padding_mask`` / Attention ``mask_index``): lengths [B] (right
     padding), end/start positions [2B], a 0/1 mask [B, T] or [B, S, T]; masked keys get the op's
     ``mask_filter_value`` (default -10000)."""
+    pos = b.const(np.arange(t, dtype=np.int64)[None, :], "pos")
+    seqlens = site.node.attrs.get("seqlens_k")
+    if seqlens is not None:  # GroupQueryAttention: keys [0, seqlens_k] are valid
+        last = b.op("Unsqueeze", [b.op("Cast", [values[seqlens.name]], {"to": ir.DataType.INT64}), b.ints([1], "axes")])
+        valid = b.op("Unsqueeze", [b.op("LessOrEqual", [pos, last]), b.ints([1, 2], "axes")])
+        return b.op("Where", [valid, b.floats(0.0, "zero"), b.floats(-np.inf, "ninf")])
     m = site.node.attrs.get("key_mask")
     if m is None:
         return None
@@ -288,7 +294,6 @@ def _key_mask(b: _Builder, site, values: dict[str, ir.Value], query, t: int) -> 
     fill = -10000.0 if fill is None else float(fill)
     x = values[m.name]
     batch = site.output.shape[0]
-    pos = b.const(np.arange(t, dtype=np.int64)[None, :], "pos")
     if len(m.shape) == 1 and m.shape[0] in (batch, 2 * batch):
         x = b.op("Cast", [x], {"to": ir.DataType.INT64})
         if m.shape[0] == batch:  # lengths: keys [0, len) are valid
@@ -657,9 +662,18 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                 graph.outputs[graph.outputs.index(src)] = y
         for lm in cut.length_masks:
             node = nodes[lm.node.ref.name]
-            two = lm.value.shape[0] != cut.stream.shape[0]  # [2B]: ends, then starts
-            node.replace_input_with(lm.input_index, _kept_valid(_Builder(graph, node, f"{cut.tag}/lengths", counter),
-                                                                 values[lm.value.name], two, idx))
+            lb = _Builder(graph, node, f"{cut.tag}/lengths", counter)
+            if lm.kind == "total":  # GroupQueryAttention's total_sequence_length: the kept count
+                new = lb.const(np.array(cut.kept, np.int32).reshape(lm.value.shape or ()), "total")
+            elif lm.kind == "seqlens":  # GroupQueryAttention: valid lengths − 1 -> kept valid tokens − 1
+                lens = lb.op("Add", [lb.op("Cast", [values[lm.value.name]], {"to": ir.DataType.INT32}),
+                                     lb.const(np.array(1, np.int32), "one")])
+                valid = _kept_valid(lb, lens, False, idx)
+                new = lb.op("Sub", [lb.reduce_sum(valid, [1]), lb.const(np.array(1, np.int32), "one")])
+            else:
+                two = lm.value.shape[0] != cut.stream.shape[0]  # [2B]: ends, then starts
+                new = _kept_valid(lb, values[lm.value.name], two, idx)
+            node.replace_input_with(lm.input_index, new)
         if cut.recovery is not None:
             _recover(graph, cut, values, idx, dest, reduced, post_names, order, counter)
         for site in cut.bias_sites:

@@ -25,10 +25,9 @@ _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "R
 _LAYERNORM = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
               "SkipSimplifiedLayerNormalization", "RMSNormalization"}
 # ORT contrib attention ops prunec cannot score or cut through (refused, naming the node)
-_UNSUPPORTED_ATTENTION = {"GroupQueryAttention", "PackedAttention", "PackedMultiHeadAttention", "PagedAttention",
+_UNSUPPORTED_ATTENTION = {"PackedAttention", "PackedMultiHeadAttention", "PagedAttention",
                           "SparseAttention", "DecoderMaskedMultiHeadAttention", "DecoderMaskedSelfAttention",
-                          "QAttention", "QOrderedAttention", "LongformerAttention", "DecoderAttention",
-                          "RotaryEmbedding"}
+                          "QAttention", "QOrderedAttention", "LongformerAttention", "DecoderAttention"}
 
 
 def _named_inputs(node: ir.Node, names: dict[str, int]) -> dict[str, int]:
@@ -86,6 +85,16 @@ def _normalize(node: ir.Node) -> tuple[str, dict]:
         attrs["named_inputs"] = _named_inputs(node, {"weights": 1, "qkv_bias": 2, "key_mask": 3, "past_key": 4,
                                                      "attention_bias": 5})
         return "packed_attention", attrs
+    if t == "GroupQueryAttention" and node.domain == "com.microsoft":  # causal, q [B, N, H·D], k/v [B, N, Hkv·D]
+        unsupported = [a for a in ("do_rotary", "local_window_size", "softcap")
+                       if attrs.get(a) not in (None, 0, -1, 0.0)]
+        return "sdpa", {"is_causal": True, "scale": attrs.get("scale"), "q_num_heads": attrs.get("num_heads"),
+                        "kv_num_heads": attrs.get("kv_num_heads"), "mask_index": None, "gqa": True,
+                        "unsupported": unsupported,
+                        "named_inputs": _named_inputs(node, {"past_key": 3, "past_value": 4, "seqlens_k": 5,
+                                                             "total_sequence_length": 6, "attention_bias": 10})}
+    if t == "RotaryEmbedding" and node.domain == "com.microsoft":  # x [B, N, C] or [B, H, N, D], positions [B, N]
+        return "rotary", {**attrs, "named_inputs": _named_inputs(node, {"position_ids": 1})}
     if t in _UNSUPPORTED_ATTENTION and node.domain == "com.microsoft":
         return "unsupported_attention", attrs
     if t == "ConstantOfShape":

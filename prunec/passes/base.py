@@ -328,6 +328,7 @@ class LengthMask:
     node: Node
     input_index: int
     value: Value
+    kind: str = "mask"  # "mask": a 0/1 mask [B, M]; "seqlens": GroupQueryAttention's valid lengths − 1 [B]; "total": M
 
 
 @dataclass

@@ -224,7 +224,22 @@ def _plan_length_masks(facts: Facts, cut: Cut) -> None:
     (EmbedLayerNormalization's ``mask_index`` [B], or [2B] end/start positions): lengths of the
     uncut sequence, rewritten at the cut (:class:`LengthMask`). Other index forms are refused."""
     batch = cut.stream.shape[0]
+    layer = min(cut.layer, facts.depth - 1)
     for node in sorted(cut.post, key=lambda x: x.index):
+        if node.op == "rotary":
+            pos = node.attrs.get("position_ids")
+            if pos is None or (not facts.token_axes(pos, layer) and not (pos.producer in cut.post)):
+                raise PruneError(f"rotary node '{node.name}' reads positions that do not follow the tokens "
+                                 f"('{pos.name if pos is not None else 'none'}'); kept tokens would get new positions")
+        if node.attrs.get("gqa"):
+            inputs = node.attrs["named_inputs"]
+            for key, kind in (("seqlens_k", "seqlens"), ("total_sequence_length", "total")):
+                v = node.attrs.get(key)
+                if v is not None and (v.producer is None or v.producer not in cut.post):
+                    if kind == "seqlens" and (v.shape is None or len(v.shape) != 1 or v.shape[0] != batch):
+                        raise PruneError(f"attention node '{node.name}' reads seqlens_k '{v.name}' of shape "
+                                         f"{v.shape}, which prunec cannot rewrite for fewer tokens")
+                    cut.length_masks.append(LengthMask(node, inputs[key], v, kind))
         m = node.attrs.get("key_mask")
         if m is None or m.shape is None or (m.producer is not None and m.producer in cut.post):
             continue
@@ -233,6 +248,6 @@ def _plan_length_masks(facts: Facts, cut: Cut) -> None:
                 raise PruneError(f"attention node '{node.name}' reads the mask index '{m.name}' of shape "
                                  f"{list(m.shape)}, which prunec cannot rewrite for fewer tokens")
             cut.length_masks.append(LengthMask(node, node.attrs["named_inputs"]["key_mask"], m))
-        elif len(m.shape) == 4 or not facts.token_axes(m, min(cut.layer, facts.depth - 1)):
+        elif len(m.shape) == 4 or not facts.token_axes(m, layer):
             raise PruneError(f"attention node '{node.name}' reads the mask '{m.name}' of shape {list(m.shape)}, "
                              f"which prunec cannot gather for fewer tokens")

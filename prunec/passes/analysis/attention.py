@@ -6,9 +6,11 @@
   ``attention_bias``, ``is_causal``).
 * packed: ORT ``com.microsoft.Attention`` (one QKV weight [C, 3C] and bias [3C]; the
   backends project q and k from its input ``inp`` [B, N, C]).
-* refused, naming the node: ORT attention ops with a KV cache (``past`` inputs) and
-  those prunec cannot score or cut (``GroupQueryAttention``, ``RotaryEmbedding``, the
-  packed-token / paged / sparse variants).
+* ORT ``GroupQueryAttention`` (causal, grouped k/v; ``seqlens_k`` lengths) is fused; positions
+  come from ``RotaryEmbedding`` ops before it (their ``position_ids`` follow the tokens).
+* refused, naming the node: ORT attention ops with a KV cache (``past`` inputs),
+  GroupQueryAttention with in-op rotary / local window / softcap (implicit positions) and the
+  ops prunec cannot score or cut (the packed-token / paged / sparse variants).
 * eager: ``q @ kᵀ -> [scale Mul/Div] -> [mask Add/Where] -> [Cast] -> softmax ->
   [Cast/Dropout/Where] -> @ v``, in fx or ONNX.
 """
@@ -108,6 +110,9 @@ def find_attention(graph: Graph) -> list[AttentionSite]:
         if node.attrs.get("past_key") is not None or node.attrs.get("past_value") is not None:
             raise PruneError(f"attention node '{node.name}' reads past key/value state (a KV cache); "
                              f"prunec cannot cut tokens of a graph with a cache")
+        if node.attrs.get("unsupported"):
+            raise PruneError(f"attention node '{node.name}' (GroupQueryAttention) uses "
+                             f"{', '.join(node.attrs['unsupported'])}, which depend on implicit token positions")
         if node.op == "sdpa":
             q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
             heads = node.attrs.get("q_num_heads") or (q.shape[1] if q.shape and len(q.shape) == 4 else None)

@@ -160,6 +160,17 @@ def axis_links(node: Node):
         if len(outs) > 1 and outs[1] is not None and outs[1].shape is not None and len(outs[1].shape) == 1:
             if outs[1].shape[0] == ids.shape[0] > 1:
                 yield (outs[1], 0), (ids, 0)
+    elif op == "rotary":  # ORT RotaryEmbedding: x [B, N, C] or [B, H, N, D] -> same; position_ids [B, N]
+        x = ins[0]
+        for i in range(len(x.shape)):
+            yield (x, i), (out, i)
+        pos = node.attrs.get("position_ids")
+        if pos is not None and pos.shape is not None and len(pos.shape) == 2:
+            tok = 1 if len(x.shape) == 3 else 2
+            if pos.shape[1] == x.shape[tok] > 1:
+                yield (pos, 1), (x, tok)
+            if pos.shape[0] == x.shape[0] > 1:
+                yield (pos, 0), (x, 0)
     elif op == "packed_attention":  # ORT Attention: input [B, N, C] -> [B, N, Cv]
         x = ins[0]
         yield (x, 0), (out, 0)

@@ -67,12 +67,17 @@ def feeds(c):
     return {k: v.numpy() for k, v in c.inputs.items()}
 
 
-def check_fastv(path, name, keep=0.5, layer=2):
+def check_fastv(path, name, keep=0.5, layer=2, batches=(None,)):
+    """FastV on the optimized graph against the reference on the unmodified model, at the probe's
+    inputs (None) and at other batch sizes (``batches``: other inputs of that many samples)."""
     c = case(name)
     pruned = prunec.passes.FastV(keep=keep, layer=layer)(prunec.load(path))
-    ref_out, ref_idx = fastv_reference(c.module, c.inputs, keep=keep, layer=layer, query="cls", prefix=c.prefix)
-    np.testing.assert_array_equal(pruned.kept_indices(feeds(c))[f"fastv_l{layer}"], ref_idx.numpy())
-    close(pruned.run(feeds(c)), torch_outputs(ref_out))
+    for batch in batches:
+        inputs = c.inputs if batch is None else c.make_inputs(batch, 7)
+        data = {k: v.numpy() for k, v in inputs.items()}
+        ref_out, ref_idx = fastv_reference(c.module, inputs, keep=keep, layer=layer, query="cls", prefix=c.prefix)
+        np.testing.assert_array_equal(pruned.kept_indices(data)[f"fastv_l{layer}"], ref_idx.numpy())
+        close(pruned.run(data), torch_outputs(ref_out))
 
 
 def check_tome(path, name, r=3):
@@ -259,7 +264,7 @@ def test_bert_fused_attention_with_lengths_mask(attention, level):
     assert ops[fused] == 3 and ops["EmbedLayerNormalization"] == 1 and ops["SkipLayerNormalization"] == 6
     mask_index = [n.input[3 if fused == "Attention" else 4] for n in onnx.load(path).graph.node if n.op_type == fused]
     assert all("mask_index" in m for m in mask_index)  # the lengths form
-    check_fastv(path, "hf_bert")
+    check_fastv(path, "hf_bert", batches=(None, 3))
     check_tome(path, "hf_bert")
 
 

@@ -191,7 +191,7 @@ def _is_add(node: Node) -> bool:
     """A residual add: ``Add`` (``aten.add``), or ORT's SkipLayerNormalization (norm(input + skip))."""
     if node.op == "layernorm":
         return bool(node.attrs.get("skip")) and len(node.inputs) >= 2 and None not in node.inputs[:2]
-    if node.op != "elementwise" or len(node.inputs) != 2:
+    if node.op != "elementwise":
         return False
     ref = node.ref
     name = node.attrs.get("name") or getattr(ref, "op_type", "")
@@ -199,7 +199,9 @@ def _is_add(node: Node) -> bool:
 
 
 def _summands(node: Node) -> tuple:
-    """The two tensors a residual add (:func:`_is_add`) sums."""
+    """The two tensors a residual add (:func:`_is_add`) sums ((None, None) unless there are two)."""
+    if node.op == "elementwise" and len(node.inputs) != 2:
+        return None, None
     return node.inputs[0], node.inputs[1]
 
 
@@ -340,6 +342,9 @@ def _per_token_weight_macs(facts: Facts, layer: int) -> float:
         inside -= g.consumers_closure(end)
     macs = 0.0
     for node in inside:
+        w = node.attrs.get("weights") if node.op == "packed_attention" else None
+        if w is not None and w.shape is not None and len(w.shape) == 2:  # the packed QKV projection
+            macs += w.shape[0] * w.shape[1]
         if node.op in ("linear", "matmul", "gemm", "addmm"):
             w = next((x for x in node.inputs if x is not None and x.is_param and x.shape and len(x.shape) == 2), None)
             if w is None and node.op == "matmul" and node.inputs[1] is not None and node.inputs[1].shape and len(node.inputs[1].shape) == 2:

@@ -136,10 +136,11 @@ def test_llama_skip_simplified_layernorm_fastv():
 N, C = 12, 32
 
 
-def _mha_graph(weights, mask_kind: str, rel: bool, causal: bool) -> onnx.ModelProto:
+def _mha_graph(weights, mask_kind: str, rel: bool, causal: bool, packed: bool = False) -> onnx.ModelProto:
     """x [B, N, C], mask [B, N] (right padding) -> 3 pre-norm blocks with MultiHeadAttention reading
     q/k/v without bias, the bias [3C], the key padding mask (``mask_kind``: "2d" as given, "lengths"
-    [B], or "none") and (``rel``) an attention bias [1, H, N, N] -> y [B, N, C]."""
+    [B], or "none") and (``rel``) an attention bias [1, H, N, N] -> y [B, N, C]. With ``packed``,
+    the packed com.microsoft.Attention instead (weight [C, 3C] = Wq | Wk | Wv, same bias)."""
     nodes = [helper.make_node("Cast", ["mask"], ["mask32"], to=TensorProto.INT32)]
     if mask_kind == "lengths":
         nodes.append(helper.make_node("ReduceSum", ["mask32", "one_axis"], ["key_mask"], keepdims=0))
@@ -148,16 +149,23 @@ def _mha_graph(weights, mask_kind: str, rel: bool, causal: bool) -> onnx.ModelPr
     inits = [helper.make_tensor("one_axis", TensorProto.INT64, [1], [1])]
     x = "x"
     for i, w in enumerate(weights):
+        w = dict(w, Wqkv=np.concatenate([w["Wq"], w["Wk"], w["Wv"]], axis=1)) if packed else w
         for k, arr in w.items():
-            if k != "rel" or rel:
+            unused = (k == "rel" and not rel) or (k in ("Wq", "Wk", "Wv") if packed else k == "Wqkv")
+            if not unused:  # ORT refuses unused initializers handed to it in memory
                 inits.append(helper.make_tensor(f"{k}{i}", TensorProto.FLOAT, list(arr.shape), arr.reshape(-1)))
         nodes.append(helper.make_node("LayerNormalization", [x, f"ln{i}", f"lnb{i}"], [f"n{i}"], axis=-1))
-        for k in "qkv":
-            nodes.append(helper.make_node("MatMul", [f"n{i}", f"W{k}{i}"], [f"{k}{i}"]))
-        nodes.append(helper.make_node("MultiHeadAttention", [f"q{i}", f"k{i}", f"v{i}", f"bias{i}",
-                                                             "key_mask" if mask_kind != "none" else "",
-                                                             f"rel{i}" if rel else ""], [f"a{i}"],
-                                      domain="com.microsoft", num_heads=HEADS, unidirectional=int(causal)))
+        masks = ["key_mask" if mask_kind != "none" else "", f"rel{i}" if rel else ""]
+        if packed:
+            nodes.append(helper.make_node("Attention", [f"n{i}", f"Wqkv{i}", f"bias{i}", masks[0], ""] + masks[1:],
+                                          [f"a{i}"], domain="com.microsoft", num_heads=HEADS,
+                                          unidirectional=int(causal)))
+        else:
+            for k in "qkv":
+                nodes.append(helper.make_node("MatMul", [f"n{i}", f"W{k}{i}"], [f"{k}{i}"]))
+            nodes.append(helper.make_node("MultiHeadAttention", [f"q{i}", f"k{i}", f"v{i}", f"bias{i}"] + masks,
+                                          [f"a{i}"], domain="com.microsoft", num_heads=HEADS,
+                                          unidirectional=int(causal)))
         nodes.append(helper.make_node("MatMul", [f"a{i}", f"Wo{i}"], [f"o{i}"]))
         nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"r{i}"]))
         nodes.append(helper.make_node("MatMul", [f"r{i}", f"Wm{i}"], [f"m{i}"]))
@@ -221,16 +229,19 @@ def _mha_reference(weights, x, mask, rel, keep, layer, causal, end=N):
     return x.numpy(), idx.numpy()
 
 
-@pytest.mark.parametrize("mask_kind,rel,causal", [("none", False, False), ("2d", True, False),
-                                                  ("lengths", True, False), ("2d", False, True)],
-                         ids=["bias", "mask2d-attnbias", "lengths-attnbias", "unidirectional"])
-def test_multihead_attention_bias_masks_are_scored(tmp_path, mask_kind, rel, causal):
+@pytest.mark.parametrize("packed,mask_kind,rel,causal", [
+    (False, "none", False, False), (False, "2d", True, False), (False, "lengths", True, False),
+    (False, "2d", False, True), (True, "2d", True, False), (True, "lengths", False, True)],
+    ids=["bias", "mask2d-attnbias", "lengths-attnbias", "unidirectional", "packed-mask2d-attnbias",
+         "packed-lengths-unidirectional"])
+def test_multihead_attention_bias_masks_are_scored(tmp_path, packed, mask_kind, rel, causal):
     """Silent wrong 1: the scores read MultiHeadAttention's bias, key padding mask (a lengths mask
     too, rewritten at the cut), attention bias and unidirectional flag; before, the bias and masks
-    were ignored and FastV kept other tokens than the model's own attention ranks highest."""
+    were ignored and FastV kept other tokens than the model's own attention ranks highest. The
+    packed Attention reads the same inputs through its QKV projection."""
     weights = _mha_weights()
     path = tmp_path / "mha.onnx"
-    onnx.save(_mha_graph(weights, mask_kind, rel, causal), str(path))
+    onnx.save(_mha_graph(weights, mask_kind, rel, causal, packed), str(path))
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, N, C)).astype(np.float32)
     mask = np.ones((3, N), np.int64)

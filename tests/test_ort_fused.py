@@ -29,13 +29,13 @@ HEADS, WIDTH = 4, 64
 def optimized(name: str, exporter: str, opt_level: int, attention: str = "default") -> str:
     """``name`` exported by ``exporter`` and run through ORT's transformer optimizer.
     ``attention``: "default"; "eager" (HF eager attention, which the BERT fusions match: packed
-    Attention with a lengths mask_index from EmbedLayerNormalization); "mha" (eager, fused to
-    MultiHeadAttention instead)."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
+    Attention with a lengths mask_index from EmbedLayerNormalization); "raw" (eager, the 0/1
+    mask [B, N] as mask_index); "mha" (eager, fused to MultiHeadAttention instead)."""
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     c = case(name)
-    src = export_dir() / f"{name}.{attention}.{exporter}.onnx"
+    src = export_dir() / f"{name}.{'default' if attention == 'default' else 'eager'}.{exporter}.onnx"
     if not src.exists():
         config = getattr(c.module, "config", None)
         saved = getattr(config, "_attn_implementation", None)
@@ -53,6 +53,8 @@ def optimized(name: str, exporter: str, opt_level: int, attention: str = "defaul
     model_type = "bert" if "bert" in name else "gpt2" if "llama" in name else "vit"
     options = FusionOptions(model_type)
     options.use_multi_head_attention = attention == "mha"
+    if attention == "raw":
+        options.attention_mask_format = AttentionMaskFormat.AttentionMask
     out = export_dir() / f"{name}.{attention}.{exporter}.o{opt_level}.onnx"
     optimize_model(str(src), model_type=model_type, num_heads=HEADS, hidden_size=WIDTH, opt_level=opt_level,
                    use_gpu=False, optimization_options=options).save_model_to_file(str(out))
@@ -262,8 +264,8 @@ def test_multihead_attention_bias_masks_are_scored(tmp_path, packed, mask_kind, 
 
 # -- BERT through the optimizer's attention fusions (HF eager attention) ----------------------------
 
-@pytest.mark.parametrize("attention,level", [("eager", 1), ("eager", 2), ("mha", 1)],
-                         ids=["attention-o1", "attention-o2", "multiheadattention-o1"])
+@pytest.mark.parametrize("attention,level", [("eager", 1), ("eager", 2), ("mha", 1), ("raw", 1)],
+                         ids=["attention-o1", "attention-o2", "multiheadattention-o1", "attention-mask2d-o1"])
 def test_bert_fused_attention_with_lengths_mask(attention, level):
     """EmbedLayerNormalization turns the padding mask into lengths [B] (mask_index) that every
     packed Attention / MultiHeadAttention reads (silent wrong 4: after a cut they still counted
@@ -274,7 +276,7 @@ def test_bert_fused_attention_with_lengths_mask(attention, level):
     fused = "MultiHeadAttention" if attention == "mha" else "Attention"
     assert ops[fused] == 3 and ops["EmbedLayerNormalization"] == 1 and ops["SkipLayerNormalization"] == 6
     mask_index = [n.input[3 if fused == "Attention" else 4] for n in onnx.load(path).graph.node if n.op_type == fused]
-    assert all("mask_index" in m for m in mask_index)  # the lengths form
+    assert all(("mask_index" in m) == (attention != "raw") for m in mask_index)  # the lengths form, or 0/1
     check_fastv(path, "hf_bert", batches=(None, 3))
     check_tome(path, "hf_bert")
 

@@ -236,9 +236,10 @@ def _plan_length_masks(facts: Facts, cut: Cut) -> None:
             for key, kind in (("seqlens_k", "seqlens"), ("total_sequence_length", "total")):
                 v = node.attrs.get(key)
                 if v is not None and (v.producer is None or v.producer not in cut.post):
-                    if kind == "seqlens" and (v.shape is None or len(v.shape) != 1 or v.shape[0] != batch):
-                        raise PruneError(f"attention node '{node.name}' reads seqlens_k '{v.name}' of shape "
-                                         f"{v.shape}, which prunec cannot rewrite for fewer tokens")
+                    if kind == "seqlens" and (v.shape is None or len(v.shape) != 1 or v.shape[0] != batch
+                                              or isinstance(cut.reduce, Merge)):  # lengths need ascending tokens
+                        raise PruneError(f"attention node '{node.name}' reads seqlens_k '{v.name}' (shape {v.shape}), "
+                                         f"which prunec can rewrite only after a selection, not a merge")
                     cut.length_masks.append(LengthMask(node, inputs[key], v, kind))
         m = node.attrs.get("key_mask")
         if m is None or m.shape is None or (m.producer is not None and m.producer in cut.post):

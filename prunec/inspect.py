@@ -9,9 +9,10 @@ def describe(model) -> dict:
     facts = model.facts()
     layers = []
     for s, stream, fl in zip(facts.sites, facts.streams, facts.flops):
+        masks = (s.mask, s.node.attrs.get("key_mask"), s.node.attrs.get("seqlens_k"))  # ORT ops: key mask / lengths
         layers.append({
             "layer": s.layer, "attention": s.kind, "node": s.node.name, "heads": s.heads,
-            "causal": s.causal, "mask": s.mask.name if s.mask is not None else None,
+            "causal": s.causal, "mask": next((m.name for m in masks if m is not None), None),
             "probabilities": s.probs.name if s.probs is not None else None,
             "stream": stream.name, "stream_shape": list(stream.shape), "gflops": round(fl / 1e9, 4),
         })

@@ -50,9 +50,10 @@ class OnnxModel(Model):
         super().__init__()
         import onnx_ir as ir
 
-        from .ir.from_onnx import example_inputs
+        from .ir.from_onnx import example_inputs, unfuse_skip_norms
 
         self.model: ir.Model = model
+        unfuse_skip_norms(model)
         _name_nodes(model)
         self.probe_batch = probe_batch
         self.feeds = feeds if feeds is not None else example_inputs(model, probe_batch)
@@ -96,6 +97,11 @@ class OnnxModel(Model):
         from .backends.onnx import graph_only_proto
 
         proto = graph_only_proto(self.model, as_inputs=True)  # weights as typed inputs: same check, no copy
+        ort_ops = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS]
+        for node in ort_ops:  # ORT's own ops in the ONNX domain (its optimizer writes them): checked as custom ops
+            node.domain = "com.microsoft"
+        if ort_ops and not any(o.domain == "com.microsoft" for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
         try:
             onnx.checker.check_model(proto, full_check=True)
         except Exception as e:  # noqa: BLE001
@@ -265,6 +271,10 @@ class TorchModel(Model):
         buf = io.BytesIO()
         torch.export.save(ep, buf)
         return atomic_write(path, buf.getvalue())
+
+
+# contrib ops ORT registers in the ONNX domain, which onnx.checker does not know (checked as custom ops)
+_ORT_ONNX_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
 
 
 def _name_nodes(model) -> None:

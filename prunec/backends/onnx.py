@@ -212,7 +212,7 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
         keys = b.op("Transpose", [values[site.k_t.name]], {"perm": [0, 3, 1, 2]})  # [B, N, H, D]
     else:
         probs = _attention_rows(b, site, values, "mean")
-        k4 = _as_4d_heads(b, values[site.k.name], site.k.shape, site.node.attrs.get("kv_num_heads") or site.heads)
+        k4, _ = site_tensor(b, site, values, "k")
         keys = b.op("Transpose", [k4], {"perm": [0, 2, 1, 3]})
     keys = b.op("Reshape", [keys, b.ints([0, n, -1], "keys")])  # [B, N, Dk]
     # s <- Aᵀ s as the row vector sᵀ A: [B, H, 1, N]
@@ -248,16 +248,86 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
     return top, imp
 
 
+def site_tensor(b: _Builder, site, values: dict[str, ir.Value], which: str) -> tuple[ir.Value, tuple]:
+    """q, k or v (``which``) of a fused or packed site as [B, H, N, D] with its shape, the input
+    projection's bias included: ORT ``MultiHeadAttention`` adds its ``bias`` [3C] to 3-D q/k/v,
+    ORT ``Attention`` projects its input [B, N, C] with the packed weight [C, 3C] and bias."""
+    attrs = site.node.attrs
+    heads = attrs.get("q_num_heads") or site.heads
+    kv_heads = (attrs.get("kv_num_heads") or heads) if which != "q" else heads
+    part = "qkv".index(which)
+    if site.kind == "packed":
+        w = attrs["weights"]
+        sizes = list(attrs.get("qkv_hidden_sizes") or [w.shape[1] // 3] * 3)
+        lo, hi = sum(sizes[:part]), sum(sizes[:part + 1])
+        x = b.op("MatMul", [values[site.inp.name], b.slice(values[w.name], lo, hi, axis=1)])
+        if attrs.get("qkv_bias") is not None:
+            x = b.op("Add", [x, b.slice(values[attrs["qkv_bias"].name], lo, hi, axis=0)])
+        shape = (site.inp.shape[0], site.inp.shape[1], hi - lo)
+    else:
+        v = (site.q, site.k, site.v)[part]
+        shape = tuple(v.shape)
+        x = values[v.name]
+        if attrs.get("ms_mha"):
+            if len(site.q.shape) != 3 or site.k is None or len(site.k.shape) != 3 or site.v is None:
+                raise PruneError(f"attention node '{site.node.name}' (MultiHeadAttention) has packed QKV or 4-D "
+                                 f"key/value inputs; prunec scores only 3-D q/k/v")
+            if attrs.get("qkv_bias") is not None:
+                c = site.q.shape[-1]
+                lo = (0, c, 2 * c)[part]
+                x = b.op("Add", [x, b.slice(values[attrs["qkv_bias"].name], lo, lo + shape[-1], axis=0)])
+    h = heads if which == "q" else kv_heads
+    x4 = _as_4d_heads(b, x, shape, h)
+    shape4 = shape if len(shape) == 4 else (shape[0], h, shape[1], shape[2] // h)
+    return x4, shape4
+
+
+def _key_mask(b: _Builder, site, values: dict[str, ir.Value], query, t: int) -> ir.Value | None:
+    """The additive mask [B, 1, R, T] (or [B, 1, 1, T]) of an ORT contrib attention's ``key_mask``
+    (MultiHeadAttention ``key_padding_mask`` / Attention ``mask_index``): lengths [B] (right
+    padding), end/start positions [2B], a 0/1 mask [B, T] or [B, S, T]; masked keys get the op's
+    ``mask_filter_value`` (default -10000)."""
+    pos = b.const(np.arange(t, dtype=np.int64)[None, :], "pos")
+    seqlens = site.node.attrs.get("seqlens_k")
+    if seqlens is not None:  # GroupQueryAttention: keys [0, seqlens_k] are valid
+        last = b.op("Unsqueeze", [b.op("Cast", [values[seqlens.name]], {"to": ir.DataType.INT64}), b.ints([1], "axes")])
+        valid = b.op("Unsqueeze", [b.op("LessOrEqual", [pos, last]), b.ints([1, 2], "axes")])
+        return b.op("Where", [valid, b.floats(0.0, "zero"), b.floats(-np.inf, "ninf")])
+    m = site.node.attrs.get("key_mask")
+    if m is None:
+        return None
+    fill = site.node.attrs.get("mask_filter_value")
+    fill = -10000.0 if fill is None else float(fill)
+    x = values[m.name]
+    batch = site.output.shape[0]
+    if len(m.shape) == 1 and m.shape[0] in (batch, 2 * batch):
+        x = b.op("Cast", [x], {"to": ir.DataType.INT64})
+        if m.shape[0] == batch:  # lengths: keys [0, len) are valid
+            valid = b.op("Less", [pos, b.op("Unsqueeze", [x, b.ints([1], "axes")])])  # [B, T]
+        else:  # exclusive ends, then inclusive starts
+            se = b.op("Reshape", [x, b.ints([2, -1, 1], "ends_starts")])
+            end = b.op("Squeeze", [b.slice(se, 0, 1, axis=0), b.ints([0], "axes")])
+            start = b.op("Squeeze", [b.slice(se, 1, 2, axis=0), b.ints([0], "axes")])
+            valid = b.op("And", [b.op("Less", [pos, end]), b.op("GreaterOrEqual", [pos, start])])
+        valid = b.op("Unsqueeze", [valid, b.ints([1, 2], "axes")])
+    elif len(m.shape) == 2:
+        valid = b.op("Unsqueeze", [b.op("Cast", [x], {"to": ir.DataType.BOOL}), b.ints([1, 2], "axes")])
+    elif len(m.shape) == 3:
+        if query != "mean":
+            x = b.op("Gather", [x, b.ints([int(query)], "row")], {"axis": 1})
+        valid = b.op("Unsqueeze", [b.op("Cast", [x], {"to": ir.DataType.BOOL}), b.ints([1], "axes")])
+    else:
+        raise PruneError(f"attention node '{site.node.name}' has a mask '{m.name}' of shape {list(m.shape)} "
+                         f"prunec cannot score with")
+    return b.op("Where", [valid, b.floats(0.0, "zero"), b.floats(fill, "fill")])
+
+
 def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query) -> ir.Value:
-    """softmax(q kᵀ·scale + mask) for one fused site: the query row(s) [B, H, R, N] (R = 1) or,
-    with query "mean", every row [B, H, N, N]."""
-    heads = site.node.attrs.get("q_num_heads") or site.heads
-    kv_heads = site.node.attrs.get("kv_num_heads") or heads
-    q = _as_4d_heads(b, values[site.q.name], site.q.shape, heads)
-    k = _as_4d_heads(b, values[site.k.name], site.k.shape, kv_heads)
-    qshape = site.q.shape if len(site.q.shape) == 4 else (site.q.shape[0], heads, site.q.shape[1], site.q.shape[2] // heads)
-    kshape = site.k.shape if len(site.k.shape) == 4 else (site.k.shape[0], kv_heads, site.k.shape[1], site.k.shape[2] // kv_heads)
-    h, n, d = qshape[1], qshape[2], qshape[3]
+    """softmax(q kᵀ·scale + masks) for one fused or packed site: the query row(s) [B, H, R, N]
+    (R = 1) or, with query "mean", every row [B, H, N, N]. Masks: the site's additive/boolean
+    mask, ORT's key mask and attention bias, causal (``is_causal`` / ``unidirectional``)."""
+    q, (_, h, n, d) = site_tensor(b, site, values, "q")
+    k, kshape = site_tensor(b, site, values, "k")
     if kshape[1] != h:
         rep = h // kshape[1]
         k = b.op("Unsqueeze", [k, b.const(np.array([2], np.int64), "axes")])
@@ -269,13 +339,19 @@ def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query) -> ir
     logits = b.op("MatMul", [q, kt])  # [B, H, R, N]
     scale = site.scale if site.scale is not None else 1.0 / math.sqrt(d)
     logits = b.op("Mul", [logits, b.const(np.array(scale, np.float32), "scale")])
-    if site.mask is not None:
-        m = values[site.mask.name]
-        if query != "mean" and site.mask.shape[-2] > 1:
-            m = b.op("Gather", [m, b.const(np.array([int(query)], np.int64), "row")], {"axis": len(site.mask.shape) - 2})
-        if site.mask.dtype == "bool":
-            m = b.op("Where", [m, b.const(np.array(0.0, np.float32), "zero"), b.const(np.array(-np.inf, np.float32), "ninf")])
+    masks = [(site.mask, False)] if site.mask is not None else []
+    if site.node.attrs.get("attention_bias") is not None:
+        masks.append((site.node.attrs["attention_bias"], False))
+    for mask, _ in masks:
+        m = values[mask.name]
+        if query != "mean" and mask.shape[-2] > 1:
+            m = b.op("Gather", [m, b.const(np.array([int(query)], np.int64), "row")], {"axis": len(mask.shape) - 2})
+        if mask.dtype == "bool":
+            m = b.op("Where", [m, b.floats(0.0, "zero"), b.floats(-np.inf, "ninf")])
         logits = b.op("Add", [logits, m])
+    key_mask = _key_mask(b, site, values, query, kshape[2])
+    if key_mask is not None:
+        logits = b.op("Add", [logits, key_mask])
     if site.node.attrs.get("is_causal"):
         rows = np.arange(n) if query == "mean" else np.array([int(query)])
         future = np.where(np.arange(n)[None, :] > rows[:, None], -np.inf, 0.0).astype(np.float32)
@@ -425,12 +501,36 @@ def _gather(b: _Builder, x: ir.Value, shape, idx: ir.Value, axis: int, batch_axi
     return y
 
 
+def _kept_valid(b: _Builder, lengths: ir.Value, ends_starts: bool, idx: ir.Value) -> ir.Value:
+    """A lengths mask of the uncut sequence (lengths [B]: positions [0, len) valid; or with
+    ``ends_starts`` [2B]: exclusive ends, then inclusive starts) -> the int32 0/1 mask [B, M] of
+    the kept tokens ``idx`` [B, M] (their original positions)."""
+    x = b.op("Cast", [lengths], {"to": ir.DataType.INT64})
+    if not ends_starts:
+        valid = b.op("Less", [idx, b.op("Unsqueeze", [x, b.ints([1], "axes")])])
+    else:
+        se = b.op("Reshape", [x, b.ints([2, -1, 1], "ends_starts")])
+        end = b.op("Squeeze", [b.slice(se, 0, 1, axis=0), b.ints([0], "axes")])
+        start = b.op("Squeeze", [b.slice(se, 1, 2, axis=0), b.ints([0], "axes")])
+        valid = b.op("And", [b.op("Less", [idx, end]), b.op("GreaterOrEqual", [idx, start])])
+    return b.op("Cast", [valid], {"to": ir.DataType.INT32})
+
+
 def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: str) -> None:
     """Add log(size) [B, 1, 1, M] to a site's logits: before its Softmax (eager) or into the
     additive mask of an ONNX Attention node."""
     b = _Builder(graph, node, f"{tag}/bias", counter)
     if site.kind == "eager":
         node.replace_input_with(0, b.op("Add", [node.inputs[0], bias]))
+        return
+    if node.domain == "com.microsoft" and node.op_type in ("Attention", "MultiHeadAttention"):
+        # ORT's attention_bias (input 5): [B or 1, H or 1, S, T], added to the logits
+        old = node.inputs[5] if len(node.inputs) > 5 else None
+        bias = b.op("Expand", [bias, b.ints([1, 1, m, 1], "rows")], name=BIAS_TAG)
+        new = bias if old is None else b.op("Add", [old, bias], name=BIAS_TAG)
+        if len(node.inputs) < 6:
+            node.resize_inputs(6)
+        node.replace_input_with(5, new)
         return
     if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
         raise PruneError(f"attention node '{node.name}' ({node.op_type}) takes no additive bias")
@@ -566,6 +666,20 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                     y.shape = ir.Shape(dims)
                 y.type = src.type
                 graph.outputs[graph.outputs.index(src)] = y
+        for lm in cut.length_masks:
+            node = nodes[lm.node.ref.name]
+            lb = _Builder(graph, node, f"{cut.tag}/lengths", counter)
+            if lm.kind == "total":  # GroupQueryAttention's total_sequence_length: the kept count
+                new = lb.const(np.array(cut.kept, np.int32).reshape(lm.value.shape or ()), "total")
+            elif lm.kind == "seqlens":  # GroupQueryAttention: valid lengths − 1 -> kept valid tokens − 1
+                lens = lb.op("Add", [lb.op("Cast", [values[lm.value.name]], {"to": ir.DataType.INT32}),
+                                     lb.const(np.array(1, np.int32), "one")])
+                valid = _kept_valid(lb, lens, False, idx)
+                new = lb.op("Sub", [lb.reduce_sum(valid, [1]), lb.const(np.array(1, np.int32), "one")])
+            else:
+                two = lm.value.shape[0] != cut.stream.shape[0]  # [2B]: ends, then starts
+                new = _kept_valid(lb, values[lm.value.name], two, idx)
+            node.replace_input_with(lm.input_index, new)
         if cut.recovery is not None:
             _recover(graph, cut, values, idx, dest, reduced, post_names, order, counter)
         for site in cut.bias_sites:

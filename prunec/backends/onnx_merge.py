@@ -12,15 +12,14 @@ import onnx_ir as ir
 from ..errors import PruneError
 from ..ops.merge import tome_order
 from ..passes.base import Adaptive, Bipartite, Contextual, Fuse
-from .onnx import _as_4d_heads, site_scores
+from .onnx import site_scores, site_tensor
 
 
 def site_keys(b, site, values) -> ir.Value:
     """Keys averaged over heads: [B, N, D]."""
     if site.probs is not None:  # eager: kᵀ [B, H, D, N]
         return b.op("Transpose", [b.reduce_mean(values[site.k_t.name], [1])], {"perm": [0, 2, 1]})
-    heads = site.node.attrs.get("kv_num_heads") or site.heads
-    return b.reduce_mean(_as_4d_heads(b, values[site.k.name], site.k.shape, heads), [1])
+    return b.reduce_mean(site_tensor(b, site, values, "k")[0], [1])
 
 
 def _normalize(b, x: ir.Value, axis: int = -1) -> ir.Value:
@@ -133,8 +132,12 @@ def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n: int, dominant: in
 
 def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n: int, r: int, prefix: int, threshold: float):
     """PPT (as ``prunec.ops.merge.ppt_scores`` + ``ppt_assign``): dest [B, N], rep [B, N - r]."""
-    v = values[site.v.name]
-    vn = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [v, v]), [1, 3] if len(site.v.shape) == 4 else [2])])  # [B, N]
+    if site.probs is not None:
+        v = values[site.v.name]
+        axes = [1, 3] if len(site.v.shape) == 4 else [2]
+    else:  # fused / packed: [B, H, N, D] with the projection's bias
+        v, axes = site_tensor(b, site, values, "v")[0], [1, 3]
+    vn = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [v, v]), axes)])  # [B, N]
     s = b.slice(b.op("Mul", [cls_scores, vn]), prefix, n)
     s = b.op("Div", [s, b.reduce_sum(s, [1], keepdims=1)])
     parts = [s]

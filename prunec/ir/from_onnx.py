@@ -18,11 +18,21 @@ _ELEMENTWISE = {
     "Sqrt", "Cast", "CastLike", "Identity", "Dropout", "Not", "IsNaN", "IsInf", "Equal", "Less",
     "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Reciprocal", "Softplus", "Abs",
     "Clip", "Max", "Min", "Gelu", "FastGelu", "Log", "Cos", "Sin", "Floor", "Ceil", "Round", "Sign",
-    "QuickGelu", "BiasGelu", "HardSigmoid", "LeakyRelu", "Elu", "Selu", "Mod",
+    "QuickGelu", "BiasGelu", "HardSigmoid", "LeakyRelu", "Elu", "Selu", "Mod", "BiasAdd",
 }
 _RESHAPE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare"}
-_LAYERNORM = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization", "RMSNormalization"}
+_LAYERNORM = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+              "SkipSimplifiedLayerNormalization", "RMSNormalization"}
+# ORT contrib attention ops prunec cannot score or cut through (refused, naming the node)
+_UNSUPPORTED_ATTENTION = {"PackedAttention", "PackedMultiHeadAttention", "PagedAttention",
+                          "SparseAttention", "DecoderMaskedMultiHeadAttention", "DecoderMaskedSelfAttention",
+                          "QAttention", "QOrderedAttention", "LongformerAttention", "DecoderAttention"}
+
+
+def _named_inputs(node: ir.Node, names: dict[str, int]) -> dict[str, int]:
+    """The optional inputs of a contrib op that are present: name -> input index."""
+    return {k: i for k, i in names.items() if len(node.inputs) > i and node.inputs[i] is not None}
 
 
 def _normalize(node: ir.Node) -> tuple[str, dict]:
@@ -39,7 +49,11 @@ def _normalize(node: ir.Node) -> tuple[str, dict]:
     if t == "Softmax":
         return "softmax", {"axis": attrs.get("axis", -1)}
     if t in _LAYERNORM:
+        if t.startswith("Skip"):  # com.microsoft: norm(input + skip [+ bias]); output 3 is the sum
+            attrs["skip"] = True
         return "layernorm", attrs
+    if t == "EmbedLayerNormalization" and node.domain == "com.microsoft":
+        return "embed_layernorm", attrs
     if t == "Transpose":
         return "transpose", {"perm": list(attrs["perm"])} if "perm" in attrs else {}
     if t in _RESHAPE:
@@ -61,10 +75,28 @@ def _normalize(node: ir.Node) -> tuple[str, dict]:
                         "q_num_heads": attrs.get("q_num_heads"), "kv_num_heads": attrs.get("kv_num_heads"),
                         "mask_index": 3 if len(node.inputs) > 3 and node.inputs[3] is not None else None}
     if t == "MultiHeadAttention" and node.domain == "com.microsoft":
-        return "sdpa", {"is_causal": False, "scale": attrs.get("scale"), "q_num_heads": attrs.get("num_heads"),
-                        "kv_num_heads": attrs.get("num_heads"), "mask_index": None, "ms_mha": True}
+        return "sdpa", {"is_causal": bool(attrs.get("unidirectional", 0)), "scale": attrs.get("scale"),
+                        "q_num_heads": attrs.get("num_heads"), "kv_num_heads": attrs.get("num_heads"),
+                        "mask_index": None, "ms_mha": True, "mask_filter_value": attrs.get("mask_filter_value"),
+                        "named_inputs": _named_inputs(node, {"qkv_bias": 3, "key_mask": 4, "attention_bias": 5,
+                                                             "past_key": 6, "past_value": 7})}
     if t == "Attention" and node.domain == "com.microsoft":
+        attrs["is_causal"] = bool(attrs.get("unidirectional", 0))
+        attrs["named_inputs"] = _named_inputs(node, {"weights": 1, "qkv_bias": 2, "key_mask": 3, "past_key": 4,
+                                                     "attention_bias": 5})
         return "packed_attention", attrs
+    if t == "GroupQueryAttention" and node.domain == "com.microsoft":  # causal, q [B, N, H·D], k/v [B, N, Hkv·D]
+        unsupported = [a for a in ("do_rotary", "local_window_size", "softcap")
+                       if attrs.get(a) not in (None, 0, -1, 0.0)]
+        return "sdpa", {"is_causal": True, "scale": attrs.get("scale"), "q_num_heads": attrs.get("num_heads"),
+                        "kv_num_heads": attrs.get("kv_num_heads"), "mask_index": None, "gqa": True,
+                        "unsupported": unsupported,
+                        "named_inputs": _named_inputs(node, {"past_key": 3, "past_value": 4, "seqlens_k": 5,
+                                                             "total_sequence_length": 6, "attention_bias": 10})}
+    if t == "RotaryEmbedding" and node.domain == "com.microsoft":  # x [B, N, C] or [B, H, N, D], positions [B, N]
+        return "rotary", {**attrs, "named_inputs": _named_inputs(node, {"position_ids": 1})}
+    if t in _UNSUPPORTED_ATTENTION and node.domain == "com.microsoft":
+        return "unsupported_attention", attrs
     if t == "ConstantOfShape":
         return "create", attrs
     if t == "Range":
@@ -227,7 +259,68 @@ def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np
         op, attrs = _normalize(n)
         if op == "sdpa" and attrs.get("mask_index") is not None:
             attrs["mask"] = wrap(n.inputs[attrs["mask_index"]])
+        for key, j in attrs.get("named_inputs", {}).items():  # contrib attention ops' optional inputs
+            attrs[key] = wrap(n.inputs[j])
         name = n.name or f"{n.op_type}_{i}"
         nodes.append(Node(name, op, [wrap(x) for x in n.inputs], [wrap(x) for x in n.outputs], attrs, ref=n))
     graph = Graph("onnx", nodes, [wrap(v) for v in model.graph.inputs], [wrap(v) for v in model.graph.outputs])
     return graph
+
+
+def unfuse_skip_norms(model: ir.Model) -> None:
+    """Split every ORT ``SkipLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` whose sum
+    output (output 3: input + skip [+ bias], [B, N, C]) is read — a pre-norm residual stream —
+    into ``Add`` (+ ``Add`` bias) and ``LayerNormalization`` (or RMS norm in standard ops), so the
+    stream and the normalized branch are separate tensors (ORT fuses them back when it builds a
+    session). Needs opset >= 17 for LayerNormalization; others are left fused."""
+    graph = model.graph
+    opset = graph.opset_imports.get("", 0)
+    for node in list(graph):
+        if node.domain != "com.microsoft" or node.op_type not in ("SkipLayerNormalization",
+                                                                    "SkipSimplifiedLayerNormalization"):
+            continue
+        outs = list(node.outputs)
+        if len(outs) < 4 or not (outs[3].uses() or outs[3].is_graph_output()):
+            continue
+        if any(o.uses() or o.is_graph_output() for o in outs[1:3]):
+            continue
+        simplified = node.op_type == "SkipSimplifiedLayerNormalization"
+        if not simplified and opset < 17:
+            continue
+        ins = list(node.inputs) + [None] * 5
+        eps = node.attributes.get("epsilon")
+        attrs = {"axis": -1, "epsilon": float(eps.value) if eps is not None else 1e-12}  # the Skip ops' default
+        new = [ir.Node("", "Add", [ins[0], ins[1]], name=f"{node.name}/add")]
+        bias = ins[4] if simplified is False else ins[3]
+        if bias is not None:
+            new.append(ir.Node("", "Add", [new[-1].outputs[0], bias], name=f"{node.name}/add_bias"))
+        total = new[-1].outputs[0]
+        if simplified:  # SimplifiedLayerNormalization is not an ONNX op: x / sqrt(mean(x²) + eps) · gamma
+            new.append(ir.Node("", "Mul", [total, total], name=f"{node.name}/square"))
+            axes = ir.Value(name=f"{node.name}/axes", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
+                            const_value=ir.tensor(np.array([-1], np.int64), name=f"{node.name}/axes"))
+            eps_v = ir.Value(name=f"{node.name}/eps", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
+                             const_value=ir.tensor(np.array(attrs["epsilon"], np.float32), name=f"{node.name}/eps"))
+            graph.register_initializer(axes)
+            graph.register_initializer(eps_v)
+            if opset >= 18:
+                mean = ir.Node("", "ReduceMean", [new[-1].outputs[0], axes], attributes=[
+                    ir.convenience.convert_attribute("keepdims", 1)], name=f"{node.name}/mean")
+            else:
+                mean = ir.Node("", "ReduceMean", [new[-1].outputs[0]], attributes=[
+                    ir.convenience.convert_attribute("axes", [-1]),
+                    ir.convenience.convert_attribute("keepdims", 1)], name=f"{node.name}/mean")
+            new.append(mean)
+            new.append(ir.Node("", "Add", [mean.outputs[0], eps_v], name=f"{node.name}/add_eps"))
+            new.append(ir.Node("", "Sqrt", [new[-1].outputs[0]], name=f"{node.name}/rms"))
+            new.append(ir.Node("", "Div", [total, new[-1].outputs[0]], name=f"{node.name}/scaled"))
+            norm = ir.Node("", "Mul", [new[-1].outputs[0], ins[2]], name=f"{node.name}/norm")
+        else:
+            norm_ins = [total, ins[2]] + ([ins[3]] if ins[3] is not None else [])
+            norm = ir.Node("", "LayerNormalization", norm_ins, attributes=[
+                ir.convenience.convert_attribute(k, v) for k, v in attrs.items()], name=f"{node.name}/norm")
+        new.append(norm)
+        for n in new[:-1]:
+            n.outputs[0].name = n.name
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new, [outs[0], outs[3]],
+                                                [norm.outputs[0], total])

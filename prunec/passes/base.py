@@ -330,6 +330,19 @@ class CountFix:
 
 
 @dataclass
+class LengthMask:
+    """A sequence-lengths mask read after the cut by an ORT contrib attention (``mask_index`` /
+    ``key_padding_mask`` [B]: valid keys are [0, len); or [2B]: [start, end)). It counts positions
+    of the uncut sequence, so the lowering replaces it with the 0/1 mask [B, M] of the kept
+    tokens (a kept token is valid when its original position is)."""
+
+    node: Node
+    input_index: int
+    value: Value
+    kind: str = "mask"  # "mask": a 0/1 mask [B, M]; "seqlens": GroupQueryAttention's valid lengths − 1 [B]; "total": M
+
+
+@dataclass
 class Cut:
     layer: int
     stream: Value
@@ -345,6 +358,7 @@ class Cut:
     reweigh: list = field(default_factory=list)  # Reweigh: token means/sums after the cut
     count_fixes: list = field(default_factory=list)  # CountFix: numbers spelling N that scale token sums
     recovery: Recovery | None = None
+    length_masks: list = field(default_factory=list)  # LengthMask: rewritten to 0/1 masks of the kept tokens
 
     @property
     def sizes_out(self) -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role
-from .base import RECOVER_MODES, CountFix, Crossing, Cut, GridPool, Merge, Recovery, Reweigh, ShapeFix
+from .base import RECOVER_MODES, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, Recovery, Reweigh, ShapeFix
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -72,6 +72,10 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
             axes = facts.token_axes(v, cls_layer)
             if not axes:
                 continue
+            if isinstance(reduce, Merge) and v is not stream and v.producer is not None \
+                    and v.producer is stream.producer:
+                raise PruneError(f"node '{v.producer.name}' makes both the stream '{stream.name}' and '{v.name}', "
+                                 f"which crosses the merge; a gathered copy would not be the merged tokens' value")
             b = facts.batch_axis(v, [u for u, _ in v.uses if u in post], cls_layer)
             if b is None or b in axes:
                 raise PruneError(f"token-carrying tensor '{v.name}' (shape {list(v.shape)}) crosses the cut "
@@ -87,6 +91,7 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
             pos = [j for j in tok if j < len(size) and size[j] == n]
             if pos:
                 cut.shape_fixes.append(ShapeFix(node, pos))
+    _plan_length_masks(facts, cut)
     for v in g.outputs:
         if v.producer is not None and v.producer in post:
             cut.output_axes[v.name] = facts.token_axes(v, cls_layer)
@@ -181,7 +186,7 @@ def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
     if getattr(cut.reduce, "prop_attn", False):
         for site in facts.sites:
             if site.node in cut.post and not _has_bias(site):
-                if site.kind == "packed" or site.node.attrs.get("ms_mha") or site.node.attrs.get("takes_mask") is False:
+                if site.node.attrs.get("takes_mask") is False:
                     raise PruneError(f"attention node '{site.node.name}' takes no additive bias; proportional "
                                      f"attention cannot be added (prop_attn=false turns it off)")
                 cut.bias_sites.append(site)
@@ -267,7 +272,8 @@ def _has_bias(site) -> bool:
         v = site.node.inputs[0]
         return v.producer is not None and any(x is not None and size_role(x) == LOGSIZE_TAG
                                               for x in v.producer.inputs)
-    return site.mask is not None and (size_role(site.mask) == LOGSIZE_TAG or BIAS_TAG in site.mask.name)
+    masks = [site.mask, site.node.attrs.get("attention_bias")]
+    return any(m is not None and (size_role(m) == LOGSIZE_TAG or BIAS_TAG in m.name) for m in masks)
 
 
 def _reduce_kind(node) -> str | None:
@@ -280,3 +286,38 @@ def _reduce_kind(node) -> str | None:
     if "sum" in name and "square" not in name:
         return "sum"
     return None
+
+
+def _plan_length_masks(facts: Facts, cut: Cut) -> None:
+    """ORT attention ops after the cut whose key mask is a sequence-lengths vector made before it
+    (EmbedLayerNormalization's ``mask_index`` [B], or [2B] end/start positions): lengths of the
+    uncut sequence, rewritten at the cut (:class:`LengthMask`). Other index forms are refused."""
+    batch = cut.stream.shape[0]
+    layer = min(cut.layer, facts.depth - 1)
+    for node in sorted(cut.post, key=lambda x: x.index):
+        if node.op == "rotary":
+            pos = node.attrs.get("position_ids")
+            if pos is None or (not facts.token_axes(pos, layer) and not (pos.producer in cut.post)):
+                raise PruneError(f"rotary node '{node.name}' reads positions that do not follow the tokens "
+                                 f"('{pos.name if pos is not None else 'none'}'); kept tokens would get new positions")
+        if node.attrs.get("gqa"):
+            inputs = node.attrs["named_inputs"]
+            for key, kind in (("seqlens_k", "seqlens"), ("total_sequence_length", "total")):
+                v = node.attrs.get(key)
+                if v is not None and (v.producer is None or v.producer not in cut.post):
+                    if kind == "seqlens" and (v.shape is None or len(v.shape) != 1 or v.shape[0] != batch
+                                              or isinstance(cut.reduce, Merge)):  # lengths need ascending tokens
+                        raise PruneError(f"attention node '{node.name}' reads seqlens_k '{v.name}' (shape {v.shape}), "
+                                         f"which prunec can rewrite only after a selection, not a merge")
+                    cut.length_masks.append(LengthMask(node, inputs[key], v, kind))
+        m = node.attrs.get("key_mask")
+        if m is None or m.shape is None or (m.producer is not None and m.producer in cut.post):
+            continue
+        if len(m.shape) == 1:
+            if m.shape[0] not in (batch, 2 * batch):
+                raise PruneError(f"attention node '{node.name}' reads the mask index '{m.name}' of shape "
+                                 f"{list(m.shape)}, which prunec cannot rewrite for fewer tokens")
+            cut.length_masks.append(LengthMask(node, node.attrs["named_inputs"]["key_mask"], m))
+        elif len(m.shape) == 4 or not facts.token_axes(m, layer):
+            raise PruneError(f"attention node '{node.name}' reads the mask '{m.name}' of shape {list(m.shape)}, "
+                             f"which prunec cannot gather for fewer tokens")

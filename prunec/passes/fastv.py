@@ -48,9 +48,6 @@ def resolve_query(query, facts, n: int) -> int | str:
 
 def attention_score(facts, score_layer: int, query) -> Score:
     site = facts.sites[score_layer]
-    if site.kind == "packed":
-        raise PruneError(f"attention node '{site.node.name}' packs q/k inside a com.microsoft.Attention "
-                         f"op; its attention cannot be scored")
     return Score(site, resolve_query(query, facts, facts.tokens(score_layer)))
 
 

@@ -38,7 +38,7 @@ class PPT(LayerMergePass):
 
     def reduction(self, facts, layer, step):
         prefix = cls_prefix(facts, self.prefix, self.name)
-        if facts.sites[layer].v is None:
+        if facts.sites[layer].v is None and facts.sites[layer].kind != "packed":  # packed: v projected from its input
             raise PruneError(f"attention node '{facts.sites[layer].node.name}' hides its values; ppt needs them")
         n = facts.tokens(layer)
         r = max(1, round(50 / 196 * (facts.num_tokens - prefix))) if self.r is None else int(self.r)

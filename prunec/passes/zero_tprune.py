@@ -44,8 +44,6 @@ class ZeroTPrune(SelectionPass):
         if layer >= facts.depth:
             raise PruneError(f"zero-tprune prunes before a layer (valid: 1..{facts.depth - 1})")
         site = facts.sites[layer - 1]
-        if site.kind == "packed":
-            raise PruneError(f"attention node '{site.node.name}' packs q/k inside a com.microsoft.Attention op")
         if int(self.iters) < 1:
             raise PruneError(f"iters must be at least 1, got {self.iters}")
         if not 0.0 <= float(self.similar) <= 1.0:

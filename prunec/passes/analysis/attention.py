@@ -1,8 +1,16 @@
 """Find attention sites in every spelling prunec knows.
 
 * fused: torch ``scaled_dot_product_attention`` (fx/aten), ONNX ``Attention``
-  (opset 23), ORT ``com.microsoft.MultiHeadAttention``; ``com.microsoft.Attention``
-  (packed QKV weights) is found but cannot be scored (q/k are internal).
+  (opset 23), ORT ``com.microsoft.MultiHeadAttention`` (its bias, key padding mask,
+  attention bias and ``unidirectional`` are node attrs ``qkv_bias``, ``key_mask``,
+  ``attention_bias``, ``is_causal``).
+* packed: ORT ``com.microsoft.Attention`` (one QKV weight [C, 3C] and bias [3C]; the
+  backends project q and k from its input ``inp`` [B, N, C]).
+* ORT ``GroupQueryAttention`` (causal, grouped k/v; ``seqlens_k`` lengths) is fused; positions
+  come from ``RotaryEmbedding`` ops before it (their ``position_ids`` follow the tokens).
+* refused, naming the node: ORT attention ops with a KV cache (``past`` inputs),
+  GroupQueryAttention with in-op rotary / local window / softcap (implicit positions) and the
+  ops prunec cannot score or cut (the packed-token / paged / sparse variants).
 * eager: ``q @ kᵀ -> [scale Mul/Div] -> [mask Add/Where] -> [Cast] -> softmax ->
   [Cast/Dropout/Where] -> @ v``, in fx or ONNX.
 """
@@ -10,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...errors import PruneError
 from ...ir.graph import Graph, Node, Value
 
 _PASS_THROUGH = {"elementwise"}
@@ -39,6 +48,7 @@ class AttentionSite:
     heads: int | None = None
     scale: float | None = None
     layer: int = -1
+    inp: Value | None = None  # packed sites: the input [B, N, C] the QKV projection reads
 
     def describe(self) -> str:
         return f"{self.kind} @ {self.node.name}"
@@ -95,6 +105,15 @@ def _walk_forward_to_matmul(v: Value) -> tuple[Node, Value] | None:
 def find_attention(graph: Graph) -> list[AttentionSite]:
     sites: list[AttentionSite] = []
     for node in graph.nodes:
+        if node.op == "unsupported_attention":
+            raise PruneError(f"node '{node.name}' ({node.ref.op_type if node.ref is not None else node.op}) is an "
+                             f"ORT fused attention/rotary op prunec cannot score or cut through")
+        if node.attrs.get("past_key") is not None or node.attrs.get("past_value") is not None:
+            raise PruneError(f"attention node '{node.name}' reads past key/value state (a KV cache); "
+                             f"prunec cannot cut tokens of a graph with a cache")
+        if node.attrs.get("unsupported"):
+            raise PruneError(f"attention node '{node.name}' (GroupQueryAttention) uses "
+                             f"{', '.join(node.attrs['unsupported'])}, which depend on implicit token positions")
         if node.op == "sdpa":
             q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
             heads = node.attrs.get("q_num_heads") or (q.shape[1] if q.shape and len(q.shape) == 4 else None)
@@ -107,7 +126,8 @@ def find_attention(graph: Graph) -> list[AttentionSite]:
                                        heads=heads, scale=node.attrs.get("scale")))
         elif node.op == "packed_attention":
             sites.append(AttentionSite("packed", node, None, None, None, node.outputs[0],
-                                       heads=node.attrs.get("num_heads")))
+                                       causal=bool(node.attrs.get("is_causal")), heads=node.attrs.get("num_heads"),
+                                       scale=node.attrs.get("scale"), inp=node.inputs[0]))
         elif node.op == "softmax":
             logits = node.inputs[0]
             if logits.shape is None or len(logits.shape) < 3 or logits.shape[-1] != logits.shape[-2]:

@@ -50,11 +50,13 @@ def axis_links(node: Node):
         return
     rank = len(out.shape)
     if op in ("elementwise", "softmax", "layernorm", "expand"):
-        srcs = ins if op == "elementwise" else ins[:1]
+        srcs = ins if op == "elementwise" else ins[:2] if node.attrs.get("skip") else ins[:1]
+        dsts = [o for o in outs if o is not None and o.shape == out.shape] if node.attrs.get("skip") else [out]
         for v in srcs:
             if v is not None and v.shape is not None and len(v.shape) >= 1:
-                for i, j in _align_right(v, out):
-                    yield (v, i), (out, j)
+                for d in dsts:  # SkipLayerNormalization: output 3 is input + skip
+                    for i, j in _align_right(v, d):
+                        yield (v, i), (d, j)
     elif op == "matmul":
         a, b = ins[0], ins[1]
         if a.shape is None or b.shape is None or len(a.shape) < 2 or len(b.shape) < 2:
@@ -147,6 +149,35 @@ def axis_links(node: Node):
         if src.shape is not None and len(src.shape) == rank:
             for i, j in _align_right(src, out):
                 yield (src, i), (out, j)
+    elif op == "embed_layernorm":  # ORT EmbedLayerNormalization: ids [B, N] -> [B, N, C] (+ mask_index [B])
+        ids = ins[0]
+        for j in (0, 1, 7, 8):  # input_ids, segment_ids, mask, position_ids: [B, N] (position_ids maybe [1, N])
+            if j < len(ins) and ins[j] is not None:
+                for i, a in _align_right(ins[j], ids):
+                    yield (ins[j], i), (ids, a)
+        for o in outs:
+            if o is not None and o.shape is not None and len(o.shape) == 3:
+                yield (ids, 0), (o, 0)
+                yield (ids, 1), (o, 1)
+        if len(outs) > 1 and outs[1] is not None and outs[1].shape is not None and len(outs[1].shape) == 1:
+            if outs[1].shape[0] == ids.shape[0] > 1:
+                yield (outs[1], 0), (ids, 0)
+    elif op == "rotary":  # ORT RotaryEmbedding: x [B, N, C] or [B, H, N, D] -> same; position_ids [B, N]
+        x = ins[0]
+        for i in range(len(x.shape)):
+            yield (x, i), (out, i)
+        pos = node.attrs.get("position_ids")
+        if pos is not None and pos.shape is not None and len(pos.shape) == 2:
+            tok = 1 if len(x.shape) == 3 else 2
+            if pos.shape[1] == x.shape[tok] > 1:
+                yield (pos, 1), (x, tok)
+            if pos.shape[0] == x.shape[0] > 1:
+                yield (pos, 0), (x, 0)
+    elif op == "packed_attention":  # ORT Attention: input [B, N, C] -> [B, N, Cv]
+        x = ins[0]
+        yield (x, 0), (out, 0)
+        yield (x, 1), (out, 1)
+        yield from _mask_links(node, x, x)
     elif op == "sdpa":
         q, k, v = ins[0], ins[1], ins[2]
         if len(q.shape) == 4 and rank == 4:
@@ -169,7 +200,28 @@ def axis_links(node: Node):
         elif len(q.shape) == 3:
             yield (q, 1), (out, 1)
             yield (q, 0), (out, 0)
-            yield (k, 1), (v, 1)
+            if k is not None and v is not None and len(k.shape) == 3 and len(v.shape) == 3:
+                yield (k, 1), (v, 1)
+                yield (k, 0), (out, 0)
+                yield (v, 0), (out, 0)
+                yield from _mask_links(node, q, k)
+
+
+def _mask_links(node: Node, q: Value, k: Value):
+    """ORT contrib attention masks: ``key_mask`` [B, T] or [B, S, T] (0 = masked; a 1-D length
+    mask has no token axis) and ``attention_bias`` [B or 1, H or 1, S, T] against q [B, S, ...]
+    and k [B, T, ...]."""
+    for name in ("key_mask", "attention_bias"):
+        m = node.attrs.get(name)
+        if m is None or m.shape is None or len(m.shape) < 2:
+            continue
+        r = len(m.shape)
+        if m.shape[0] == q.shape[0] > 1:
+            yield (m, 0), (q, 0)
+        if m.shape[-1] == k.shape[1] > 1:
+            yield (m, r - 1), (k, 1)
+        if r >= 3 and m.shape[-2] == q.shape[1] > 1:
+            yield (m, r - 2), (q, 1)
 
 
 class AxisClasses:

@@ -84,11 +84,13 @@ class Facts:
         it. Unlike :meth:`output_stream` it comes before a pre-norm model's final norm."""
         mid = self.mid_stream(layer)
         below = self.graph.consumers_closure(mid)
-        add = next(u for u, _ in mid.uses if _is_add(u) and len(u.inputs) == 2 and any(
-            x is not mid and x is not None and x.producer in below for x in u.inputs))
+        add = next(u for u, _ in mid.uses if _is_add(u) and any(
+            x is not mid and x is not None and x.producer in below for x in _summands(u)))
         out = add.outputs[0]
+        if add.op == "layernorm":  # a fused SkipLayerNormalization: the sum is not a tensor, its norm is
+            return out
         entering = self.streams[layer].producer
-        if entering is not None and entering.op == "layernorm" and len(out.uses) == 1:
+        if entering is not None and _is_norm_output(self.streams[layer]) and len(out.uses) == 1:
             norm = out.uses[0][0]
             if norm.op == "layernorm":
                 return norm.outputs[0]
@@ -129,6 +131,8 @@ class Facts:
             return None
         for node in consumers:
             out = node.outputs[0]
+            if node.op in ("sdpa", "packed_attention") and v is node.attrs.get("attention_bias"):
+                continue  # ORT's attention_bias is [B or 1, H or 1, S, T]
             if node.op != "elementwise" or out.shape is None:
                 return None
             j = len(out.shape) - len(v.shape)
@@ -161,6 +165,7 @@ def _mid_stream(facts: "Facts", layer: int) -> Value:
     skip = facts.streams[layer]
     attn_add = next((u for u, _ in skip.uses if _is_add(u) and u.outputs[0].shape == skip.shape
                      and u in g.consumers_closure(site.output)), None)
+    # (a fused SkipLayerNormalization here is post-norm: its output, the norm of the sum, is the stream)
     if attn_add is None:
         raise PruneError(f"cannot find the attention residual add of layer {layer}")
     start = attn_add.outputs[0]
@@ -173,8 +178,9 @@ def _mid_stream(facts: "Facts", layer: int) -> Value:
     for h in cands:
         below = g.consumers_closure(h)
         for u, _ in h.uses:
-            if _is_add(u) and len(u.inputs) == 2 and u.outputs[0].shape == skip.shape:
-                other = u.inputs[1] if u.inputs[0] is h else u.inputs[0]
+            if _is_add(u) and u.outputs[0].shape == skip.shape:
+                a, b = _summands(u)
+                other = b if a is h else a
                 if other is not None and other.producer is not None and other.producer in below:
                     return h
     raise PruneError(f"cannot find the stream between attention and MLP in layer {layer} "
@@ -182,6 +188,9 @@ def _mid_stream(facts: "Facts", layer: int) -> Value:
 
 
 def _is_add(node: Node) -> bool:
+    """A residual add: ``Add`` (``aten.add``), or ORT's SkipLayerNormalization (norm(input + skip))."""
+    if node.op == "layernorm":
+        return bool(node.attrs.get("skip")) and len(node.inputs) >= 2 and None not in node.inputs[:2]
     if node.op != "elementwise":
         return False
     ref = node.ref
@@ -189,18 +198,32 @@ def _is_add(node: Node) -> bool:
     return name in ("add", "Add")
 
 
+def _summands(node: Node) -> tuple:
+    """The two tensors a residual add (:func:`_is_add`) sums ((None, None) unless there are two)."""
+    if node.op == "elementwise" and len(node.inputs) != 2:
+        return None, None
+    return node.inputs[0], node.inputs[1]
+
+
+def _is_norm_output(v: Value) -> bool:
+    """``v`` is a norm's normalized output (not a SkipLayerNormalization's sum)."""
+    p = v.producer
+    return p is not None and p.op == "layernorm" and p.outputs[0] is v
+
+
 def residual_stream(graph: Graph, site: AttentionSite) -> Value | None:
     """The tensor entering the block of ``site``: the skip input of the first residual add
     after the attention output."""
     out = site.output
     down = graph.consumers_closure(out)
-    anc_q = graph.ancestors_of(site.q) if site.q is not None else set()
+    q = site.q if site.q is not None else site.inp
+    anc_q = graph.ancestors_of(q) if q is not None else set()
     for node in sorted(down, key=lambda n: n.index):
         if not _is_add(node):
             continue
-        if len(node.inputs) != 2 or any(x is None for x in node.inputs):
+        a, b = _summands(node)
+        if a is None or b is None:
             continue
-        a, b = node.inputs
         a_down = a.producer in down or a is out
         b_down = b.producer in down or b is out
         if a_down == b_down:
@@ -208,7 +231,7 @@ def residual_stream(graph: Graph, site: AttentionSite) -> Value | None:
         skip = b if a_down else a
         if skip.shape is None or skip.shape != node.outputs[0].shape or len(skip.shape) != 3:
             continue
-        if site.q is not None and skip.producer is not None and skip.producer not in anc_q and skip is not site.q:
+        if q is not None and skip.producer is not None and skip.producer not in anc_q and skip is not q:
             continue
         return skip
     return None
@@ -319,6 +342,9 @@ def _per_token_weight_macs(facts: Facts, layer: int) -> float:
         inside -= g.consumers_closure(end)
     macs = 0.0
     for node in inside:
+        w = node.attrs.get("weights") if node.op == "packed_attention" else None
+        if w is not None and w.shape is not None and len(w.shape) == 2:  # the packed QKV projection
+            macs += w.shape[0] * w.shape[1]
         if node.op in ("linear", "matmul", "gemm", "addmm"):
             w = next((x for x in node.inputs if x is not None and x.is_param and x.shape and len(x.shape) == 2), None)
             if w is None and node.op == "matmul" and node.inputs[1] is not None and node.inputs[1].shape and len(node.inputs[1].shape) == 2:

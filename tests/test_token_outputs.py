@@ -91,3 +91,40 @@ def _unweighted(c, reductions):
     module.global_pool = "avg-plain"  # not "avg": merge_reference leaves the pooling as timm's
     module.pool = lambda x: x[:, module.num_prefix_tokens:].mean(dim=1)
     return reference_merge(module, c.inputs, reductions, prop_attn=True)[0].numpy()
+
+
+def test_reduced_token_outputs_are_named_and_evaluated(tmp_path, capsys):
+    """A merge on a feature extractor: the CLI's output line and `prunec inspect` name the reduced
+    token output and the fix; `evaluate` compares it by its size-weighted token mean and its CLS
+    token (the lower cosine), computed here from the plain-PyTorch ToMe reference."""
+    from conftest import onnx_file
+    from prunec.cli import main
+    from prunec.measure import evaluate
+
+    c = case("timm_vit_features")
+    src = onnx_file("timm_vit_features", "torchscript14")
+    out = tmp_path / "tome.onnx"
+    assert main([str(src), "--pass", "tome:r=0/0/3", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "token output" in err and "14 of 17 tokens" in err
+    assert "--recover unmerge" in err
+    assert main(["inspect", str(out)]) == 0
+    assert "reduced token output" in capsys.readouterr().out
+    assert main([str(src), "--pass", "tome:r=0/0/3", "--recover", "unmerge", "-o", str(tmp_path / "u.onnx")]) == 0
+    assert "--recover unmerge" not in capsys.readouterr().err  # every token is back: nothing to say
+
+    original, merged = prunec.load(src), prunec.load(out)
+    x = c.inputs["x"].numpy()
+    res = evaluate(original, merged, [{"x": x}])
+    (entry,) = res["outputs"].values()
+    assert entry["shape_original"] == [17, 64] and entry["shape_rewritten"] == [14, 64] and "size-weighted" in entry["note"]
+    ref, state = reference_merge(c.module, c.inputs, {2: tome_reduce(3, 1)}, prop_attn=True)
+    with_sizes = (ref * state["size"]).sum(1) / state["size"].sum(1)
+    full = original.run({"x": x})[0]
+    want = np.minimum(_cos(full.mean(1), with_sizes.numpy()), _cos(full[:, :1], ref[:, :1].numpy()))
+    np.testing.assert_allclose(entry["cosine_mean"], want.mean(), rtol=1e-5)
+
+
+def _cos(a, b):
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

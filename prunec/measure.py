@@ -158,13 +158,16 @@ def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progre
     rewritten models are compared on the same batches."""
     names = [v.name for v in model.model.graph.outputs]
     logits = {v.name for v in model.model.graph.outputs if _is_logits(v)}
-    size_name, prefix = _size_output(rewritten), _prefix_of(model)
-    run_rewritten = rewritten.run
-    if size_name is not None:  # the token sizes ride along as an extra output, for reduced token outputs
-        from .backends.onnx import make_session
+    size_name, prefix, size_sess = _size_output(rewritten), None, []
 
-        sess = make_session(rewritten.model, extra_outputs=[size_name])
-        run_rewritten = lambda feeds: sess.run(None, {k: np.asarray(v) for k, v in feeds.items()})  # noqa: E731
+    def sizes(feeds):
+        """The rewritten model's token sizes [B, M, 1] on ``feeds`` (a second run exposing them)."""
+        if not size_sess:
+            from .backends.onnx import make_session
+
+            size_sess.append(make_session(rewritten.model, extra_outputs=[size_name]))
+        return size_sess[0].run([size_name], {k: np.asarray(v) for k, v in feeds.items()})[0]
+
     reduced: dict[str, str] = {}
     cos: dict[str, list] = {n: [] for n in names}
     agree: dict[str, list] = {n: [] for n in names}
@@ -175,15 +178,16 @@ def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progre
         if progress:
             progress(f"batch {i + 1}")
         a_out = reference[i] if reference is not None else model.run(feeds)
-        b_out = run_rewritten(feeds)
-        size = b_out[len(names)] if size_name is not None else None
+        b_out = rewritten.run(feeds)
         for name, a, b in zip(names, a_out, b_out):
             shapes[name] = (tuple(a.shape[1:]), tuple(b.shape[1:]))
             if a.dtype.kind != "f":
                 continue
             if a.shape == b.shape:
                 cos[name].extend(_cosine(a, b).tolist())
-            elif _reduced_tokens(a, b):
+            elif _reduced_tokens(a, b):  # compared by its (size-weighted) token mean and prefix tokens
+                prefix = _prefix_of(model) if prefix is None else prefix
+                size = sizes(feeds) if size_name is not None else None
                 weighed = size is not None and size.shape[:2] == b.shape[:2]
                 cos[name].extend(_reduced_cosine(a, b, size if weighed else None, prefix).tolist())
                 reduced[name] = (f"reduced token output ({b.shape[1]} of {a.shape[1]} tokens): compared by its "

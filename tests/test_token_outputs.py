@@ -132,3 +132,23 @@ def test_reduced_token_outputs_are_named_and_evaluated(tmp_path, capsys):
 def _cos(a, b):
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_mean_over_a_slice_past_the_kept_prefix_is_refused():
+    """x[:, 3:].mean(1) with one prefix token: after a merge, positions 1-2 hold other tokens than
+    before, so no weighting makes that mean right; the pass refuses naming the node."""
+    import torch
+
+    c = case("timm_vit_features")
+
+    class Tail(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x)[:, 3:].mean(1)
+
+    model = prunec.load(Tail(c.module).eval(), c.inputs)
+    with pytest.raises(prunec.PruneError, match="from index 3 on"):
+        prunec.passes.get("tome")(r="2")(model)

@@ -268,7 +268,23 @@ def prune_main(argv: list[str]) -> int:
     else:
         console.print(f"[green]wrote[/green] {written}  ({', '.join(repr(p) for p in passes)}; "
                       f"{before} tokens in; rewritten in {dt:.2f} s)")
+    _warn_reduced_outputs(model, console)
     return 0
+
+
+def _warn_reduced_outputs(model, console) -> None:
+    """Name the token outputs that come out reduced, and what to do about it."""
+    from .inspect import RECOVER_HINT, reduced_token_outputs
+
+    try:
+        rows = reduced_token_outputs(model.facts())
+    except PruneError:
+        return
+    if rows:
+        what = ", ".join(f"'{r['name']}' {r['shape']}" for r in rows)
+        merged = " (merged tokens, size-weighted)" if any(r["merged"] for r in rows) else ""
+        console.print(f"[yellow]note[/yellow]: token output {what} keeps {rows[0]['shape'][1]} of "
+                      f"{rows[0]['tokens_in']} tokens{merged}; {RECOVER_HINT}")
 
 
 def parse_shapes(specs: list[str] | None) -> dict:

@@ -1,8 +1,35 @@
 """``prunec inspect``: the analysis facts of a model as a dict and as rich tables."""
 from __future__ import annotations
 
+from .passes.analysis.blocks import SIZE_TAG, size_role
 from .passes.analysis.consumers import full_token_consumers
 from .passes.cut import plan_cut
+
+RECOVER_HINT = ("pooling them outside the graph weighs the remaining tokens wrongly; --recover unmerge (after a "
+                "merge) or --recover copy (after a selection) returns every token")
+
+
+def _rewritten_by_prunec(graph) -> bool:
+    """Whether a prunec cut is in the graph (its kept-index tensors, or calls of prunec.ops)."""
+    for node in graph.nodes:
+        if any("keep_idx" in o.name for o in node.outputs):
+            return True
+        if str(getattr(getattr(node.ref, "target", None), "__module__", "")).startswith("prunec.ops"):
+            return True
+    return False
+
+
+def reduced_token_outputs(facts) -> list[dict]:
+    """Graph outputs of a prunec-rewritten model that carry fewer tokens than enter it ([B, M, C]
+    with M < N): a backbone's token output after a cut without recovery. ``merged``: the tokens
+    carry sizes (a merge), so a plain mean over them is not the original mean."""
+    g = facts.graph
+    if not _rewritten_by_prunec(g):
+        return []
+    _, n, c = facts.streams[0].shape
+    merged = any(size_role(v) == SIZE_TAG for v in g.values())
+    return [{"name": v.name, "shape": list(v.shape), "tokens_in": n, "merged": merged} for v in g.outputs
+            if v.shape is not None and len(v.shape) == 3 and v.shape[-1] == c and 1 <= v.shape[1] < n]
 
 
 def describe(model) -> dict:
@@ -32,6 +59,7 @@ def describe(model) -> dict:
         "token_count_literals": shape_literals,
         "full_token_consumers": [{"kind": c.kind, "node": c.name, "reads": c.value.name, "shape": list(c.value.shape),
                                   "needs_recovery": c.needs_recovery} for c in full_token_consumers(facts)],
+        "reduced_token_outputs": reduced_token_outputs(facts),
         "total_gflops": round(sum(facts.flops) / 1e9, 4),
     }
 
@@ -70,4 +98,7 @@ def render(info: dict, console) -> None:
         for row in cons:
             c.add_row(row["kind"], row["node"], f"{row['reads']} {row['shape']}", "yes" if row["needs_recovery"] else "no")
         console.print(c)
+    for row in info.get("reduced_token_outputs") or []:
+        console.print(f"[yellow]reduced token output[/yellow] {row['name']} {row['shape']}: {row['shape'][1]} of "
+                      f"{row['tokens_in']} tokens{' (merged: size-weighted)' if row['merged'] else ''}; {RECOVER_HINT}")
     console.print(f"total block FLOPs: {info['total_gflops']:.4f} G")

@@ -5,7 +5,8 @@ throughput, peak resident-memory growth while running, analytic FLOPs per block 
 measured-vs-ideal speedup, both models on the same backend in one process.
 
 ``evaluate(model, rewritten, batches, labels)``: cosine similarity of every output that
-keeps its shape, top-1 agreement of logits ([B, classes] outputs) and, with labels,
+keeps its shape (a token output left with fewer tokens: of its size-weighted token mean and
+its prefix tokens, the lower), top-1 agreement of logits ([B, classes] outputs) and, with labels,
 accuracy of both. Both return plain dicts (the CLI prints them or dumps JSON).
 """
 from __future__ import annotations
@@ -112,6 +113,38 @@ def _is_logits(value) -> bool:
     return node is not None and node.op_type in ("Gemm", "MatMul")
 
 
+def _size_output(rewritten) -> str | None:
+    """The token sizes [B, M, 1] of a rewritten ONNX model's last cut that tracks them, or None."""
+    from .passes.analysis.blocks import SIZE_TAG
+
+    names = [o.name for n in rewritten.model.graph for o in n.outputs if o.name.endswith("/" + SIZE_TAG)]
+    return names[-1] if names else None
+
+
+def _prefix_of(model) -> int:
+    try:
+        return model.facts().prefix
+    except PruneError:
+        return 0
+
+
+def _reduced_tokens(a: np.ndarray, b: np.ndarray) -> bool:
+    """b [B, M, C] is a token tensor a [B, N, C] with fewer tokens."""
+    return a.ndim == b.ndim == 3 and a.shape[0] == b.shape[0] and a.shape[2] == b.shape[2] and b.shape[1] < a.shape[1]
+
+
+def _reduced_cosine(a: np.ndarray, b: np.ndarray, size: np.ndarray | None, prefix: int) -> np.ndarray:
+    """Per sample: the cosine between the token mean of a [B, N, C] and the size-weighted token mean
+    of b [B, M, C] (size [B, M, 1]; None: unweighted), and, with prefix tokens (kept in place by
+    every pass), the lower of that and the cosine of the prefix tokens."""
+    w = np.ones(b.shape[:2] + (1,), np.float64) if size is None else size.astype(np.float64)
+    pooled = (b * w).sum(1) / np.maximum(w.sum(1), 1e-30)
+    cos = _cosine(a.mean(1), pooled)
+    if prefix:
+        cos = np.minimum(cos, _cosine(a[:, :prefix], b[:, :prefix]))
+    return cos
+
+
 def reference_outputs(model, batches) -> list[list[np.ndarray]]:
     """The original model's outputs per batch, computed once for many :func:`evaluate` calls."""
     return [model.run(feeds) for feeds in batches]
@@ -125,6 +158,17 @@ def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progre
     rewritten models are compared on the same batches."""
     names = [v.name for v in model.model.graph.outputs]
     logits = {v.name for v in model.model.graph.outputs if _is_logits(v)}
+    size_name, prefix, size_sess = _size_output(rewritten), None, []
+
+    def sizes(feeds):
+        """The rewritten model's token sizes [B, M, 1] on ``feeds`` (a second run exposing them)."""
+        if not size_sess:
+            from .backends.onnx import make_session
+
+            size_sess.append(make_session(rewritten.model, extra_outputs=[size_name]))
+        return size_sess[0].run([size_name], {k: np.asarray(v) for k, v in feeds.items()})[0]
+
+    reduced: dict[str, str] = {}
     cos: dict[str, list] = {n: [] for n in names}
     agree: dict[str, list] = {n: [] for n in names}
     top1: dict[str, dict[str, list]] = {n: {"original": [], "rewritten": []} for n in names}
@@ -141,6 +185,14 @@ def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progre
                 continue
             if a.shape == b.shape:
                 cos[name].extend(_cosine(a, b).tolist())
+            elif _reduced_tokens(a, b):  # compared by its (size-weighted) token mean and prefix tokens
+                prefix = _prefix_of(model) if prefix is None else prefix
+                size = sizes(feeds) if size_name is not None else None
+                weighed = size is not None and size.shape[:2] == b.shape[:2]
+                cos[name].extend(_reduced_cosine(a, b, size if weighed else None, prefix).tolist())
+                reduced[name] = (f"reduced token output ({b.shape[1]} of {a.shape[1]} tokens): compared by its "
+                                 f"{'size-weighted ' if weighed else ''}token mean"
+                                 + (f" and its {prefix} prefix token(s) (the lower cosine)" if prefix else ""))
             if name in logits and a.ndim == 2 and a.shape == b.shape and a.shape[1] > 1:
                 pa, pb = a.argmax(1), b.argmax(1)
                 agree[name].extend((pa == pb).tolist())
@@ -154,6 +206,8 @@ def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progre
         if cos[name]:
             c = np.array(cos[name])
             entry.update({"cosine_mean": float(c.mean()), "cosine_min": float(c.min())})
+            if name in reduced:
+                entry["note"] = reduced[name]
         else:
             entry["cosine_mean"] = None
             entry["note"] = "shape changed by the rewrite: not compared"

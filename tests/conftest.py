@@ -26,7 +26,7 @@ def export_dir() -> Path:
 
 @lru_cache(maxsize=None)
 def case(name):
-    return {**zoo.CASES, **zoo.EXTRA_CASES}[name]()
+    return {**zoo.CASES, **zoo.EXTRA_CASES, **zoo.MORE}[name]()
 
 
 @lru_cache(maxsize=None)

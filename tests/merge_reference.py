@@ -104,6 +104,8 @@ def reference_merge(model, inputs: dict, reductions: dict[int, Callable], prop_a
         state["pad"] = m
         state["mask"] = ((1.0 - m) * torch.finfo(torch.float32).min)[:, None, None, :]
     inner = model.encoder if pooled_mean else model
+    if getattr(model, "global_pool", None) == "avg" and hasattr(model, "pool"):  # timm: a size-weighted token mean
+        model.pool = lambda x: _weighted_avg_pool(x, state["size"], model.num_prefix_tokens)
     for i, layer in enumerate(layers_of(inner)):
         p = parts_of(layer)
         layer.forward = (lambda p, red: lambda x, *a, **kw: _block(p, x, state, red))(p, reductions.get(i))
@@ -114,6 +116,16 @@ def reference_merge(model, inputs: dict, reductions: dict[int, Callable], prop_a
             w = state["pad"][..., None] * size
             return (h * w).sum(dim=1) / w.sum(dim=1).clamp(min=1e-9), state
         return model(**inputs), state
+
+
+def _weighted_avg_pool(x, size, prefix: int):
+    """timm's ``global_pool='avg'`` (the mean of the tokens after the prefix tokens) with each token
+    weighted by its size: x [B, N, C], size [B, N, 1] or None -> [B, C]."""
+    x = x[:, prefix:]
+    if size is None:
+        return x.mean(dim=1)
+    w = size[:, prefix:]
+    return (x * w).sum(dim=1) / w.sum(dim=1)
 
 
 def _carry(state, rep, groups=None):
@@ -131,18 +143,16 @@ def _carry(state, rep, groups=None):
 def bipartite_groups(metric, r: int, prefix: int) -> list[list[int]]:
     """ToMe's bipartite soft matching on one sample's metric [N, D], from the paper: tokens
     alternate into A (even) and B (odd); each A token's edge is its most cosine-similar B
-    token; the r strongest edges merge A into B. CLS (token 0, in A) never merges; a
-    distillation token (token 1, in B) takes no merges. Returns the output tokens, each as the
+    token; the r strongest edges merge A into B. Prefix tokens (CLS, distillation, registers)
+    neither merge (in A) nor take merges (in B). Returns the output tokens, each as the
     list of source tokens it stands for, in ToMe's order: unmerged A (by index when there is a
-    CLS token, else by edge strength), then B; with a distillation token [CLS, DIST, rest]."""
+    CLS token, else by edge strength), then B; with two or more prefix tokens, the prefix tokens first in order."""
     n = metric.shape[0]
     m = metric / metric.norm(dim=-1, keepdim=True)
     a_idx, b_idx = list(range(0, n, 2)), list(range(1, n, 2))
     sim = m[a_idx] @ m[b_idx].T
-    if prefix >= 1:
-        sim[0, :] = -math.inf
-    if prefix >= 2:
-        sim[:, 0] = -math.inf
+    sim[:(prefix + 1) // 2, :] = -math.inf  # prefix tokens in A never merge
+    sim[:, :prefix // 2] = -math.inf  # prefix tokens in B take no merges
     best, match = sim.max(dim=1)
     ranked = sorted(range(len(a_idx)), key=lambda i: (-float(best[i]), i))
     merged, unmerged = ranked[:r], ranked[r:]
@@ -151,9 +161,9 @@ def bipartite_groups(metric, r: int, prefix: int) -> list[list[int]]:
     out = [[a_idx[i]] for i in unmerged]
     for j, bt in enumerate(b_idx):
         out.append([bt] + [a_idx[i] for i in merged if int(match[i]) == j])
-    if prefix >= 2:
-        u = len(unmerged)
-        out = [out[0], out[u]] + out[1:u] + out[u + 1:]
+    if prefix >= 2:  # every prefix token first, in original order
+        first = sorted((g for g in out if g[0] < prefix), key=lambda g: g[0])
+        out = first + [g for g in out if g[0] >= prefix]
     return out
 
 

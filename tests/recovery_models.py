@@ -1,7 +1,7 @@
 """Test models whose consumers need every token (random weights, tiny):
 
 * :class:`SegViT`: a timm ViT encoder and a conv decoder over the reshaped 4×4 patch grid
-  (a segmentation / saliency head);
+  (a segmentation / saliency head); :class:`SegViTDPT` reaches the grid through a transpose;
 * :class:`PoseTransformer`: a video pose transformer in the style of the Hourglass Tokenizer:
   frames are tokens (2-D joints in, 3-D joints out per frame), no CLS token.
 """
@@ -36,6 +36,16 @@ class SegViT(nn.Module):
         return self.decode(self.tokens(x))
 
 
+class SegViTDPT(SegViT):
+    """SegViT with the decoder reading the grid as DINOv2/DPT heads export it: drop CLS, then
+    tokens [B, N, C] -> transpose [B, C, N] -> reshape [B, C, H, W] (the same function)."""
+
+    def decode(self, tokens):
+        patches = tokens[:, 1:]
+        grid = patches.transpose(1, 2).reshape(patches.shape[0], DIM, GRID, GRID)
+        return self.decoder(grid)
+
+
 class PoseTransformer(nn.Module):
     """2-D joints per frame [B, F, J·2] -> 3-D joints per frame [B, F, J·3]."""
 
@@ -60,6 +70,11 @@ class PoseTransformer(nn.Module):
 def seg_vit():
     torch.manual_seed(0)
     return SegViT().eval(), {"x": torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))}
+
+
+def seg_vit_dpt():
+    torch.manual_seed(0)
+    return SegViTDPT().eval(), {"x": torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))}
 
 
 def pose_transformer():

@@ -18,7 +18,7 @@ import zoo
 from conftest import case, kept, load, run
 from merge_reference import reference_merge
 from prunec.passes.analysis.consumers import full_token_consumers
-from recovery_models import pose_transformer, seg_vit
+from recovery_models import pose_transformer, seg_vit, seg_vit_dpt
 
 
 class Tokens(torch.nn.Module):
@@ -99,6 +99,27 @@ def test_seg_decoder_after_selection_matches_recovery_reference(pname, opts, lay
     full = recover_ref(mode, src, y, idx=idx, keys=torch.gather(src, 1, idx[..., None].expand(-1, -1, 64)))
     with torch.no_grad():  # recovery sits before the final norm, which then sees every token
         ref = seg.decode(seg.encoder.norm(full))
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ("torch", "torchscript17", "dynamo18"))
+def test_grid_decoder_behind_slice_transpose_reshape_gets_every_token(form, tmp_path):
+    """DINOv2/DPT-style heads: drop CLS (Slice), Transpose to [B, C, N], Reshape to [B, C, H, W].
+    The reshape is found as a grid consumer, so recover=auto restores every token (before, the
+    rewritten graph failed in that Reshape or reshaped the wrong count)."""
+    seg, x = seg_vit_dpt()
+    if form == "torch":
+        model = prunec.load(seg, x)
+    else:
+        model = prunec.load(zoo.export_onnx(zoo.Case("dpt", seg, x, 0, 0), form, tmp_path / f"dpt.{form}.onnx"))
+    assert [c.kind for c in full_token_consumers(model.facts())] == ["grid reshape"]
+    opts = dict(keep=0.5, layer="1")
+    got = run(prunec.passes.get("fastv")(**opts)(model), x)[0]
+    y, idx = _reduced_blocks(seg, x, "fastv", opts)
+    full = recover_ref("copy", _stream_into(seg.encoder.blocks, 1, seg, x), y, idx=idx)
+    with torch.no_grad():
+        ref = seg.decode(seg.encoder.norm(full))
+    assert got.shape == tuple(ref.shape) == (2, 5, 4, 4)
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
 
 

@@ -133,9 +133,40 @@ def hf_llama_eager():
     return c
 
 
+def _timm_variant(name, prefix, **kw):
+    def make():
+        import timm
+
+        torch.manual_seed(0)
+        m = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=IMG, patch_size=8, depth=3,
+                              embed_dim=64, num_heads=4, **kw).eval()
+        return Case(name, m, {"x": _images(2)}, prefix=prefix, depth=3, make_inputs=lambda b, s=1: {"x": _images(b, s)})
+    make.__name__ = name
+    return make
+
+
+def hf_bert_no_pooler():
+    """BERT whose only output is last_hidden_state (the token tensor)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)
+    m = BertModel(cfg, add_pooling_layer=False).eval()
+    return Case("hf_bert_no_pooler", m, _bert_inputs(2), prefix=1, depth=3, make_inputs=lambda b, s=1: _bert_inputs(b, s))
+
+
+# Graph forms beyond CASES (not in the FastV matrix): timm's avg pooling over x[:, prefix:] (with CLS,
+# with CLS + 2 registers), a timm feature extractor whose output is the token tensor, BERT without pooler.
+MORE = {f.__name__: f for f in (
+    _timm_variant("timm_vit_avg", 1, num_classes=10, global_pool="avg"),
+    _timm_variant("timm_vit_avg_reg", 3, num_classes=10, global_pool="avg", reg_tokens=2),
+    _timm_variant("timm_vit_features", 1, num_classes=0, global_pool=""),
+    hf_bert_no_pooler)}
+
 CASES = {f.__name__: f for f in (timm_vit, timm_deit_distilled, hf_vit, hf_clip_vision, hf_dinov2, hf_bert, hf_llama)}
 EXTRA_CASES = {f.__name__: f for f in (hf_llama_eager,)}  # for focused tests only
-EXPORTERS = ("dynamo18", "torchscript17", "dynamo23")
+EXPORTERS = ("dynamo18", "torchscript17", "dynamo23")  # export_onnx also takes torchscript14..16
 
 
 class _Wrapper(torch.nn.Module):
@@ -163,11 +194,12 @@ def export_onnx(case: Case, exporter: str, path: Path) -> Path:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if exporter == "torchscript17" and case.name == "hf_llama":
+            if exporter.startswith("torchscript") and case.name == "hf_llama":
                 # The TorchScript exporter cannot convert sdpa with enable_gqa: export the eager spelling.
                 config._attn_implementation = "eager"
-            if exporter == "torchscript17":
-                torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17, input_names=names,
+            if exporter.startswith("torchscript"):  # torchscript14 .. torchscript17
+                torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=int(exporter[11:]),
+                                  input_names=names,
                                   dynamic_axes={n: {0: "batch"} for n in names})
             else:
                 opset = 18 if exporter == "dynamo18" else 23

@@ -15,7 +15,7 @@ import torch.fx
 
 from .. import ops
 from ..errors import PruneError
-from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
+from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, split_role
 from ..passes.base import Adaptive, Bipartite, Contextual, Diverse, Fuse, GridPool, Merge, PageRank, Plan, Random, TopK
 
 aten = torch.ops.aten
@@ -122,9 +122,15 @@ def _size_state(graph, cut, size_in, x, idx, dest):
             if role == LOGSIZE_TAG:  # [B, M, 1] -> [B, 1, 1, M]
                 t = graph.call_function(aten.permute.default, (graph.call_function(aten.log.default, (size,)), [0, 2, 1]))
                 made[role] = _named(graph, aten.unsqueeze.default, (t, 1), f"{cut.tag}_{LOGSIZE_TAG}")
-            elif role == MEANW_TAG:  # size / mean over tokens
-                mean = graph.call_function(aten.mean.dim, (size, [1], True))
-                made[role] = _named(graph, aten.div.Tensor, (size, mean), f"{cut.tag}_{MEANW_TAG}")
+            else:
+                base, start = split_role(role)  # the tokens start: (a mean/sum over x[:, start:])
+                name = f"{cut.tag}_{role}"
+                if base == MEANW_TAG:  # size / mean over those tokens
+                    part = graph.call_function(aten.slice.Tensor, (size, 1, start)) if start else size
+                    mean = graph.call_function(aten.mean.dim, (part, [1], True))
+                    made[role] = _named(graph, aten.div.Tensor, (part, mean), name)
+                else:
+                    made[role] = _named(graph, aten.slice.Tensor, (size, 1, start), name)
         return made[role]
     return get
 
@@ -190,7 +196,8 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     order = {n: i for i, n in enumerate(graph.nodes)}
     for cut in plan.cuts:
         post = {by_name[n.ref.name] for n in cut.post}
-        first_post = min(post, key=order.__getitem__)
+        first_post = (min(post, key=order.__getitem__) if post  # no post-cut node: the stream is an output
+                      else next(n for n in graph.nodes if n.op == "output"))
         size_in = by_name[cut.size_in.ref.name] if cut.size_in is not None else None
         merged = dest = None
         with graph.inserting_before(first_post):

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import PruneError
-from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG
+from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, split_role
 from ..passes.base import Cut, Diverse, GridPool, Merge, PageRank, Plan, Random, TopK, random_scores, wpr_start
 
 
@@ -602,9 +602,9 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
             values[o.name] = o
     for cut in plan.cuts:
         post_names = {n.ref.name for n in cut.post}
-        first = min(post_names, key=order.__getitem__)
+        first = nodes[min(post_names, key=order.__getitem__)] if post_names else None  # None: the stream is an output
         counter = itertools.count()
-        b = _Builder(graph, nodes[first], cut.tag, counter)
+        b = _Builder(graph, first, cut.tag, counter)
         size_in = values[cut.size_in.name] if cut.size_in is not None else None
         merged = dest = None
         if isinstance(cut.reduce, Merge):
@@ -627,10 +627,13 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                                          b.ints([1], "axes")])
                 log.name = f"{cut.tag}/{LOGSIZE_TAG}"
                 sizes[LOGSIZE_TAG] = log
-            if MEANW_TAG in roles:  # size / mean over tokens
-                meanw = b.op("Div", [size, b.reduce_mean(size, [1], keepdims=1)])
-                meanw.name = f"{cut.tag}/{MEANW_TAG}"
-                sizes[MEANW_TAG] = meanw
+            for role in sorted(roles - {SIZE_TAG, LOGSIZE_TAG}):
+                base, start = split_role(role)  # the tokens start: (a mean over x[:, start:])
+                part = b.slice(size, start, np.iinfo(np.int64).max) if start else size
+                if base == MEANW_TAG:  # size / mean over those tokens
+                    part = b.op("Div", [part, b.reduce_mean(part, [1], keepdims=1)])
+                part.name = f"{cut.tag}/{role}"
+                sizes[role] = part
         reduced = merged
         for c in cut.crossings:
             src = values[c.value.name]

@@ -118,9 +118,8 @@ def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n: int, dominant: in
     mo = b.op("GatherND", [m, b.op("Unsqueeze", [o_idx, axes2])], {"batch_dims": 1})
     choice = b.op("ArgMax", [b.op("MatMul", [mo, b.op("Transpose", [mt], {"perm": [0, 2, 1]})])], {"axis": 2, "keepdims": 0})
     ones_o = b.ones_like(b.op("Cast", [choice], {"to": ir.DataType.FLOAT}))
-    counts = b.op("ScatterElements", [b.batch_const(np.zeros((1, len(targets)), np.float32), scores, "counts"),
-                                      choice, ones_o], {"axis": 1, "reduction": "add"})
-    counts = b.op("Max", [counts, b.floats(1.0, "one")])
+    counts = scatter_sum(b, b.op("Unsqueeze", [ones_o, axes2]), choice, len(targets), 1)  # [B, T, 1]
+    counts = b.op("Max", [b.op("Squeeze", [counts, axes2]), b.floats(1.0, "one")])
     dest = b.op("ScatterElements", [dest, t_idx, b.batch_const((dominant + np.arange(len(targets)))[None, :], scores,
                                                                  "t_slots")], {"axis": 1})
     dest = b.op("ScatterElements", [dest, o_idx, b.op("Add", [choice, b.ints(dominant, "d")])], {"axis": 1})
@@ -158,7 +157,12 @@ def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n: int, 
 def scatter_sum(b, x: ir.Value, dest: ir.Value, m: int, width: int) -> ir.Value:
     """Σ over tokens with the same dest: x [B, N, width] -> [B, M, width] (slot M dropped).
     One ScatterND with ``reduction="add"`` over rows of a [B·(M+1), width] view: the index is
-    [B·N, 1], not a [B, N, width] tensor, and ORT adds whole rows."""
+    [B·N, 1], not a [B, N, width] tensor, and ORT adds whole rows. Before opset 16 (no
+    reductions in the scatters) a one-hot product does the same sum: OneHot(dest, M)ᵀ [B, M, N]
+    @ x (an index M is out of range, so its row of the one-hot matrix is zero: dropped)."""
+    if b.opset < 16:
+        onehot = b.op("OneHot", [dest, b.ints([m], "depth"), b.floats([0.0, 1.0], "off_on")], {"axis": 1})  # [B, M, N]
+        return b.op("MatMul", [onehot, x])
     batch = b.op("Squeeze", [b.batch_size(dest), b.ints([0], "axes")])
     offsets = b.op("Mul", [b.op("Range", [b.ints(0, "zero"), batch, b.ints(1, "one")]), b.ints(m + 1, "slots")])
     flat = b.op("Add", [dest, b.op("Unsqueeze", [offsets, b.ints([1], "axes")])])

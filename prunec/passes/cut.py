@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..errors import PruneError
-from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role
+from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role, skip_role
 from .base import RECOVER_MODES, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, Recovery, Reweigh, ShapeFix
 
 _SIZED = ("reshape", "expand", "create")
@@ -95,6 +95,13 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
     for v in g.outputs:
         if v.producer is not None and v.producer in post:
             cut.output_axes[v.name] = facts.token_axes(v, cls_layer)
+    if any(v is stream for v in g.outputs) and not any(c.value is stream for c in cut.crossings):
+        # the stream is itself a graph output (a feature extractor's tokens): the reduced tensor
+        # takes its place and name
+        axes = facts.token_axes(stream, cls_layer)
+        b = facts.batch_axis(stream, [], cls_layer)
+        if axes and b is not None and b not in axes:
+            cut.crossings.append(Crossing(stream, axes, b))
     if not any(c.value is stream for c in cut.crossings):
         raise PruneError(f"the residual stream '{stream.name}' entering layer {layer} has no token axis")
     _plan_sizes(facts, cut, cls_layer)
@@ -195,11 +202,79 @@ def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
         if kind is None or not node.inputs or node.inputs[0] is None:
             continue
         x = node.inputs[0]
-        if facts.token_axes(x, layer) != [1] or facts.token_axes(node.outputs[0], layer):
-            continue  # not a reduction over the token axis of a [B, N, ...] tensor
+        role = SIZE_TAG if kind == "sum" else MEANW_TAG
+        if facts.token_axes(node.outputs[0], layer):
+            continue  # the tokens survive it: not a reduction over them
+        if facts.token_axes(x, layer) != [1]:
+            start = _token_slice_start(facts, x, layer)
+            if start is None or _reduce_axes(node) != [1]:
+                continue  # not a reduction over the token axis of a [B, N, ...] tensor (or a slice of it)
+            if start > _leading_fixed(cut.reduce):
+                raise PruneError(f"node '{node.name}' reduces the tokens from index {start} on; after the cut "
+                                 f"before layer {cut.layer} those positions hold other tokens, so it cannot be "
+                                 f"size-weighted")
+            role = skip_role(role, start)
         if x.producer is not None and any(size_role(v) for v in x.producer.inputs if v is not None):
             continue  # already re-weighed by an earlier merge
-        cut.reweigh.append(Reweigh(node, SIZE_TAG if kind == "sum" else MEANW_TAG))
+        cut.reweigh.append(Reweigh(node, role))
+
+
+def _leading_fixed(reduce) -> int:
+    """How many leading tokens a reduction keeps in place (prefix tokens / tokens before the span)."""
+    if isinstance(reduce, (Merge, GridPool)):
+        return reduce.prefix
+    return getattr(reduce, "span_start", 0)
+
+
+def _token_slice_start(facts: Facts, v, layer: int) -> int | None:
+    """S when ``v`` is ``x[:, S:]`` of a token tensor x [B, N, ...] (static S >= 1, step 1, to the end),
+    else None."""
+    node = v.producer
+    if node is None or node.op != "slice" or not node.inputs or node.inputs[0] is None:
+        return None
+    x = node.inputs[0]
+    if facts.token_axes(x, layer) != [1] or x.shape is None:
+        return None
+    n, rank = x.shape[1], len(x.shape)
+    ref = node.ref
+    if hasattr(ref, "op_type"):  # ONNX Slice(data, starts, ends, axes, steps)
+        def data(i):
+            w = node.inputs[i] if len(node.inputs) > i else None
+            return None if w is None else (None if w.data is None else [int(t) for t in w.data.reshape(-1)])
+        starts, ends, axes, steps = data(1), data(2), data(3), data(4)
+        if starts is None or ends is None or len(starts) != 1:
+            return None
+        axes = axes if axes is not None else [0]
+        start, end, step, axis = starts[0], ends[0], (steps or [1])[0], axes[0] % rank
+    else:  # aten.slice.Tensor(x, dim, start, end, step)
+        args = list(ref.args) + [None] * 5
+        axis, start, end, step = args[1] or 0, args[2] or 0, args[3], args[4] or 1
+        end = n if end is None else end
+        if not all(isinstance(t, int) for t in (axis, start, end, step)):
+            return None
+        axis %= rank
+    if axis != 1 or step != 1 or end < n or not 0 < start < n:
+        return None
+    return start
+
+
+def _reduce_axes(node) -> list[int] | None:
+    """The (non-negative) axes a reduction node reduces, when static."""
+    x = node.inputs[0]
+    if x is None or x.shape is None:
+        return None
+    rank = len(x.shape)
+    ref = node.ref
+    if hasattr(ref, "op_type"):
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None and node.inputs[1].data is not None:
+            axes = [int(t) for t in node.inputs[1].data.reshape(-1)]
+    else:
+        axes = ref.args[1] if len(ref.args) > 1 else ref.kwargs.get("dim")
+        axes = [axes] if isinstance(axes, int) else axes
+    if axes is None or not all(isinstance(a, int) for a in list(axes)):
+        return None
+    return sorted(a % rank for a in axes)
 
 
 def _scalar_operand(node):

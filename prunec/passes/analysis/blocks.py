@@ -8,6 +8,7 @@ classes, and whether the model is a causal decoder.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ...errors import PruneError
@@ -151,8 +152,27 @@ RECOVERED_TAG = "prunec_recovered"  # a recovery's result [B, N, C]
 BIAS_TAG = "prunec_bias"  # a fused attention's mask combined with log(size): rebuilt at every later cut
 
 
+SKIP = "skip"  # a size weight of the tokens from index S on, for a sum/mean over x[:, S:]: "<role>skip<S>"
+
+
+def skip_role(role: str, start: int) -> str:
+    """The role of ``role``'s weights restricted to the tokens ``start:`` ([B, N - start, 1]; a
+    MEANW one divides by the mean size of those tokens)."""
+    return f"{role}{SKIP}{start}"
+
+
+def split_role(role: str) -> tuple[str, int]:
+    """(base role, first token) of a role: ``prunec_meanwskip1`` -> (MEANW_TAG, 1); plain roles: 0."""
+    m = re.fullmatch(rf"(.*){SKIP}(\d+)", role)
+    return (m.group(1), int(m.group(2))) if m else (role, 0)
+
+
 def size_role(v: Value) -> str | None:
-    """Which token-size tensor ``v`` is (one of SIZE_DERIVED), or None."""
+    """Which token-size tensor ``v`` is (one of SIZE_DERIVED, possibly restricted to the tokens
+    from an index on: see :func:`skip_role`), or None."""
+    m = re.search(rf"({SIZE_TAG}|{MEANW_TAG}){SKIP}\d+", v.name)
+    if m:
+        return m.group(0)
     for tag in SIZE_DERIVED:
         if tag in v.name:
             return tag

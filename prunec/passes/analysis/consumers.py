@@ -33,16 +33,27 @@ def full_token_consumers(facts) -> list[Consumer]:
     for v in g.outputs:
         if v.producer is not None and v.producer in tail and facts.token_axes(v, layer):
             out.append(Consumer("token output", v.name, v))
-    sliced: dict[int, list[int]] = {}  # slices of the tokens (patch tokens without CLS): id -> axes
+    sliced: list = []  # (value, axis): a slice of the tokens (the patch tokens without CLS) and its axis class
+
+    def axes_of(v):
+        if v is None:
+            return []
+        axes = facts.token_axes(v, layer)
+        for anchor in sliced:  # the slice's axis class follows transposes and elementwise ops
+            axes = axes or facts.axes.axes_in_class(v, anchor)
+        return axes
+
     for node in sorted(tail, key=lambda n: n.index):
-        x = next((v for v in node.inputs if v is not None and (facts.token_axes(v, layer) or id(v) in sliced)), None)
+        x = next((v for v in node.inputs if axes_of(v)), None)
         if x is None:
             continue
-        axes = facts.token_axes(x, layer) or sliced[id(x)]
+        axes = axes_of(x)
         if node.op == "slice" and node.outputs and node.outputs[0].shape is not None:
             y = node.outputs[0]
-            if not facts.token_axes(y, layer) and len(y.shape) == len(x.shape):
-                sliced[id(y)] = axes
+            if not axes_of(y) and len(y.shape) == len(x.shape):
+                j = next((a for a in axes if y.shape[a] != x.shape[a]), None)
+                if j is not None:
+                    sliced.append((y, j))
             continue
         kind = _kind(facts, node, x, axes, layer)
         if kind is not None:

@@ -64,7 +64,7 @@ def test_visionzip_at_the_output_of_a_feature_extractor():
     c = case("timm_vit_features")
     ref = torch_outputs(reference_run(c.module, c.inputs, "output", visionzip_choice(2, 5, 3, 4, 1))[0])
     for form in FORMS:
-        got = run(prunec.passes.get("visionzip")(dominant=5, contextual=3)(load("timm_vit_features", form)), c.inputs)
+        got = run(prunec.passes.get("visionzip")(dominant=5, contextual=3, layer="output")(load("timm_vit_features", form)), c.inputs)
         assert got[0].shape == ref[0].shape == (2, 8, 64)
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-4, atol=1e-4, err_msg=form)
 

@@ -16,11 +16,11 @@ from .onnx import _as_4d_heads, site_scores
 
 
 def site_keys(b, site, values) -> ir.Value:
-    """Keys averaged over heads: [B, N, D]."""
+    """Keys averaged over heads: [B, N, D] float32."""
     if site.probs is not None:  # eager: kᵀ [B, H, D, N]
-        return b.op("Transpose", [b.reduce_mean(values[site.k_t.name], [1])], {"perm": [0, 2, 1]})
+        return b.op("Transpose", [b.reduce_mean(b.as_f32(values[site.k_t.name], site.k_t.dtype), [1])], {"perm": [0, 2, 1]})
     heads = site.node.attrs.get("kv_num_heads") or site.heads
-    return b.reduce_mean(_as_4d_heads(b, values[site.k.name], site.k.shape, heads), [1])
+    return b.reduce_mean(_as_4d_heads(b, b.as_f32(values[site.k.name], site.k.dtype), site.k.shape, heads), [1])
 
 
 def _normalize(b, x: ir.Value, axis: int = -1) -> ir.Value:
@@ -133,7 +133,7 @@ def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n: int, dominant: in
 
 def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n: int, r: int, prefix: int, threshold: float):
     """PPT (as ``prunec.ops.merge.ppt_scores`` + ``ppt_assign``): dest [B, N], rep [B, N - r]."""
-    v = values[site.v.name]
+    v = b.as_f32(values[site.v.name], site.v.dtype)
     vn = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [v, v]), [1, 3] if len(site.v.shape) == 4 else [2])])  # [B, N]
     s = b.slice(b.op("Mul", [cls_scores, vn]), prefix, n)
     s = b.op("Div", [s, b.reduce_sum(s, [1], keepdims=1)])
@@ -191,10 +191,14 @@ def merge_sizes(b, size: ir.Value | None, stream: ir.Value, dest: ir.Value, m: i
 
 
 def lower_merge(b, cut, values, size_in: ir.Value | None):
-    """The merged stream [B, M, C], dest [B, N] and rep [B, M] of a merge cut."""
+    """The merged stream [B, M, C] (in the stream's float type; merged in float32), dest [B, N]
+    and rep [B, M] of a merge cut."""
     r = cut.reduce
     n, m = cut.num_tokens, cut.kept
-    x = values[cut.stream.name]
+    dt = cut.stream.dtype
+    x = b.as_f32(values[cut.stream.name], dt)
+    if size_in is not None:
+        size_in = b.as_f32(size_in, cut.size_in.dtype)
     c = cut.stream.shape[-1]
     weight = None
     if isinstance(r, Bipartite):
@@ -211,7 +215,7 @@ def lower_merge(b, cut, values, size_in: ir.Value | None):
         weight = size_in
     else:
         raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
-    merged = merge(b, x, dest, weight, m, c, r.normalize)
+    merged = b.as_dtype(merge(b, x, dest, weight, m, c, r.normalize), dt)
     rep.name = f"{cut.tag}/keep_idx"
     dest.name = f"{cut.tag}/dest"
     return merged, dest, rep

@@ -4,7 +4,9 @@
   (opset 23), ORT ``com.microsoft.MultiHeadAttention``; ``com.microsoft.Attention``
   (packed QKV weights) is found but cannot be scored (q/k are internal).
 * eager: ``q @ kᵀ -> [scale Mul/Div] -> [mask Add/Where] -> [Cast] -> softmax ->
-  [Cast/Dropout/Where] -> @ v``, in fx or ONNX.
+  [Cast/Dropout/Where] -> @ v``, in fx or ONNX; quantized graphs add Q/DQ pairs
+  (``QuantizeLinear -> DequantizeLinear``) anywhere on that chain, and integer matmuls
+  (``MatMulInteger``, ``DynamicQuantizeMatMul``) count as matmuls.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def _single_use(v: Value):
 
 
 def _walk_back_to_matmul(v: Value, mask_holder: list) -> Node | None:
-    for _ in range(8):
+    for _ in range(12):  # room for a Q/DQ pair after each op of a quantized graph
         p = v.producer
         if p is None:
             return None
@@ -57,6 +59,9 @@ def _walk_back_to_matmul(v: Value, mask_holder: list) -> Node | None:
             return p
         if p.op not in _PASS_THROUGH:
             return None
+        if p.attrs.get("quant"):  # QDQ: read through (De)QuantizeLinear to the float value
+            v = p.inputs[0]
+            continue
         # follow the operand that has the same shape as the output (the logits), note masks
         same = [x for x in p.inputs if x is not None and x.shape == v.shape and x.is_float and not x.is_param]
         others = [x for x in p.inputs if x is not None and x not in same and x.shape and len(x.shape) >= 2]
@@ -78,7 +83,7 @@ def _walk_back_to_matmul(v: Value, mask_holder: list) -> Node | None:
 
 
 def _walk_forward_to_matmul(v: Value) -> tuple[Node, Value] | None:
-    for _ in range(6):
+    for _ in range(10):
         if not v.uses:
             return None
         for user, idx in v.uses:

@@ -48,7 +48,7 @@ def axis_links(node: Node):
         return
     rank = len(out.shape)
     if op in ("elementwise", "softmax", "layernorm", "expand"):
-        srcs = ins if op == "elementwise" else ins[:1]
+        srcs = ins if op == "elementwise" and not node.attrs.get("quant") else ins[:1]
         for v in srcs:
             if v is not None and v.shape is not None and len(v.shape) >= 1:
                 for i, j in _align_right(v, out):

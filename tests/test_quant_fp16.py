@@ -293,3 +293,79 @@ def test_fp16_bert(pname):
         rel = float(np.abs(a - b).max() / np.abs(b).max())
         assert rel <= 4 * err + 1e-3, (pname, rel, err)
     check_identity("hf_bert", "fp16", pname, BERT[pname][1])
+
+
+# -- quantized graphs -------------------------------------------------------------------------
+
+QUANT_OPS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QuantizeLinear", "DequantizeLinear")
+
+
+def ort_values(path: str, feeds: dict, names: list[str]) -> dict:
+    """Intermediate values of the *unmodified* graph, read the way a hook reads them."""
+    import onnxruntime as ort
+
+    proto = onnx.load(path)
+    known = {o for n in proto.graph.node for o in n.output}
+    missing = [n for n in names if n not in known]
+    assert not missing, f"the export no longer names {missing}"
+    for n in names:
+        proto.graph.output.append(onnx.ValueInfoProto(name=n))
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def read_name(path: str, name: str) -> str:
+    """``name`` as the graph's consumers read it: through its DequantizeLinear in a QDQ graph."""
+    dq = f"{name}_DequantizeLinear_Output"
+    return dq if any(dq in n.output for n in onnx.load(path).graph.node) else name
+
+
+@pytest.mark.parametrize("form", ["dyn", "qdq"])
+def test_quantized_fastv_matches_ort_reference(form):
+    """FastV (keep 0.5 before layer 2, CLS query) on the quantized ViT against FastV done by hand
+    on the unmodified quantized graph: layer 1's softmax read out of ORT, the top half of the
+    span by CLS attention (mean over heads), the stream entering layer 2 gathered and run
+    through the graph's own tail (onnx.utils.extract_model). Same indices, same outputs; the
+    rewritten graph is still quantized."""
+    path, feeds = form_file("timm_vit", form), feeds_for("timm_vit", form)
+    probs_name, stream_name = "/module/blocks/blocks.1/attn/Softmax_output_0", "/module/blocks/blocks.1/Add_1_output_0"
+    got = ort_values(path, feeds, [probs_name, stream_name])
+    scores = got[probs_name][:, :, 0, 1:].astype(np.float64).mean(axis=1)  # [B, 16]
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :8] + 1
+    ref_idx = np.sort(np.concatenate([np.zeros((2, 1), np.int64), top], axis=1), axis=1)
+    s = np.sort(scores, axis=1)[:, ::-1]
+    assert (s[:, 7] - s[:, 8]).min() > 1e-7  # far from a float32 tie at the boundary
+    tail = str(export_dir() / f"timm_vit.{form}.tail.onnx")
+    out_names = [o.name for o in onnx.load(path).graph.output]
+    onnx.utils.extract_model(path, tail, [stream_name], out_names)
+    sub = onnx.load(tail)  # the tail at any token count: the extractor wrote the probe's shapes
+    sub.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "tokens"
+    del sub.graph.value_info[:]
+    onnx.save(sub, tail)
+    gathered = np.take_along_axis(got[stream_name], ref_idx[:, :, None], axis=1)
+    ref_out = ort_run(tail, {stream_name: gathered})
+
+    pruned = prunec.passes.FastV(keep=0.5, layer="2")(loaded("timm_vit", form))
+    np.testing.assert_array_equal(pruned.kept_indices(feeds)["fastv_l2"], ref_idx)
+    for a, b in zip(pruned.run(feeds), ref_out, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_still_quantized(path, pruned)
+
+
+def assert_still_quantized(path: str, pruned) -> None:
+    """Every quantization op and integer weight of the original is in the rewritten graph, and
+    prunec added no dequantized copy of a weight (no new float initializer bigger than 256)."""
+    from collections import Counter
+
+    orig = onnx.load(path)
+    new = pruned.proto()
+    count = lambda m: Counter(n.op_type for n in m.graph.node if n.op_type in QUANT_OPS)  # noqa: E731
+    before, after = count(orig), count(new)
+    assert before and all(after[k] >= v for k, v in before.items()), (before, after)
+    ints = {t.name: t.data_type for t in orig.graph.initializer if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
+    new_inits = {t.name: t for t in new.graph.initializer}
+    assert all(n in new_inits and new_inits[n].data_type == dt for n, dt in ints.items())
+    old_names = {t.name for t in orig.graph.initializer}
+    for t in new.graph.initializer:
+        if t.name not in old_names and t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            assert int(np.prod(t.dims)) <= 256, t.name

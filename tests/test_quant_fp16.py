@@ -64,7 +64,7 @@ class _Calibration:
 @lru_cache(maxsize=None)
 def form_file(name: str, form: str) -> str:
     """``name``'s TorchScript export (opset 17) turned into ``form``: dyn (quantize_dynamic),
-    qdq (quantize_static, QDQ), fp16 / fp16io (convert_float_to_float16 without / with
+    dynfused (dyn after ORT's extended optimizations: DynamicQuantizeMatMul), qdq (quantize_static, QDQ), fp16 / fp16io (convert_float_to_float16 without / with
     keep_io_types), bf16 (every float initializer and input as bfloat16)."""
     src = str(onnx_file(name, "torchscript17"))
     out = str(export_dir() / f"{name}.{form}.onnx")
@@ -79,6 +79,13 @@ def form_file(name: str, form: str) -> str:
             pass
         quantize_static(src, out, Reader(case(name)), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    elif form == "dynfused":  # ORT's own fusions of the dynamic-int8 graph, saved: DynamicQuantizeMatMul
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = out
+        ort.InferenceSession(form_file(name, "dyn"), so, providers=["CPUExecutionProvider"])
     elif form in ("fp16", "fp16io"):
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -496,3 +503,18 @@ def test_sequence_first_is_refused_naming_the_stream(form, tmp_path):
             p(model)
         msg = str(e.value)
         assert "\n" not in msg and "sequence-first" in msg and "[13, 2, 32]" in msg
+
+
+@pytest.mark.parametrize("pname,opts", [("fastv", dict(keep=0.5, layer="2")), ("tome", dict(r="3/0/0"))])
+def test_dynamic_quantize_matmul_graph(pname, opts):
+    """ORT fuses DynamicQuantizeLinear + MatMulInteger into com.microsoft.DynamicQuantizeMatMul
+    (and the last residual add into SkipLayerNormalization) when it saves its optimized graph:
+    the same tokens kept / merged as on the unfused graph (held to the ORT reference above), the
+    same outputs."""
+    feeds = feeds_for("timm_vit", "dyn")
+    fused = prunec.passes.get(pname)(**opts)(loaded("timm_vit", "dynfused"))
+    plain = prunec.passes.get(pname)(**opts)(loaded("timm_vit", "dyn"))
+    assert any(n.op_type == "DynamicQuantizeMatMul" for n in fused.model.graph)
+    a, b = fused.kept_indices(feeds), plain.kept_indices(feeds)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    np.testing.assert_allclose(fused.run(feeds)[0], plain.run(feeds)[0], rtol=1e-5, atol=1e-5)

@@ -455,3 +455,87 @@ def test_dynamic_quantize_matmul_graph(pname, opts):
     a, b = fused.kept_indices(feeds), plain.kept_indices(feeds)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     np.testing.assert_allclose(fused.run(feeds)[0], plain.run(feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+# -- fp16 from the exporter, bf16 ----------------------------------------------------------------
+
+def test_half_model_exported_by_dynamo():
+    """A torch model made .half() and exported by dynamo at opset 23 (fp16 from the start, fused
+    ONNX Attention: ToMe's log-size bias goes into its fp16 mask): FastV and ToMe keep the
+    tokens the fp16 converter's (eager) graph keeps, keep=1 is the identity."""
+    import copy
+
+    import zoo
+
+    c = case("timm_vit")
+    half = zoo.Case(c.name, copy.deepcopy(c.module).half(), {"x": c.inputs["x"].half()}, c.prefix, c.depth)
+    path = str(export_dir() / "timm_vit.half.dynamo23.onnx")
+    zoo.export_onnx(half, "dynamo23", path)
+    model, feeds = prunec.load(path), feeds_for("timm_vit", "fp16")
+    assert {s.kind for s in model.facts().sites} == {"fused"}
+    for pname in ("fastv", "tome"):
+        opts, identity, _ = vit_settings()[pname]
+        got = prunec.passes.get(pname)(**opts)(model)
+        want = prunec.passes.get(pname)(**opts)(loaded("timm_vit", "fp16"))
+        a, b = got.kept_indices(feeds), want.kept_indices(feeds)
+        assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a.values(), b.values()))
+        out = got.run(feeds)
+        assert out[0].dtype == np.float16
+        np.testing.assert_allclose(out[0].astype(np.float32), want.run(feeds)[0].astype(np.float32), atol=5e-3, rtol=0)
+        same = prunec.passes.get(pname)(**identity)(model)
+        np.testing.assert_allclose(same.run(feeds)[0].astype(np.float32), ort_run(path, feeds)[0].astype(np.float32),
+                                   atol=4 * np.finfo(np.float16).eps, rtol=4 * np.finfo(np.float16).eps)
+
+
+def test_bfloat16_graph_is_refused_in_one_line(tmp_path):
+    """ORT's CPU provider has no bfloat16 MatMul / Softmax kernels, so prunec cannot probe a
+    bfloat16 graph: a one-line refusal naming a bfloat16 value (when ORT runs it, this fails)."""
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.BFLOAT16, [8, 8], np.zeros(64, np.float32).tolist())
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["q"]), helper.make_node("Transpose", ["q"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "q"], ["a"]), helper.make_node("Add", ["x", "a"], ["y"])]
+    graph = helper.make_graph(nodes, "bf16", [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["b", 6, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["b", 6, 8])], [w])
+    path = tmp_path / "bf16.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(prunec.PruneError) as e:
+        prunec.passes.FastV(keep=0.5, layer="1")(prunec.load(path))
+    msg = str(e.value)
+    assert "\n" not in msg and "bfloat16" in msg and "'x'" in msg
+
+
+# -- sequence-first layouts ---------------------------------------------------------------------
+
+class SeqFirst(torch.nn.Module):
+    """torch.nn.TransformerEncoder without batch_first: x [N, B, C] -> CLS feature [B, C]."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=False)
+        self.enc = torch.nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 32))
+
+    def forward(self, x):
+        x = torch.cat([self.cls.expand(1, x.shape[1], 32), x], 0)
+        return self.enc(x)[0]
+
+
+@pytest.mark.parametrize("form", ["torch", "torchscript17"])
+def test_sequence_first_is_refused_naming_the_stream(form, tmp_path):
+    """Read as [B, N, C], a sequence-first stream would be pruned along its batch axis; prunec
+    refuses in one line naming the stream (torch path and ONNX)."""
+    m, x = SeqFirst().eval(), torch.randn(12, 2, 32)
+    if form == "torch":
+        model = prunec.load(m, (x,))
+    else:
+        path = tmp_path / "seqfirst.onnx"
+        torch.onnx.export(m, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"])
+        model = prunec.load(path)
+    for p in (prunec.passes.FastV(keep=0.5, layer="2"), prunec.passes.ToMe(r="2")):
+        with pytest.raises(prunec.PruneError) as e:
+            p(model)
+        msg = str(e.value)
+        assert "\n" not in msg and "sequence-first" in msg and "[13, 2, 32]" in msg

@@ -539,3 +539,19 @@ def test_sequence_first_is_refused_naming_the_stream(form, tmp_path):
             p(model)
         msg = str(e.value)
         assert "\n" not in msg and "sequence-first" in msg and "[13, 2, 32]" in msg
+
+
+def test_fp16_causal_mask_is_recognised():
+    """ORT's fp16 converter clamps a float32 min mask to fp16's lowest (-65504), far above
+    -1e30: the probe must still read it as a causal mask (decoders: span and query defaults)."""
+    from prunec.ir.graph import Value, record_value_facts
+
+    n = 6
+    for fill in (np.finfo(np.float16).min, -np.inf):
+        mask = np.where(np.triu(np.ones((n, n), bool), 1), fill, 0).astype(np.float16)[None, None]
+        v = Value("mask", mask.shape, "float16")
+        record_value_facts(v, mask)
+        assert v.facts["causal"] is True
+    v = Value("mask", (1, 1, n, n), "float16")
+    record_value_facts(v, np.zeros((1, 1, n, n), np.float16))
+    assert v.facts["causal"] is False

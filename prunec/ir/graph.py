@@ -134,7 +134,9 @@ def record_value_facts(v: Value, arr: np.ndarray) -> None:
         if (arr >= 0).all() and (arr <= 1).all() and not (arr == 0).all():
             masked = arr == 0
         else:
-            masked = (arr < -1e30) | np.isinf(arr)
+            # "minus infinity" of the type: -1e30 and below, or half of fp16's lowest (-65504 masks)
+            low = -1e30 if arr.dtype.itemsize >= 4 else float(np.finfo(arr.dtype).min) / 2
+            masked = (arr.astype(np.float32) < low) | np.isinf(arr)
     else:
         return
     v.facts["causal"] = bool(masked[..., upper].all()) and not bool(masked[..., ~upper].all())

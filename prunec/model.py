@@ -68,6 +68,10 @@ class OnnxModel(Model):
             except PruneError:
                 raise
             except Exception as e:  # noqa: BLE001
+                bf16 = _bfloat16_value(self.model)
+                if bf16 is not None:
+                    raise PruneError(f"'{bf16}' is bfloat16 and ONNX Runtime (CPU) cannot run this bfloat16 graph for "
+                                     f"the probe prunec needs; convert the model to float16 or float32") from None
                 raise PruneError(f"ONNX Runtime cannot run the model: {str(e).splitlines()[0]}") from None
             self._graph = from_onnx(self.model, probe, self.feeds)
         return self._graph
@@ -169,6 +173,16 @@ class OnnxModel(Model):
         from .backends.torch_ort import OrtModule
 
         return OrtModule(self)
+
+
+def _bfloat16_value(model) -> str | None:
+    """The name of a bfloat16 graph input or weight, if any."""
+    import onnx_ir as ir
+
+    for v in list(model.graph.inputs) + list(model.graph.initializers.values()):
+        if v.dtype == ir.DataType.BFLOAT16:
+            return v.name
+    return None
 
 
 class TorchModel(Model):

@@ -117,6 +117,17 @@ def graph_only_proto(model: ir.Model, so=None, as_inputs: bool = False, keepaliv
     return proto
 
 
+_LOW_FLOATS = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
+_NP_FLOATS = {"float16": np.float16, "float64": np.float64}
+
+
+def _same_dtype(value, dtype: str, node_name: str) -> None:
+    """Refuse to mix a prunec tensor of the stream's ``dtype`` into ``value`` of another float type."""
+    if value is not None and value.is_float and value.dtype != dtype:
+        raise PruneError(f"'{value.name}' at node '{node_name}' is {value.dtype} while the token stream is "
+                         f"{dtype}: prunec cannot combine token sizes with it")
+
+
 class _Builder:
     """Creates nodes inserted before a given node of the graph."""
 
@@ -169,6 +180,19 @@ class _Builder:
         ordered, _ = self.op("TopK", [as_float, self.ints([k], "k")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
         return self.op("Cast", [ordered], {"to": ir.DataType.INT64})
 
+    def as_f32(self, x: ir.Value, dtype: str) -> ir.Value:
+        """``x`` (a graph value of element type ``dtype``, as the probe saw it) in float32:
+        prunec scores and merges in float32 whatever the graph computes in."""
+        return x if dtype not in _LOW_FLOATS else self.op("Cast", [x], {"to": ir.DataType.FLOAT})
+
+    def as_dtype(self, x: ir.Value, dtype: str) -> ir.Value:
+        """A float32 value prunec computed, cast back to the graph's ``dtype``."""
+        return x if dtype not in _LOW_FLOATS else self.op("Cast", [x], {"to": _LOW_FLOATS[dtype]})
+
+    def scalar(self, value: float, dtype: str, name: str) -> ir.Value:
+        """A float scalar constant in the element type ``dtype`` of the values it meets."""
+        return self.const(np.array(value, _NP_FLOATS.get(dtype, np.float32)), name)
+
     @property
     def count(self) -> int:
         return next(self.counter)
@@ -208,8 +232,8 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
     [B, k] and a [B, ...] tensor to read the batch size from."""
     site = r.site
     if site.probs is not None:
-        probs = values[site.probs.name]
-        keys = b.op("Transpose", [values[site.k_t.name]], {"perm": [0, 3, 1, 2]})  # [B, N, H, D]
+        probs = b.as_f32(values[site.probs.name], site.probs.dtype)
+        keys = b.op("Transpose", [b.as_f32(values[site.k_t.name], site.k_t.dtype)], {"perm": [0, 3, 1, 2]})  # [B, N, H, D]
     else:
         probs = _attention_rows(b, site, values, "mean")
         k4, _ = site_tensor(b, site, values, "k")
@@ -249,7 +273,7 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
 
 
 def site_tensor(b: _Builder, site, values: dict[str, ir.Value], which: str) -> tuple[ir.Value, tuple]:
-    """q, k or v (``which``) of a fused or packed site as [B, H, N, D] with its shape, the input
+    """q, k or v (``which``) of a fused or packed site as float32 [B, H, N, D] with its shape, the input
     projection's bias included: ORT ``MultiHeadAttention`` adds its ``bias`` [3C] to 3-D q/k/v,
     ORT ``Attention`` projects its input [B, N, C] with the packed weight [C, 3C] and bias."""
     attrs = site.node.attrs
@@ -277,6 +301,7 @@ def site_tensor(b: _Builder, site, values: dict[str, ir.Value], which: str) -> t
                 lo = (0, c, 2 * c)[part]
                 x = b.op("Add", [x, b.slice(values[attrs["qkv_bias"].name], lo, lo + shape[-1], axis=0)])
     h = heads if which == "q" else kv_heads
+    x = b.as_f32(x, site.inp.dtype if site.kind == "packed" else v.dtype)
     x4 = _as_4d_heads(b, x, shape, h)
     shape4 = shape if len(shape) == 4 else (shape[0], h, shape[1], shape[2] // h)
     return x4, shape4
@@ -343,7 +368,7 @@ def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query) -> ir
     if site.node.attrs.get("attention_bias") is not None:
         masks.append((site.node.attrs["attention_bias"], False))
     for mask, _ in masks:
-        m = values[mask.name]
+        m = b.as_f32(values[mask.name], mask.dtype)
         if query != "mean" and mask.shape[-2] > 1:
             m = b.op("Gather", [m, b.const(np.array([int(query)], np.int64), "row")], {"axis": len(mask.shape) - 2})
         if mask.dtype == "bool":
@@ -361,11 +386,11 @@ def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query) -> ir
 
 def site_scores(b: _Builder, site, query, values: dict[str, ir.Value]) -> ir.Value:
     """Attention each token receives in ``site`` from ``query`` (a row index or "mean"), mean over
-    heads: [B, N]."""
+    heads: [B, N] float32 (whatever the graph's float type)."""
     if site.probs is not None:
         if len(site.probs.shape) != 4:
             raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
-        p = values[site.probs.name]
+        p = b.as_f32(values[site.probs.name], site.probs.dtype)
         if query == "mean":
             return b.reduce_mean(p, [1, 2])
         row = b.op("Gather", [p, b.const(np.array(int(query), np.int64), "row")], {"axis": 2})
@@ -383,7 +408,7 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value |
         idx.name = f"{cut.tag}/keep_idx"
         return idx
     if isinstance(r, Diverse):
-        top = _diverse(b, values[r.features.name], r)
+        top = _diverse(b, b.as_f32(values[r.features.name], r.features.dtype), r)
         batch_of = values[r.features.name]
     elif isinstance(r, PageRank):
         top, batch_of = _zero_tprune(b, r, values, cut.num_tokens)
@@ -516,10 +541,11 @@ def _kept_valid(b: _Builder, lengths: ir.Value, ends_starts: bool, idx: ir.Value
     return b.op("Cast", [valid], {"to": ir.DataType.INT32})
 
 
-def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: str) -> None:
-    """Add log(size) [B, 1, 1, M] to a site's logits: before its Softmax (eager) or into the
-    additive mask of an ONNX Attention node."""
+def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: str, dtype: str) -> None:
+    """Add log(size) [B, 1, 1, M] (in the stream's ``dtype``) to a site's logits: before its
+    Softmax (eager) or into the additive mask of an ONNX Attention node."""
     b = _Builder(graph, node, f"{tag}/bias", counter)
+    _same_dtype(site.logits if site.kind == "eager" else site.q, dtype, node.name)
     if site.kind == "eager":
         node.replace_input_with(0, b.op("Add", [node.inputs[0], bias]))
         return
@@ -539,7 +565,7 @@ def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: 
     if mask is None:
         new = bias
     elif site.mask is not None and site.mask.dtype == "bool":
-        additive = b.op("Where", [mask, b.floats(0.0, "zero"), b.floats(-np.inf, "ninf")], name=BIAS_TAG)
+        additive = b.op("Where", [mask, b.scalar(0.0, dtype, "zero"), b.scalar(-np.inf, dtype, "ninf")], name=BIAS_TAG)
         new = b.op("Add", [additive, bias], name=BIAS_TAG)
     else:
         new = b.op("Add", [mask, bias], name=BIAS_TAG)
@@ -561,10 +587,12 @@ def _recover(graph, cut, values, idx, dest, reduced, post_names, order, counter)
     axes2 = b.ints([2], "axes")
     if mode == "unmerge" and isinstance(r, GridPool):
         dest = b.batch_const([r.dest()], src, "dest")
-    if mode == "attn":
+    if mode == "attn":  # in float32, cast back to the stream's type
+        dt = cut.stream.dtype
         scale = b.floats(1.0 / math.sqrt(cut.stream.shape[-1]), "scale")
-        logits = b.op("Mul", [b.op("MatMul", [src, b.op("Transpose", [reduced], {"perm": [0, 2, 1]})]), scale])
-        full = b.op("MatMul", [b.op("Softmax", [logits], {"axis": -1}), entry])
+        keys = b.op("Transpose", [b.as_f32(reduced, dt)], {"perm": [0, 2, 1]})
+        logits = b.op("Mul", [b.op("MatMul", [b.as_f32(src, dt), keys]), scale])
+        full = b.as_dtype(b.op("MatMul", [b.op("Softmax", [logits], {"axis": -1}), b.as_f32(entry, dt)]), dt)
     elif mode == "unmerge" and dest is not None:
         m = cut.kept
         got = b.op("GatherND", [entry, b.op("Unsqueeze", [b.op("Min", [dest, b.ints(m - 1, "last")]), axes2])],
@@ -615,8 +643,10 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
             idx = _selection(b, cut, values)
         sizes = {}
         if cut.sizes_out:
-            if merged is not None:
-                size = merge_sizes(b, size_in, values[cut.stream.name], dest, cut.kept)
+            if merged is not None:  # sizes are kept in the stream's float type (integers: exact in fp16)
+                dt = cut.stream.dtype
+                size_f32 = b.as_f32(size_in, dt) if size_in is not None else None
+                size = b.as_dtype(merge_sizes(b, size_f32, b.as_f32(values[cut.stream.name], dt), dest, cut.kept), dt)
             else:
                 size = _gather(b, size_in, list(cut.size_in.shape), idx, 1, 0)
             size.name = f"{cut.tag}/{SIZE_TAG}"
@@ -686,10 +716,12 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
         if cut.recovery is not None:
             _recover(graph, cut, values, idx, dest, reduced, post_names, order, counter)
         for site in cut.bias_sites:
-            _add_bias(graph, nodes[site.node.ref.name], site, sizes[LOGSIZE_TAG], cut.kept, counter, cut.tag)
+            _add_bias(graph, nodes[site.node.ref.name], site, sizes[LOGSIZE_TAG], cut.kept, counter, cut.tag,
+                      cut.stream.dtype)
         for rw in cut.reweigh:
             node = nodes[rw.node.ref.name]
             wb = _Builder(graph, node, f"{cut.tag}/reweigh", counter)
+            _same_dtype(rw.node.inputs[0], cut.stream.dtype, node.name)
             node.replace_input_with(0, wb.op("Mul", [node.inputs[0], sizes[rw.role]], name=REWEIGH_TAG))
         for fix in cut.count_fixes:  # x.sum(1) / N -> / M, in the constant's dtype and shape
             node = nodes[fix.node.ref.name]

@@ -16,9 +16,9 @@ from .onnx import site_scores, site_tensor
 
 
 def site_keys(b, site, values) -> ir.Value:
-    """Keys averaged over heads: [B, N, D]."""
+    """Keys averaged over heads: [B, N, D] float32."""
     if site.probs is not None:  # eager: kᵀ [B, H, D, N]
-        return b.op("Transpose", [b.reduce_mean(values[site.k_t.name], [1])], {"perm": [0, 2, 1]})
+        return b.op("Transpose", [b.reduce_mean(b.as_f32(values[site.k_t.name], site.k_t.dtype), [1])], {"perm": [0, 2, 1]})
     return b.reduce_mean(site_tensor(b, site, values, "k")[0], [1])
 
 
@@ -132,7 +132,7 @@ def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n: int, dominant: in
 def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n: int, r: int, prefix: int, threshold: float):
     """PPT (as ``prunec.ops.merge.ppt_scores`` + ``ppt_assign``): dest [B, N], rep [B, N - r]."""
     if site.probs is not None:
-        v = values[site.v.name]
+        v = b.as_f32(values[site.v.name], site.v.dtype)
         axes = [1, 3] if len(site.v.shape) == 4 else [2]
     else:  # fused / packed: [B, H, N, D] with the projection's bias
         v, axes = site_tensor(b, site, values, "v")[0], [1, 3]
@@ -198,10 +198,14 @@ def merge_sizes(b, size: ir.Value | None, stream: ir.Value, dest: ir.Value, m: i
 
 
 def lower_merge(b, cut, values, size_in: ir.Value | None):
-    """The merged stream [B, M, C], dest [B, N] and rep [B, M] of a merge cut."""
+    """The merged stream [B, M, C] (in the stream's float type; merged in float32), dest [B, N]
+    and rep [B, M] of a merge cut."""
     r = cut.reduce
     n, m = cut.num_tokens, cut.kept
-    x = values[cut.stream.name]
+    dt = cut.stream.dtype
+    x = b.as_f32(values[cut.stream.name], dt)
+    if size_in is not None:
+        size_in = b.as_f32(size_in, cut.size_in.dtype)
     c = cut.stream.shape[-1]
     weight = None
     if isinstance(r, Bipartite):
@@ -218,7 +222,7 @@ def lower_merge(b, cut, values, size_in: ir.Value | None):
         weight = size_in
     else:
         raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
-    merged = merge(b, x, dest, weight, m, c, r.normalize)
+    merged = b.as_dtype(merge(b, x, dest, weight, m, c, r.normalize), dt)
     rep.name = f"{cut.tag}/keep_idx"
     dest.name = f"{cut.tag}/dest"
     return merged, dest, rep

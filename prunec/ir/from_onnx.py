@@ -22,6 +22,10 @@ _ELEMENTWISE = {
 }
 _RESHAPE = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 _REDUCE = {"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare"}
+# Quantization: (De)QuantizeLinear and DynamicQuantizeLinear pass their first input through
+# elementwise (scale / zero point are side operands); integer matmuls are matmuls on inputs 0, 1.
+_QUANT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+_INT_MATMUL = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
 _LAYERNORM = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
               "SkipSimplifiedLayerNormalization", "RMSNormalization"}
 # ORT contrib attention ops prunec cannot score or cut through (refused, naming the node)
@@ -42,7 +46,9 @@ def _normalize(node: ir.Node) -> tuple[str, dict]:
         return f"unknown:{node.domain}.{t}", attrs
     if t in _ELEMENTWISE:
         return "elementwise", attrs
-    if t == "MatMul":
+    if t in _QUANT:
+        return "elementwise", {**attrs, "quant": True}
+    if t == "MatMul" or t in _INT_MATMUL:
         return "matmul", attrs
     if t == "Gemm":
         return "gemm", attrs

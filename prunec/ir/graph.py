@@ -116,13 +116,16 @@ class Graph:
 
 def record_value_facts(v: Value, arr: np.ndarray) -> None:
     """Facts the analysis needs about a concrete array (any frontend): the content of small
-    integer tensors, and whether a square [.., N, N] tensor masks its upper triangle (causal).
+    integer tensors, whether a square [.., N, N] float tensor is finite, and whether it masks
+    its upper triangle (causal).
     Probabilities mask with 0, additive masks with -inf (or < -1e30), boolean masks with False."""
     if arr.dtype.kind in "iu" and arr.size <= 64:
         v.data = np.array(arr)
         return
     if arr.ndim < 2 or arr.shape[-1] != arr.shape[-2] or arr.shape[-1] < 2:
         return
+    if arr.dtype.kind == "f":
+        v.facts["finite"] = bool(np.isfinite(arr).all())  # attention probabilities: NaN/inf = unusable scores
     n = arr.shape[-1]
     upper = np.triu(np.ones((n, n), dtype=bool), 1)
     if arr.dtype == np.bool_:
@@ -131,7 +134,9 @@ def record_value_facts(v: Value, arr: np.ndarray) -> None:
         if (arr >= 0).all() and (arr <= 1).all() and not (arr == 0).all():
             masked = arr == 0
         else:
-            masked = (arr < -1e30) | np.isinf(arr)
+            # "minus infinity" of the type: -1e30 and below, or half of fp16's lowest (-65504 masks)
+            low = -1e30 if arr.dtype.itemsize >= 4 else float(np.finfo(arr.dtype).min) / 2
+            masked = (arr.astype(np.float32) < low) | np.isinf(arr)
     else:
         return
     v.facts["causal"] = bool(masked[..., upper].all()) and not bool(masked[..., ~upper].all())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role, skip_role
-from .base import RECOVER_MODES, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, Recovery, Reweigh, ShapeFix
+from .base import RECOVER_MODES, Bipartite, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, Recovery, Reweigh, ShapeFix
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -27,6 +27,18 @@ def _size_operand(node):
     return None
 
 
+def _check_scores_finite(reduce) -> None:
+    """A reduction scored on attention probabilities that were NaN or infinite in the probe run
+    (a QDQ-quantized float-min mask makes every row NaN, which the graph then zeroes) would rank
+    garbage: refuse. ToMe's matching reads keys only."""
+    site = getattr(reduce, "site", None) or getattr(getattr(reduce, "score", None), "site", None)
+    if site is None or site.probs is None or isinstance(reduce, Bipartite):
+        return
+    if site.probs.facts.get("finite") is False:
+        raise PruneError(f"attention probabilities '{site.probs.name}' are not finite (NaN/inf) in the probe run: "
+                         f"scores read from them would be meaningless")
+
+
 def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, recover="auto",
              recover_at: int | None = None) -> Cut:
     """A cut before ``layer`` (1..depth-1), or at the encoder output (``layer == depth``:
@@ -40,6 +52,7 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
     elif not 1 <= layer <= facts.depth:
         raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
                          f"(valid cuts: 1..{facts.depth - 1}, or {facts.depth} for the output)")
+    _check_scores_finite(reduce)
     g = facts.graph
     stream = facts.mid_stream(layer) if mid else facts.stream_at(layer)
     cls_layer = min(layer, facts.depth - 1)

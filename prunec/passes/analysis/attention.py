@@ -12,7 +12,9 @@
   GroupQueryAttention with in-op rotary / local window / softcap (implicit positions) and the
   ops prunec cannot score or cut (the packed-token / paged / sparse variants).
 * eager: ``q @ kᵀ -> [scale Mul/Div] -> [mask Add/Where] -> [Cast] -> softmax ->
-  [Cast/Dropout/Where] -> @ v``, in fx or ONNX.
+  [Cast/Dropout/Where] -> @ v``, in fx or ONNX; quantized graphs add Q/DQ pairs
+  (``QuantizeLinear -> DequantizeLinear``) anywhere on that chain, and integer matmuls
+  (``MatMulInteger``, ``DynamicQuantizeMatMul``) count as matmuls.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ class AttentionSite:
 
 
 def _walk_back_to_matmul(v: Value, mask_holder: list) -> Node | None:
-    for _ in range(8):
+    for _ in range(12):  # room for a Q/DQ pair after each op of a quantized graph
         p = v.producer
         if p is None:
             return None
@@ -64,6 +66,9 @@ def _walk_back_to_matmul(v: Value, mask_holder: list) -> Node | None:
             return p
         if p.op not in _PASS_THROUGH:
             return None
+        if p.attrs.get("quant"):  # QDQ: read through (De)QuantizeLinear to the float value
+            v = p.inputs[0]
+            continue
         # follow the operand that has the same shape as the output (the logits), note masks
         same = [x for x in p.inputs if x is not None and x.shape == v.shape and x.is_float and not x.is_param]
         others = [x for x in p.inputs if x is not None and x not in same and x.shape and len(x.shape) >= 2]
@@ -88,7 +93,7 @@ def _walk_forward_to_matmul(v: Value) -> tuple[Node, Value] | None:
     """From the probabilities forward through casts / dropout / no-ops (fx ``to(dtype)``,
     ``dropout(p=0)``) to the ``@ v`` matmul; users whose output nobody reads (fx
     ``_assert_tensor_metadata`` checks) are skipped."""
-    for _ in range(6):
+    for _ in range(10):
         if not v.uses:
             return None
         for user, idx in v.uses:

@@ -50,7 +50,8 @@ def axis_links(node: Node):
         return
     rank = len(out.shape)
     if op in ("elementwise", "softmax", "layernorm", "expand"):
-        srcs = ins if op == "elementwise" else ins[:2] if node.attrs.get("skip") else ins[:1]
+        srcs = (ins if op == "elementwise" and not node.attrs.get("quant")
+                else ins[:2] if node.attrs.get("skip") else ins[:1])
         dsts = [o for o in outs if o is not None and o.shape == out.shape] if node.attrs.get("skip") else [out]
         for v in srcs:
             if v is not None and v.shape is not None and len(v.shape) >= 1:

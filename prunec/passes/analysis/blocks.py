@@ -308,6 +308,8 @@ def analyze(graph: Graph) -> Facts:
                              f"'{s.node.name}'")
         streams.append(x)
     axes = AxisClasses(graph)
+    for s, x in zip(sites, streams):
+        _check_token_axis(axes, s, x)
     n = streams[0].shape[1]
     # Users of the final stream region (after the last block): the nodes after the last site's
     # residual add whose inputs are 3-D token tensors.
@@ -320,6 +322,29 @@ def analyze(graph: Graph) -> Facts:
     facts.side_inputs = _side_inputs(facts)
     facts.flops = [block_flops(facts, i) for i in range(len(sites))]
     return facts
+
+
+def _key_token_axis(site: AttentionSite) -> tuple[Value, int] | None:
+    """The axis of the tokens a site attends over: the probabilities' last axis (eager) or
+    the keys' sequence axis (fused: [B, H, N, D] or [B, N, H*D])."""
+    if site.probs is not None and site.probs.shape:
+        return site.probs, len(site.probs.shape) - 1
+    if site.k is not None and site.k.shape and len(site.k.shape) in (3, 4):
+        return site.k, len(site.k.shape) - 2
+    return None
+
+
+def _check_token_axis(axes: AxisClasses, site: AttentionSite, stream: Value) -> None:
+    """prunec reads the residual stream as [B, N, C]. A sequence-first stream [N, B, C]
+    (torch.nn.MultiheadAttention / TransformerEncoder without batch_first) carries the tokens the
+    attention mixes on axis 0: refuse it rather than prune along the batch."""
+    key = _key_token_axis(site)
+    if key is None or stream.shape is None or len(stream.shape) != 3:
+        return
+    if not axes.same((stream, 1), key) and axes.same((stream, 0), key):
+        raise PruneError(f"the residual stream '{stream.name}' {list(stream.shape)} is sequence-first ([N, B, C]: "
+                         f"attention '{site.node.name}' mixes its axis 0); prunec needs batch-first [B, N, C] "
+                         f"(export with batch_first=True)")
 
 
 def _side_inputs(facts: Facts) -> list[Value]:

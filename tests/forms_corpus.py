@@ -617,7 +617,8 @@ def random_graph(seed: int) -> Graph:
                          intermediate_size=2 * width, max_position_embeddings=64, attn_implementation=attn)
         m = BertModel(cfg, add_pooling_layer=rng.random() < 0.5).eval()
         n = rng.choice([12, 16])
-        c = zoo.Case(f"fuzz{seed}", m, zoo._bert_inputs(3, seed, n), prefix=1, depth=depth,
+        prefix = int(m.pooler is not None)  # without the pooler nothing reads [CLS]: the graph shows no prefix
+        c = zoo.Case(f"fuzz{seed}", m, zoo._bert_inputs(3, seed, n), prefix=prefix, depth=depth,
                      make_inputs=lambda b, s=1, n=n: zoo._bert_inputs(b, s, n))
         desc = f"bert depth={depth} width={width} heads={heads} n={n} attn={attn} pooler={m.pooler is not None}"
         return Graph(seed, c, form, desc + f" form={form}", "bert")
@@ -684,12 +685,13 @@ def random_spec(g: Graph, rng) -> Spec | None:
     so = {"span": c.span} if c.span else {}
     n = next(iter(c.inputs.values())).shape[-1] if g.family != "timm" else p + 16
     M = c.module
-    has_cls = g.family == "bert" or (g.family == "timm" and M.cls_token is not None)
+    has_cls = (g.family == "bert" and p == 1) or (g.family == "timm" and M.cls_token is not None)
+    registers = g.family == "timm" and p > int(has_cls)
     names = ["fastv", "divprune", "random"]
     if not c.causal:
-        names += ["zero-tprune", "tome", "tome"]
+        names += ["zero-tprune"] + ([] if registers else ["tome", "tome"])  # the ToMe reference protects CLS only
         if has_cls:
-            names += ["cls-attn", "evit", "ppt", "visionzip"]
+            names += ["cls-attn", "evit", "visionzip"] + ([] if registers else ["ppt"])
     if g.family == "timm":
         names += ["pool"]
     pname = rng.choice(names)

@@ -674,7 +674,11 @@ def _merge_ref(c, reductions: dict, prop_attn: bool, weighted: bool):
     if weighted:
         m = copy.deepcopy(m)
         m.pool = _weighted_pool(m, holder)
-    return lambda x: (reference_merge(m, x, {i: spy(r) for i, r in reductions.items()}, prop_attn=prop_attn)[0], None)
+
+    def run(x):
+        holder.clear()
+        return reference_merge(m, x, {i: spy(r) for i, r in reductions.items()}, prop_attn=prop_attn)[0], None
+    return run
 
 
 def random_spec(g: Graph, rng) -> Spec | None:

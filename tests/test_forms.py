@@ -100,3 +100,19 @@ def test_known_bug_and_refusal_tables_name_real_cells():
     for pattern, _ in KNOWN_BUGS + list(EXPECTED_REFUSALS.items()):
         for part, names in zip(pattern, (fc.MODELS, fc.FORMS, fc.PASSES)):
             assert part == "*" or all(p in names for p in part.split("|")), pattern
+
+
+SAME_OBJECT = "issue 12, silent wrong 5: a merge that merges nothing returns its input object (the CLI says 'wrote')"
+
+
+@pytest.mark.parametrize("pname", [pytest.param(p, marks=[pytest.mark.xfail(strict=True, reason=SAME_OBJECT)]
+                                                if p in ("tome", "evit", "ppt", "visionzip") else [])
+                                   for p in fc.PASSES])
+def test_zero_reduction_returns_a_new_model(pname):
+    """keep=1 / r=0 is the identity numerically (test_form), and still a new model, not the input."""
+    import prunec
+
+    x = fc.case("timm_vit").make_inputs(3, fc.SEED)
+    model = fc.load("timm_vit", "torchscript14", x)
+    same = prunec.passes.get(pname)(**fc.spec("timm_vit", pname, x).identity)(model)
+    assert same is not model

@@ -577,7 +577,7 @@ class Graph:
 
 def random_graph(seed: int) -> Graph:
     """A seeded random small transformer: timm ViT (CLS or not, 0–4 registers, token / avg /
-    no pooling, fused or eager attention, pre-norm or not), HF BERT with padding, or HF Llama
+    sum-divided-by-N / no pooling, fused or eager attention, pre-norm or not), HF BERT with padding, or HF Llama
     with GQA and padding; depth 2–4, width 32–64; in a random form."""
     import random
 
@@ -595,12 +595,14 @@ def random_graph(seed: int) -> Graph:
 
         cls = rng.random() < 0.7
         reg = rng.choice([0, 0, 1, 2, 4])
-        pool = rng.choice(["token", "avg", "none"] if cls else ["avg", "none"])
+        pool = rng.choice(["token", "avg", "sumdiv", "none"] if cls else ["avg", "sumdiv", "none"])
         pre_norm = rng.random() < 0.25
         m = VisionTransformer(img_size=32, patch_size=8, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=2,
-                              class_token=cls, reg_tokens=reg, global_pool="" if pool == "none" else pool,
+                              class_token=cls, reg_tokens=reg, global_pool={"none": "", "sumdiv": "avg"}.get(pool, pool),
                               num_classes=0 if pool == "none" else 10, pre_norm=pre_norm,
                               no_embed_class=reg > 0).eval()
+        if pool == "sumdiv":  # a token count written as a number: x.shape[1] exports as the constant N
+            m.pool = _sum_div_pool(m.num_prefix_tokens)
         for blk in m.blocks:
             blk.attn.fused_attn = fused
         prefix = int(cls) + reg
@@ -644,6 +646,12 @@ def random_graph(seed: int) -> Graph:
                  make_inputs=inputs)
     desc = f"llama depth={depth} width={width} heads={heads} kv={kv} padding={pad} attn={attn}"
     return Graph(seed, c, form, desc + f" form={form}", "llama")
+
+
+def _sum_div_pool(prefix):
+    def pool(x, pool_type=None):
+        return x[:, prefix:].sum(1) / (x.shape[1] - prefix)
+    return pool
 
 
 def _weighted_pool(model, holder):
@@ -731,7 +739,7 @@ def random_spec(g: Graph, rng) -> Spec | None:
     if pname == "pool":
         opts = dict(layer=str(layer), factor=2)
         return Spec(pname, opts, dict(opts, factor=1), lambda x: reference_run(M, x, layer, pool_choice(2, (4, 4), p)))
-    weighted = g.pool == "avg"
+    weighted = g.pool in ("avg", "sumdiv")  # a mean over tokens is size-weighted after a merge
     if pname == "tome":
         rs = [rng.randint(0, 4) for _ in range(d)]
         prop = rng.random() < 0.7

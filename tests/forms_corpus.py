@@ -323,6 +323,7 @@ class Outcome:
     status: str  # works | works* | refused | WRONG | crash | n/a (no reference, or the form cannot be built)
     detail: str = ""
     numbers: dict = field(default_factory=dict)
+    unavailable: bool = False  # n/a because the exporter / ORT tool cannot build the form
 
     def __str__(self):
         return f"{self.status}: {self.detail}" if self.detail else self.status
@@ -403,7 +404,7 @@ def check(name: str, form: str, pname: str, s: Spec | None = None, inputs: dict 
         stage = "numeric check"
         return _numeric(form, s, P, module, model, out, same, inputs, loader)
     except FormUnavailable as e:
-        return Outcome("n/a", str(e))
+        return Outcome("n/a", str(e), unavailable=True)
     except prunec.PruneError as e:
         msg = str(e)
         if "\n" in msg.strip() or not msg.strip():

@@ -601,8 +601,8 @@ def random_graph(seed: int) -> Graph:
         m = VisionTransformer(img_size=32, patch_size=8, embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=2,
                               class_token=cls, reg_tokens=reg, global_pool={"none": "", "sumdiv": "avg"}.get(pool, pool),
                               num_classes=0 if pool == "none" else 10, pre_norm=pre_norm,
-                              no_embed_class=reg > 0).eval()
-        if pool == "sumdiv":  # a token count written as a number: x.shape[1] exports as the constant N
+                              no_embed_class=reg > 0, fc_norm=False if pool == "sumdiv" else None).eval()
+        if pool == "sumdiv":  # (no LayerNorm after the pooling: it would hide a wrong divisor)  # a token count written as a number: x.shape[1] exports as the constant N
             m.pool = _sum_div_pool(m.num_prefix_tokens)
         for blk in m.blocks:
             blk.attn.fused_attn = fused

@@ -15,6 +15,14 @@ import zoo  # noqa: E402
 _EXPORT_DIR = None
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-n", type=int, default=None,
+                     help="test_fuzz.py: number of random graph x pass cases (default 200)")
+    parser.addoption("--forms-all", action="store_true", default=False,
+                     help="test_forms.py: every model x form x pass (slow) instead of the default subset; "
+                          "or set PRUNEC_FORMS_ALL=1")
+
+
 def export_dir() -> Path:
     global _EXPORT_DIR
     if _EXPORT_DIR is None:

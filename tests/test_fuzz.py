@@ -1,0 +1,98 @@
+"""Fuzz: seeded random small transformers (forms_corpus.random_graph: timm ViT with/without
+CLS, 0–4 registers, token/avg/no pooling, fused or eager attention, pre-norm or not; HF BERT
+with padding; HF Llama with GQA and padding; depth 2–4; exported by torch.export, dynamo
+opset 18 or TorchScript opsets 14/17, fp32 or fp16) × a random pass with random options.
+Each case must be correct by forms_corpus.check (identity at keep=1 / r=0, the plain-PyTorch
+reference on the unmodified model, batch rows) or a one-line refusal: never WRONG, never a
+crash. The test collects every case and fails listing the failure families with counts.
+
+Default: 200 cases over 13 graphs (exports reused; about 60 s of CPU on one thread);
+``--fuzz-n N`` runs N cases over max(12, N/15) graphs.
+``python tests/test_fuzz.py N`` prints the summary, refusal families included.
+"""
+from __future__ import annotations
+
+import random
+import re
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+import forms_corpus as fc  # noqa: E402
+
+DEFAULT_N = 200
+
+
+def family(outcome, spec, graph) -> str:
+    """A failure family: status, pass, model family and the message with numbers and names elided."""
+    detail = re.sub(r"'[^']*'", "'…'", outcome.detail)
+    detail = re.sub(r"[-+]?\d[\d.e+-]*", "#", detail)[:110]
+    fam = graph.family + (f"/{graph.pool}" if graph.pool else "")
+    return f"{outcome.status} {spec.name} on {fam}: {detail}"
+
+
+def run_fuzz(n: int, graphs_n: int | None = None, log=None):
+    """Returns [(case index, graph, spec, outcome)]."""
+    import torch
+
+    torch.set_num_threads(1)
+    graphs_n = graphs_n or max(12, n // 15)
+    graphs = {}
+    results = []
+    for i in range(n):
+        seed = i % graphs_n
+        if seed not in graphs:
+            graphs[seed] = fc.random_graph(seed)
+        g = graphs[seed]
+        rng = random.Random(10_000 + i)
+        s = fc.random_spec(g, rng)
+        if s is None:
+            continue
+        t = time.time()
+        o = fc.check(g.case.name, g.lossy_form, s.name, s=s, inputs=g.case.make_inputs(3, 100 + i), loader=g.loader,
+                     module=g.case.module)
+        results.append((i, g, s, o))
+        if log:
+            log(f"{i:4d} {o.status:8s} {time.time() - t:5.1f}s {s.name} {s.opts} | {g.desc} | {o.detail[:150]}")
+    return results
+
+
+def summary(results, statuses=("WRONG", "crash")) -> str:
+    fams = Counter(family(o, s, g) for _, g, s, o in results if o.status in statuses)
+    lines = [f"{c:4d}  {f}" for f, c in fams.most_common()]
+    examples = {}
+    for i, g, s, o in results:
+        if o.status in statuses:
+            examples.setdefault(family(o, s, g), f"case {i}: {s.name} {s.opts} on {g.desc}: {o.detail[:200]}")
+    return "\n".join(lines) + "\n\nfirst case of each family:\n" + "\n".join(examples.values())
+
+
+def test_fuzz(request):
+    n = request.config.getoption("--fuzz-n") or DEFAULT_N
+    results = run_fuzz(n)
+    counts = Counter(o.status for *_, o in results)
+    assert len(results) >= 0.9 * n, counts  # the draws give a reference to almost every case
+    assert counts["works"] >= n // 3, counts  # mostly real checks, not refusals
+    bad = sum(o.status in ("WRONG", "crash") for *_, o in results)
+    if bad:
+        pytest.fail(f"{bad} of {len(results)} cases wrong or crashing ({dict(counts)}):\n" + summary(results),
+                    pytrace=False)
+
+
+if __name__ == "__main__":
+    import logging
+    import warnings
+
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_N
+    t0 = time.time()
+    res = run_fuzz(n, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(dict(Counter(o.status for *_, o in res)), f"{time.time() - t0:.0f} s")
+    print("\nWRONG / crash families:\n" + summary(res))
+    print("\nrefusal families:\n" + summary(res, ("refused",)))

@@ -95,7 +95,8 @@ class OnnxModel(Model):
         return ir.serde.serialize_model(self.model)
 
     def validate(self) -> None:
-        """Full onnx.checker check and one ORT run on the probe inputs."""
+        """Full onnx.checker check and ORT runs on the probe inputs and, when the graph's batch is
+        dynamic, at batch sizes 1 and 3 (one session for all runs)."""
         import onnx
 
         from .backends.onnx import graph_only_proto
@@ -110,12 +111,31 @@ class OnnxModel(Model):
             onnx.checker.check_model(proto, full_check=True)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from None
-        try:
-            from .backends.onnx import make_session
+        from .backends.onnx import make_session
 
-            make_session(self.model, quick=True).run(None, self.feeds)
+        try:
+            sess = make_session(self.model, quick=True)
+            sess.run(None, self.feeds)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph does not run in ONNX Runtime: {str(e).splitlines()[0]}") from None
+        for batch in self._other_batches():  # a batch size baked in by the rewrite fails here, not at the user's
+            try:
+                sess.run(None, self._feeds_at(batch))
+            except Exception as e:  # noqa: BLE001
+                raise PruneError(f"rewritten graph does not run at batch size {batch} (the probe ran at "
+                                 f"{self.probe_batch}): {str(e).splitlines()[0]}") from None
+
+    def _other_batches(self) -> tuple[int, ...]:
+        """Batch sizes besides the probe's that :meth:`validate` also runs (1 and 3), when every
+        graph input's first dimension is dynamic; none for a graph with a static batch."""
+        inputs = list(self.model.graph.inputs)
+        if not inputs or any(v.shape is None or len(v.shape) == 0 or isinstance(v.shape[0], int) for v in inputs):
+            return ()
+        return tuple(b for b in (1, 3) if b != self.probe_batch)
+
+    def _feeds_at(self, batch: int) -> dict[str, np.ndarray]:
+        """The probe inputs at another batch size: rows repeated (cycled) from the probe's feeds."""
+        return {k: np.take(v, np.arange(batch) % v.shape[0], axis=0) if v.ndim else v for k, v in self.feeds.items()}
 
     def session(self, device: str = "cpu", threads: int | None = None):
         from .backends.onnx import make_session, providers

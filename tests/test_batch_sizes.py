@@ -72,3 +72,14 @@ def test_validation_of_a_static_batch_runs_the_probe_only():
     model = prunec.load(_tiny(2))
     assert model._other_batches() == ()
     model.validate()
+
+
+def test_torch_path_keeps_the_export_batch():
+    """torch.export here is static-shaped: the rewritten GraphModule, like the unmodified export,
+    refuses another batch size with the exporter's guard (never a wrong result)."""
+    base = load("timm_vit", "torch")
+    model = prunec.passes.get("tome")(r=2, recover="unmerge", recover_at=2)(base)
+    x = case("timm_vit").make_inputs(3, 5)["x"]
+    for m in (base, model):
+        with pytest.raises(AssertionError, match=r"Guard failed: x.size\(\)\[0\] == 2"):
+            m.run(x=x)

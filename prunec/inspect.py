@@ -6,7 +6,8 @@ from .passes.analysis.consumers import full_token_consumers
 from .passes.cut import plan_cut
 
 RECOVER_HINT = ("pooling them outside the graph weighs the remaining tokens wrongly; --recover unmerge (after a "
-                "merge) or --recover copy (after a selection) returns every token")
+                "merge) or --recover copy (after a selection) returns every token; --expose sizes,indices adds "
+                "each token's size and original position as outputs for your own pooling")
 
 
 def _rewritten_by_prunec(graph) -> bool:

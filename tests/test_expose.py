@@ -96,3 +96,33 @@ def test_expose_refusals():
     exposed = model.expose("indices")
     with pytest.raises(PruneError, match="apply every pass first"):
         prunec.passes.get("fastv")(keep=0.5, layer=2)(exposed)
+
+
+def test_cli_expose(tmp_path, capsys):
+    """`prunec --expose`: the written model has the extra outputs (dynamic batch kept), the output
+    line names them; without it the line offers the option; a bad value is one line, nothing written."""
+    import onnx
+
+    from conftest import onnx_file
+    from prunec.cli import main
+
+    src = onnx_file(NAME, "dynamo18")
+    out = tmp_path / "tome.onnx"
+    assert main([str(src), "--pass", "tome:r=0/0/3", "-o", str(tmp_path / "plain.onnx")]) == 0
+    assert "--expose sizes,indices" in capsys.readouterr().err
+    assert main([str(src), "--pass", "tome:r=0/0/3", "--expose", "sizes,indices", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    proto = onnx.load(str(out))
+    token = proto.graph.output[0].name
+    assert [o.name for o in proto.graph.output] == [token, f"{token}.sizes", f"{token}.kept_indices"]
+    assert f"'{token}.sizes'" in err and "--recover unmerge" not in err
+    x = case(NAME).make_inputs(3, 2)["x"].numpy()
+    tokens, sizes, idx = prunec.load(out).run({"x": x})
+    assert tokens.shape == (3, 14, 64) and sizes.shape == idx.shape == (3, 14)
+    np.testing.assert_array_equal(sizes.sum(1), [17, 17, 17])
+    bad = tmp_path / "bad.onnx"
+    assert main([str(src), "--pass", "tome:r=0/0/3", "--expose", "weights", "-o", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "--expose 'weights'" in err and err.count("\n") == 1 and not bad.exists()
+    assert main(["passes"]) == 0
+    assert "--expose sizes,indices" in capsys.readouterr().out

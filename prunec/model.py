@@ -60,7 +60,8 @@ class Model:
             raise PruneError(f"cannot expose '{','.join(bad)}': give sizes, indices or sizes,indices")
         self._check_not_exposed()
         if not self.cuts:
-            raise PruneError("nothing to expose: no pass reduced tokens in this model")
+            raise PruneError("nothing to expose: no pass reduced tokens in this model (expose in the run that "
+                             "applies the passes: --expose, Pipeline(..., expose=...))")
         outputs = reduced_token_outputs(self.facts())
         if not outputs:
             raise PruneError("nothing to expose: no graph output carries reduced tokens (a recovered or pooled "

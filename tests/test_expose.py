@@ -75,12 +75,18 @@ def test_fastv_sizes_are_ones_and_indices_the_kept_ones(form):
     np.testing.assert_array_equal(tokens, np.asarray(ref))  # the token output itself is unchanged
 
 
-def test_pool_sizes_are_window_sizes():
-    model = prunec.passes.get("pool")(factor=2, layer=1)(load(NAME, "dynamo18")).expose("sizes")
-    names = [v.name for v in model.model.graph.outputs]
-    assert len(names) == 2 and names[1].endswith(".sizes")
-    _, sizes = model.run({k: v.numpy() for k, v in case(NAME).inputs.items()})
-    np.testing.assert_array_equal(sizes[0], [1.0] + [4.0] * 4)  # CLS, then 2x2 windows of the 4x4 grid
+@pytest.mark.parametrize("form", ("torch", "dynamo18"))
+def test_pool_sizes_are_window_sizes(form):
+    model = prunec.passes.get("pool")(factor=2, layer=1)(load(NAME, form)).expose("sizes")
+    if form == "torch":
+        _, extra = model.run(**case(NAME).inputs)
+        assert list(extra) == ["sizes"]
+        sizes = extra["sizes"].numpy()
+    else:
+        names = [v.name for v in model.model.graph.outputs]
+        assert len(names) == 2 and names[1].endswith(".sizes")
+        _, sizes = model.run({k: v.numpy() for k, v in case(NAME).inputs.items()})
+    np.testing.assert_array_equal(sizes, [[1.0] + [4.0] * 4] * 2)  # CLS, then 2x2 windows of the 4x4 grid
 
 
 def test_expose_refusals():

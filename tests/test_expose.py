@@ -99,7 +99,8 @@ def test_expose_refusals():
     recovered = prunec.passes.get("tome")(r=2, recover="unmerge")(base)
     with pytest.raises(PruneError, match="no graph output carries reduced tokens"):
         recovered.expose()
-    exposed = model.expose("indices")
+    exposed = prunec.Pipeline([prunec.passes.get("tome")(r=2)], expose="indices")(base)
+    assert [v.name.split(".")[-1] for v in exposed.model.graph.outputs][1:] == ["kept_indices"]
     with pytest.raises(PruneError, match="apply every pass first"):
         prunec.passes.get("fastv")(keep=0.5, layer=2)(exposed)
 

@@ -299,8 +299,9 @@ def _warn_reduced_outputs(model, console) -> None:
         if model.exposed:  # EXPOSED: --expose name -> output suffix
             suffixes = [EXPOSED[w] for w in model.exposed]
             names = ", ".join(f"'{r['name']}.{s}'" for r in rows for s in suffixes)
-            hint = (f"outputs {names} give each token's size / original position: weigh your pooling by the sizes"
-                    if model.kind == "onnx" else f"the module returns (outputs, {{{', '.join(map(repr, suffixes))}}})")
+            where = (f"outputs {names}" if model.kind == "onnx"
+                     else f"the module returns (outputs, {{{', '.join(map(repr, suffixes))}}})")
+            hint = f"{where}: weigh your own pooling by the sizes" if "sizes" in model.exposed else where
         console.print(f"[yellow]note[/yellow]: token output {what} keeps {rows[0]['shape'][1]} of "
                       f"{rows[0]['tokens_in']} tokens{merged}; {hint}")
 

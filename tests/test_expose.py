@@ -123,6 +123,8 @@ def test_cli_expose(tmp_path, capsys):
     token = proto.graph.output[0].name
     assert [o.name for o in proto.graph.output] == [token, f"{token}.sizes", f"{token}.kept_indices"]
     assert f"'{token}.sizes'" in err and "--recover unmerge" not in err
+    assert main(["inspect", str(out)]) == 0
+    assert f"exposed:{token}.sizes,{token}.kept_indices" in "".join(capsys.readouterr().out.split())  # rich wraps
     x = case(NAME).make_inputs(3, 2)["x"].numpy()
     tokens, sizes, idx = prunec.load(out).run({"x": x})
     assert tokens.shape == (3, 14, 64) and sizes.shape == idx.shape == (3, 14)

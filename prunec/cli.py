@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   prunec vit.onnx --pass tome:r=8                    # merging: tome, evit, ppt, visionzip
   prunec seg.onnx --pass fastv --keep 0.5 --layer 2  # a grid decoder gets its tokens back (recovery)
   prunec bert.onnx --pass fastv --keep 0.5 --recover copy   # last_hidden_state stays [B, N, C]
+  prunec dinov2.onnx --pass tome:r=8 --expose sizes,indices  # + outputs O.sizes, O.kept_indices [B, M]
   prunec inspect vit.onnx
   prunec passes
   prunec bench vit.onnx --pass fastv --keep 0.25 --batch 8
@@ -216,10 +217,17 @@ def prune_main(argv: list[str]) -> int:
                                       "mixing), none, copy, unmerge or attn (also restores token outputs)")
     ap.add_argument("--recover-at", dest="recover_at", type=int, metavar="LAYER",
                     help="restore the full token count before this layer instead of at the output")
+    ap.add_argument("--expose", metavar="sizes,indices",
+                    help="after the passes, add outputs for each reduced token output O: O.sizes [B, M] (how many "
+                         "input tokens each token stands for, 1 for a pure selection) and/or O.kept_indices [B, M] "
+                         "(each token's input position; after a merge, its representative), for your own "
+                         "size-weighted pooling")
     ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
     ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..",
                     help="make dynamic input dims static, e.g. input_ids=?,128 (? keeps a dim dynamic)")
     args = ap.parse_args(argv)
+    if args.expose is not None and (not args.expose or set(args.expose.split(",")) - {"sizes", "indices"}):
+        raise PruneError(f"--expose '{args.expose}': give sizes, indices or sizes,indices")
     if not args.passes:
         ap.error("give at least one --pass (see `prunec passes`)")
     src = Path(args.model)
@@ -256,6 +264,9 @@ def prune_main(argv: list[str]) -> int:
             prev, model = model, p.apply(model)
             if not model.reduced_since(prev):
                 idle.append(p)
+        if args.expose:
+            status.update(f"exposing token {args.expose}")
+            model = model.expose(args.expose)
         status.update(f"writing {out}")
         model.save(out)
     dt = time.perf_counter() - t0
@@ -274,6 +285,7 @@ def prune_main(argv: list[str]) -> int:
 
 def _warn_reduced_outputs(model, console) -> None:
     """Name the token outputs that come out reduced, and what to do about it."""
+    from .backends.onnx import EXPOSED
     from .inspect import RECOVER_HINT, reduced_token_outputs
 
     try:
@@ -283,8 +295,15 @@ def _warn_reduced_outputs(model, console) -> None:
     if rows:
         what = ", ".join(f"'{r['name']}' {r['shape']}" for r in rows)
         merged = " (merged tokens, size-weighted)" if any(r["merged"] for r in rows) else ""
+        hint = RECOVER_HINT
+        if model.exposed:  # EXPOSED: --expose name -> output suffix
+            suffixes = [EXPOSED[w] for w in model.exposed]
+            names = ", ".join(f"'{r['name']}.{s}'" for r in rows for s in suffixes)
+            where = (f"outputs {names}" if model.kind == "onnx"
+                     else f"the module returns (outputs, {{{', '.join(map(repr, suffixes))}}})")
+            hint = f"{where}: weigh your own pooling by the sizes" if "sizes" in model.exposed else where
         console.print(f"[yellow]note[/yellow]: token output {what} keeps {rows[0]['shape'][1]} of "
-                      f"{rows[0]['tokens_in']} tokens{merged}; {RECOVER_HINT}")
+                      f"{rows[0]['tokens_in']} tokens{merged}; {hint}")
 
 
 def parse_shapes(specs: list[str] | None) -> dict:
@@ -360,6 +379,9 @@ def passes_main(argv: list[str]) -> int:
         for o in cls.options:
             t.add_row(o.name, o.type.__name__, repr(o.default), o.help)
         _console().print(t)
+    _console().print("after the passes, --expose sizes,indices adds outputs O.sizes [B, M] (how many input tokens "
+                     "each token stands for) and O.kept_indices [B, M] (each token's input position) for each "
+                     "reduced token output O, for your own size-weighted pooling", markup=False)
     return 0
 
 

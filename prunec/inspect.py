@@ -6,7 +6,8 @@ from .passes.analysis.consumers import full_token_consumers
 from .passes.cut import plan_cut
 
 RECOVER_HINT = ("pooling them outside the graph weighs the remaining tokens wrongly; --recover unmerge (after a "
-                "merge) or --recover copy (after a selection) returns every token")
+                "merge) or --recover copy (after a selection) returns every token; --expose sizes,indices adds "
+                "each token's size and original position as outputs for your own pooling")
 
 
 def _rewritten_by_prunec(graph) -> bool:
@@ -28,8 +29,10 @@ def reduced_token_outputs(facts) -> list[dict]:
         return []
     _, n, c = facts.streams[0].shape
     merged = any(size_role(v) == SIZE_TAG for v in g.values())
-    return [{"name": v.name, "shape": list(v.shape), "tokens_in": n, "merged": merged} for v in g.outputs
-            if v.shape is not None and len(v.shape) == 3 and v.shape[-1] == c and 1 <= v.shape[1] < n]
+    names = {v.name for v in g.outputs}
+    return [{"name": v.name, "shape": list(v.shape), "tokens_in": n, "merged": merged,
+             "exposed": [f"{v.name}.{s}" for s in ("sizes", "kept_indices") if f"{v.name}.{s}" in names]}
+            for v in g.outputs if v.shape is not None and len(v.shape) == 3 and v.shape[-1] == c and 1 <= v.shape[1] < n]
 
 
 def describe(model) -> dict:
@@ -100,5 +103,6 @@ def render(info: dict, console) -> None:
         console.print(c)
     for row in info.get("reduced_token_outputs") or []:
         console.print(f"[yellow]reduced token output[/yellow] {row['name']} {row['shape']}: {row['shape'][1]} of "
-                      f"{row['tokens_in']} tokens{' (merged: size-weighted)' if row['merged'] else ''}; {RECOVER_HINT}")
+                      f"{row['tokens_in']} tokens{' (merged: size-weighted)' if row['merged'] else ''}; "
+                      + (f"exposed: {', '.join(row['exposed'])} (--expose)" if row.get("exposed") else RECOVER_HINT))
     console.print(f"total block FLOPs: {info['total_gflops']:.4f} G")

@@ -24,10 +24,60 @@ class Model:
         self._facts = None
         self._graph = None
         self.cuts: tuple = ()  # (tag, tokens in, tokens out) of every cut prunec applied to reach this model
+        self.static_dests: dict = {}  # cut tag -> dest [N] of a pool cut (its windows are fixed)
+        self.exposed: tuple = ()  # what expose() added: "sizes", "indices"
 
     def reduced_since(self, other: "Model") -> bool:
         """Whether a cut made after ``other`` (this model's ancestor) removed tokens."""
         return any(n_out < n_in for _, n_in, n_out in self.cuts[len(other.cuts):])
+
+    def _after_cuts(self, out: "Model", plan) -> "Model":
+        """``out`` (lowered from ``plan`` on this model) with this model's cut records and the plan's."""
+        from .passes.base import GridPool
+
+        out.cuts = self.cuts + tuple((c.tag, c.num_tokens, c.kept) for c in plan.cuts)
+        out.static_dests = {**self.static_dests,
+                            **{c.tag: c.reduce.dest() for c in plan.cuts if isinstance(c.reduce, GridPool)}}
+        return out
+
+    def _check_not_exposed(self) -> None:
+        if self.exposed:
+            raise PruneError("this model already exposes token sizes/indices as outputs: apply every pass "
+                             "first, then expose")
+
+    def expose(self, what=("sizes", "indices")) -> "Model":
+        """A new model that also outputs, for its reduced token outputs ([B, M, C] after a cut
+        without recovery), the token sizes [B, M] (float32: how many input tokens each output token
+        stands for; 1 for a pure selection) and/or the kept indices [B, M] (int64: each output
+        token's input position; after a merge its representative), composed over every cut.
+        ONNX: graph outputs ``<output>.sizes`` / ``<output>.kept_indices``. Torch: the
+        GraphModule returns ``(outputs, {"sizes": ..., "kept_indices": ...})``. Apply it last."""
+        from .inspect import reduced_token_outputs
+
+        what = tuple(what.split(",")) if isinstance(what, str) else tuple(what)
+        bad = [w for w in what if w not in ("sizes", "indices")]
+        if bad or not what:
+            raise PruneError(f"cannot expose '{','.join(bad)}': give sizes, indices or sizes,indices")
+        self._check_not_exposed()
+        if not self.cuts:
+            raise PruneError("nothing to expose: no pass reduced tokens in this model (expose in the run that "
+                             "applies the passes: --expose, Pipeline(..., expose=...))")
+        outputs = reduced_token_outputs(self.facts())
+        if not outputs:
+            raise PruneError("nothing to expose: no graph output carries reduced tokens (a recovered or pooled "
+                             "output has every token's value; pool it as usual)")
+        steps = [(tag, n, m, self.static_dests.get(tag)) for tag, n, m in self.cuts]
+        for (tag, _, m, _), (nxt, n, _, _) in zip(steps, steps[1:]):
+            if n != m:
+                raise PruneError(f"cannot expose token sizes: cut '{nxt}' takes {n} tokens where cut '{tag}' "
+                                 f"left {m} (tokens recovered between them)")
+        for o in outputs:
+            if o["shape"][1] != steps[-1][2]:
+                raise PruneError(f"cannot expose token sizes for output '{o['name']}': it has {o['shape'][1]} "
+                                 f"tokens, the last cut left {steps[-1][2]}")
+        out = self._exposed([o["name"] for o in outputs], steps, list(what))
+        out.cuts, out.static_dests, out.exposed = self.cuts, self.static_dests, what
+        return out
 
     def copy(self) -> "Model":
         """A new model object with the same graph (weights shared): what a pass that reduces
@@ -79,14 +129,21 @@ class OnnxModel(Model):
     def lower(self, plan) -> "OnnxModel":
         from .backends.onnx import lower_onnx
 
+        self._check_not_exposed()
         out = OnnxModel(lower_onnx(self.model, plan), self.feeds, self.probe_batch)
         out.validate()
-        out.cuts = self.cuts + tuple((c.tag, c.num_tokens, c.kept) for c in plan.cuts)
+        return self._after_cuts(out, plan)
+
+    def _exposed(self, outputs: list[str], steps: list, what: list[str]) -> "OnnxModel":
+        from .backends.onnx import expose_onnx
+
+        out = OnnxModel(expose_onnx(self.model, steps, outputs, what), self.feeds, self.probe_batch)
+        out.validate()
         return out
 
     def copy(self) -> "OnnxModel":
         out = OnnxModel(self.model.clone(), self.feeds, self.probe_batch)
-        out.cuts = self.cuts
+        out.cuts, out.static_dests, out.exposed = self.cuts, self.static_dests, self.exposed
         return out
 
     def proto(self):
@@ -95,7 +152,8 @@ class OnnxModel(Model):
         return ir.serde.serialize_model(self.model)
 
     def validate(self) -> None:
-        """Full onnx.checker check and one ORT run on the probe inputs."""
+        """Full onnx.checker check and ORT runs on the probe inputs and, when the graph's batch is
+        dynamic, at batch sizes 1 and 3 (one session for all runs)."""
         import onnx
 
         from .backends.onnx import graph_only_proto
@@ -110,12 +168,31 @@ class OnnxModel(Model):
             onnx.checker.check_model(proto, full_check=True)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from None
-        try:
-            from .backends.onnx import make_session
+        from .backends.onnx import make_session
 
-            make_session(self.model, quick=True).run(None, self.feeds)
+        try:
+            sess = make_session(self.model, quick=True)
+            sess.run(None, self.feeds)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph does not run in ONNX Runtime: {str(e).splitlines()[0]}") from None
+        for batch in self._other_batches():  # a batch size baked in by the rewrite fails here, not at the user's
+            try:
+                sess.run(None, self._feeds_at(batch))
+            except Exception as e:  # noqa: BLE001
+                raise PruneError(f"rewritten graph does not run at batch size {batch} (the probe ran at "
+                                 f"{self.probe_batch}): {str(e).splitlines()[0]}") from None
+
+    def _other_batches(self) -> tuple[int, ...]:
+        """Batch sizes besides the probe's that :meth:`validate` also runs (1 and 3), when every
+        graph input's first dimension is dynamic; none for a graph with a static batch."""
+        inputs = list(self.model.graph.inputs)
+        if not inputs or any(v.shape is None or len(v.shape) == 0 or isinstance(v.shape[0], int) for v in inputs):
+            return ()
+        return tuple(b for b in (1, 3) if b != self.probe_batch)
+
+    def _feeds_at(self, batch: int) -> dict[str, np.ndarray]:
+        """The probe inputs at another batch size: rows repeated (cycled) from the probe's feeds."""
+        return {k: np.take(v, np.arange(batch) % v.shape[0], axis=0) if v.ndim else v for k, v in self.feeds.items()}
 
     def session(self, device: str = "cpu", threads: int | None = None):
         from .backends.onnx import make_session, providers
@@ -227,13 +304,20 @@ class TorchModel(Model):
     def lower(self, plan) -> "TorchModel":
         from .backends.fx import lower_fx
 
+        self._check_not_exposed()
         gm = lower_fx(self.gm, plan)
         out = TorchModel(gm, self.args, self.kwargs)
         try:
             out.run(*self.args, **self.kwargs)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten torch graph does not run: {str(e).splitlines()[0]}") from None
-        out.cuts = self.cuts + tuple((c.tag, c.num_tokens, c.kept) for c in plan.cuts)
+        return self._after_cuts(out, plan)
+
+    def _exposed(self, outputs: list[str], steps: list, what: list[str]) -> "TorchModel":
+        from .backends.fx import expose_fx
+
+        out = TorchModel(expose_fx(self.gm, steps, what), self.args, self.kwargs)
+        out.run(*self.args, **self.kwargs)
         return out
 
     def copy(self) -> "TorchModel":
@@ -241,7 +325,7 @@ class TorchModel(Model):
 
         shared = {id(t): t for t in [*self.gm.parameters(), *self.gm.buffers()]}  # weights shared, graph new
         out = TorchModel(copy.deepcopy(self.gm, shared), self.args, self.kwargs)
-        out.cuts = self.cuts
+        out.cuts, out.static_dests, out.exposed = self.cuts, self.static_dests, self.exposed
         return out
 
     def reexported(self) -> "TorchModel":
@@ -524,10 +608,11 @@ def _map_external(path: Path, name: str, t) -> None:
 class Pipeline:
     """Apply passes in order. Pure: ``Pipeline([...])(model)`` leaves ``model`` untouched."""
 
-    def __init__(self, passes):
+    def __init__(self, passes, expose=()):
         self.passes = list(passes)
+        self.expose = expose  # after the passes: Model.expose(what) ("sizes", "indices")
 
     def __call__(self, model: Model) -> Model:
         for p in self.passes:
             model = p.apply(model)
-        return model
+        return model.expose(self.expose) if self.expose else model

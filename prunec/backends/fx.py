@@ -203,8 +203,10 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
         with graph.inserting_before(first_post):
             if isinstance(cut.reduce, Merge):
                 merged, dest, idx = _merge(graph, by_name, cut, size_in)
+                dest._rename(f"{cut.tag}_dest")
             else:
                 idx = _selection(graph, by_name, cut)
+            idx._rename(f"{cut.tag}_keep_idx")  # found by name again by expose_fx
             sizes = (_size_state(graph, cut, size_in, by_name[cut.stream.ref.name], idx, dest)
                      if cut.sizes_out else None)
             for role in cut.size_roles():  # before the first post-cut node: every later use sees them
@@ -262,6 +264,39 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
                     size[j] = m
                 args[pos_arg] = size
                 node.args = tuple(args)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def expose_fx(gm: torch.fx.GraphModule, steps: list, what: list[str]) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (weights shared) returning ``(outputs, extras)``: its own outputs unchanged
+    and a dict with ``"sizes"`` [B, M] float32 and/or ``"kept_indices"`` [B, M] int64 of the tokens
+    the last cut left (as ``prunec.ops.tokens.compose_cuts``). ``steps``: every cut (tag, tokens
+    in N, tokens out M, static dest [N] or None), in order; a cut's kept indices and a merge's
+    dest are the nodes ``<tag>_keep_idx`` / ``<tag>_dest`` that :func:`lower_fx` named."""
+    import torch.utils._pytree as pytree
+
+    shared = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
+    gm = copy.deepcopy(gm, shared)
+    graph = gm.graph
+    nodes = {n.name: n for n in graph.nodes}
+    out = next(n for n in graph.nodes if n.op == "output")
+    args = []
+    for tag, n, m, static_dest in steps:
+        if f"{tag}_keep_idx" not in nodes:
+            raise PruneError(f"cannot expose token sizes: the kept indices of cut '{tag}' are not in the graph")
+        args.append((nodes[f"{tag}_keep_idx"], nodes.get(f"{tag}_dest", static_dest), n, m))
+    with graph.inserting_before(out):
+        res = graph.call_function(ops.tokens.compose_cuts, (args,))
+        made = {"sizes": graph.call_function(operator.getitem, (res, 0)),
+                "kept_indices": graph.call_function(operator.getitem, (res, 1))}
+    keys = [k for k in ("sizes", "kept_indices") if (k if k == "sizes" else "indices") in what]
+    info = graph._codegen.pytree_info
+    flat = list(out.args[0])
+    structure = pytree.tree_unflatten([0] * len(flat), info.out_spec)
+    out.args = (tuple(flat + [made[k] for k in keys]),)
+    graph._codegen.pytree_info = info._replace(out_spec=pytree.tree_structure((structure, {k: 0 for k in keys})))
     graph.lint()
     gm.recompile()
     return gm

@@ -755,3 +755,49 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
                 elif not o.is_graph_output():
                     o.shape = None
     return model
+
+
+EXPOSED = {"sizes": "sizes", "indices": "kept_indices"}  # --expose name -> output suffix
+
+
+def expose_onnx(model: ir.Model, steps: list, outputs: list[str], what: list[str]) -> ir.Model:
+    """A copy of ``model`` with extra graph outputs for each reduced token output ``o`` in
+    ``outputs``: ``o.sizes`` [B, M] float32 (how many input tokens each output token stands for:
+    1 for a pure selection) and ``o.kept_indices`` [B, M] int64 (each output token's position in
+    the input tokens: its representative after a merge), composed over ``steps``: every cut
+    (tag, tokens in N, tokens out M, static dest [N] or None), in order. A cut's kept indices are
+    its ``<tag>/keep_idx`` value, a merge's slots its ``<tag>/dest`` (or the static dest)."""
+    from .onnx_merge import scatter_sum
+
+    model = model.clone()
+    graph = model.graph
+    values = {o.name: o for n in graph for o in n.outputs}
+    b = _Builder(graph, None, "prunec_expose", itertools.count())
+    size = pos = None
+    for tag, n, m, static_dest in steps:
+        idx = values.get(f"{tag}/keep_idx")
+        if idx is None:
+            raise PruneError(f"cannot expose token sizes: the kept indices of cut '{tag}' are not in the graph")
+        if size is None:
+            size = b.batch_const(np.ones((1, n), np.float32), idx, "ones")
+            pos = b.batch_const(np.arange(n, dtype=np.int64)[None, :], idx, "positions")
+        dest = values.get(f"{tag}/dest")
+        if dest is None and static_dest is not None:
+            dest = b.batch_const(np.array([static_dest], np.int64), idx, "dest")
+        if dest is not None:  # a merge: sizes summed into the output slots
+            size = b.op("Squeeze", [scatter_sum(b, b.op("Unsqueeze", [size, b.ints([2], "axes")]), dest, m, 1),
+                                    b.ints([2], "axes")])
+        else:
+            size = b.op("GatherElements", [size, idx], {"axis": 1})
+        pos = b.op("GatherElements", [pos, idx], {"axis": 1})
+    made = {"sizes": size, "indices": pos}
+    by_name = {v.name: v for v in graph.outputs}
+    for name in outputs:
+        dims = by_name[name].shape
+        for w in what:
+            y = b.op("Identity", [made[w]])
+            y.name = f"{name}.{EXPOSED[w]}"
+            y.type = ir.TensorType(ir.DataType.FLOAT if w == "sizes" else ir.DataType.INT64)
+            y.shape = ir.Shape([dims[0], steps[-1][2]]) if dims is not None else None
+            graph.outputs.append(y)
+    return model

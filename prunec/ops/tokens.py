@@ -233,3 +233,25 @@ def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_sta
     idx = _with_fixed(top, span_start, span_end, n)
     _record(tag, idx)
     return idx
+
+
+def compose_cuts(steps: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sizes and positions after a chain of cuts, for users who pool the reduced tokens
+    themselves. ``steps``: per cut, in order, (kept indices [B, M], dest [B, N] or a static dest
+    list [N] for a merge or pool, else None, N, M). Returns sizes [B, M] float32 (how many input
+    tokens each output token stands for) and kept indices [B, M] int64 (each output token's input
+    position: its representative after a merge)."""
+    size = pos = None
+    for idx, dest, n, m in steps:
+        b = idx.shape[0]
+        if size is None:
+            size = torch.ones(b, n, dtype=torch.float32, device=idx.device)
+            pos = torch.arange(n, device=idx.device).expand(b, n)
+        if dest is not None:
+            if not isinstance(dest, torch.Tensor):
+                dest = torch.tensor(dest, device=idx.device).expand(b, n)
+            size = torch.zeros(b, m + 1, dtype=size.dtype, device=size.device).scatter_add(1, dest, size)[:, :m]
+        else:
+            size = size.gather(1, idx)
+        pos = pos.gather(1, idx)
+    return size, pos

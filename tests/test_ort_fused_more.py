@@ -1,0 +1,132 @@
+"""More graph forms from ``onnxruntime.transformers.optimizer``: a speech encoder (HF Whisper's
+encoder: conv front-end halving the frames, fixed sinusoidal positions, no CLS) exported by
+TorchScript and dynamo, as exported and through the optimizer's "bart" fusions (which is what
+ORT uses for Whisper encoders) at opt levels 1 and 2: SkipLayerNormalization residual stream,
+BiasGelu, and (TorchScript export of eager attention) packed ``com.microsoft.Attention``.
+FastV (query = mean over rows) and ToMe (prefix 0) are held to the plain-PyTorch references on
+the unmodified torch encoder: same kept indices, allclose outputs; identity at keep=1."""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from functools import lru_cache
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import prunec
+from conftest import export_dir
+from fastv_reference import fastv_reference
+from merge_reference import reference_merge, tome_reduce
+
+HEADS, WIDTH, DEPTH, FRAMES = 4, 64, 3, 24  # 24 mel frames -> 12 tokens after the stride-2 conv
+
+
+@lru_cache(maxsize=None)
+def whisper_encoder():
+    from transformers import WhisperConfig, WhisperModel
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(vocab_size=100, num_mel_bins=16, d_model=WIDTH, encoder_layers=DEPTH,
+                        encoder_attention_heads=HEADS, decoder_layers=1, decoder_attention_heads=HEADS,
+                        encoder_ffn_dim=128, decoder_ffn_dim=128, max_source_positions=FRAMES // 2,
+                        max_target_positions=16, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+                        decoder_start_token_id=2)
+    return WhisperModel(cfg).get_encoder().eval()
+
+
+def features(batch, seed=0):
+    return torch.randn(batch, 16, FRAMES, generator=torch.Generator().manual_seed(seed))
+
+
+class _Hidden(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_features):
+        return self.encoder(input_features=input_features).last_hidden_state
+
+
+@lru_cache(maxsize=None)
+def exported(exporter: str, attention: str) -> str:
+    """The encoder ([B, 16, 24] -> last_hidden_state [B, 12, 64]) exported by ``exporter``
+    ("torchscript17" | "dynamo18") with HF attention ``attention`` ("sdpa" | "eager")."""
+    enc = whisper_encoder()
+    saved = enc.config._attn_implementation
+    path = export_dir() / f"whisper_enc.{attention}.{exporter}.onnx"
+    x = features(2)
+    try:
+        for mod in enc.modules():
+            if hasattr(mod, "config"):
+                mod.config._attn_implementation = attention
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if exporter == "torchscript17":
+                torch.onnx.export(_Hidden(enc), (x,), str(path), dynamo=False, opset_version=17,
+                                  input_names=["input_features"], dynamic_axes={"input_features": {0: "batch"}})
+            else:
+                torch.onnx.export(_Hidden(enc), (x,), str(path), dynamo=True, opset_version=18, external_data=False,
+                                  input_names=["input_features"], verbose=False,
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    finally:
+        for mod in enc.modules():
+            if hasattr(mod, "config"):
+                mod.config._attn_implementation = saved
+    return str(path)
+
+
+@lru_cache(maxsize=None)
+def optimized(exporter: str, attention: str, level: int) -> str:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    out = export_dir() / f"whisper_enc.{attention}.{exporter}.o{level}.onnx"
+    optimize_model(exported(exporter, attention), model_type="bart", num_heads=HEADS, hidden_size=WIDTH,
+                   opt_level=level, use_gpu=False,
+                   optimization_options=FusionOptions("bart")).save_model_to_file(str(out))
+    return str(out)
+
+
+def ops_of(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def check_fastv_tome(path):
+    enc = whisper_encoder()
+    model = prunec.load(path)
+    assert not model.facts().causal
+    for batch, seed in ((2, 0), (3, 5)):
+        x = features(batch, seed)
+        feeds = {"input_features": x.numpy()}
+        pruned = prunec.passes.FastV(keep=0.5, layer=2, query="mean")(model)
+        ref, ref_idx = fastv_reference(enc, {"input_features": x}, keep=0.5, layer=2, query="mean")
+        np.testing.assert_array_equal(pruned.kept_indices(feeds)["fastv_l2"], ref_idx.numpy())
+        np.testing.assert_allclose(pruned.run(feeds)[0], ref.last_hidden_state.numpy(), rtol=1e-4, atol=1e-4)
+    x = features(2)
+    feeds = {"input_features": x.numpy()}
+    same = prunec.passes.FastV(keep=1.0, layer=2, query="mean")(model)  # identity at keep=1
+    np.testing.assert_allclose(same.run(feeds)[0], model.run(feeds)[0], rtol=1e-5, atol=1e-6)
+    merged = prunec.passes.ToMe(r="2")(model)
+    ref, _ = reference_merge(enc, {"input_features": x}, {i: tome_reduce(2, 0) for i in range(DEPTH)}, prop_attn=True)
+    out = merged.run(feeds)[0]
+    assert out.shape == (2, 12 - 2 * DEPTH, WIDTH)
+    np.testing.assert_allclose(out, ref.last_hidden_state.numpy(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript17", "dynamo18"])
+def test_whisper_encoder_export(exporter):
+    """The un-optimized export: the conv front-end and the sinusoidal positions sit before the cut."""
+    check_fastv_tome(exported(exporter, "sdpa"))
+
+
+@pytest.mark.parametrize("exporter,attention,level,fused", [
+    ("torchscript17", "eager", 1, "Attention"), ("torchscript17", "eager", 2, "Attention"),
+    ("dynamo18", "sdpa", 2, "Softmax")], ids=["ts17-packed-o1", "ts17-packed-o2", "dynamo18-o2"])
+def test_whisper_encoder_ort_optimized(exporter, attention, level, fused):
+    path = optimized(exporter, attention, level)
+    ops = ops_of(path)
+    assert ops["SkipLayerNormalization"] == 2 * DEPTH and ops["BiasGelu"] == DEPTH and ops[fused] == DEPTH, ops
+    check_fastv_tome(path)

@@ -130,3 +130,128 @@ def test_whisper_encoder_ort_optimized(exporter, attention, level, fused):
     ops = ops_of(path)
     assert ops["SkipLayerNormalization"] == 2 * DEPTH and ops["BiasGelu"] == DEPTH and ops[fused] == DEPTH, ops
     check_fastv_tome(path)
+
+
+# -- GPT-2 through the optimizer's "gpt2" fusions -------------------------------------------------
+# Exported with an attention_mask input: without one, transformers 5 builds a packed-sequence mask
+# with aten::diff, which the TorchScript exporter cannot convert. ORT's gpt2 optimizer (1.31) fuses
+# SkipLayerNormalization and FastGelu but no attention (HF 5's mask form is not its pattern); on the
+# dynamo export it crashes (onnx_model_gpt2.py postprocess: IndexError on a Gemm without bias).
+
+GPT2_N = 16
+
+
+@lru_cache(maxsize=None)
+def gpt2(attention: str):
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=100, n_positions=32, n_embd=WIDTH, n_layer=DEPTH, n_head=HEADS,
+                     attn_implementation=attention)
+    return GPT2Model(cfg).eval()
+
+
+def gpt2_inputs(batch, seed=0):
+    ids = torch.randint(0, 100, (batch, GPT2_N), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+class _Gpt2Hidden(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Gpt2Reference(torch.nn.Module):
+    """The unmodified GPT2Model, its output read at ``ln_f`` (GPT2Model then views the hidden
+    states back to the input's [B, N, C], which a cut inside the model cannot pass)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.h, self.config = model, model.h, model.config
+
+    def forward(self, **inputs):
+        out = {}
+
+        def hook(module, args, output):
+            out["y"] = output
+            raise _Stop
+
+        handle = self.model.ln_f.register_forward_hook(hook)
+        try:
+            self.model(**inputs, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        return out["y"]
+
+
+@lru_cache(maxsize=None)
+def gpt2_file(attention: str, opset: int, level: int = 0) -> str:
+    """GPT-2 ([B, 16] ids and mask -> last_hidden_state [B, 16, 64]) by TorchScript at ``opset``,
+    then (``level`` > 0) through ``optimize_model(model_type="gpt2")``."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    src = export_dir() / f"gpt2.{attention}.ts{opset}.onnx"
+    if not src.exists():
+        inputs = gpt2_inputs(2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_Gpt2Hidden(gpt2(attention)), tuple(inputs.values()), str(src), dynamo=False,
+                              opset_version=opset, input_names=list(inputs),
+                              dynamic_axes={k: {0: "batch"} for k in inputs})
+    if not level:
+        return str(src)
+    out = export_dir() / f"gpt2.{attention}.ts{opset}.o{level}.onnx"
+    optimize_model(str(src), model_type="gpt2", num_heads=HEADS, hidden_size=WIDTH, opt_level=level, use_gpu=False,
+                   optimization_options=FusionOptions("gpt2")).save_model_to_file(str(out))
+    return str(out)
+
+
+def check_gpt2_fastv(path, attention, keep=0.5):
+    """FastV with the default span (a decoder keeps its first and last token; query: the last) at
+    batch 2 and 3 against the reference on the unmodified model; identity at keep=1."""
+    reference = _Gpt2Reference(gpt2(attention))
+    model = prunec.load(path)
+    assert model.facts().causal
+    pruned = prunec.passes.FastV(keep=keep, layer=2)(model)
+    for batch, seed in ((2, 0), (3, 4)):
+        inputs = gpt2_inputs(batch, seed)
+        feeds = {k: v.numpy() for k, v in inputs.items()}
+        ref, ref_idx = fastv_reference(reference, inputs, keep=keep, layer=2, query="last", causal=True)
+        got_idx = pruned.kept_indices(feeds)["fastv_l2"]
+        np.testing.assert_array_equal(got_idx, ref_idx.numpy())
+        assert (got_idx[:, 0] == 0).all() and (got_idx[:, -1] == GPT2_N - 1).all()
+        np.testing.assert_allclose(pruned.run(feeds)[0], ref.numpy(), rtol=1e-4, atol=1e-4)
+    feeds = {k: v.numpy() for k, v in gpt2_inputs(2).items()}
+    same = prunec.passes.FastV(keep=1.0, layer=2)(model)
+    np.testing.assert_allclose(same.run(feeds)[0], model.run(feeds)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention,level", [("eager", 1), ("eager", 2), ("sdpa", 2)])
+def test_gpt2_ort_optimized_fastv(attention, level):
+    path = gpt2_file(attention, 17, level)
+    ops = ops_of(path)
+    assert ops["SkipLayerNormalization"] == 2 * DEPTH and ops["FastGelu"] == DEPTH, ops
+    check_gpt2_fastv(path, attention)
+    check_gpt2_fastv(path, attention, keep=6 / 14)  # 8 kept: 2·8·C values also fit the uncut [-1, 16, C]
+
+
+@pytest.mark.parametrize("opset,level", [(17, 0), (14, 1)], ids=["ts17-unoptimized", "ts14-o1"])
+def test_gpt2_other_forms_work_or_refuse(opset, level):
+    """Forms prunec may refuse (the un-optimized export's causal mask [B, 1, N, N]; ORT's
+    LayerNormalization written into an opset-14 graph): a one-line refusal, else the reference."""
+    path = gpt2_file("eager", opset, level)
+    try:
+        check_gpt2_fastv(path, "eager")
+    except prunec.PruneError as e:
+        assert "\n" not in str(e)

@@ -255,3 +255,30 @@ def test_gpt2_other_forms_work_or_refuse(opset, level):
         check_gpt2_fastv(path, "eager")
     except prunec.PruneError as e:
         assert "\n" not in str(e)
+
+
+# -- opset 14: a pre-norm SkipLayerNormalization is split without LayerNormalization ---------------
+# Before, it was left fused below opset 17, and a cut at its sum output left the next attention
+# reading the norm of the *uncut* stream (FastV silently wrong). Only onnx.checker hid it, by
+# rejecting the LayerNormalization ORT's optimizer itself writes into opset-14 graphs (ORT runs it):
+# validation is told to accept that op here, as it accepts ORT's SimplifiedLayerNormalization.
+
+@pytest.fixture
+def ort_layernorm_below_17(monkeypatch):
+    import prunec.model
+
+    monkeypatch.setattr(prunec.model, "_ORT_ONNX_DOMAIN_OPS",
+                        prunec.model._ORT_ONNX_DOMAIN_OPS | {"LayerNormalization"})
+
+
+def test_opset14_prenorm_skip_layernorm(ort_layernorm_below_17):
+    from test_ort_fused import check_fastv, check_tome
+    from test_ort_fused import optimized as optimized_vit
+
+    path = gpt2_file("eager", 14, 1)
+    assert onnx.load(path).opset_import[0].version == 14 and ops_of(path)["SkipLayerNormalization"] == 2 * DEPTH
+    check_gpt2_fastv(path, "eager")
+    path = optimized_vit("timm_vit", "torchscript14", 1)
+    assert ops_of(path)["SkipLayerNormalization"] == 2 * DEPTH
+    check_fastv(path, "timm_vit")
+    check_tome(path, "timm_vit")

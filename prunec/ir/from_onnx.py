@@ -278,7 +278,7 @@ def unfuse_skip_norms(model: ir.Model) -> None:
     output (output 3: input + skip [+ bias], [B, N, C]) is read — a pre-norm residual stream —
     into ``Add`` (+ ``Add`` bias) and ``LayerNormalization`` (or RMS norm in standard ops), so the
     stream and the normalized branch are separate tensors (ORT fuses them back when it builds a
-    session). Needs opset >= 17 for LayerNormalization; others are left fused."""
+    session). Before opset 17 the norm is written in standard ops (no LayerNormalization)."""
     graph = model.graph
     opset = graph.opset_imports.get("", 0)
     for node in list(graph):
@@ -291,8 +291,6 @@ def unfuse_skip_norms(model: ir.Model) -> None:
         if any(o.uses() or o.is_graph_output() for o in outs[1:3]):
             continue
         simplified = node.op_type == "SkipSimplifiedLayerNormalization"
-        if not simplified and opset < 17:
-            continue
         ins = list(node.inputs) + [None] * 5
         eps = node.attributes.get("epsilon")
         attrs = {"axis": -1, "epsilon": float(eps.value) if eps is not None else 1e-12}  # the Skip ops' default
@@ -301,26 +299,36 @@ def unfuse_skip_norms(model: ir.Model) -> None:
         if bias is not None:
             new.append(ir.Node("", "Add", [new[-1].outputs[0], bias], name=f"{node.name}/add_bias"))
         total = new[-1].outputs[0]
-        if simplified:  # SimplifiedLayerNormalization is not an ONNX op: x / sqrt(mean(x²) + eps) · gamma
-            new.append(ir.Node("", "Mul", [total, total], name=f"{node.name}/square"))
+        if simplified or opset < 17:  # in standard ops: SimplifiedLayerNormalization is not an ONNX op, and
+            # LayerNormalization only from opset 17 (ORT's optimizer writes it into older graphs all the same)
             axes = ir.Value(name=f"{node.name}/axes", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
                             const_value=ir.tensor(np.array([-1], np.int64), name=f"{node.name}/axes"))
             eps_v = ir.Value(name=f"{node.name}/eps", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
                              const_value=ir.tensor(np.array(attrs["epsilon"], np.float32), name=f"{node.name}/eps"))
             graph.register_initializer(axes)
             graph.register_initializer(eps_v)
-            if opset >= 18:
-                mean = ir.Node("", "ReduceMean", [new[-1].outputs[0], axes], attributes=[
-                    ir.convenience.convert_attribute("keepdims", 1)], name=f"{node.name}/mean")
-            else:
-                mean = ir.Node("", "ReduceMean", [new[-1].outputs[0]], attributes=[
-                    ir.convenience.convert_attribute("axes", [-1]),
-                    ir.convenience.convert_attribute("keepdims", 1)], name=f"{node.name}/mean")
-            new.append(mean)
-            new.append(ir.Node("", "Add", [mean.outputs[0], eps_v], name=f"{node.name}/add_eps"))
+
+            def mean_of(x, what):  # x [B, N, C] -> its mean over C [B, N, 1]
+                if opset >= 18:
+                    return ir.Node("", "ReduceMean", [x, axes], attributes=[
+                        ir.convenience.convert_attribute("keepdims", 1)], name=f"{node.name}/{what}")
+                return ir.Node("", "ReduceMean", [x], attributes=[ir.convenience.convert_attribute("axes", [-1]),
+                               ir.convenience.convert_attribute("keepdims", 1)], name=f"{node.name}/{what}")
+            centred = total
+            if not simplified:  # LayerNorm: (x - mean) / sqrt(var + eps) · gamma + beta
+                new.append(mean_of(total, "mean_x"))
+                new.append(ir.Node("", "Sub", [total, new[-1].outputs[0]], name=f"{node.name}/centred"))
+                centred = new[-1].outputs[0]
+            # RMS norm: x / sqrt(mean(x²) + eps) · gamma
+            new.append(ir.Node("", "Mul", [centred, centred], name=f"{node.name}/square"))
+            new.append(mean_of(new[-1].outputs[0], "mean"))
+            new.append(ir.Node("", "Add", [new[-1].outputs[0], eps_v], name=f"{node.name}/add_eps"))
             new.append(ir.Node("", "Sqrt", [new[-1].outputs[0]], name=f"{node.name}/rms"))
-            new.append(ir.Node("", "Div", [total, new[-1].outputs[0]], name=f"{node.name}/scaled"))
+            new.append(ir.Node("", "Div", [centred, new[-1].outputs[0]], name=f"{node.name}/scaled"))
             norm = ir.Node("", "Mul", [new[-1].outputs[0], ins[2]], name=f"{node.name}/norm")
+            if not simplified and ins[3] is not None:
+                new.append(norm)
+                norm = ir.Node("", "Add", [norm.outputs[0], ins[3]], name=f"{node.name}/norm_bias")
         else:
             norm_ins = [total, ins[2]] + ([ins[3]] if ins[3] is not None else [])
             norm = ir.Node("", "LayerNormalization", norm_ins, attributes=[

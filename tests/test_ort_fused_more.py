@@ -246,39 +246,34 @@ def test_gpt2_ort_optimized_fastv(attention, level):
     check_gpt2_fastv(path, attention, keep=6 / 14)  # 8 kept: 2·8·C values also fit the uncut [-1, 16, C]
 
 
-@pytest.mark.parametrize("opset,level", [(17, 0), (14, 1)], ids=["ts17-unoptimized", "ts14-o1"])
-def test_gpt2_other_forms_work_or_refuse(opset, level):
-    """Forms prunec may refuse (the un-optimized export's causal mask [B, 1, N, N]; ORT's
-    LayerNormalization written into an opset-14 graph): a one-line refusal, else the reference."""
-    path = gpt2_file("eager", opset, level)
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_gpt2_unoptimized_works_or_refuses(attention):
+    """The un-optimized TorchScript export (its [B, 1, N, N] mask is built by index arithmetic prunec
+    does not follow to the batch axis): a one-line refusal, else the reference."""
+    path = gpt2_file(attention, 17)
     try:
-        check_gpt2_fastv(path, "eager")
+        check_gpt2_fastv(path, attention)
     except prunec.PruneError as e:
         assert "\n" not in str(e)
 
 
-# -- opset 14: a pre-norm SkipLayerNormalization is split without LayerNormalization ---------------
-# Before, it was left fused below opset 17, and a cut at its sum output left the next attention
-# reading the norm of the *uncut* stream (FastV silently wrong). Only onnx.checker hid it, by
-# rejecting the LayerNormalization ORT's optimizer itself writes into opset-14 graphs (ORT runs it):
-# validation is told to accept that op here, as it accepts ORT's SimplifiedLayerNormalization.
+# -- opset 14: ORT's LayerNormalization and a pre-norm SkipLayerNormalization in standard ops -------
+# ORT's optimizer writes LayerNormalization into opset-14 graphs (ORT runs it, onnx.checker rejects
+# it: every rewrite was refused); prunec writes it in standard ops at load. A pre-norm
+# SkipLayerNormalization was left fused below opset 17, and a cut at its sum output left the next
+# attention reading the norm of the *uncut* stream (FastV silently wrong, hidden only by the checker).
 
-@pytest.fixture
-def ort_layernorm_below_17(monkeypatch):
-    import prunec.model
-
-    monkeypatch.setattr(prunec.model, "_ORT_ONNX_DOMAIN_OPS",
-                        prunec.model._ORT_ONNX_DOMAIN_OPS | {"LayerNormalization"})
-
-
-def test_opset14_prenorm_skip_layernorm(ort_layernorm_below_17):
+def test_opset14_layernorm_and_prenorm_skip_layernorm():
     from test_ort_fused import check_fastv, check_tome
     from test_ort_fused import optimized as optimized_vit
 
     path = gpt2_file("eager", 14, 1)
-    assert onnx.load(path).opset_import[0].version == 14 and ops_of(path)["SkipLayerNormalization"] == 2 * DEPTH
+    ops = ops_of(path)
+    assert onnx.load(path).opset_import[0].version == 14
+    assert ops["SkipLayerNormalization"] == 2 * DEPTH and ops["LayerNormalization"] == 1
     check_gpt2_fastv(path, "eager")
     path = optimized_vit("timm_vit", "torchscript14", 1)
-    assert ops_of(path)["SkipLayerNormalization"] == 2 * DEPTH
+    ops = ops_of(path)
+    assert ops["SkipLayerNormalization"] == 2 * DEPTH and ops["LayerNormalization"] == 1
     check_fastv(path, "timm_vit")
     check_tome(path, "timm_vit")

@@ -1,10 +1,12 @@
 """More graph forms from ``onnxruntime.transformers.optimizer``: a speech encoder (HF Whisper's
 encoder: conv front-end halving the frames, fixed sinusoidal positions, no CLS) exported by
-TorchScript and dynamo, as exported and through the optimizer's "bart" fusions (which is what
-ORT uses for Whisper encoders) at opt levels 1 and 2: SkipLayerNormalization residual stream,
-BiasGelu, and (TorchScript export of eager attention) packed ``com.microsoft.Attention``.
-FastV (query = mean over rows) and ToMe (prefix 0) are held to the plain-PyTorch references on
-the unmodified torch encoder: same kept indices, allclose outputs; identity at keep=1."""
+TorchScript and dynamo, as exported and through the optimizer's "bart" fusions (what ORT uses for
+Whisper encoders) at opt levels 1 and 2: SkipLayerNormalization residual stream, BiasGelu, and
+(TorchScript export of eager attention) packed ``com.microsoft.Attention``; GPT-2 through the
+"gpt2" fusions; opset-14 graphs, into which ORT writes LayerNormalization. FastV (Whisper: query
+= mean over rows; GPT-2: the default decoder span and query) and ToMe (prefix 0) are held to the
+plain-PyTorch references on the unmodified torch models: same kept indices, allclose outputs, at
+two batch sizes; identity at keep=1."""
 from __future__ import annotations
 
 import warnings
@@ -53,7 +55,7 @@ class _Hidden(torch.nn.Module):
 @lru_cache(maxsize=None)
 def exported(exporter: str, attention: str) -> str:
     """The encoder ([B, 16, 24] -> last_hidden_state [B, 12, 64]) exported by ``exporter``
-    ("torchscript17" | "dynamo18") with HF attention ``attention`` ("sdpa" | "eager")."""
+    ("torchscript14" | "torchscript17" | "dynamo18") with HF attention ``attention`` ("sdpa" | "eager")."""
     enc = whisper_encoder()
     saved = enc.config._attn_implementation
     path = export_dir() / f"whisper_enc.{attention}.{exporter}.onnx"
@@ -64,8 +66,8 @@ def exported(exporter: str, attention: str) -> str:
                 mod.config._attn_implementation = attention
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if exporter == "torchscript17":
-                torch.onnx.export(_Hidden(enc), (x,), str(path), dynamo=False, opset_version=17,
+            if exporter.startswith("torchscript"):  # torchscript14 | torchscript17
+                torch.onnx.export(_Hidden(enc), (x,), str(path), dynamo=False, opset_version=int(exporter[11:]),
                                   input_names=["input_features"], dynamic_axes={"input_features": {0: "batch"}})
             else:
                 torch.onnx.export(_Hidden(enc), (x,), str(path), dynamo=True, opset_version=18, external_data=False,
@@ -124,7 +126,8 @@ def test_whisper_encoder_export(exporter):
 
 @pytest.mark.parametrize("exporter,attention,level,fused", [
     ("torchscript17", "eager", 1, "Attention"), ("torchscript17", "eager", 2, "Attention"),
-    ("dynamo18", "sdpa", 2, "Softmax")], ids=["ts17-packed-o1", "ts17-packed-o2", "dynamo18-o2"])
+    ("dynamo18", "sdpa", 2, "Softmax"), ("torchscript14", "eager", 1, "Attention")],
+    ids=["ts17-packed-o1", "ts17-packed-o2", "dynamo18-o2", "ts14-packed-o1"])
 def test_whisper_encoder_ort_optimized(exporter, attention, level, fused):
     path = optimized(exporter, attention, level)
     ops = ops_of(path)

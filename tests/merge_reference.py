@@ -58,6 +58,11 @@ def parts_of(layer) -> Parts:
         a = layer.attention
         return Parts(layer.norm1, a.q_proj, a.k_proj, a.v_proj, a.o_proj, a.config.num_attention_heads, a.scaling,
                      layer.layer_scale1, layer.norm2, layer.mlp, layer.layer_scale2)
+    if hasattr(layer, "self_attn_layer_norm"):  # Whisper encoder (pre-norm, fc1 -> activation -> fc2)
+        a = layer.self_attn
+        return Parts(layer.self_attn_layer_norm, a.q_proj, a.k_proj, a.v_proj, a.out_proj, a.num_heads, a.scaling,
+                     _identity, layer.final_layer_norm, lambda h: layer.fc2(layer.activation_fn(layer.fc1(h))),
+                     _identity)
     if hasattr(layer, "self_attn"):  # CLIP
         a = layer.self_attn
         return Parts(layer.layer_norm1, a.q_proj, a.k_proj, a.v_proj, a.out_proj, a.num_heads, a.scale, _identity,

@@ -30,7 +30,7 @@ def gather(x, idx, axis):
 
 
 def layers_of(model):
-    for path in ("blocks", "encoder.layer", "encoder.layers", "vision_model.encoder.layers", "model.layers", "layers"):
+    for path in ("blocks", "encoder.layer", "encoder.layers", "vision_model.encoder.layers", "model.layers", "layers", "h"):
         obj = model
         try:
             for part in path.split("."):

@@ -278,7 +278,9 @@ def unfuse_skip_norms(model: ir.Model) -> None:
     output (output 3: input + skip [+ bias], [B, N, C]) is read — a pre-norm residual stream —
     into ``Add`` (+ ``Add`` bias) and ``LayerNormalization`` (or RMS norm in standard ops), so the
     stream and the normalized branch are separate tensors (ORT fuses them back when it builds a
-    session). Needs opset >= 17 for LayerNormalization; others are left fused."""
+    session). Before opset 17 the norm is written in standard ops (no LayerNormalization), and so
+    is every plain LayerNormalization (:func:`standard_layer_norms`)."""
+    standard_layer_norms(model)
     graph = model.graph
     opset = graph.opset_imports.get("", 0)
     for node in list(graph):
@@ -291,8 +293,6 @@ def unfuse_skip_norms(model: ir.Model) -> None:
         if any(o.uses() or o.is_graph_output() for o in outs[1:3]):
             continue
         simplified = node.op_type == "SkipSimplifiedLayerNormalization"
-        if not simplified and opset < 17:
-            continue
         ins = list(node.inputs) + [None] * 5
         eps = node.attributes.get("epsilon")
         attrs = {"axis": -1, "epsilon": float(eps.value) if eps is not None else 1e-12}  # the Skip ops' default
@@ -301,26 +301,10 @@ def unfuse_skip_norms(model: ir.Model) -> None:
         if bias is not None:
             new.append(ir.Node("", "Add", [new[-1].outputs[0], bias], name=f"{node.name}/add_bias"))
         total = new[-1].outputs[0]
-        if simplified:  # SimplifiedLayerNormalization is not an ONNX op: x / sqrt(mean(x²) + eps) · gamma
-            new.append(ir.Node("", "Mul", [total, total], name=f"{node.name}/square"))
-            axes = ir.Value(name=f"{node.name}/axes", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
-                            const_value=ir.tensor(np.array([-1], np.int64), name=f"{node.name}/axes"))
-            eps_v = ir.Value(name=f"{node.name}/eps", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
-                             const_value=ir.tensor(np.array(attrs["epsilon"], np.float32), name=f"{node.name}/eps"))
-            graph.register_initializer(axes)
-            graph.register_initializer(eps_v)
-            if opset >= 18:
-                mean = ir.Node("", "ReduceMean", [new[-1].outputs[0], axes], attributes=[
-                    ir.convenience.convert_attribute("keepdims", 1)], name=f"{node.name}/mean")
-            else:
-                mean = ir.Node("", "ReduceMean", [new[-1].outputs[0]], attributes=[
-                    ir.convenience.convert_attribute("axes", [-1]),
-                    ir.convenience.convert_attribute("keepdims", 1)], name=f"{node.name}/mean")
-            new.append(mean)
-            new.append(ir.Node("", "Add", [mean.outputs[0], eps_v], name=f"{node.name}/add_eps"))
-            new.append(ir.Node("", "Sqrt", [new[-1].outputs[0]], name=f"{node.name}/rms"))
-            new.append(ir.Node("", "Div", [total, new[-1].outputs[0]], name=f"{node.name}/scaled"))
-            norm = ir.Node("", "Mul", [new[-1].outputs[0], ins[2]], name=f"{node.name}/norm")
+        if simplified or opset < 17:  # SimplifiedLayerNormalization is not an ONNX op; LayerNormalization from 17
+            new += norm_in_standard_ops(graph, node.name, total, ins[2], None if simplified else ins[3],
+                                        attrs["epsilon"], simplified, opset)
+            norm = new.pop()
         else:
             norm_ins = [total, ins[2]] + ([ins[3]] if ins[3] is not None else [])
             norm = ir.Node("", "LayerNormalization", norm_ins, attributes=[
@@ -330,3 +314,66 @@ def unfuse_skip_norms(model: ir.Model) -> None:
             n.outputs[0].name = n.name
         ir.convenience.replace_nodes_and_values(graph, node, [node], new, [outs[0], outs[3]],
                                                 [norm.outputs[0], total])
+
+
+def norm_in_standard_ops(graph: ir.Graph, name: str, x: ir.Value, gamma: ir.Value, beta: ir.Value | None,
+                         eps: float, rms: bool, opset: int) -> list[ir.Node]:
+    """Nodes computing a LayerNorm over the last axis of x [..., C] in standard ops, (x - mean) /
+    sqrt(var + eps) · gamma (+ beta); with ``rms`` ORT's simplified (RMS) norm, x / sqrt(mean(x²) +
+    eps) · gamma. The last node's output is the norm."""
+    dtype = gamma.dtype.numpy() if gamma.dtype is not None else np.dtype(np.float32)
+    axes = ir.Value(name=f"{name}/axes", shape=ir.Shape([1]), type=ir.TensorType(ir.DataType.INT64),
+                    const_value=ir.tensor(np.array([-1], np.int64), name=f"{name}/axes"))
+    eps_v = ir.Value(name=f"{name}/eps", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.from_numpy(dtype)),
+                     const_value=ir.tensor(np.array(eps, dtype), name=f"{name}/eps"))
+    if opset >= 18:
+        graph.register_initializer(axes)
+    graph.register_initializer(eps_v)
+
+    def mean_of(v, what):  # v [..., C] -> its mean over C [..., 1]
+        if opset >= 18:
+            return ir.Node("", "ReduceMean", [v, axes], attributes=[ir.convenience.convert_attribute("keepdims", 1)],
+                           name=f"{name}/{what}")
+        return ir.Node("", "ReduceMean", [v], attributes=[ir.convenience.convert_attribute("axes", [-1]),
+                       ir.convenience.convert_attribute("keepdims", 1)], name=f"{name}/{what}")
+    new = []
+    if not rms:
+        new.append(mean_of(x, "mean_x"))
+        new.append(ir.Node("", "Sub", [x, new[-1].outputs[0]], name=f"{name}/centred"))
+        x = new[-1].outputs[0]
+    new.append(ir.Node("", "Mul", [x, x], name=f"{name}/square"))
+    new.append(mean_of(new[-1].outputs[0], "mean"))
+    new.append(ir.Node("", "Add", [new[-1].outputs[0], eps_v], name=f"{name}/add_eps"))
+    new.append(ir.Node("", "Sqrt", [new[-1].outputs[0]], name=f"{name}/rms"))
+    new.append(ir.Node("", "Div", [x, new[-1].outputs[0]], name=f"{name}/scaled"))
+    new.append(ir.Node("", "Mul", [new[-1].outputs[0], gamma], name=f"{name}/norm"))
+    if beta is not None:
+        new.append(ir.Node("", "Add", [new[-1].outputs[0], beta], name=f"{name}/norm_bias"))
+    return new
+
+
+def standard_layer_norms(model: ir.Model) -> None:
+    """Below opset 17 (where ONNX has no LayerNormalization), write each ``LayerNormalization`` over
+    the last axis that ORT's optimizer put into the graph (ORT runs it; onnx.checker rejects it) in
+    standard ops, so the rewritten model is valid ONNX; ORT fuses it back when it builds a session."""
+    graph = model.graph
+    opset = graph.opset_imports.get("", 0)
+    if opset >= 17:
+        return
+    for node in list(graph):
+        if node.domain not in ("", "ai.onnx") or node.op_type != "LayerNormalization" or len(node.inputs) < 2:
+            continue
+        x = node.inputs[0]
+        axis = node.attributes.get("axis")
+        axis = -1 if axis is None else axis.value
+        if not (axis == -1 or (x.shape is not None and axis == len(x.shape) - 1)):
+            continue
+        if any(o.uses() or o.is_graph_output() for o in list(node.outputs)[1:]):
+            continue
+        eps = node.attributes.get("epsilon")
+        beta = node.inputs[2] if len(node.inputs) > 2 else None
+        new = norm_in_standard_ops(graph, node.name, x, node.inputs[1], beta,
+                                   float(eps.value) if eps is not None else 1e-5, False, opset)
+        for n in new[:-1]:
+            n.outputs[0].name = n.name
+        ir.convenience.replace_nodes_and_values(graph, node, [node], new, [node.outputs[0]], [new[-1].outputs[0]])

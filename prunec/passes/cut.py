@@ -324,16 +324,21 @@ def _plan_counts(facts: Facts, cut: Cut, layer: int) -> None:
     its numbers stay."""
     if cut.reduce is None:  # a cut planned only to be described (inspect)
         return
-    n, m = cut.num_tokens, cut.kept
     weighed = {rw.node for rw in cut.reweigh}
     for node in sorted(cut.post, key=lambda x: x.index):
         if node.op != "reduce" or not node.inputs or node.inputs[0] is None or node in weighed:
             continue
         x = node.inputs[0]
-        if not facts.token_axes(x, layer) or facts.token_axes(node.outputs[0], layer):
-            continue  # not a reduction over the tokens
+        if facts.token_axes(node.outputs[0], layer):
+            continue  # the tokens survive it
+        start = 0  # x[:, S:].sum(1) / (N - S): a sum over the tokens after the S prefix tokens
+        if not facts.token_axes(x, layer):
+            start = _token_slice_start(facts, x, layer)
+            if start is None or _reduce_axes(node) != [1]:
+                continue  # not a reduction over the tokens
         if x.producer is not None and any(size_role(v) for v in x.producer.inputs if v is not None):
             continue  # size-weighted by an earlier merge
+        n, m = cut.num_tokens - start, cut.kept - start
         frontier = [node.outputs[0]]
         for _ in range(4):
             nxt = []
@@ -342,6 +347,10 @@ def _plan_counts(facts: Facts, cut: Cut, layer: int) -> None:
                     consts = _scalar_operand(user)
                     name = _op_name(user)
                     hits = [(i, c) for i, c in consts if c == n or (name == "mul" and abs(c * n - 1) < 1e-6)]
+                    if hits and start > _leading_fixed(cut.reduce):
+                        raise PruneError(f"node '{user.name}' divides the token reduction '{node.name}' from index "
+                                         f"{start} on by its count {n}; after the cut before layer {cut.layer} those "
+                                         f"positions hold other tokens")
                     if hits and (name == "mul" or (name == "div" and [i for i, _ in hits] == [1])):
                         for i, c in hits:
                             cut.count_fixes.append(CountFix(user, i, float(m) if c == n else 1.0 / m))

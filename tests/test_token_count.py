@@ -129,3 +129,16 @@ def test_sum_past_the_kept_prefix_divided_by_its_count_is_refused():
     inputs = {"x": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
     with pytest.raises(prunec.PruneError, match="from index 5 on by its count 14"):
         prunec.passes.FastV(keep=0.25, layer=2)(prunec.load(m, inputs))
+
+
+def test_size_weighted_sum_over_a_count_read_after_the_merge_is_refused():
+    """TorchScript reads ``x.shape[1]`` off the merged tokens (Shape -> Gather): the size-weighted
+    sum stands for N tokens, the count would be M. Refused naming the division; a count read off
+    the input before the blocks stays N and is right (the same result as x.mean(1))."""
+    inputs = tiny_inputs()
+    with pytest.raises(prunec.PruneError, match="divides the token sum .* by a count read off the tokens' shape"):
+        prunec.passes.ToMe(r="4/0/0")(_load(tiny("sdpa", pool="sum_div"), inputs, "torchscript17"))
+    early = _run(prunec.passes.ToMe(r="4/0/0")(_load(tiny("sdpa", pool="sum_div_early"), inputs, "torchscript17")),
+                 inputs)
+    mean = _run(prunec.passes.ToMe(r="4/0/0")(prunec.load(tiny("sdpa", pool="mean"), inputs)), inputs)
+    np.testing.assert_allclose(early, mean, rtol=1e-4, atol=1e-5)

@@ -22,15 +22,18 @@ import forms_corpus as fc
 # (model, form, pass) patterns: "*" any, "a|b" alternatives.
 EXPECTED_REFUSALS = {
     ("hf_llama", "*", "cls-attn"): ("needs a CLS token", "a causal decoder has no [CLS] token to score by"),
+    ("hf_bert", "qdq", "fastv|cls-attn|zero-tprune|evit|ppt|visionzip"):
+        ("are not finite", "ORT's QDQ quantizer turns HF's float-min mask into NaN attention rows"),
 }
 
 # Cells failing on today's code: (pattern, reason naming the bug or the checker's limit).
-QDQ_SCORES = ("QDQ: FastV ranks by the quantized graph's own attention (int8 q/k), whose CLS-attention order on the "
-              "tiny random ViT differs from the float reference's beyond the lossy tolerance (0.60 < 0.75 of the kept "
-              "indices in one row); not a rewrite error: test_quant_fp16 checks the picks against the quantized "
-              "graph's own softmax, and the identity holds")
+QDQ_SCORES = ("QDQ: the selection ranks by the quantized graph's own attention (int8 q/k, as ORT runs it; checked for "
+              "timm_vit fastv: the picks are the top CLS-attention tokens of its layer-1 softmax), whose order on the "
+              "tiny random model differs from the float reference's beyond the lossy tolerance (0.60-0.67 < 0.75 of "
+              "the kept indices in a row); the identity holds. A checker limit, not a rewrite error")
 KNOWN_BUGS: list = [
-    (("timm_vit", "qdq", "fastv"), QDQ_SCORES),
+    (("timm_vit", "qdq", "fastv|cls-attn"), QDQ_SCORES),
+    (("hf_llama", "qdq", "fastv"), QDQ_SCORES),
 ]
 
 DEFAULT = (

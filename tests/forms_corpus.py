@@ -310,8 +310,9 @@ def spec(name: str, pname: str, inputs: dict | None = None) -> Spec | None:
                     lambda x: (reference_merge(M, x, {0: ppt_reduce(3, thr, p), 2: ppt_reduce(3, thr, p)},
                                                prop_attn=True)[0], None), compare_indices=False)
     if pname == "visionzip":
+        # the default cut: before the last layer, scored by the penultimate one (the official code)
         return Spec(pname, dict(dominant=5, contextual=3), dict(dominant=n, contextual=0),
-                    lambda x: reference_run(M, x, "output", visionzip_choice(c.depth - 1, 5, 3, HEADS, p)),
+                    lambda x: reference_run(M, x, c.depth - 1, visionzip_choice(c.depth - 2, 5, 3, HEADS, p)),
                     compare_indices=False)
     raise ValueError(pname)
 
@@ -342,6 +343,14 @@ def outputs(model, inputs) -> list[np.ndarray]:
         out = model.run(**inputs)
         return [t.detach().numpy() for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     return [o for o in model.run({k: v.numpy() for k, v in inputs.items()}) if o.dtype.kind == "f"]
+
+
+def unfused_outputs(model, inputs) -> list[np.ndarray]:
+    """An ONNX model's float outputs without ORT's graph optimizations (no QDQ fusion)."""
+    from prunec.backends.onnx import make_session
+
+    sess = make_session(model.model, quick=True)
+    return [o for o in sess.run(None, {k: v.numpy() for k, v in inputs.items()}) if o.dtype.kind == "f"]
 
 
 def torch_outputs(out) -> list[np.ndarray]:
@@ -420,8 +429,11 @@ def check(name: str, form: str, pname: str, s: Spec | None = None, inputs: dict 
 def _numeric(form, s, P, module, model, out, same, inputs, loader) -> Outcome:
     lossy = form in LOSSY
     nums = {}
-    base = outputs(model, inputs)
-    ident = outputs(same, inputs)
+    if form == "qdq":  # ORT fuses DQ -> op -> Q into integer kernels, and a gather at the cut (here the
+        # identity) changes which, by a quantization step: compare the graphs' own (unfused) semantics
+        base, ident = unfused_outputs(model, inputs), unfused_outputs(same, inputs)
+    else:
+        base, ident = outputs(model, inputs), outputs(same, inputs)
     if [a.shape for a in ident] != [a.shape for a in base]:
         return Outcome("WRONG", f"identity setting changed the output shapes {[a.shape for a in base]} -> "
                                 f"{[a.shape for a in ident]}")
@@ -602,6 +614,9 @@ def random_graph(seed: int) -> Graph:
                               class_token=cls, reg_tokens=reg, global_pool={"none": "", "sumdiv": "avg"}.get(pool, pool),
                               num_classes=0 if pool == "none" else 10, pre_norm=pre_norm,
                               no_embed_class=reg > 0, fc_norm=False if pool == "sumdiv" else None).eval()
+        for t in (m.cls_token, m.reg_token):  # timm inits them at std 1e-6: with no_embed_class (no position
+            if t is not None:  # added) LayerNorm's eps flattens them, and block 0's CLS attention is uniform up to
+                torch.nn.init.normal_(t, std=0.02)  # float rounding (ties any backend may break its own way)
         if pool == "sumdiv":  # (no LayerNorm after the pooling: it would hide a wrong divisor)  # a token count written as a number: x.shape[1] exports as the constant N
             m.pool = _sum_div_pool(m.num_prefix_tokens)
         for blk in m.blocks:
@@ -733,8 +748,10 @@ def random_spec(g: Graph, rng) -> Spec | None:
             choose = divprune_choice(keep, span, p)
         return Spec(pname, opts, dict(opts, keep=1.0), lambda x: reference_run(M, x, lay, choose))
     if pname == "zero-tprune":
-        cls = 0 if has_cls else None
+        cls = 0 if has_cls else None  # Zero-TPrune's √N start weight goes to a CLS token, never to a register
         opts = dict(keep=keep, layer=str(layer), iters=5, similar=0.5)
+        if g.family == "timm" and not has_cls and p == 1:
+            opts["cls"] = "none"  # one register alone in front looks like a CLS token in the graph
         return Spec(pname, opts, dict(opts, keep=1.0),
                     lambda x: reference_run(M, x, layer, zero_tprune_choice(layer - 1, keep, 5, 0.5, cls, span, p)))
     if pname == "pool":
@@ -762,12 +779,14 @@ def random_spec(g: Graph, rng) -> Spec | None:
         return Spec(pname, opts, dict(opts, r=0),
                     _merge_ref(c, {i: ppt_reduce(r, thr, p) for i in layers}, True, weighted), compare_indices=False)
     if pname == "visionzip":
-        lay = "output" if out_ok else layer
-        sl = d - 1 if lay == "output" else layer - 1
+        # the default cut (before the last layer, scored by the penultimate one), the output, or layer K
+        how = "default" if out_ok and rng.random() < 0.5 else ("output" if out_ok else "layer")
+        lay = {"default": d - 1, "output": "output", "layer": layer}[how]
+        sl = d - 1 if lay == "output" else lay - 1
         dom = rng.randint(p + 1, p + 6)
         ctx = rng.randint(0, 4)
-        opts = dict(dominant=dom, contextual=ctx) if lay == "output" else dict(dominant=dom, contextual=ctx,
-                                                                                  layer=str(lay))
+        opts = dict(dominant=dom, contextual=ctx) if how == "default" else dict(dominant=dom, contextual=ctx,
+                                                                                   layer=str(lay))
         return Spec(pname, opts, dict(opts, dominant=n, contextual=0),
                     lambda x: reference_run(M, x, lay, visionzip_choice(sl, dom, ctx, heads_of(M), p)),
                     compare_indices=False)

@@ -22,28 +22,18 @@ import forms_corpus as fc
 # (model, form, pass) patterns: "*" any, "a|b" alternatives.
 EXPECTED_REFUSALS = {
     ("hf_llama", "*", "cls-attn"): ("needs a CLS token", "a causal decoder has no [CLS] token to score by"),
+    ("hf_bert", "qdq", "fastv|cls-attn|zero-tprune|evit|ppt|visionzip"):
+        ("are not finite", "ORT's QDQ quantizer turns HF's float-min mask into NaN attention rows"),
 }
 
-OPSET14 = "issue 12, opset 14-23: merges emit ScatterND/ScatterElements(reduction=add), valid from opset 16"
-ORT_OPT = ("issue 12, ORT-optimized graphs: the residual stream through SkipLayerNormalization is not found "
-           "(packed com.microsoft.Attention after fusion)")
-QDQ = "issue 12, quantized graphs: QDQ graph has 'no attention found' (scoring does not read through Q/DQ)"
-FP16_SORT = "issue 12, graph hygiene: ORT's fp16 converter writes an unsorted graph and clone() crashes"
-FP16_MERGE = ("issue 12, fp16: the rewrite mixes float and float16 constants (fails onnx.checker); only fastv, "
-              "cls-attn, random and pool work on fp16 graphs")
-INT8_MASK = ("issue 12, dynamic int8: the rewritten BERT graph does not run (attention mask Add not gathered "
-             "through DynamicQuantizeLinear/MatMulInteger)")
-INT8_LLAMA = "issue 12, dynamic int8: the rewritten Llama graph fails onnx.checker / ORT (token shapes)"
-
-KNOWN_BUGS = [
-    (("*", "torchscript14", "tome|evit|ppt|visionzip"), OPSET14),
-    (("*", "ort_opt", "*"), ORT_OPT),
-    (("*", "qdq", "*"), QDQ),
-    (("timm_vit|hf_vit", "fp16", "*"), FP16_SORT),
-    (("hf_bert", "fp16", "divprune|zero-tprune|tome|evit|ppt|visionzip"), FP16_MERGE),
-    (("hf_llama", "fp16", "divprune"), FP16_MERGE),
-    (("hf_bert", "int8_dynamic", "fastv|divprune|zero-tprune|random|tome|evit|ppt"), INT8_MASK),
-    (("hf_llama", "int8_dynamic", "fastv|divprune|random|pool"), INT8_LLAMA),
+# Cells failing on today's code: (pattern, reason naming the bug or the checker's limit).
+QDQ_SCORES = ("QDQ: the selection ranks by the quantized graph's own attention (int8 q/k, as ORT runs it; checked for "
+              "timm_vit fastv: the picks are the top CLS-attention tokens of its layer-1 softmax), whose order on the "
+              "tiny random model differs from the float reference's beyond the lossy tolerance (0.60-0.67 < 0.75 of "
+              "the kept indices in a row); the identity holds. A checker limit, not a rewrite error")
+KNOWN_BUGS: list = [
+    (("timm_vit", "qdq", "fastv|cls-attn"), QDQ_SCORES),
+    (("hf_llama", "qdq", "fastv"), QDQ_SCORES),
 ]
 
 DEFAULT = (
@@ -104,12 +94,7 @@ def test_known_bug_and_refusal_tables_name_real_cells():
             assert part == "*" or all(p in names for p in part.split("|")), pattern
 
 
-SAME_OBJECT = "issue 12, silent wrong 5: a merge that merges nothing returns its input object (the CLI says 'wrote')"
-
-
-@pytest.mark.parametrize("pname", [pytest.param(p, marks=[pytest.mark.xfail(strict=True, reason=SAME_OBJECT)]
-                                                if p in ("tome", "evit", "ppt", "visionzip") else [])
-                                   for p in fc.PASSES])
+@pytest.mark.parametrize("pname", fc.PASSES)
 def test_zero_reduction_returns_a_new_model(pname):
     """keep=1 / r=0 is the identity numerically (test_form), and still a new model, not the input."""
     import prunec

@@ -84,3 +84,61 @@ def test_size_weighted_sum_keeps_counting_every_token():
             for pool in ("sum_div", "mean")]
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     assert np.abs(outs[1] - torch_outputs(tiny("sdpa", pool="mean")(**inputs))[0]).max() > 1e-4  # it merged
+
+
+def _vit_sum_over_patches(reg=2):
+    """A timm ViT (CLS + ``reg`` registers) pooled as ``x[:, P:].sum(1) / (x.shape[1] - P)``: the
+    count of the tokens after the prefix exports as the number N - P."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=2,
+                          reg_tokens=reg, no_embed_class=reg > 0, global_pool="avg", fc_norm=False,
+                          num_classes=10).eval()
+    p = m.num_prefix_tokens
+    m.pool = lambda x, pool_type=None: x[:, p:].sum(1) / (x.shape[1] - p)
+    return m
+
+
+@pytest.mark.parametrize("form", ["torch", "dynamo18"])
+def test_sum_over_the_tokens_after_the_prefix_divides_by_their_kept_count(form):
+    m = _vit_sum_over_patches()
+    p = m.num_prefix_tokens
+    inputs = {"x": torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+    if form == "torch":
+        model = prunec.load(m, inputs)
+    else:
+        path = export_dir() / "vit_sum_div_tail.dynamo18.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(m, (inputs["x"],), str(path), dynamo=True, opset_version=18, external_data=False,
+                              input_names=["x"], dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},),
+                              verbose=False)
+        model = prunec.load(path)
+    pruned = prunec.passes.FastV(keep=0.25, layer=2)(model)
+    ref_out, ref_idx = fastv_reference(m, inputs, keep=0.25, layer=2, query="cls", prefix=p)
+    kept = pruned.kept_indices(**inputs) if form == "torch" else pruned.kept_indices({"x": inputs["x"].numpy()})
+    np.testing.assert_array_equal(kept["fastv_l2"], ref_idx.numpy())
+    np.testing.assert_allclose(_run(pruned, inputs), torch_outputs(ref_out)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_sum_past_the_kept_prefix_divided_by_its_count_is_refused():
+    """x[:, 5:] holds other tokens after a cut that keeps only the first 3 in place: refused."""
+    m = _vit_sum_over_patches()
+    m.pool = lambda x, pool_type=None: x[:, 5:].sum(1) / (x.shape[1] - 5)
+    inputs = {"x": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))}
+    with pytest.raises(prunec.PruneError, match="from index 5 on by its count 14"):
+        prunec.passes.FastV(keep=0.25, layer=2)(prunec.load(m, inputs))
+
+
+def test_size_weighted_sum_over_a_count_read_after_the_merge_is_refused():
+    """TorchScript reads ``x.shape[1]`` off the merged tokens (Shape -> Gather): the size-weighted
+    sum stands for N tokens, the count would be M. Refused naming the division; a count read off
+    the input before the blocks stays N and is right (the same result as x.mean(1))."""
+    inputs = tiny_inputs()
+    with pytest.raises(prunec.PruneError, match="divides the token sum .* by a count read off the tokens' shape"):
+        prunec.passes.ToMe(r="4/0/0")(_load(tiny("sdpa", pool="sum_div"), inputs, "torchscript17"))
+    early = _run(prunec.passes.ToMe(r="4/0/0")(_load(tiny("sdpa", pool="sum_div_early"), inputs, "torchscript17")),
+                 inputs)
+    mean = _run(prunec.passes.ToMe(r="4/0/0")(prunec.load(tiny("sdpa", pool="mean"), inputs)), inputs)
+    np.testing.assert_allclose(early, mean, rtol=1e-4, atol=1e-5)

@@ -230,6 +230,47 @@ def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
         if x.producer is not None and any(size_role(v) for v in x.producer.inputs if v is not None):
             continue  # already re-weighed by an earlier merge
         cut.reweigh.append(Reweigh(node, role))
+        if kind == "sum":
+            _check_sum_count(node, cut)
+
+
+def _check_sum_count(node, cut: Cut) -> None:
+    """A size-weighted token sum stands for the N original tokens: dividing it by a count read
+    off a token tensor's shape after the cut (TorchScript's ``x.sum(1) / x.shape[1]``) would
+    count the merged tokens instead; refused (a count written as the number N stays right)."""
+    frontier = [node.outputs[0]]
+    for _ in range(4):
+        nxt = []
+        for v in frontier:
+            for user, _ in v.uses:
+                if _op_name(user) in ("div", "mul"):
+                    for w in user.inputs:
+                        if w is not None and w is not v and _shape_read_after(w, cut.post):
+                            raise PruneError(f"node '{user.name}' divides the token sum '{node.name}' by a count read "
+                                             f"off the tokens' shape after a token merge; the "
+                                             f"size-weighted sum stands for the original tokens (write the count as "
+                                             f"a number, or use a mean)")
+                elif user.op == "reshape" or (user.op == "elementwise"
+                                              and sum(1 for u in user.inputs if u is not None) == 1):
+                    nxt.extend(user.outputs)
+        frontier = nxt
+
+
+def _shape_read_after(v, post: set, depth: int = 8) -> bool:
+    """Whether ``v`` is computed from a shape node in ``post`` within ``depth`` producers."""
+    seen, frontier = set(), [v]
+    for _ in range(depth):
+        nxt = []
+        for w in frontier:
+            p = w.producer
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.op == "shape" and p in post:
+                return True
+            nxt.extend(u for u in p.inputs if u is not None)
+        frontier = nxt
+    return False
 
 
 def _leading_fixed(reduce) -> int:
@@ -324,16 +365,21 @@ def _plan_counts(facts: Facts, cut: Cut, layer: int) -> None:
     its numbers stay."""
     if cut.reduce is None:  # a cut planned only to be described (inspect)
         return
-    n, m = cut.num_tokens, cut.kept
     weighed = {rw.node for rw in cut.reweigh}
     for node in sorted(cut.post, key=lambda x: x.index):
         if node.op != "reduce" or not node.inputs or node.inputs[0] is None or node in weighed:
             continue
         x = node.inputs[0]
-        if not facts.token_axes(x, layer) or facts.token_axes(node.outputs[0], layer):
-            continue  # not a reduction over the tokens
+        if facts.token_axes(node.outputs[0], layer):
+            continue  # the tokens survive it
+        start = 0  # x[:, S:].sum(1) / (N - S): a sum over the tokens after the S prefix tokens
+        if not facts.token_axes(x, layer):
+            start = _token_slice_start(facts, x, layer)
+            if start is None or _reduce_axes(node) != [1]:
+                continue  # not a reduction over the tokens
         if x.producer is not None and any(size_role(v) for v in x.producer.inputs if v is not None):
             continue  # size-weighted by an earlier merge
+        n, m = cut.num_tokens - start, cut.kept - start
         frontier = [node.outputs[0]]
         for _ in range(4):
             nxt = []
@@ -342,6 +388,10 @@ def _plan_counts(facts: Facts, cut: Cut, layer: int) -> None:
                     consts = _scalar_operand(user)
                     name = _op_name(user)
                     hits = [(i, c) for i, c in consts if c == n or (name == "mul" and abs(c * n - 1) < 1e-6)]
+                    if hits and start > _leading_fixed(cut.reduce):
+                        raise PruneError(f"node '{user.name}' divides the token reduction '{node.name}' from index "
+                                         f"{start} on by its count {n}; after the cut before layer {cut.layer} those "
+                                         f"positions hold other tokens")
                     if hits and (name == "mul" or (name == "div" and [i for i, _ in hits] == [1])):
                         for i, c in hits:
                             cut.count_fixes.append(CountFix(user, i, float(m) if c == n else 1.0 / m))

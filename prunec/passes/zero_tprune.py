@@ -4,7 +4,7 @@ Attention Graph in Pre-Trained Transformers", CVPR 2024).
 Before layer K, with layer K−1's attention A [B, H, N, N] as a graph:
 
 * I′-stage: one weighted-PageRank step per head, s ← Aᵀ s from a uniform start in which
-  the CLS token weighs √N, heads combined by root-mean-square (EIR), ranks the span;
+  the CLS token weighs √N (none without a CLS token; register tokens are not one), heads combined by root-mean-square (EIR), ranks the span;
 * S-stage: the span is split by that rank into the more important half B and the less
   important half A ("Seq-U"); each A token's best cosine similarity to a B token is
   computed on the layer's key vectors (all heads concatenated), and the ``drop_similar``
@@ -38,6 +38,8 @@ class ZeroTPrune(SelectionPass):
         Option("layer", str, None, "prune before this layer (default 2), with layer-1's attention graph; a/b/c"),
         Option("iters", int, 30, "weighted-PageRank iterations of the I-stage"),
         Option("similar", float, 0.5, "share of the pruned tokens dropped by the S-stage (key similarity)"),
+        Option("cls", str, "auto", "token given the CLS start weight √N: 'auto' (token 0 when the graph shows a "
+                                   "CLS token; registers are not one), 'none', or an index"),
     ]
 
     def reduction(self, model, facts, layer, k, start, end):
@@ -50,5 +52,16 @@ class ZeroTPrune(SelectionPass):
             raise PruneError(f"similar must be in [0, 1], got {self.similar}")
         span = end - start
         drop = min(int(round(float(self.similar) * (span - k))), span // 2)
-        cls = 0 if facts.prefix > 0 and not facts.causal else None
+        spec = str(self.cls).strip().lower()
+        if spec == "auto":
+            cls = 0 if facts.cls_first and facts.prefix > 0 else None
+        elif spec == "none":
+            cls = None
+        else:
+            try:
+                cls = int(spec)
+            except ValueError:
+                raise PruneError(f"cls '{self.cls}' is not 'auto', 'none' or a token index") from None
+            if not 0 <= cls < facts.num_tokens:
+                raise PruneError(f"cls {cls} is out of range: the model has {facts.num_tokens} tokens")
         return PageRank(k, start, end, site=site, iters=int(self.iters), drop_similar=drop, cls=cls)

@@ -26,6 +26,7 @@ class Facts:
     prefix: int
     causal: bool
     axes: AxisClasses
+    cls_first: bool = False  # token 0 is a CLS token: concatenated alone first, or read off the output
     side_inputs: list[Value] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)
 
@@ -257,8 +258,11 @@ def residual_stream(graph: Graph, site: AttentionSite) -> Value | None:
     return None
 
 
-def _prefix_tokens(stream0: Value, last_stream_users: set[Node], n: int) -> int:
-    prefix = 0
+def _prefix_tokens(stream0: Value, last_stream_users: set[Node], n: int) -> tuple[int, bool]:
+    """(prefix tokens, whether token 0 is a CLS token). A CLS token is concatenated alone before
+    the others (a first concat input of several tokens is registers) or read off the output by
+    index 0; one register without a CLS token looks like a CLS token."""
+    prefix, cls = 0, False
     # 1) concat that builds the sequence before the first layer
     v = stream0
     for _ in range(12):
@@ -271,6 +275,7 @@ def _prefix_tokens(stream0: Value, last_stream_users: set[Node], n: int) -> int:
                 sizes = [x.shape[axis] for x in p.inputs if x is not None and x.shape]
                 big = max(range(len(sizes)), key=lambda i: sizes[i])
                 prefix = sum(sizes[:big])
+                cls = big > 0 and sizes[0] == 1
                 break
         cands = [x for x in p.inputs if x is not None and x.shape is not None and x.shape == v.shape and not x.is_param]
         if not cands:
@@ -286,13 +291,15 @@ def _prefix_tokens(stream0: Value, last_stream_users: set[Node], n: int) -> int:
                 idx = node.attrs["index"] % n
                 if idx < n // 2:
                     prefix = max(prefix, idx + 1)
+                    cls = cls or idx == 0
         if node.op == "gather" and node.inputs[0].shape and len(node.inputs[0].shape) == 3:
             idx = node.inputs[1]
             if node.attrs["axis"] % 3 == 1 and idx is not None and idx.data is not None and idx.data.size == 1:
                 i = int(idx.data.reshape(-1)[0]) % n
                 if i < n // 2:
                     prefix = max(prefix, i + 1)
-    return prefix
+                    cls = cls or i == 0
+    return prefix, cls
 
 
 def analyze(graph: Graph) -> Facts:
@@ -316,9 +323,9 @@ def analyze(graph: Graph) -> Facts:
     last = sites[-1]
     tail = graph.consumers_closure(last.output)
     tail_users = {nd for nd in tail if nd.op in ("select", "gather")}
-    prefix = _prefix_tokens(streams[0], tail_users, n)
+    prefix, cls_first = _prefix_tokens(streams[0], tail_users, n)
     causal = all(s.causal for s in sites)
-    facts = Facts(graph, sites, streams, n, prefix, causal, axes)
+    facts = Facts(graph, sites, streams, n, prefix, causal, axes, cls_first=cls_first and not causal)
     facts.side_inputs = _side_inputs(facts)
     facts.flops = [block_flops(facts, i) for i in range(len(sites))]
     return facts

@@ -42,7 +42,9 @@ def _pass_args(ap: argparse.ArgumentParser) -> None:
                     help="pass to apply (repeatable); see `prunec passes`")
     ap.add_argument("--keep", help="fraction of tokens kept, in (0, 1]")
     ap.add_argument("--layer", help="cut before this layer (0-based), 'output', or a schedule a/b/c")
-    ap.add_argument("--span", help="START:END token range that may be pruned")
+    ap.add_argument("--span", help="START:END token range that may be pruned; negative ends count from the token "
+                                   "count N and an end may be left out (1:-8, 1:); write --span=-64: when START "
+                                   "is negative")
     ap.add_argument("--query", help="auto|cls|last|mean|<index> (fastv)")
     ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..", help="make dynamic input dims static")
 
@@ -211,7 +213,9 @@ def prune_main(argv: list[str]) -> int:
     ap.add_argument("-o", "--output", help="output path (default: MODEL with the pass names before the suffix)")
     ap.add_argument("--keep", help="fraction of tokens kept, in (0, 1]")
     ap.add_argument("--layer", help="prune before this layer (0-based)")
-    ap.add_argument("--span", help="START:END token range that may be pruned (e.g. an image span)")
+    ap.add_argument("--span", help="START:END token range that may be pruned (e.g. an image span); negative ends "
+                                   "count from the token count N and an end may be left out (1:-8, 1:); write "
+                                   "--span=-64: when START is negative")
     ap.add_argument("--query", help="auto|cls|last|mean|<index>: whose attention scores tokens")
     ap.add_argument("--recover", help="restore the full token count: auto (default: before a grid reshape or token "
                                       "mixing), none, copy, unmerge or attn (also restores token outputs)")

@@ -39,7 +39,8 @@ class Pool(SelectionPass):
         Option("factor", int, 2, "pooling window and stride on the patch grid"),
         Option("layer", str, None, "cut: 'output' (default), K (before layer K) or a/b/c"),
         Option("grid", str, None, "HxW patch grid (default: read off the patch embedding)"),
-        Option("span", str, None, "START:END of the grid tokens (default: all but prefix tokens)"),
+        Option("span", str, None, "START:END of the grid tokens; negative ends count from the token count N "
+                                  "(1:-8, 1:) (default: all but prefix tokens)"),
     ]
     keep = None
     count = None

@@ -7,7 +7,9 @@ Options common to every selection pass:
 * ``count``: absolute number of span tokens kept (instead of ``keep``).
 * ``layer``: where to cut: ``K`` (before layer K, 0-based), ``output`` (after the last
   block, where the tokens leave the encoder), or a schedule ``3/6/9``.
-* ``span``: ``START:END`` of the tokens entering the cut that may be pruned (default: all
+* ``span``: ``START:END`` of the tokens entering the cut that may be pruned; an end left out
+  is the first / last token, a negative end counts from the cut's token count N as in Python
+  (``1:-8``: all but the first and the last 8 tokens) (default: all
   but the prefix tokens; on a causal decoder also never the first token, the attention
   sink, nor the last, which predicts the next token). After a cut, the next cut's span is
   the kept part of it.
@@ -21,29 +23,34 @@ from .cut import plan_cut
 COMMON = [
     Option("keep", str, None, "fraction of span tokens kept, in (0, 1] (a/b/c: one per scheduled layer)"),
     Option("count", int, None, "absolute number of span tokens kept (instead of keep)"),
-    Option("span", str, None, "START:END of the tokens entering the cut that may be pruned "
+    Option("span", str, None, "START:END of the tokens entering the cut that may be pruned; negative ends "
+                              "count from the token count N and either end may be left out (1:-8, 1:, -64:) "
                               "(default: all but prefix tokens)"),
 ]
 
 
 def span_bounds(span: str) -> tuple[int | None, int | None]:
-    """'START:END' -> (start, end), either None when left out; refuses text that is not two
-    integers or a reversed / empty range."""
+    """'START:END' -> (start, end), either None when left out and either negative to count
+    from the end (resolved against the cut's token count by :func:`parse_span`). Refuses
+    text that is not two integers, and a range reversed or empty at every length (both
+    ends of one sign); a mixed-sign range can only be checked once resolved."""
     parts = str(span).split(":")
     try:
         if len(parts) != 2:
             raise ValueError
         start, end = (int(p) if p.strip() else None for p in parts)
     except ValueError:
-        raise PruneError(f"span '{span}' is not START:END with integer ends (e.g. 1:197)") from None
-    if start is not None and end is not None and start >= end:
+        raise PruneError(f"span '{span}' is not START:END with integer ends (e.g. 1:197, 1:-8 or 1:)") from None
+    if start is not None and end is not None and (start < 0) == (end < 0) and start >= end:
         raise PruneError(f"span {start}:{end} is {'empty' if start == end else 'reversed'}: START must be below END")
     return start, end
 
 
 def parse_span(span, n: int, prefix: int, causal: bool = False) -> tuple[int, int]:
     """[start, end) of the prunable tokens among ``n``; the default is every token after the
-    ``prefix``, and for a ``causal`` decoder neither the first nor the last token."""
+    ``prefix``, and for a ``causal`` decoder neither the first nor the last token. A negative
+    end counts from ``n`` as a Python slice bound does (``1:-8`` on 24 tokens is 1:16); an end
+    beyond the ``n`` tokens either way is refused, not clipped."""
     if span is None or span == "":
         if not causal:
             return prefix, n
@@ -53,11 +60,19 @@ def parse_span(span, n: int, prefix: int, causal: bool = False) -> tuple[int, in
         return start, end
     if isinstance(span, str):
         a, b = span_bounds(span)
-        start, end = 0 if a is None else a, n if b is None else b
+        text = span
     else:
-        start, end = span
-    if not 0 <= start < end <= n:
-        raise PruneError(f"span {start}:{end} is outside the {n} tokens of the model")
+        a, b = span
+        text = f"{a}:{b}"
+    for end_ in (a, b):
+        if end_ is not None and not -n <= end_ <= n:
+            raise PruneError(f"span {text} is outside the {n} tokens of the model")
+    start = 0 if a is None else a + n if a < 0 else a
+    end = n if b is None else b + n if b < 0 else b
+    if start >= end:
+        what = "empty" if start == end else "reversed"
+        resolved = "" if text == f"{start}:{end}" else f" (resolved on the {n} tokens at the cut)"
+        raise PruneError(f"span {text} is {start}:{end}{resolved}, which is {what}: START must be below END")
     return start, end
 
 

@@ -43,8 +43,7 @@ def _pass_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--keep", help="fraction of tokens kept, in (0, 1]")
     ap.add_argument("--layer", help="cut before this layer (0-based), 'output', or a schedule a/b/c")
     ap.add_argument("--span", help="START:END token range that may be pruned; negative ends count from the token "
-                                   "count N and an end may be left out (1:-8, 1:); write --span=-64: when START "
-                                   "is negative")
+                                   "count N and an end may be left out (1:-8, 1:, -64:)")
     ap.add_argument("--query", help="auto|cls|last|mean|<index> (fastv)")
     ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..", help="make dynamic input dims static")
 
@@ -214,8 +213,7 @@ def prune_main(argv: list[str]) -> int:
     ap.add_argument("--keep", help="fraction of tokens kept, in (0, 1]")
     ap.add_argument("--layer", help="prune before this layer (0-based)")
     ap.add_argument("--span", help="START:END token range that may be pruned (e.g. an image span); negative ends "
-                                   "count from the token count N and an end may be left out (1:-8, 1:); write "
-                                   "--span=-64: when START is negative")
+                                   "count from the token count N and an end may be left out (1:-8, 1:, -64:)")
     ap.add_argument("--query", help="auto|cls|last|mean|<index>: whose attention scores tokens")
     ap.add_argument("--recover", help="restore the full token count: auto (default: before a grid reshape or token "
                                       "mixing), none, copy, unmerge or attn (also restores token outputs)")
@@ -587,8 +585,19 @@ def sweep_main(argv: list[str]) -> int:
     return 0
 
 
+def _span_values_joined(argv: list[str]) -> list[str]:
+    """``--span -64:`` -> ``--span=-64:``: argparse reads a value that starts with '-' as an option."""
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--span" and arg.startswith("-") and ":" in arg:
+            out[-1] = f"--span={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _span_values_joined(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
     try:
         if argv and argv[0] == "inspect":

@@ -124,7 +124,7 @@ def test_cli_negative_span(tmp_path):
                          ("5:-20", "span 5:-20 is 5:4 (resolved on the 24 tokens at the cut), which is reversed"),
                          ("a:b", "span 'a:b' is not START:END")):
         bad = tmp_path / "bad.onnx"
-        r = _cli(src, "--pass", "fastv", "--layer", "2", f"--span={span}", "-o", bad)
+        r = _cli(src, "--pass", "fastv", "--layer", "2", "--span", span, "-o", bad)  # "--span -2:-8" as typed
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
         assert r.returncode != 0 and len(lines) == 1 and needle in lines[0], r.stderr
         assert not bad.exists()

@@ -15,11 +15,11 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import PruneError
-from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, split_role
 from ..ir.session import graph_only_proto, make_session, providers  # noqa: F401  (re-exported: their home before)
+from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, split_role
 from ..passes.base import Cut, Diverse, GridPool, Merge, PageRank, Plan, Random, TopK
 from ..schedules import random_scores, wpr_start
-from .onnx_build import _attention_rows, _Builder, _same_dtype, site_scores, site_tensor  # noqa: F401  (site_tensor re-exported)
+from .onnx_build import _attention_rows, _Builder, _same_dtype, site_scores, site_tensor
 from .onnx_merge import lower_merge, merge_sizes, scatter_sum
 
 

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from .console import console as _console
 from .errors import PruneError
 
 EXAMPLES = """examples:
@@ -156,15 +157,6 @@ def eval_main(argv: list[str]) -> int:
                   f"{e['top1_agreement']:.3f}" if "top1_agreement" in e else "-", acc)
     _console().print(t)
     return 0
-
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    console = Console(stderr=stderr, highlight=False)
-    if not console.is_terminal:
-        console.width = 160  # pipes and logs: do not wrap tables at 80 columns
-    return console
 
 
 def parse_pass_spec(spec: str) -> tuple[str, dict]:

@@ -34,11 +34,10 @@ def demo_main(argv: list[str]) -> int:
     from .bench import ideal_speedup, time_pair
     from .errors import PruneError
     from .inspect import describe, render
+    from .console import console as make_console
     from .passes import FastV
 
-    from .cli import _console
-
-    console = _console()
+    console = make_console()
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="prunec-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     src, dst = out_dir / f"{args.model}.onnx", out_dir / f"{args.model}.fastv.onnx"

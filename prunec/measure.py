@@ -163,7 +163,7 @@ def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progre
     def sizes(feeds):
         """The rewritten model's token sizes [B, M, 1] on ``feeds`` (a second run exposing them)."""
         if not size_sess:
-            from .backends.onnx import make_session
+            from .ir.session import make_session
 
             size_sess.append(make_session(rewritten.model, extra_outputs=[size_name]))
         return size_sess[0].run([size_name], {k: np.asarray(v) for k, v in feeds.items()})[0]

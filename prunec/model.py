@@ -156,7 +156,7 @@ class OnnxModel(Model):
         dynamic, at batch sizes 1 and 3 (one session for all runs)."""
         import onnx
 
-        from .backends.onnx import graph_only_proto
+        from .ir.session import graph_only_proto
 
         proto = graph_only_proto(self.model, as_inputs=True)  # weights as typed inputs: same check, no copy
         ort_ops = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS]
@@ -168,7 +168,7 @@ class OnnxModel(Model):
             onnx.checker.check_model(proto, full_check=True)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from None
-        from .backends.onnx import make_session
+        from .ir.session import make_session
 
         try:
             sess = make_session(self.model, quick=True)
@@ -195,7 +195,7 @@ class OnnxModel(Model):
         return {k: np.take(v, np.arange(batch) % v.shape[0], axis=0) if v.ndim else v for k, v in self.feeds.items()}
 
     def session(self, device: str = "cpu", threads: int | None = None):
-        from .backends.onnx import make_session, providers
+        from .ir.session import make_session, providers
 
         return make_session(self.model, providers(device), threads)
 
@@ -208,7 +208,7 @@ class OnnxModel(Model):
         maps also exposed), so the indices reported are those of the outputs returned, float-level
         near-ties included."""
         if self._session is None:
-            from .backends.onnx import make_session
+            from .ir.session import make_session
 
             self._session = make_session(self.model, extra_outputs=self._tagged("/keep_idx") + self._tagged("/dest"))
         return self._session

@@ -10,9 +10,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import PruneError
-from ..ops.merge import tome_order
 from ..passes.base import Adaptive, Bipartite, Contextual, Fuse
-from .onnx import site_scores, site_tensor
+from ..schedules import tome_order
+from .onnx_build import site_scores, site_tensor
 
 
 def site_keys(b, site, values) -> ir.Value:

@@ -187,7 +187,7 @@ def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.nd
     small integer tensors (shape operands), and square [.., N, N] tensors (to tell
     causal masks). Values known only by shape come back as zero-strided placeholders.
     """
-    from ..backends.onnx import graph_only_proto, make_session
+    from .session import graph_only_proto, make_session
 
     proto = graph_only_proto(model, as_inputs=True)
     for inp in proto.graph.input:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..schedules import tome_order
 from .tokens import _record
 
 
@@ -66,17 +67,6 @@ def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = ""):
     _record(tag, rep)
     _record(f"{tag}/dest" if tag else "", dest)
     return dest, rep
-
-
-def tome_order(prefix: int, unmerged: int, nb: int) -> list[int] | None:
-    """Slot order putting the prefix tokens first in original order (ToMe with a distillation
-    token: [unm[:1], dst[:1], unm[1:], dst[1:]]); None when it is the identity."""
-    pb = prefix // 2
-    if pb == 0:
-        return None
-    firsts = [i // 2 if i % 2 == 0 else unmerged + i // 2 for i in range(prefix)]
-    rest = [s for s in range(unmerged + nb) if s not in set(firsts)]
-    return firsts + rest
 
 
 def _scatter_rows(x: torch.Tensor, dest: torch.Tensor, m: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..passes.base import random_scores, wpr_start
+from ..schedules import random_scores, wpr_start
 
 _RECORDING: list[dict] = []
 

@@ -10,7 +10,6 @@ after the cut that spell the old token count N are rewritten to M.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -96,35 +95,6 @@ flag.__name__ = "bool"
 def keep_count(keep: float, span_len: int) -> int:
     """Number of span tokens kept: ``round(keep * span_len)`` (FastV), at least 1."""
     return max(1, min(span_len, int(round(keep * span_len))))
-
-
-PARK_MILLER = 48271
-MERSENNE31 = 2147483647
-
-
-def random_scores(n: int, seed: int) -> list[float]:
-    """A seeded pseudo-random permutation of 0..n-1 (one score per token position, from
-    Park–Miller hashes); computed at compile time, so both backends and every sample see
-    the same numbers, and exact in float32."""
-    hashes = []
-    for i in range(n):
-        h = ((i + 1) * 2654435761 % MERSENNE31) ^ (seed * 40503 + 12345)
-        for _ in range(3):
-            h = (h * PARK_MILLER) % MERSENNE31
-        hashes.append((h, i))
-    rank = [0.0] * n
-    for r, (_, i) in enumerate(sorted(hashes)):
-        rank[i] = float(r)
-    return rank
-
-
-def wpr_start(n: int, cls: int | None) -> list[float]:
-    """Zero-TPrune's initial importance: uniform, the CLS token weighted √N; sums to 1."""
-    s = [1.0] * n
-    if cls is not None:
-        s[cls] = math.sqrt(n)
-    total = sum(s)
-    return [v / total for v in s]
 
 
 @dataclass

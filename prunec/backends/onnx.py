@@ -19,7 +19,7 @@ from ..ir.session import graph_only_proto, make_session, providers  # noqa: F401
 from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, split_role
 from ..passes.base import Cut, Diverse, GridPool, Merge, PageRank, Plan, Random, TopK
 from ..schedules import random_scores, wpr_start
-from .onnx_build import _attention_rows, _Builder, _same_dtype, site_scores, site_tensor
+from .onnx_build import _attention_rows, _Builder, _same_dtype, length_valid, site_scores, site_tensor
 from .onnx_merge import lower_merge, merge_sizes, scatter_sum
 
 
@@ -195,18 +195,9 @@ def _gather(b: _Builder, x: ir.Value, shape, idx: ir.Value, axis: int, batch_axi
 
 
 def _kept_valid(b: _Builder, lengths: ir.Value, ends_starts: bool, idx: ir.Value) -> ir.Value:
-    """A lengths mask of the uncut sequence (lengths [B]: positions [0, len) valid; or with
-    ``ends_starts`` [2B]: exclusive ends, then inclusive starts) -> the int32 0/1 mask [B, M] of
-    the kept tokens ``idx`` [B, M] (their original positions)."""
-    x = b.op("Cast", [lengths], {"to": ir.DataType.INT64})
-    if not ends_starts:
-        valid = b.op("Less", [idx, b.op("Unsqueeze", [x, b.ints([1], "axes")])])
-    else:
-        se = b.op("Reshape", [x, b.ints([2, -1, 1], "ends_starts")])
-        end = b.op("Squeeze", [b.slice(se, 0, 1, axis=0), b.ints([0], "axes")])
-        start = b.op("Squeeze", [b.slice(se, 1, 2, axis=0), b.ints([0], "axes")])
-        valid = b.op("And", [b.op("Less", [idx, end]), b.op("GreaterOrEqual", [idx, start])])
-    return b.op("Cast", [valid], {"to": ir.DataType.INT32})
+    """A lengths mask of the uncut sequence (see :func:`length_valid`) -> the int32 0/1 mask
+    [B, M] of the kept tokens ``idx`` [B, M] (their original positions)."""
+    return b.op("Cast", [length_valid(b, lengths, ends_starts, idx)], {"to": ir.DataType.INT32})
 
 
 def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: str, dtype: str) -> None:

@@ -159,6 +159,19 @@ def site_tensor(b: _Builder, site, values: dict[str, ir.Value], which: str) -> t
     return x4, shape4
 
 
+def length_valid(b: _Builder, lengths: ir.Value, ends_starts: bool, positions: ir.Value) -> ir.Value:
+    """Which ``positions`` ([1, T] or [B, M], original token positions) a lengths mask marks valid:
+    lengths [B] (positions [0, len)) or, with ``ends_starts``, [2B] (exclusive ends, then inclusive
+    starts). Boolean, broadcast to [B, T] / [B, M]."""
+    x = b.op("Cast", [lengths], {"to": ir.DataType.INT64})
+    if not ends_starts:
+        return b.op("Less", [positions, b.op("Unsqueeze", [x, b.ints([1], "axes")])])
+    se = b.op("Reshape", [x, b.ints([2, -1, 1], "ends_starts")])
+    end = b.op("Squeeze", [b.slice(se, 0, 1, axis=0), b.ints([0], "axes")])
+    start = b.op("Squeeze", [b.slice(se, 1, 2, axis=0), b.ints([0], "axes")])
+    return b.op("And", [b.op("Less", [positions, end]), b.op("GreaterOrEqual", [positions, start])])
+
+
 def _key_mask(b: _Builder, site, values: dict[str, ir.Value], query, t: int) -> ir.Value | None:
     """The additive mask [B, 1, R, T] (or [B, 1, 1, T]) of an ORT contrib attention's ``key_mask``
     (MultiHeadAttention ``key_padding_mask`` / Attention ``mask_index``): lengths [B] (right
@@ -178,14 +191,7 @@ def _key_mask(b: _Builder, site, values: dict[str, ir.Value], query, t: int) -> 
     x = values[m.name]
     batch = site.output.shape[0]
     if len(m.shape) == 1 and m.shape[0] in (batch, 2 * batch):
-        x = b.op("Cast", [x], {"to": ir.DataType.INT64})
-        if m.shape[0] == batch:  # lengths: keys [0, len) are valid
-            valid = b.op("Less", [pos, b.op("Unsqueeze", [x, b.ints([1], "axes")])])  # [B, T]
-        else:  # exclusive ends, then inclusive starts
-            se = b.op("Reshape", [x, b.ints([2, -1, 1], "ends_starts")])
-            end = b.op("Squeeze", [b.slice(se, 0, 1, axis=0), b.ints([0], "axes")])
-            start = b.op("Squeeze", [b.slice(se, 1, 2, axis=0), b.ints([0], "axes")])
-            valid = b.op("And", [b.op("Less", [pos, end]), b.op("GreaterOrEqual", [pos, start])])
+        valid = length_valid(b, x, m.shape[0] != batch, pos)  # [B, T]
         valid = b.op("Unsqueeze", [valid, b.ints([1, 2], "axes")])
     elif len(m.shape) == 2:
         valid = b.op("Unsqueeze", [b.op("Cast", [x], {"to": ir.DataType.BOOL}), b.ints([1, 2], "axes")])

@@ -83,3 +83,17 @@ def run(model, inputs):
 
 def kept(model, inputs):
     return model.kept_indices(**inputs) if model.kind == "torch" else model.kept_indices(inputs)
+
+
+def onnx_block_tail(nodes: list, x: str, i: int) -> str:
+    """Append the rest of hand-built block ``i`` after its attention output ``a{i}``: output
+    projection ``Wo{i}``, residual add, ReLU MLP ``Wm{i}`` and its residual add. Returns the
+    block's output name ``x{i+1}``."""
+    from onnx import helper
+
+    nodes.append(helper.make_node("MatMul", [f"a{i}", f"Wo{i}"], [f"o{i}"]))
+    nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"r{i}"]))
+    nodes.append(helper.make_node("MatMul", [f"r{i}", f"Wm{i}"], [f"m{i}"]))
+    nodes.append(helper.make_node("Relu", [f"m{i}"], [f"g{i}"]))
+    nodes.append(helper.make_node("Add", [f"r{i}", f"g{i}"], [f"x{i + 1}"]))
+    return f"x{i + 1}"

@@ -8,7 +8,7 @@ import torch
 from onnx import TensorProto, helper
 
 import prunec
-from conftest import case
+from conftest import case, onnx_block_tail
 from fastv_reference import fastv_reference
 
 C, H, N, DEPTH = 32, 4, 12, 3
@@ -37,12 +37,7 @@ def _mha_model(weights) -> onnx.ModelProto:
             nodes.append(helper.make_node("MatMul", [f"n{i}", f"W{k}{i}"], [f"{k}{i}"]))
         nodes.append(helper.make_node("MultiHeadAttention", [f"q{i}", f"k{i}", f"v{i}"], [f"a{i}"],
                                       domain="com.microsoft", num_heads=H))
-        nodes.append(helper.make_node("MatMul", [f"a{i}", f"Wo{i}"], [f"o{i}"]))
-        nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"r{i}"]))
-        nodes.append(helper.make_node("MatMul", [f"r{i}", f"Wm{i}"], [f"m{i}"]))
-        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"g{i}"]))
-        nodes.append(helper.make_node("Add", [f"r{i}", f"g{i}"], [f"x{i + 1}"]))
-        x = f"x{i + 1}"
+        x = onnx_block_tail(nodes, x, i)
     nodes.append(helper.make_node("Identity", [x], ["y"]))
     graph = helper.make_graph(nodes, "mha", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", N, C])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", N, C])], inits)

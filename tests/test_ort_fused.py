@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 import prunec
 import zoo
-from conftest import case, export_dir, torch_outputs
+from conftest import case, export_dir, onnx_block_tail, torch_outputs
 from fastv_reference import fastv_reference
 from merge_reference import reference_merge, tome_reduce
 from prunec.errors import PruneError
@@ -168,12 +168,7 @@ def _mha_graph(weights, mask_kind: str, rel: bool, causal: bool, packed: bool = 
             nodes.append(helper.make_node("MultiHeadAttention", [f"q{i}", f"k{i}", f"v{i}", f"bias{i}"] + masks,
                                           [f"a{i}"], domain="com.microsoft", num_heads=HEADS,
                                           unidirectional=int(causal)))
-        nodes.append(helper.make_node("MatMul", [f"a{i}", f"Wo{i}"], [f"o{i}"]))
-        nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"r{i}"]))
-        nodes.append(helper.make_node("MatMul", [f"r{i}", f"Wm{i}"], [f"m{i}"]))
-        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"g{i}"]))
-        nodes.append(helper.make_node("Add", [f"r{i}", f"g{i}"], [f"x{i + 1}"]))
-        x = f"x{i + 1}"
+        x = onnx_block_tail(nodes, x, i)
     nodes.append(helper.make_node("Identity", [x], ["y"]))
     graph = helper.make_graph(nodes, "mha", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", N, C]),
                                              helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", N])],
@@ -370,12 +365,7 @@ def _gqa_graph(weights, window=-1, offset_positions=False) -> onnx.ModelProto:
         nodes.append(helper.make_node("GroupQueryAttention", [f"qr{i}", f"kr{i}", f"v{i}", "", "", "seqlens_k",
                                                               "total"], [f"a{i}"], domain="com.microsoft",
                                       num_heads=HEADS, kv_num_heads=KV, local_window_size=window))
-        nodes.append(helper.make_node("MatMul", [f"a{i}", f"Wo{i}"], [f"o{i}"]))
-        nodes.append(helper.make_node("Add", [x, f"o{i}"], [f"r{i}"]))
-        nodes.append(helper.make_node("MatMul", [f"r{i}", f"Wm{i}"], [f"m{i}"]))
-        nodes.append(helper.make_node("Relu", [f"m{i}"], [f"g{i}"]))
-        nodes.append(helper.make_node("Add", [f"r{i}", f"g{i}"], [f"x{i + 1}"]))
-        x = f"x{i + 1}"
+        x = onnx_block_tail(nodes, x, i)
     nodes.append(helper.make_node("Identity", [x], ["y"]))
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", N, C]),
               helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", N])]

@@ -8,6 +8,7 @@ ordinary GraphModule that ``torch.export`` can export again.
 from __future__ import annotations
 
 import copy
+import functools
 import operator
 
 import torch
@@ -21,8 +22,9 @@ from ..passes.base import Adaptive, Bipartite, Contextual, Diverse, Fuse, GridPo
 aten = torch.ops.aten
 
 
-def _selection(graph: torch.fx.Graph, by_name: dict, cut):
-    """Insert the nodes computing the kept indices [B, M] of ``cut``."""
+def _selection(graph: torch.fx.Graph, by_name: dict, cut, biases: dict):
+    """Insert the nodes computing the kept indices [B, M] of ``cut``. ``biases``: site node name ->
+    the log-size bias an earlier cut of the plan adds to it."""
     r = cut.reduce
     if isinstance(r, GridPool):  # side inputs follow each window's first token
         return graph.call_function(ops.select_fixed, (by_name[cut.stream.ref.name], r.representatives(), cut.tag))
@@ -40,7 +42,7 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut):
             keys = graph.call_function(torch.ops.aten.permute.default, (kt, [0, 3, 1, 2]))
         else:
             q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
-            mask = by_name[site.mask.ref.name] if site.mask is not None else None
+            mask = _mask_with_bias(graph, by_name, site, biases.get(site.node.ref.name))
             probs = graph.call_function(ops.full_probs, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal"))))
             keys = graph.call_function(torch.ops.aten.permute.default, (k, [0, 2, 1, 3]))
         keys = graph.call_function(torch.ops.aten.flatten.using_ints, (keys, 2))
@@ -48,7 +50,8 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut):
                                                             r.drop_similar, r.cls, cut.tag))
     if not isinstance(r, TopK):
         raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
-    scores = _site_scores(graph, by_name, r.score.site, r.score.query)
+    site = r.score.site
+    scores = _site_scores(graph, by_name, site, r.score.query, biases.get(site.node.ref.name))
     return graph.call_function(ops.select_topk, (scores, r.k, r.span_start, r.span_end, cut.tag))
 
 
@@ -59,22 +62,38 @@ def _site_keys(graph, by_name, site):
     return graph.call_function(ops.merge.keys_metric, (by_name[site.k.ref.name], "bhnd"))
 
 
-def _site_scores(graph, by_name, site, query):
+def _mask_with_bias(graph, by_name, site, bias):
+    """The additive (or boolean) mask a fused site's scores use: its own mask, plus ``bias`` (the
+    log-size bias [B, 1, 1, N] an earlier cut of the plan adds to this site) when given."""
+    mask = by_name[site.mask.ref.name] if site.mask is not None else None
+    if bias is None:
+        return mask
+    if mask is None:
+        return bias
+    if site.mask.dtype == "bool":
+        mask = graph.call_function(aten.where.Scalar, (mask, 0.0, float("-inf")))
+    return graph.call_function(aten.add.Tensor, (mask, bias))
+
+
+def _site_scores(graph, by_name, site, query, bias=None):
     """Attention each token receives in ``site`` from ``query`` (a row index or "mean"), mean over
-    heads: [B, N]. Fused attention: only the needed softmax rows, from q and k."""
+    heads: [B, N]. Fused attention: only the needed softmax rows, from q and k (with ``bias``, see
+    :func:`_mask_with_bias`; an eager site's probabilities include it already)."""
     if site.probs is not None:
         if len(site.probs.shape) != 4:
             raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
         return graph.call_function(ops.scores_from_probs, (by_name[site.probs.ref.name], query))
     q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
-    mask = by_name[site.mask.ref.name] if site.mask is not None else None
+    mask = _mask_with_bias(graph, by_name, site, bias)
     return graph.call_function(ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")),
                                                     query))
 
 
-def _merge(graph, by_name, cut, size_in):
-    """Insert a merge: returns (merged stream [B, M, C], dest [B, N], rep [B, M])."""
+def _merge(graph, by_name, cut, size_in, biases: dict):
+    """Insert a merge: returns (merged stream [B, M, C], dest [B, N], rep [B, M]). ``biases``: as
+    for :func:`_selection`."""
     r = cut.reduce
+    bias = biases.get(r.site.node.ref.name)
     x = by_name[cut.stream.ref.name]
     m = cut.kept
     weight = None
@@ -82,16 +101,16 @@ def _merge(graph, by_name, cut, size_in):
         res = graph.call_function(ops.merge.tome_assign, (_site_keys(graph, by_name, r.site), r.r, r.prefix, cut.tag))
         weight = size_in
     elif isinstance(r, Fuse):
-        scores = _site_scores(graph, by_name, r.site, 0)
+        scores = _site_scores(graph, by_name, r.site, 0, bias)
         res = graph.call_function(ops.merge.evit_assign, (scores, r.k, r.prefix, r.fuse, cut.tag))
         weight = graph.call_function(operator.getitem, (res, 1))
     elif isinstance(r, Contextual):
-        scores = _site_scores(graph, by_name, r.site, 0)
+        scores = _site_scores(graph, by_name, r.site, 0, bias)
         res = graph.call_function(ops.merge.visionzip_assign, (scores, _site_keys(graph, by_name, r.site), r.dominant,
                                                                r.contextual, r.prefix, cut.tag))
         weight = graph.call_function(operator.getitem, (res, 1))
     elif isinstance(r, Adaptive):
-        cls = _site_scores(graph, by_name, r.site, 0)
+        cls = _site_scores(graph, by_name, r.site, 0, bias)
         scores = graph.call_function(ops.merge.ppt_scores, (cls, by_name[r.site.v.ref.name], r.prefix))
         res = graph.call_function(ops.merge.ppt_assign, (scores, _site_keys(graph, by_name, r.site), r.r, r.prefix,
                                                          r.threshold, cut.tag))
@@ -165,11 +184,11 @@ def _add_bias(graph, by_name, site, bias):
         node.kwargs = {**node.kwargs, slot if isinstance(slot, str) else "attn_mask": new}
 
 
-def _recover(graph, by_name, cut, idx, dest, reduced, post):
-    """Restore the tokens at ``cut.recovery.point`` to the cut's length and order; every use of
-    the point after the cut reads the restored tensor [B, N, C]."""
+def _recover(graph, by_name, cut, src, idx, dest, reduced, post):
+    """Restore the tokens at ``cut.recovery.point`` to the length and order of ``src`` (the stream
+    entering the cut); every use of the point after the cut (an earlier cut's recovery, when
+    several restore there) reads the restored tensor [B, N, C]."""
     point = by_name[cut.recovery.point.ref.name]
-    src = by_name[cut.stream.ref.name]
     users = [u for u in point.users if u not in post]
     r = cut.reduce
     with graph.inserting_before(point.next):
@@ -189,84 +208,115 @@ def _recover(graph, by_name, cut, idx, dest, reduced, post):
 
 
 def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
-    plan.check_single_cut()
-    gm = copy.deepcopy(gm)
+    """A new GraphModule (parameters and buffers shared, graph copied once) with every cut of
+    ``plan`` lowered, in order. A cut reads what its parent left (gathered crossings, token
+    sizes); where several cuts fix the same node (a log-size bias, a size weight, a token count,
+    a shape literal), the last cut's fix is the one written."""
+    shared = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
+    gm = copy.deepcopy(gm, shared)
     graph = gm.graph
     by_name = {n.name: n for n in graph.nodes}
     order = {n: i for i, n in enumerate(graph.nodes)}
+    fixes: dict = {}  # (what, node name[, slot]) -> a function writing that fix (later cuts overwrite)
+    biases: dict = {}  # site node name -> the log-size bias the latest cut adds to it
+    lowered: dict = {}  # cut tag -> (node names -> the nodes its children read, token sizes node or None)
     for cut in plan.cuts:
-        post = {by_name[n.ref.name] for n in cut.post}
-        first_post = (min(post, key=order.__getitem__) if post  # no post-cut node: the stream is an output
-                      else next(n for n in graph.nodes if n.op == "output"))
-        size_in = by_name[cut.size_in.ref.name] if cut.size_in is not None else None
-        merged = dest = None
-        with graph.inserting_before(first_post):
-            if isinstance(cut.reduce, Merge):
-                merged, dest, idx = _merge(graph, by_name, cut, size_in)
-                dest._rename(f"{cut.tag}_dest")
-            else:
-                idx = _selection(graph, by_name, cut)
-            idx._rename(f"{cut.tag}_keep_idx")  # found by name again by expose_fx
-            sizes = (_size_state(graph, cut, size_in, by_name[cut.stream.ref.name], idx, dest)
-                     if cut.sizes_out else None)
-            for role in cut.size_roles():  # before the first post-cut node: every later use sees them
-                sizes(role)
-        reduced = merged
-        for c in cut.crossings:
-            src = by_name[c.value.ref.name]
-            users = [u for u in src.users if u in post or (u.op == "output" and src.name == cut.stream.ref.name)]
-            if not users:
-                continue
-            with graph.inserting_before(min(users, key=order.__getitem__)):
-                if c.role is not None:
-                    g = sizes(c.role)
-                elif merged is not None and c.value is cut.stream:
-                    g = merged
-                elif isinstance(cut.reduce, GridPool) and c.value is cut.stream:
-                    g = graph.call_function(ops.pool_tokens, (src, cut.reduce.prefix, cut.reduce.height,
-                                                              cut.reduce.width, cut.reduce.fh, cut.reduce.fw))
-                else:
-                    g = src
-                    for axis in c.token_axes:
-                        g = graph.call_function(ops.gather_tokens, (g, idx, axis, c.batch_axis))
-            for u in users:
-                u.replace_input_with(src, g)
-            if c.value is cut.stream:
-                reduced = g
-        if cut.recovery is not None:
-            _recover(graph, by_name, cut, idx, dest, reduced, post)
-        for site in cut.bias_sites:
-            _add_bias(graph, by_name, site, sizes(LOGSIZE_TAG))
-        for rw in cut.reweigh:
-            node = by_name[rw.node.ref.name]
-            x = node.args[0]
-            with graph.inserting_before(node):
-                weighed = _named(graph, aten.mul.Tensor, (x, sizes(rw.role)), f"{node.name}_{REWEIGH_TAG}")
-            node.replace_input_with(x, weighed)
-        for fix in cut.count_fixes:  # x.sum(1) / N -> / M
-            node = by_name[fix.node.ref.name]
-            args = list(node.args)
-            args[fix.slot] = int(fix.value) if isinstance(args[fix.slot], int) else fix.value
-            node.args = tuple(args)
-        m = cut.kept
-        for fix in cut.shape_fixes:
-            node = by_name[fix.node.ref.name]
-            args = list(node.args)
-            pos_arg = 0 if fix.node.op == "create" and not str(node.target).startswith("aten.new_") else 1
-            if "size" in node.kwargs:
-                size = list(node.kwargs["size"])
-                for j in fix.positions:
-                    size[j] = m
-                node.kwargs = {**node.kwargs, "size": size}
-            else:
-                size = list(args[pos_arg])
-                for j in fix.positions:
-                    size[j] = m
-                args[pos_arg] = size
-                node.args = tuple(args)
+        parent = lowered[cut.parent.tag] if cut.parent is not None else None
+        lowered[cut.tag] = _lower_cut(graph, cut, by_name, order, parent, fixes, biases)
+    for fix in fixes.values():  # the last cut's fix of each node
+        fix()
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases: dict):
+    """Lower one cut; returns what its children read: (name -> node map, token sizes node)."""
+    by_name = dict(parent[0] if parent is not None else nodes)
+    post = {nodes[n.ref.name] for n in cut.post}
+    first_post = (min(post, key=order.__getitem__) if post  # no post-cut node: the stream is an output
+                  else next(n for n in graph.nodes if n.op == "output"))
+    size_in = parent[1] if parent is not None and parent[1] is not None else (
+        by_name[cut.size_in.ref.name] if cut.size_in is not None else None)
+    stream = by_name[cut.stream.ref.name]  # the tokens entering the cut [B, N, C]
+    merged = dest = None
+    with graph.inserting_before(first_post):
+        if isinstance(cut.reduce, Merge):
+            merged, dest, idx = _merge(graph, by_name, cut, size_in, biases)
+            dest._rename(f"{cut.tag}_dest")
+        else:
+            idx = _selection(graph, by_name, cut, biases)
+        idx._rename(f"{cut.tag}_keep_idx")  # found by name again by expose_fx
+        sizes = _size_state(graph, cut, size_in, stream, idx, dest) if cut.sizes_out else None
+        for role in cut.size_roles():  # before the first post-cut node: every later use sees them
+            sizes(role)
+    reduced = merged
+    for c in cut.crossings:
+        src = by_name[c.value.ref.name]
+        users = [u for u in src.users if u in post or (u.op == "output" and c.value is cut.stream)]
+        if not users:
+            continue
+        with graph.inserting_before(min(users, key=lambda u: order.get(u, -1))):
+            if c.role is not None:
+                g = sizes(c.role)
+            elif merged is not None and c.value is cut.stream:
+                g = merged
+            elif isinstance(cut.reduce, GridPool) and c.value is cut.stream:
+                g = graph.call_function(ops.pool_tokens, (src, cut.reduce.prefix, cut.reduce.height,
+                                                          cut.reduce.width, cut.reduce.fh, cut.reduce.fw))
+            else:
+                g = src
+                for axis in c.token_axes:
+                    g = graph.call_function(ops.gather_tokens, (g, idx, axis, c.batch_axis))
+        for u in users:
+            u.replace_input_with(src, g)
+        by_name[c.value.ref.name] = g
+        if c.value is cut.stream:
+            reduced = g
+    if cut.recovery is not None:
+        _recover(graph, by_name, cut, stream, idx, dest, reduced, post)
+    for site in cut.bias_sites:
+        biases[site.node.ref.name] = sizes(LOGSIZE_TAG)  # what a later cut scoring this site must add
+        fixes[("bias", site.node.ref.name)] = functools.partial(_add_bias, graph, nodes, site, sizes(LOGSIZE_TAG))
+    for rw in cut.reweigh:
+        fixes[("reweigh", rw.node.ref.name)] = functools.partial(_reweigh, graph, nodes[rw.node.ref.name],
+                                                                 sizes(rw.role))
+    for fix in cut.count_fixes:  # x.sum(1) / N -> / M
+        fixes[("count", fix.node.ref.name, fix.slot)] = functools.partial(_fix_count, nodes[fix.node.ref.name], fix)
+    for fix in cut.shape_fixes:
+        fixes[("shape", fix.node.ref.name)] = functools.partial(_fix_shape, nodes[fix.node.ref.name], fix, cut.kept)
+    return by_name, (sizes(SIZE_TAG) if sizes is not None else None)
+
+
+def _reweigh(graph, node, weight) -> None:
+    """A token mean/sum after the cut reads its input times the tokens' size weight."""
+    x = node.args[0]
+    with graph.inserting_before(node):
+        weighed = _named(graph, aten.mul.Tensor, (x, weight), f"{node.name}_{REWEIGH_TAG}")
+    node.replace_input_with(x, weighed)
+
+
+def _fix_count(node, fix) -> None:
+    args = list(node.args)
+    args[fix.slot] = int(fix.value) if isinstance(args[fix.slot], int) else fix.value
+    node.args = tuple(args)
+
+
+def _fix_shape(node, fix, m: int) -> None:
+    """The size argument's entries that spell N become M."""
+    if "size" in node.kwargs:
+        size = list(node.kwargs["size"])
+        for j in fix.positions:
+            size[j] = m
+        node.kwargs = {**node.kwargs, "size": size}
+        return
+    args = list(node.args)
+    pos_arg = 0 if fix.node.op == "create" and not str(node.target).startswith("aten.new_") else 1
+    size = list(args[pos_arg])
+    for j in fix.positions:
+        size[j] = m
+    args[pos_arg] = size
+    node.args = tuple(args)
 
 
 def expose_fx(gm: torch.fx.GraphModule, steps: list, what: list[str]) -> torch.fx.GraphModule:

@@ -4,12 +4,16 @@ Scores: Gather/ReduceMean over materialized probabilities, or MatMul/Softmax ove
 one query row of q and kᵀ for fused attention. Selection: Slice -> TopK -> Add ->
 Concat with the kept prefix/suffix -> sort (TopK on the index values). Gathering:
 GatherND with ``batch_dims=1`` on a [B, N, ...] view of each crossing edge. Token
-counts are static constants; the batch dimension stays dynamic.
+counts are static constants; the batch dimension stays dynamic. Every cut of a Plan is lowered
+into one clone of the graph (:func:`lower_onnx`).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,7 +27,7 @@ from .onnx_build import _attention_rows, _Builder, _same_dtype, length_valid, si
 from .onnx_merge import lower_merge, merge_sizes, scatter_sum
 
 
-def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
+def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int, bias=None):
     """Zero-TPrune's I′ -> S -> I selection (as ``prunec.ops.select_zero_tprune``) -> span picks
     [B, k] and a [B, ...] tensor to read the batch size from."""
     site = r.site
@@ -31,7 +35,7 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
         probs = b.as_f32(values[site.probs.name], site.probs.dtype)
         keys = b.op("Transpose", [b.as_f32(values[site.k_t.name], site.k_t.dtype)], {"perm": [0, 3, 1, 2]})  # [B, N, H, D]
     else:
-        probs = _attention_rows(b, site, values, "mean")
+        probs = _attention_rows(b, site, values, "mean", n, bias)
         k4, _ = site_tensor(b, site, values, "k")
         keys = b.op("Transpose", [k4], {"perm": [0, 2, 1, 3]})
     keys = b.op("Reshape", [keys, b.ints([0, n, -1], "keys")])  # [B, N, Dk]
@@ -67,8 +71,9 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int):
     _, top = b.op("TopK", [imp, b.ints([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
     return top, imp
 
-def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value | None:
-    """Nodes computing the kept indices [B, M] of ``cut``."""
+def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict) -> ir.Value | None:
+    """Nodes computing the kept indices [B, M] of ``cut``. ``biases``: site node name -> the
+    log-size bias an earlier cut of the plan adds to it."""
     r = cut.reduce
     if isinstance(r, GridPool):  # side inputs follow each window's first token
         reps = r.representatives()
@@ -79,7 +84,7 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value |
         top = _diverse(b, b.as_f32(values[r.features.name], r.features.dtype), r)
         batch_of = values[r.features.name]
     elif isinstance(r, PageRank):
-        top, batch_of = _zero_tprune(b, r, values, cut.num_tokens)
+        top, batch_of = _zero_tprune(b, r, values, cut.num_tokens, biases.get(r.site.node.ref.name))
     else:
         if isinstance(r, Random):
             ranks = b.const(np.array(random_scores(cut.num_tokens, r.seed), np.float32)[None, :], "ranks")
@@ -87,7 +92,8 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value]) -> ir.Value |
             scores = b.op("Expand", [ranks, b.op("Concat", [b.batch_size(stream), b.ints([cut.num_tokens], "n")],
                                                  {"axis": 0})])
         elif isinstance(r, TopK):
-            scores = site_scores(b, r.score.site, r.score.query, values)
+            site = r.score.site
+            scores = site_scores(b, site, r.score.query, values, cut.num_tokens, biases.get(site.node.ref.name))
         else:
             raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
         span = b.slice(scores, r.span_start, r.span_end)
@@ -233,13 +239,14 @@ def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: 
     node.replace_input_with(3, new)
 
 
-def _recover(graph, cut, values, idx, dest, reduced, post_names, order, counter) -> None:
-    """Restore the tokens at ``cut.recovery.point`` to the cut's length and order (as
-    ``prunec.ops.recover``); every use of the point after the cut reads the restored tensor."""
+def _recover(graph, cut, values, src, idx, dest, reduced, post_names, order, counter) -> None:
+    """Restore the tokens at ``cut.recovery.point`` to the length and order of ``src`` (the stream
+    entering the cut) as ``prunec.ops.recover`` does; every use of the point after the cut (an
+    earlier cut's recovery, when several restore there) reads the restored tensor."""
     point = values[cut.recovery.point.name]
-    src = values[cut.stream.name]
     uses = [(u, i) for u, i in point.uses() if u.name not in post_names]
-    before = min((u for u, _ in uses), key=lambda u: order[u.name]) if uses else None
+    # an earlier cut's recovery reads the point first (its node is prunec's, not in ``order``)
+    before = min((u for u, _ in uses), key=lambda u: order.get(u.name, -1)) if uses else None
     b = _Builder(graph, before, f"{cut.tag}/recover", counter)
     entry = b.op("Identity", [point], name=RECOVER_TAG)
     r, mode = cut.reduce, cut.recovery.mode
@@ -274,8 +281,20 @@ def _recover(graph, cut, values, idx, dest, reduced, post_names, order, counter)
         graph.outputs[graph.outputs.index(point)] = full
 
 
+@dataclass
+class _Lowered:
+    """What lowering a cut leaves for the cuts after it in the same plan (its children)."""
+
+    values: dict  # value name in the planned graph -> the value the post-cut nodes read now (gathered)
+    size: ir.Value | None = None  # token sizes [B, M, 1] after the cut, in the stream's type
+    positions: ir.Value | None = None  # original positions of the kept tokens [B, M] (for lengths masks)
+
+
 def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
-    plan.check_single_cut()
+    """A new model (weights shared, graph cloned once) with every cut of ``plan`` lowered, in
+    order. A cut reads what its parent left (gathered crossings, token sizes, positions); where
+    several cuts fix the same node (a shape literal, a token count, a log-size bias, a size
+    weight, a lengths mask), the last cut's fix is the one written."""
     model = model.clone()  # weights are shared, the graph is new: the input stays untouched
     graph = model.graph
     values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
@@ -287,131 +306,209 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
         order[n.name] = i
         for o in n.outputs:
             values[o.name] = o
+    ctx = _Context(graph, values, nodes, order, itertools.count(), {}, any(c.length_masks for c in plan.cuts))
+    lowered: dict[str, _Lowered] = {}
     for cut in plan.cuts:
-        post_names = {n.ref.name for n in cut.post}
-        first = nodes[min(post_names, key=order.__getitem__)] if post_names else None  # None: the stream is an output
-        counter = itertools.count()
-        b = _Builder(graph, first, cut.tag, counter)
-        size_in = values[cut.size_in.name] if cut.size_in is not None else None
-        merged = dest = None
-        if isinstance(cut.reduce, Merge):
-            merged, dest, idx = lower_merge(b, cut, values, size_in)
-        else:
-            idx = _selection(b, cut, values)
-        sizes = {}
-        if cut.sizes_out:
-            if merged is not None:  # sizes are kept in the stream's float type (integers: exact in fp16)
-                dt = cut.stream.dtype
-                size_f32 = b.as_f32(size_in, dt) if size_in is not None else None
-                size = b.as_dtype(merge_sizes(b, size_f32, b.as_f32(values[cut.stream.name], dt), dest, cut.kept), dt)
-            else:
-                size = _gather(b, size_in, list(cut.size_in.shape), idx, 1, 0)
-            size.name = f"{cut.tag}/{SIZE_TAG}"
-            sizes[SIZE_TAG] = size
-            roles = cut.size_roles()
-            if LOGSIZE_TAG in roles:  # [B, M, 1] -> [B, 1, 1, M]
-                log = b.op("Unsqueeze", [b.op("Transpose", [b.op("Log", [size])], {"perm": [0, 2, 1]}),
-                                         b.ints([1], "axes")])
-                log.name = f"{cut.tag}/{LOGSIZE_TAG}"
-                sizes[LOGSIZE_TAG] = log
-            for role in sorted(roles - {SIZE_TAG, LOGSIZE_TAG}):
-                base, start = split_role(role)  # the tokens start: (a mean over x[:, start:])
-                part = b.slice(size, start, np.iinfo(np.int64).max) if start else size
-                if base == MEANW_TAG:  # size / mean over those tokens
-                    part = b.op("Div", [part, b.reduce_mean(part, [1], keepdims=1)])
-                part.name = f"{cut.tag}/{role}"
-                sizes[role] = part
-        reduced = merged
-        for c in cut.crossings:
-            src = values[c.value.name]
-            uses = [(u, i) for u, i in src.uses() if u.name in post_names]
-            as_output = src.is_graph_output() and c.value is cut.stream  # a cut at the output
-            if not uses and not as_output:
-                continue
-            before = min((u for u, _ in uses), key=lambda u: order[u.name]) if uses else None
-            gb = _Builder(graph, before, f"{cut.tag}/gather", counter)
-            if c.role is not None:
-                y = sizes[c.role]
-            elif merged is not None and c.value is cut.stream:
-                y = merged
-            elif isinstance(cut.reduce, GridPool) and c.value is cut.stream:
-                y = _pool(gb, src, cut.reduce)
-            else:
-                y, shape = src, list(c.value.shape)
-                for axis in c.token_axes:
-                    y = _gather(gb, y, shape, idx, axis, c.batch_axis)
-                    shape[axis] = cut.kept
-            for u, i in uses:
-                u.replace_input_with(i, y)
-            if c.value is cut.stream:
-                reduced = y
-            if as_output:  # the reduced tensor takes the output's place and name
-                name = src.name
-                src.name = f"{name}/unpruned"
-                y.name = name
-                dims = list(src.shape) if src.shape is not None else None
-                if dims is not None:
-                    for j in c.token_axes:
-                        dims[j] = cut.kept
-                    y.shape = ir.Shape(dims)
-                y.type = src.type
-                graph.outputs[graph.outputs.index(src)] = y
-        for lm in cut.length_masks:
-            node = nodes[lm.node.ref.name]
-            lb = _Builder(graph, node, f"{cut.tag}/lengths", counter)
-            if lm.kind == "total":  # GroupQueryAttention's total_sequence_length: the kept count
-                new = lb.const(np.array(cut.kept, np.int32).reshape(lm.value.shape or ()), "total")
-            elif lm.kind == "seqlens":  # GroupQueryAttention: valid lengths − 1 -> kept valid tokens − 1
-                lens = lb.op("Add", [lb.op("Cast", [values[lm.value.name]], {"to": ir.DataType.INT32}),
-                                     lb.const(np.array(1, np.int32), "one")])
-                valid = _kept_valid(lb, lens, False, idx)
-                new = lb.op("Sub", [lb.reduce_sum(valid, [1]), lb.const(np.array(1, np.int32), "one")])
-            else:
-                two = lm.value.shape[0] != cut.stream.shape[0]  # [2B]: ends, then starts
-                new = _kept_valid(lb, values[lm.value.name], two, idx)
-            node.replace_input_with(lm.input_index, new)
-        if cut.recovery is not None:
-            _recover(graph, cut, values, idx, dest, reduced, post_names, order, counter)
-        for site in cut.bias_sites:
-            _add_bias(graph, nodes[site.node.ref.name], site, sizes[LOGSIZE_TAG], cut.kept, counter, cut.tag,
-                      cut.stream.dtype)
-        for rw in cut.reweigh:
-            node = nodes[rw.node.ref.name]
-            wb = _Builder(graph, node, f"{cut.tag}/reweigh", counter)
-            _same_dtype(rw.node.inputs[0], cut.stream.dtype, node.name)
-            node.replace_input_with(0, wb.op("Mul", [node.inputs[0], sizes[rw.role]], name=REWEIGH_TAG))
-        for fix in cut.count_fixes:  # x.sum(1) / N -> / M, in the constant's dtype and shape
-            node = nodes[fix.node.ref.name]
-            src = node.inputs[fix.slot]
-            new = np.full(tuple(src.shape) if src.shape is not None else (), fix.value).astype(src.dtype.numpy())
-            node.replace_input_with(fix.slot, _Builder(graph, node, f"{cut.tag}/count", counter).const(new, "count"))
-        m = cut.kept
-        for fix in cut.shape_fixes:
-            node = nodes[fix.node.ref.name]
-            slot = 0 if node.op_type == "ConstantOfShape" else 1
-            shp = node.inputs[slot]
-            new = np.array(fix.node.inputs[slot].data).reshape(-1).copy()
-            for j in fix.positions:
-                new[j] = m
-            fb = _Builder(graph, node, f"{cut.tag}/shape", counter)
-            if shp.const_value is not None or (shp.producer() is not None and shp.producer().op_type == "Constant"):
-                node.replace_input_with(slot, fb.const(new, "size"))
-            else:  # a computed shape (dynamic batch): overwrite only the token entries at run time
-                pos = np.array(fix.positions, np.int64)
-                upd = np.full(len(fix.positions), m, np.int64)
-                node.replace_input_with(slot, fb.op("ScatterElements", [shp, fb.const(pos, "pos"), fb.const(upd, "upd")],
-                                                    {"axis": 0}))
-        # shapes after the cut are stale: drop them; outputs get their new token count
-        for name in post_names:
-            for o in nodes[name].outputs:
-                if o.is_graph_output() and o.shape is not None:
-                    dims = list(o.shape)
-                    for j in cut.output_axes.get(o.name, []):
-                        dims[j] = m
-                    o.shape = ir.Shape(dims)
-                elif not o.is_graph_output():
-                    o.shape = None
+        lowered[cut.tag] = _lower_cut(ctx, cut, lowered[cut.parent.tag] if cut.parent is not None else None)
+    for fix in ctx.fixes.values():  # the last cut's fix of each node
+        fix()
     return model
+
+
+@dataclass
+class _Context:
+    """The graph being rewritten and what every cut's lowering shares."""
+
+    graph: ir.Graph
+    values: dict  # value name -> value, as the model came in
+    nodes: dict  # node name -> node
+    order: dict  # node name -> its index in the incoming graph
+    counter: Any
+    fixes: dict  # (what, node name, slot) -> a function writing that fix (later cuts overwrite)
+    positions: bool  # whether cuts track the original positions of their kept tokens
+    site_bias: dict = field(default_factory=dict)  # site node name -> the log-size bias the latest cut adds
+
+
+def _lower_cut(ctx: _Context, cut: Cut, parent: _Lowered | None) -> _Lowered:
+    """Lower one cut: reduce its stream, gather the crossings, restore at its recovery point, and
+    register its fixes of later nodes."""
+    graph, nodes, order, counter = ctx.graph, ctx.nodes, ctx.order, ctx.counter
+    values = dict(parent.values if parent is not None else ctx.values)
+    post_names = {n.ref.name for n in cut.post}
+    first = nodes[min(post_names, key=order.__getitem__)] if post_names else None  # None: the stream is an output
+    b = _Builder(graph, first, cut.tag, counter)
+    size_in = parent.size if parent is not None and parent.size is not None else (
+        values[cut.size_in.name] if cut.size_in is not None else None)
+    stream = values[cut.stream.name]  # the tokens entering the cut [B, N, C]
+    merged = dest = None
+    if isinstance(cut.reduce, Merge):
+        merged, dest, idx = lower_merge(b, cut, values, size_in, ctx.site_bias)
+    else:
+        idx = _selection(b, cut, values, ctx.site_bias)
+    out = _Lowered(values)
+    if ctx.positions:
+        out.positions = idx if parent is None or parent.positions is None else b.op(
+            "GatherElements", [parent.positions, idx], {"axis": 1})
+    sizes = _size_tensors(b, cut, size_in, stream, merged, dest, idx) if cut.sizes_out else {}
+    out.size = sizes.get(SIZE_TAG)
+    reduced = merged
+    for c in cut.crossings:
+        src = values[c.value.name]
+        uses = [(u, i) for u, i in src.uses() if u.name in post_names]
+        as_output = src.is_graph_output() and c.value is cut.stream  # a cut at the output
+        if not uses and not as_output:
+            continue
+        before = min((u for u, _ in uses), key=lambda u: order[u.name]) if uses else None
+        gb = _Builder(graph, before, f"{cut.tag}/gather", counter)
+        if c.role is not None:
+            y = sizes[c.role]
+        elif merged is not None and c.value is cut.stream:
+            y = merged
+        elif isinstance(cut.reduce, GridPool) and c.value is cut.stream:
+            y = _pool(gb, src, cut.reduce)
+        else:
+            y, shape = src, list(c.value.shape)
+            for axis in c.token_axes:
+                shape[axis] = cut.num_tokens  # the planned graph spells N; the parent left num_tokens
+            for axis in c.token_axes:
+                y = _gather(gb, y, shape, idx, axis, c.batch_axis)
+                shape[axis] = cut.kept
+        for u, i in uses:
+            u.replace_input_with(i, y)
+        values[c.value.name] = y
+        if c.value is cut.stream:
+            reduced = y
+        if as_output:  # the reduced tensor takes the output's place and name
+            _take_output(graph, src, y, c.token_axes, cut.kept)
+    if cut.recovery is not None:
+        _recover(graph, cut, values, stream, idx, dest, reduced, post_names, order, counter)
+    _register_fixes(ctx, cut, sizes, idx if out.positions is None else out.positions)
+    _clear_shapes(cut, post_names, nodes)
+    return out
+
+
+def _size_tensors(b: _Builder, cut: Cut, size_in, stream, merged, dest, idx) -> dict:
+    """Token sizes after the cut [B, M, 1] (``<tag>/prunec_size``, in the stream's type) and what
+    is computed from them (log-size bias, size weights): {role: value}."""
+    dt = cut.stream.dtype
+    if merged is not None:  # sizes are kept in the stream's float type (integers: exact in fp16)
+        size_f32 = b.as_f32(size_in, dt) if size_in is not None else None
+        size = b.as_dtype(merge_sizes(b, size_f32, b.as_f32(stream, dt), dest, cut.kept), dt)
+    else:
+        size = _gather(b, size_in, [cut.stream.shape[0], cut.num_tokens, 1], idx, 1, 0)
+    size.name = f"{cut.tag}/{SIZE_TAG}"
+    sizes = {SIZE_TAG: size}
+    roles = cut.size_roles()
+    if LOGSIZE_TAG in roles:  # [B, M, 1] -> [B, 1, 1, M]
+        log = b.op("Unsqueeze", [b.op("Transpose", [b.op("Log", [size])], {"perm": [0, 2, 1]}), b.ints([1], "axes")])
+        log.name = f"{cut.tag}/{LOGSIZE_TAG}"
+        sizes[LOGSIZE_TAG] = log
+    for role in sorted(roles - {SIZE_TAG, LOGSIZE_TAG}):
+        base, start = split_role(role)  # the tokens start: (a mean over x[:, start:])
+        part = b.slice(size, start, np.iinfo(np.int64).max) if start else size
+        if base == MEANW_TAG:  # size / mean over those tokens
+            part = b.op("Div", [part, b.reduce_mean(part, [1], keepdims=1)])
+        part.name = f"{cut.tag}/{role}"
+        sizes[role] = part
+    return sizes
+
+
+def _take_output(graph: ir.Graph, src: ir.Value, y: ir.Value, token_axes: list[int], m: int) -> None:
+    """The reduced tensor ``y`` replaces the graph output ``src`` under its name (M tokens)."""
+    name = src.name
+    src.name = f"{name}/unpruned"
+    y.name = name
+    dims = list(src.shape) if src.shape is not None else None
+    if dims is not None:
+        for j in token_axes:
+            dims[j] = m
+        y.shape = ir.Shape(dims)
+    y.type = src.type
+    graph.outputs[graph.outputs.index(src)] = y
+
+
+def _register_fixes(ctx: _Context, cut: Cut, sizes: dict, positions: ir.Value) -> None:
+    """Record this cut's fixes of later nodes in ``ctx.fixes``, replacing an earlier cut's fix of the
+    same node: log-size biases, size weights, token counts, shape literals and lengths masks.
+    ``positions``: the kept tokens' original positions [B, M] (the kept indices of a first cut)."""
+    graph, nodes, counter, values = ctx.graph, ctx.nodes, ctx.counter, ctx.values
+    m = cut.kept
+    for site in cut.bias_sites:
+        ctx.site_bias[site.node.ref.name] = sizes[LOGSIZE_TAG]  # what a later cut scoring this site must add
+        ctx.fixes[("bias", site.node.ref.name)] = functools.partial(
+            _add_bias, graph, nodes[site.node.ref.name], site, sizes[LOGSIZE_TAG], m, counter, cut.tag, cut.stream.dtype)
+    for rw in cut.reweigh:
+        ctx.fixes[("reweigh", rw.node.ref.name)] = functools.partial(_reweigh, graph, nodes[rw.node.ref.name], rw,
+                                                                     sizes[rw.role], cut, counter)
+    for fix in cut.count_fixes:  # x.sum(1) / N -> / M, in the constant's dtype and shape
+        ctx.fixes[("count", fix.node.ref.name, fix.slot)] = functools.partial(
+            _fix_count, graph, nodes[fix.node.ref.name], fix, cut.tag, counter)
+    for fix in cut.shape_fixes:
+        ctx.fixes[("shape", fix.node.ref.name)] = functools.partial(
+            _fix_shape, graph, nodes[fix.node.ref.name], fix, m, cut.tag, counter)
+    for lm in cut.length_masks:
+        ctx.fixes[("lengths", lm.node.ref.name, lm.input_index)] = functools.partial(
+            _fix_lengths, graph, nodes[lm.node.ref.name], lm, values[lm.value.name], positions, cut, counter)
+
+
+def _reweigh(graph, node: ir.Node, rw, weight: ir.Value, cut: Cut, counter) -> None:
+    """A token mean/sum after the cut reads its input times the tokens' size weight."""
+    wb = _Builder(graph, node, f"{cut.tag}/reweigh", counter)
+    _same_dtype(rw.node.inputs[0], cut.stream.dtype, node.name)
+    node.replace_input_with(0, wb.op("Mul", [node.inputs[0], weight], name=REWEIGH_TAG))
+
+
+def _fix_count(graph, node: ir.Node, fix, tag: str, counter) -> None:
+    src = node.inputs[fix.slot]
+    new = np.full(tuple(src.shape) if src.shape is not None else (), fix.value).astype(src.dtype.numpy())
+    node.replace_input_with(fix.slot, _Builder(graph, node, f"{tag}/count", counter).const(new, "count"))
+
+
+def _fix_shape(graph, node: ir.Node, fix, m: int, tag: str, counter) -> None:
+    """The size operand's entries that spell N become M: a new constant, or (a computed shape, as
+    with a dynamic batch) a ScatterElements overwriting only those entries at run time."""
+    slot = 0 if node.op_type == "ConstantOfShape" else 1
+    shp = node.inputs[slot]
+    new = np.array(fix.node.inputs[slot].data).reshape(-1).copy()
+    for j in fix.positions:
+        new[j] = m
+    fb = _Builder(graph, node, f"{tag}/shape", counter)
+    if shp.const_value is not None or (shp.producer() is not None and shp.producer().op_type == "Constant"):
+        node.replace_input_with(slot, fb.const(new, "size"))
+    else:
+        pos = np.array(fix.positions, np.int64)
+        upd = np.full(len(fix.positions), m, np.int64)
+        node.replace_input_with(slot, fb.op("ScatterElements", [shp, fb.const(pos, "pos"), fb.const(upd, "upd")],
+                                            {"axis": 0}))
+
+
+def _fix_lengths(graph, node: ir.Node, lm, lengths: ir.Value, positions: ir.Value, cut: Cut, counter) -> None:
+    """A lengths mask of the uncut sequence, read after the cut, becomes that of the kept tokens
+    (``positions``: their original positions [B, M])."""
+    lb = _Builder(graph, node, f"{cut.tag}/lengths", counter)
+    if lm.kind == "total":  # GroupQueryAttention's total_sequence_length: the kept count
+        new = lb.const(np.array(cut.kept, np.int32).reshape(lm.value.shape or ()), "total")
+    elif lm.kind == "seqlens":  # GroupQueryAttention: valid lengths − 1 -> kept valid tokens − 1
+        lens = lb.op("Add", [lb.op("Cast", [lengths], {"to": ir.DataType.INT32}), lb.const(np.array(1, np.int32), "one")])
+        valid = _kept_valid(lb, lens, False, positions)
+        new = lb.op("Sub", [lb.reduce_sum(valid, [1]), lb.const(np.array(1, np.int32), "one")])
+    else:
+        two = lm.value.shape[0] != cut.stream.shape[0]  # [2B]: ends, then starts
+        new = _kept_valid(lb, lengths, two, positions)
+    node.replace_input_with(lm.input_index, new)
+
+
+def _clear_shapes(cut: Cut, post_names: set, nodes: dict) -> None:
+    """Shapes after the cut are stale: dropped; graph outputs get the cut's token count."""
+    for name in post_names:
+        for o in nodes[name].outputs:
+            if o.is_graph_output() and o.shape is not None:
+                dims = list(o.shape)
+                for j in cut.output_axes.get(o.name, []):
+                    dims[j] = cut.kept
+                o.shape = ir.Shape(dims)
+            elif not o.is_graph_output():
+                o.shape = None
 
 
 EXPOSED = {"sizes": "sizes", "indices": "kept_indices"}  # --expose name -> output suffix

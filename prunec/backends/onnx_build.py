@@ -120,8 +120,8 @@ def _as_4d_heads(b: _Builder, x: ir.Value, shape, heads: int | None) -> ir.Value
         return x
     if not heads:
         raise PruneError(f"3-D attention input '{x.name}' without a head count")
-    n, hd = shape[1], shape[2]
-    x = b.op("Reshape", [x, b.const(np.array([0, n, heads, hd // heads], np.int64), "heads")])
+    hd = shape[2]
+    x = b.op("Reshape", [x, b.const(np.array([0, -1, heads, hd // heads], np.int64), "heads")])
     return b.op("Transpose", [x], {"perm": [0, 2, 1, 3]})
 
 def site_tensor(b: _Builder, site, values: dict[str, ir.Value], which: str) -> tuple[ir.Value, tuple]:
@@ -205,17 +205,19 @@ def _key_mask(b: _Builder, site, values: dict[str, ir.Value], query, t: int) -> 
     return b.op("Where", [valid, b.floats(0.0, "zero"), b.floats(fill, "fill")])
 
 
-def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query) -> ir.Value:
-    """softmax(q kᵀ·scale + masks) for one fused or packed site: the query row(s) [B, H, R, N]
-    (R = 1) or, with query "mean", every row [B, H, N, N]. Masks: the site's additive/boolean
-    mask, ORT's key mask and attention bias, causal (``is_causal`` / ``unidirectional``)."""
-    q, (_, h, n, d) = site_tensor(b, site, values, "q")
+def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query, n: int, bias=None) -> ir.Value:
+    """softmax(q kᵀ·scale + masks) for one fused or packed site over its ``n`` tokens: the query
+    row(s) [B, H, R, N] (R = 1) or, with query "mean", every row [B, H, N, N]. Masks: the site's
+    additive/boolean mask, ORT's key mask and attention bias, causal (``is_causal`` /
+    ``unidirectional``), and ``bias`` (the log-size bias [B, 1, 1, N] an earlier cut of the same
+    plan adds to this site)."""
+    q, (_, h, _, d) = site_tensor(b, site, values, "q")
     k, kshape = site_tensor(b, site, values, "k")
     if kshape[1] != h:
         rep = h // kshape[1]
         k = b.op("Unsqueeze", [k, b.const(np.array([2], np.int64), "axes")])
         k = b.op("Expand", [k, b.const(np.array([1, 1, rep, 1, 1], np.int64), "rep")])
-        k = b.op("Reshape", [k, b.const(np.array([0, h, n, d], np.int64), "gqa")])
+        k = b.op("Reshape", [k, b.const(np.array([0, h, -1, d], np.int64), "gqa")])
     if query != "mean":
         q = b.op("Gather", [q, b.const(np.array([int(query)], np.int64), "row")], {"axis": 2})
     kt = b.op("Transpose", [k], {"perm": [0, 1, 3, 2]})
@@ -232,7 +234,9 @@ def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query) -> ir
         if mask.dtype == "bool":
             m = b.op("Where", [m, b.floats(0.0, "zero"), b.floats(-np.inf, "ninf")])
         logits = b.op("Add", [logits, m])
-    key_mask = _key_mask(b, site, values, query, kshape[2])
+    if bias is not None:
+        logits = b.op("Add", [logits, b.as_f32(bias, site.q.dtype if site.q is not None else site.inp.dtype)])
+    key_mask = _key_mask(b, site, values, query, n)
     if key_mask is not None:
         logits = b.op("Add", [logits, key_mask])
     if site.node.attrs.get("is_causal"):
@@ -242,9 +246,10 @@ def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query) -> ir
     return b.op("Softmax", [logits], {"axis": -1})
 
 
-def site_scores(b: _Builder, site, query, values: dict[str, ir.Value]) -> ir.Value:
-    """Attention each token receives in ``site`` from ``query`` (a row index or "mean"), mean over
-    heads: [B, N] float32 (whatever the graph's float type)."""
+def site_scores(b: _Builder, site, query, values: dict[str, ir.Value], n: int, bias=None) -> ir.Value:
+    """Attention each of the ``n`` tokens receives in ``site`` from ``query`` (a row index or
+    "mean"), mean over heads: [B, N] float32 (whatever the graph's float type). ``bias``: see
+    :func:`_attention_rows` (an eager site's probabilities include it already)."""
     if site.probs is not None:
         if len(site.probs.shape) != 4:
             raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
@@ -253,7 +258,7 @@ def site_scores(b: _Builder, site, query, values: dict[str, ir.Value]) -> ir.Val
             return b.reduce_mean(p, [1, 2])
         row = b.op("Gather", [p, b.const(np.array(int(query), np.int64), "row")], {"axis": 2})
         return b.reduce_mean(row, [1])
-    p = _attention_rows(b, site, values, query)
+    p = _attention_rows(b, site, values, query, n, bias)
     return b.reduce_mean(p, [1, 2])
 
 

@@ -197,27 +197,29 @@ def merge_sizes(b, size: ir.Value | None, stream: ir.Value, dest: ir.Value, m: i
     return scatter_sum(b, size, dest, m, 1)
 
 
-def lower_merge(b, cut, values, size_in: ir.Value | None):
+def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict):
     """The merged stream [B, M, C] (in the stream's float type; merged in float32), dest [B, N]
-    and rep [B, M] of a merge cut."""
+    and rep [B, M] of a merge cut. ``biases``: site node name -> the log-size bias an earlier cut
+    of the plan adds to it (read by the scores of a fused site)."""
     r = cut.reduce
+    bias = biases.get(r.site.node.ref.name)
     n, m = cut.num_tokens, cut.kept
     dt = cut.stream.dtype
     x = b.as_f32(values[cut.stream.name], dt)
     if size_in is not None:
-        size_in = b.as_f32(size_in, cut.size_in.dtype)
+        size_in = b.as_f32(size_in, dt)  # sizes live in the stream's type
     c = cut.stream.shape[-1]
     weight = None
     if isinstance(r, Bipartite):
         dest, rep = tome_assign(b, site_keys(b, r.site, values), n, r.r, r.prefix)
         weight = size_in
     elif isinstance(r, Fuse):
-        dest, weight, rep = evit_assign(b, site_scores(b, r.site, 0, values), n, r.k, r.prefix, r.fuse)
+        dest, weight, rep = evit_assign(b, site_scores(b, r.site, 0, values, n, bias), n, r.k, r.prefix, r.fuse)
     elif isinstance(r, Contextual):
-        dest, weight, rep = visionzip_assign(b, site_scores(b, r.site, 0, values), site_keys(b, r.site, values), n,
+        dest, weight, rep = visionzip_assign(b, site_scores(b, r.site, 0, values, n, bias), site_keys(b, r.site, values), n,
                                              r.dominant, r.contextual, r.prefix)
     elif isinstance(r, Adaptive):
-        dest, rep = ppt_assign(b, r.site, values, site_scores(b, r.site, 0, values), site_keys(b, r.site, values), n,
+        dest, rep = ppt_assign(b, r.site, values, site_scores(b, r.site, 0, values, n, bias), site_keys(b, r.site, values), n,
                                r.r, r.prefix, r.threshold)
         weight = size_in
     else:

@@ -3,10 +3,13 @@
 Reductions: selections (``Select`` subclasses: kept indices), ``GridPool``, and merges
 (``Merge`` subclasses: every token goes to an output slot, weighted).
 
-A Plan holds a cut. A :class:`Cut` says: before layer ``layer``, score the
-tokens (:class:`Score`), select the kept indices [B, M] (:class:`TopK`), and gather
-every token-carrying edge that crosses the cut with those indices; shape literals
-after the cut that spell the old token count N are rewritten to M.
+A Plan holds every cut of a pass, in graph order, all planned on one analysis of one
+graph. A :class:`Cut` says: before layer ``layer``, score the tokens (:class:`Score`),
+select the kept indices [B, M] (:class:`TopK`), and gather every token-carrying edge that
+crosses the cut with those indices; shape literals after the cut that spell the graph's
+token count N are rewritten to M. A cut after another one in the same plan names it as
+``parent``: its tokens are the parent's kept tokens (``num_tokens`` = the parent's M), its
+token sizes the parent's, and where both cuts fix the same node the later one wins.
 """
 from __future__ import annotations
 
@@ -68,9 +71,10 @@ class Pass:
         return self.apply(model)
 
     def apply(self, model):
-        """Pure: returns a new model; ``model`` is untouched."""
+        """Pure: returns a new model (one lowering of every cut the pass plans, checked once);
+        ``model`` is untouched. A plan without cuts gives an unchanged copy."""
         plan = self.plan(model)
-        return model.lower(plan)
+        return model.lower(plan) if plan.cuts else model.copy()
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{o.name}={getattr(self, o.name)!r}" for o in self.options)
@@ -329,11 +333,31 @@ class Cut:
     count_fixes: list = field(default_factory=list)  # CountFix: numbers spelling N that scale token sums
     recovery: Recovery | None = None
     length_masks: list = field(default_factory=list)  # LengthMask: rewritten to 0/1 masks of the kept tokens
+    parent: "Cut | None" = None  # the earlier cut of the same plan whose kept tokens enter this one
+    graph_tokens: int = 0  # the token count the analysed graph spells at the cut (literals that read N)
+
+    def __post_init__(self):
+        if not self.graph_tokens:
+            self.graph_tokens = self.num_tokens
+
+    @property
+    def sizes_in(self) -> bool:
+        """Whether token sizes enter the cut: left by a merge of an earlier pass (``size_in``, a
+        graph value) or by the parent cut of this plan."""
+        return self.size_in is not None or (self.parent is not None and self.parent.sizes_out)
 
     @property
     def sizes_out(self) -> bool:
         """Whether the cut produces token sizes (a merge that tracks them, or sizes entering)."""
-        return self.size_in is not None or getattr(self.reduce, "track_size", False)
+        return self.sizes_in or getattr(self.reduce, "track_size", False)
+
+    def ancestors(self) -> list["Cut"]:
+        """The chain of parent cuts, nearest first."""
+        out, c = [], self.parent
+        while c is not None:
+            out.append(c)
+            c = c.parent
+        return out
 
     def size_roles(self) -> set[str]:
         """The size tensors the lowering must build after the cut: those crossing it, the
@@ -349,11 +373,45 @@ class Cut:
 
 @dataclass
 class Plan:
-    """Token ops to insert. A plan names nodes of the graph it was planned on, so it holds one
-    cut: a schedule of several cuts is several passes (each re-analyses the rewritten graph)."""
+    """Token ops to insert: every cut of a pass, in graph order. The cuts name nodes of the one
+    graph they were planned on (see :class:`PlannedFacts`); the backends lower them in one go."""
 
     cuts: list[Cut]
 
-    def check_single_cut(self) -> None:
-        if len(self.cuts) != 1:
-            raise PruneError(f"a plan lowers exactly one cut (got {len(self.cuts)}); apply cuts as separate passes")
+
+class PlannedFacts:
+    """The analysis facts of a graph as the cuts planned so far leave it: the graph is not
+    rewritten, so every fact is the analysis' own, except the token count entering a layer,
+    which is the kept count of the latest planned cut before it (the token class changes at a
+    cut). Attributes not defined here are the wrapped facts'."""
+
+    def __init__(self, facts, cuts: tuple = ()):
+        self.facts = facts
+        self.cuts = tuple(cuts)
+
+    def __getattr__(self, name):
+        return getattr(self.facts, name)
+
+    def after(self, cut: Cut) -> "PlannedFacts":
+        """These facts with ``cut`` planned too."""
+        return PlannedFacts(self.facts, self.cuts + (cut,))
+
+    def parent_of(self, value: Value) -> Cut | None:
+        """The latest planned cut whose reduced tokens reach ``value`` (its producer is after that
+        cut and before any point where the cut restores the tokens), or None."""
+        for cut in reversed(self.cuts):
+            if value.producer is not None and value.producer in cut.post:
+                return cut
+        return None
+
+    def count_at(self, value: Value) -> int:
+        """Tokens carried by the token tensor ``value`` [B, N, ...] once the planned cuts are applied."""
+        parent = self.parent_of(value)
+        return parent.kept if parent is not None else value.shape[1]
+
+    def tokens(self, layer: int = 0) -> int:
+        """Tokens entering ``layer`` (what its attention sees) once the planned cuts are applied:
+        a cut before ``layer`` reduces them to its kept count."""
+        stream = self.facts.streams[layer]
+        at = [c for c in self.cuts if c.stream is stream]
+        return at[-1].kept if at else self.count_at(stream)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role, skip_role
-from .base import RECOVER_MODES, Bipartite, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, Recovery, Reweigh, ShapeFix
+from .base import (RECOVER_MODES, Bipartite, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, PlannedFacts, Recovery,
+                   Reweigh, ShapeFix)
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -39,12 +40,16 @@ def _check_scores_finite(reduce) -> None:
                          f"scores read from them would be meaningless")
 
 
-def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, recover="auto",
+def plan_cut(facts: Facts | PlannedFacts, layer: int, reduce, tag: str, mid: bool = False, recover="auto",
              recover_at: int | None = None) -> Cut:
     """A cut before ``layer`` (1..depth-1), or at the encoder output (``layer == depth``:
     after the last block, where the final stream leaves for the head / outputs); with
     ``mid``, inside block ``layer`` (0..depth-1) between attention and MLP. ``recover`` /
-    ``recover_at``: where and how the full token count comes back (see :func:`plan_recovery`)."""
+    ``recover_at``: where and how the full token count comes back (see :func:`plan_recovery`).
+    With :class:`PlannedFacts`, the cut comes after the cuts planned there: the latest one
+    before it is its parent (its tokens enter this cut)."""
+    planned = facts if isinstance(facts, PlannedFacts) else PlannedFacts(facts)
+    facts = planned.facts
     if mid:
         if not 0 <= layer < facts.depth:
             raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
@@ -56,9 +61,12 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
     g = facts.graph
     stream = facts.mid_stream(layer) if mid else facts.stream_at(layer)
     cls_layer = min(layer, facts.depth - 1)
-    n = stream.shape[1]
+    n = stream.shape[1]  # as the graph spells it; the cut's own count follows the planned cuts
+    parent = planned.parent_of(stream)
     post = g.consumers_closure(stream)
-    recovery = plan_recovery(facts, stream, post, reduce, recover, recover_at)
+    earlier = next((c.recovery.point for c in reversed(planned.cuts) if c.recovery is not None), None)
+    recovery = plan_recovery(facts, stream, post, reduce, recover, recover_at,
+                             earlier if earlier is not None else facts.recovery_point())
     if recovery is not None:
         after = g.consumers_closure(recovery.point)
         post -= after
@@ -69,7 +77,8 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
                     raise PruneError(f"token tensor '{v.name}' reaches node '{node.name}' after the point where "
                                      f"the tokens are restored ('{recovery.point.name}'); only that tensor is restored")
     _pull_in(facts, post, cls_layer)
-    cut = Cut(layer, stream, reduce, n, post, tag=tag, recovery=recovery)
+    cut = Cut(layer, stream, reduce, planned.count_at(stream), post, tag=tag, recovery=recovery, parent=parent,
+              graph_tokens=n)
     seen = set()
     for node in sorted(post, key=lambda x: x.index):
         for v in node.inputs:
@@ -122,7 +131,7 @@ def plan_cut(facts: Facts, layer: int, reduce, tag: str, mid: bool = False, reco
     return cut
 
 
-def plan_recovery(facts: Facts, stream, post: set, reduce, recover, recover_at) -> Recovery | None:
+def plan_recovery(facts: Facts, stream, post: set, reduce, recover, recover_at, earlier=None) -> Recovery | None:
     """Where the cut's tokens come back to full length, and how.
 
     ``recover``: ``auto`` restores them before consumers that break on fewer tokens (a reshape
@@ -130,14 +139,13 @@ def plan_recovery(facts: Facts, stream, post: set, reduce, recover, recover_at) 
     or ``attn`` restore them with that mode, token outputs too. The point is the stream leaving
     the last block (before a final norm, which then sees every token); ``none``
     never does, and refuses a graph that needs it. ``recover_at``: before that layer instead.
-    Once a cut restores tokens somewhere, every later cut restores there too.
+    Once a cut restores tokens somewhere (``earlier``: that point), every later cut restores there too.
     Default mode: ``copy`` after a selection, ``unmerge`` after a merge or pooling."""
     from .analysis.consumers import full_token_consumers
 
     mode = str(recover if recover is not None else "auto").strip().lower()
     if mode not in RECOVER_MODES:
         raise PruneError(f"recover '{recover}' is not one of {', '.join(RECOVER_MODES)}")
-    earlier = facts.recovery_point()
     point = earlier
     if point is None and recover_at is not None:
         if not 1 <= int(recover_at) < facts.depth:
@@ -194,8 +202,8 @@ def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
     """Token sizes: the size tensor entering the cut, the later attention sites that need a
     log(size) bias, and the token means/sums to re-weigh (those not already handled by an
     earlier merge, whose size-derived tensors cross this cut and are recomputed)."""
-    b, n = cut.stream.shape[0], cut.num_tokens
-    cut.size_in = facts.size_at(layer, (b, n, 1), before=cut.post)
+    if cut.parent is None:  # sizes left by a merge of an earlier pass, found in the graph
+        cut.size_in = facts.size_at(layer, (cut.stream.shape[0], cut.graph_tokens, 1), before=cut.post)
     if not cut.sizes_out:
         crossing = next((c.value for c in cut.crossings if c.role is not None), None)
         if crossing is not None:
@@ -365,7 +373,7 @@ def _plan_counts(facts: Facts, cut: Cut, layer: int) -> None:
     its numbers stay."""
     if cut.reduce is None:  # a cut planned only to be described (inspect)
         return
-    weighed = {rw.node for rw in cut.reweigh}
+    weighed = {rw.node for c in [cut, *cut.ancestors()] for rw in c.reweigh}  # size-weighted: counts stay N
     for node in sorted(cut.post, key=lambda x: x.index):
         if node.op != "reduce" or not node.inputs or node.inputs[0] is None or node in weighed:
             continue
@@ -379,7 +387,7 @@ def _plan_counts(facts: Facts, cut: Cut, layer: int) -> None:
                 continue  # not a reduction over the tokens
         if x.producer is not None and any(size_role(v) for v in x.producer.inputs if v is not None):
             continue  # size-weighted by an earlier merge
-        n, m = cut.num_tokens - start, cut.kept - start
+        n, m = cut.graph_tokens - start, cut.kept - start  # the graph spells N; this cut leaves M
         frontier = [node.outputs[0]]
         for _ in range(4):
             nxt = []

@@ -1,9 +1,9 @@
 """Shared machinery of the merging passes that act at chosen layers (EViT, PPT): the layer
-list and one mid-block cut per layer, each planned on the re-analysed, rewritten model."""
+list and one mid-block cut per layer, all planned on one analysis."""
 from __future__ import annotations
 
 from ..errors import PruneError
-from .base import Pass, Plan
+from .base import Pass, Plan, PlannedFacts
 from .cut import plan_cut
 
 
@@ -42,25 +42,17 @@ class LayerMergePass(Pass):
     def reduction(self, facts, layer: int, step: int):
         raise NotImplementedError
 
-    def _plan(self, model, layer: int, step: int) -> Plan | None:
-        facts = model.facts()
-        red = self.reduction(facts, layer, step)
-        if red is None:
-            return None
-        return Plan([plan_cut(facts, layer, red, tag=f"{self.name.replace('-', '_')}_l{layer}", mid=True,
-                              recover=self.recover, recover_at=self.recover_at)])
-
     def plan(self, model) -> Plan:
-        for step, layer in enumerate(parse_layers(self.layers, model.facts().depth)):
-            plan = self._plan(model, layer, step)
-            if plan is not None:
-                return plan
-        raise PruneError(f"{self.name}: nothing to reduce at layers {self.layers}")
-
-    def apply(self, model):
-        out = model
-        for step, layer in enumerate(parse_layers(self.layers, model.facts().depth)):
-            plan = self._plan(out, layer, step)
-            if plan is not None:
-                out = out.lower(plan)
-        return out if out is not model else model.copy()  # nothing to reduce: an unchanged copy
+        """A merge cut in each listed block that reduces, all planned on one analysis (``facts``
+        passed to :meth:`reduction` count the tokens the earlier cuts leave)."""
+        facts = PlannedFacts(model.facts())
+        cuts = []
+        for step, layer in enumerate(parse_layers(self.layers, facts.depth)):
+            red = self.reduction(facts, layer, step)
+            if red is None:
+                continue
+            cut = plan_cut(facts, layer, red, tag=f"{self.name.replace('-', '_')}_l{layer}", mid=True,
+                           recover=self.recover, recover_at=self.recover_at)
+            cuts.append(cut)
+            facts = facts.after(cut)
+        return Plan(cuts)

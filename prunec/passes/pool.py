@@ -45,13 +45,11 @@ class Pool(SelectionPass):
     keep = None
     count = None
 
-    def _plan_one(self, model, layer, keep, span):
-        from .base import Plan
+    def _plan_one(self, model, facts, layer, keep, span):
         from .cut import plan_cut
 
-        facts = model.facts()
         stream = facts.stream_at(layer)
-        n = stream.shape[1]
+        n = facts.count_at(stream)
         start, end = parse_span(span, n, facts.prefix, facts.causal)
         patches = end - start
         if self.grid:
@@ -70,5 +68,5 @@ class Pool(SelectionPass):
         f = int(self.factor)
         if f < 1 or (h > 1 and h % f) or (w > 1 and w % f):
             raise PruneError(f"factor {f} does not divide the {h}x{w} patch grid")
-        return Plan([plan_cut(facts, layer, GridPool(start, h, w, f, n), tag=self.cut_tag(layer, facts.depth),
-                              recover=self.recover, recover_at=self.recover_at)])
+        return plan_cut(facts, layer, GridPool(start, h, w, f, n), tag=self.cut_tag(layer, facts.depth),
+                        recover=self.recover, recover_at=self.recover_at)

@@ -17,7 +17,7 @@ Options common to every selection pass:
 from __future__ import annotations
 
 from ..errors import PruneError
-from .base import Option, Pass, Plan, keep_count
+from .base import Option, Pass, Plan, PlannedFacts, keep_count
 from .cut import plan_cut
 
 COMMON = [
@@ -135,10 +135,10 @@ class SelectionPass(Pass):
             out.append((layer, keep))
         return out
 
-    def _plan_one(self, model, layer: int, keep: float | None, span) -> Plan:
-        facts = model.facts()
+    def _plan_one(self, model, facts: PlannedFacts, layer: int, keep: float | None, span):
+        """The cut at ``layer`` after the cuts already planned in ``facts``."""
         stream = facts.stream_at(layer)
-        n = stream.shape[1]
+        n = facts.count_at(stream)
         start, end = self.narrow_span(facts, layer, *parse_span(span, n, facts.prefix, facts.causal))
         if keep is None:
             if int(self.count) > end - start:
@@ -147,26 +147,23 @@ class SelectionPass(Pass):
         else:
             k = keep_count(keep, end - start)
         red = self.reduction(model, facts, layer, k, start, end)
-        return Plan([plan_cut(facts, layer, red, tag=self.cut_tag(layer, facts.depth),
-                              recover=self.recover, recover_at=self.recover_at)])
+        return plan_cut(facts, layer, red, tag=self.cut_tag(layer, facts.depth),
+                        recover=self.recover, recover_at=self.recover_at)
 
     def cut_tag(self, layer: int, depth: int) -> str:
         """Name of a cut (and prefix of its graph values): ``fastv_l2``, ``divprune_out``."""
         return f"{self.name.replace('-', '_')}_" + (f"l{layer}" if layer < depth else "out")
 
     def plan(self, model) -> Plan:
-        """The plan of the first scheduled cut."""
-        layer, keep = self.schedule(model.facts().depth)[0]
-        return self._plan_one(model, layer, keep, self.span)
-
-    def apply(self, model):
-        """Cut at every scheduled layer in turn (each on the re-analysed, rewritten model)."""
-        span = self.span
-        for layer, keep in self.schedule(model.facts().depth):
-            plan = self._plan_one(model, layer, keep, span)
-            cut = plan.cuts[0]
+        """One cut per scheduled layer, all planned on one analysis of ``model``: after a cut, the
+        next cut's span is the kept part of it."""
+        facts = PlannedFacts(model.facts())
+        span, cuts = self.span, []
+        for layer, keep in self.schedule(facts.depth):
+            cut = self._plan_one(model, facts, layer, keep, span)
             red = cut.reduce
             if span is not None and hasattr(red, "k"):
                 span = (red.span_start, red.span_start + red.k)
-            model = model.lower(plan)
-        return model
+            cuts.append(cut)
+            facts = facts.after(cut)
+        return Plan(cuts)

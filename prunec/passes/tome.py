@@ -26,7 +26,7 @@ Shapes: [B, N, C] -> [B, N - r, C] per layer.
 from __future__ import annotations
 
 from ..errors import PruneError
-from .base import Bipartite, Option, Pass, Plan, flag, register
+from .base import Bipartite, Option, Pass, Plan, PlannedFacts, flag, register
 from .cut import plan_cut
 
 
@@ -67,8 +67,8 @@ class ToMe(Pass):
     def schedule(self, depth: int) -> list[int]:
         return parse_r(self.r, float(self.inflection), depth)
 
-    def _plan_layer(self, model, layer: int, r: int) -> Plan | None:
-        facts = model.facts()
+    def _plan_layer(self, facts: PlannedFacts, layer: int, r: int):
+        """The merge cut in block ``layer`` after the cuts planned in ``facts`` (None: nothing to merge)."""
         n = facts.tokens(layer)
         prefix = facts.prefix if self.prefix is None else int(self.prefix)
         if not 0 <= prefix < n:
@@ -77,21 +77,16 @@ class ToMe(Pass):
         if r <= 0:
             return None
         red = Bipartite(site=facts.sites[layer], prefix=prefix, r=r, track_size=True, prop_attn=flag(self.prop_attn))
-        return Plan([plan_cut(facts, layer, red, tag=f"tome_l{layer}", mid=True,
-                              recover=self.recover, recover_at=self.recover_at)])
+        return plan_cut(facts, layer, red, tag=f"tome_l{layer}", mid=True,
+                        recover=self.recover, recover_at=self.recover_at)
 
     def plan(self, model) -> Plan:
-        """The plan of the first layer that merges."""
-        for layer, r in enumerate(self.schedule(model.facts().depth)):
-            plan = self._plan_layer(model, layer, r)
-            if plan is not None:
-                return plan
-        raise PruneError("r is 0 in every layer: nothing to merge")
-
-    def apply(self, model):
-        out = model
-        for layer, r in enumerate(self.schedule(model.facts().depth)):
-            plan = self._plan_layer(out, layer, r)
-            if plan is not None:
-                out = out.lower(plan)
-        return out if out is not model else model.copy()  # r=0 everywhere: an unchanged copy
+        """A merge cut in every block whose r is above 0, all planned on one analysis."""
+        facts = PlannedFacts(model.facts())
+        cuts = []
+        for layer, r in enumerate(self.schedule(facts.depth)):
+            cut = self._plan_layer(facts, layer, r)
+            if cut is not None:
+                cuts.append(cut)
+                facts = facts.after(cut)
+        return Plan(cuts)

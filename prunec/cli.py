@@ -408,7 +408,8 @@ def _read_inputs(args, model):
     return image_batches(folder, model, args.batch, mean, std, args.crop_pct)
 
 
-def tune_main(argv: list[str]) -> int:
+def _tune_parser() -> argparse.ArgumentParser:
+    """The arguments of ``prunec tune``."""
     ap = argparse.ArgumentParser(
         prog="prunec tune", description="Find the strongest setting of a method (lowest keep, cheapest layer) "
         "that meets a fidelity budget on calibration data, check it on held-out data, write that model and "
@@ -428,20 +429,80 @@ def tune_main(argv: list[str]) -> int:
     ap.add_argument("--curve", help="CSV of every setting tried (default: OUTPUT with .csv)")
     ap.add_argument("--force", action="store_true", help="overwrite existing output files")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _check_output(src: Path, out: Path, force: bool, same_hint: str = "") -> None:
+    """Refuse to write ``out`` over the input ``src``, into a folder we cannot write, or over an
+    existing file without --force (``same_hint`` ends the message of the first)."""
+    from .model import check_writable
+
+    if src.exists() and out.exists() and out.resolve() == src.resolve():
+        raise PruneError(f"output {out} is the input file{same_hint}")
+    check_writable(out)
+    if out.exists() and not force:
+        raise PruneError(f"output {out} exists; pass --force to overwrite it")
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` (dicts with the same keys, the first one's order) as CSV, whole or not at all."""
+    import csv
+    import io
+
+    from .model import atomic_write
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, buf.getvalue().encode())
+
+
+def _shuffled_split(batches: list[dict], holdout: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Cut input batches into single-sample feeds, shuffle them (seeded) and split them into
+    calibration and held-out samples, at least one of each (``holdout``: the held-out fraction)."""
+    import numpy as np
+
+    samples = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
+    if len(samples) < 2:
+        raise PruneError("tune needs at least 2 samples (calibration and held-out)")
+    cut = max(1, min(len(samples) - 1, round(len(samples) * (1 - holdout))))
+    order = np.random.default_rng(seed).permutation(len(samples))
+    samples = [samples[i] for i in order]
+    return samples[:cut], samples[cut:]
+
+
+def _batched(samples: list[dict], batch: int) -> list[dict]:
+    """Single-sample feeds [1, ...] joined into feeds of up to ``batch`` samples [<=batch, ...]."""
+    import numpy as np
+
+    return [{k: np.concatenate([r[k] for r in samples[i:i + batch]]) for k in samples[0]}
+            for i in range(0, len(samples), batch)]
+
+
+def _print_tune(args, res: dict) -> None:
+    """The chosen setting, its fidelity on both splits against the budget, and the files written."""
+    c = _console()
+    verdict = "meets" if res["holdout_meets_budget"] else "[red]misses[/red]"
+    c.print(f"{args.method}: layer {res['layer']}, keep {res['keep']:.3f} "
+            f"({res['ideal_speedup']:.2f}x fewer block FLOPs); {res['metric']} {res['calibration']:.4f} on "
+            f"{res['calibration_samples']} calibration samples, {res['holdout']:.4f} on "
+            f"{res['holdout_samples']} held-out samples: "
+            f"{verdict} the budget {args.budget} (gap {res['holdout_gap']:+.4f})")
+    c.print(f"wrote {res['output']} and {res['curve_csv']} ({len(res['curve'])} settings tried)")
+
+
+def tune_main(argv: list[str]) -> int:
+    """``prunec tune``: search, on calibration samples, the strongest setting within the budget,
+    check it on held-out samples, write the tuned model and the curve."""
+    args = _tune_parser().parse_args(argv)
     from .measure import tune
 
     src = Path(args.model)
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.tuned.onnx")
     curve_path = Path(args.curve) if args.curve else out.with_suffix(".csv")
-    from .model import check_writable
-
     for p in (out, curve_path):
-        if src.exists() and p.exists() and p.resolve() == src.resolve():
-            raise PruneError(f"output {p} is the input file")
-        check_writable(p)
-        if p.exists() and not args.force:
-            raise PruneError(f"output {p} exists; pass --force to overwrite it")
+        _check_output(src, p, args.force)
     if not 0 < args.holdout < 1:
         raise PruneError("--holdout must be in (0, 1)")
     options = dict(parse_pass_spec("x:" + ",".join(args.option))[1]) if args.option else {}
@@ -449,47 +510,21 @@ def tune_main(argv: list[str]) -> int:
     with err.status(f"loading {src}") as status:
         model = _load_cli(src, args.shape)
         batches, _ = _read_inputs(args, model)
-        samples = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
-        if len(samples) < 2:
-            raise PruneError("tune needs at least 2 samples (calibration and held-out)")
-        cut = max(1, min(len(samples) - 1, round(len(samples) * (1 - args.holdout))))
-        import numpy as np
-
-        order = np.random.default_rng(args.seed).permutation(len(samples))  # a seeded, shuffled split
-        samples = [samples[i] for i in order]
-        def group(rows):
-            import numpy as np
-            return [{k: np.concatenate([r[k] for r in rows[i:i + args.batch]]) for k in rows[0]}
-                    for i in range(0, len(rows), args.batch)]
+        calibration, holdout = _shuffled_split(batches, args.holdout, args.seed)
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-        res = tune(model, args.method, args.budget, group(samples[:cut]), group(samples[cut:]), layers, options,
-                   progress=status.update)
+        res = tune(model, args.method, args.budget, _batched(calibration, args.batch),
+                   _batched(holdout, args.batch), layers, options, progress=status.update)
         status.update(f"writing {out}")
         res.pop("model").save(out)
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(res["curve"][0]))
-        w.writeheader()
-        w.writerows(res["curve"])
-        from .model import atomic_write
-
-        atomic_write(curve_path, buf.getvalue().encode())
+        _write_csv(curve_path, res["curve"])
     res["output"], res["curve_csv"], res["calibration_samples"], res["holdout_samples"] = \
-        str(out), str(curve_path), cut, len(samples) - cut
+        str(out), str(curve_path), len(calibration), len(holdout)
     if args.json:
         import json
 
         print(json.dumps(res, indent=2))
         return 0
-    c = _console()
-    verdict = "meets" if res["holdout_meets_budget"] else "[red]misses[/red]"
-    c.print(f"{args.method}: layer {res['layer']}, keep {res['keep']:.3f} "
-            f"({res['ideal_speedup']:.2f}x fewer block FLOPs); {res['metric']} {res['calibration']:.4f} on "
-            f"{cut} calibration samples, {res['holdout']:.4f} on {len(samples) - cut} held-out samples: "
-            f"{verdict} the budget {args.budget} (gap {res['holdout_gap']:+.4f})")
-    c.print(f"wrote {out} and {curve_path} ({len(res['curve'])} settings tried)")
+    _print_tune(args, res)
     return 0
 
 

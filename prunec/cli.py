@@ -400,12 +400,16 @@ def _read_inputs(args, model):
     folder = Path(args.data)
     if not folder.is_dir():
         raise PruneError(f"no such folder: {folder}")
+    mean, std = _mean_std(args)
+    return image_batches(folder, model, args.batch, mean, std, args.crop_pct)
+
+
+def _mean_std(args) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The image recipe's per-channel --mean and --std."""
     try:
-        mean = tuple(float(x) for x in args.mean.split(","))
-        std = tuple(float(x) for x in args.std.split(","))
+        return tuple(float(x) for x in args.mean.split(",")), tuple(float(x) for x in args.std.split(","))
     except ValueError:
         raise PruneError("--mean and --std take comma-separated numbers") from None
-    return image_batches(folder, model, args.batch, mean, std, args.crop_pct)
 
 
 def _tune_parser() -> argparse.ArgumentParser:
@@ -528,7 +532,8 @@ def tune_main(argv: list[str]) -> int:
     return 0
 
 
-def sweep_main(argv: list[str]) -> int:
+def _sweep_parser() -> argparse.ArgumentParser:
+    """The arguments of ``prunec sweep``."""
     ap = argparse.ArgumentParser(
         prog="prunec sweep", description="The keep / speed / fidelity curve of several passes (CSV and PNG plot) "
         "and, for image models, a picture of the patches each cut kept for the first image.",
@@ -548,17 +553,61 @@ def sweep_main(argv: list[str]) -> int:
                                       "smallest keep)")
     ap.add_argument("-o", "--output", required=True, help="output folder")
     ap.add_argument("--force", action="store_true", help="overwrite files in the output folder")
-    args = ap.parse_args(argv)
-    import numpy as np
+    return ap
 
-    from .measure import kept_token_picture, plot_sweep, sweep
 
+def _parse_keeps(text: str) -> list[float]:
+    """'0.75,0.5' -> [0.75, 0.5], each in (0, 1]."""
     try:
-        keeps = [float(k) for k in args.keeps.split(",")]
+        keeps = [float(k) for k in text.split(",")]
     except ValueError:
-        raise PruneError(f"--keeps '{args.keeps}' is not a comma-separated list of numbers") from None
+        raise PruneError(f"--keeps '{text}' is not a comma-separated list of numbers") from None
     if any(not 0 < k <= 1 for k in keeps):
         raise PruneError("every keep must be in (0, 1]")
+    return keeps
+
+
+def _kept_tokens_figure(args, model, specs: list[tuple[str, dict]], keeps: list[float], feeds: dict,
+                        path: Path) -> list[str]:
+    """Draw the patches one pass keeps of the first image in ``feeds`` (--picture, default the first
+    swept pass at the smallest keep), the image un-normalised by --mean/--std back to HxWx3 uint8.
+    Returns the cut tags drawn."""
+    import numpy as np
+
+    from .measure import kept_token_picture
+
+    spec = args.picture or f"{specs[0][0]}:" + ",".join(
+        [f"{k}={v}" for k, v in specs[0][1].items()] + [f"keep={min(keeps)}"])
+    (p,) = build_passes([spec], {})
+    name = next(iter(feeds))
+    mean, std = (np.array(c, np.float32)[:, None, None] for c in _mean_std(args))
+    img = np.clip((feeds[name][0] * std + mean) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return kept_token_picture(model, p.apply(model), feeds, img, path, repr(p))
+
+
+def _print_sweep(args, rows: list[dict], files: list[Path], drawn: list[str] | None) -> None:
+    """One table row per pass and keep, and the files written."""
+    from rich.table import Table
+
+    t = Table(title=f"sweep of {args.model}")
+    for col in ("pass", "options", "keep", "GFLOPs", "ideal", "speedup", "cosine", "top-1"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["pass"], r["options"], f"{r['keep']}", f"{r['gflops']:.3f}", f"{r['ideal_speedup']:.2f}x",
+                  f"{r['speedup']:.2f}x", f"{r['cosine']:.4f}",
+                  "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.3f}")
+    c = _console()
+    c.print(t)
+    c.print(f"wrote {files[0]}, {files[1]}" + (f", {files[2]} ({', '.join(drawn)})" if drawn else ""))
+
+
+def sweep_main(argv: list[str]) -> int:
+    """``prunec sweep``: measure each pass at each keep, write the CSV, the plot and (image
+    inputs) the kept-token picture."""
+    args = _sweep_parser().parse_args(argv)
+    from .measure import plot_sweep, sweep
+
+    keeps = _parse_keeps(args.keeps)
     specs = [parse_pass_spec(s) for s in args.passes]
     from .passes import get
 
@@ -574,41 +623,11 @@ def sweep_main(argv: list[str]) -> int:
         batches, _ = _read_inputs(args, model)
         rows = sweep(model, specs, keeps, batches, args.bench_batch, args.repeat, progress=status.update)
         out.mkdir(parents=True, exist_ok=True)
-        import csv
-        import io
-
-        from .model import atomic_write
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write(files[0], buf.getvalue().encode())
+        _write_csv(files[0], rows)
         status.update("plotting")
         plot_sweep(rows, files[1], f"{Path(args.model).name}: batch {args.bench_batch}, ORT CPU")
-        drawn = None
-        if args.data:
-            spec = args.picture or f"{specs[0][0]}:" + ",".join(
-                [f"{k}={v}" for k, v in specs[0][1].items()] + [f"keep={min(keeps)}"])
-            (p,) = build_passes([spec], {})
-            feeds = batches[0]
-            name = next(iter(feeds))
-            mean = np.array([float(x) for x in args.mean.split(",")], np.float32)[:, None, None]
-            std = np.array([float(x) for x in args.std.split(",")], np.float32)[:, None, None]
-            img = np.clip((feeds[name][0] * std + mean) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
-            drawn = kept_token_picture(model, p.apply(model), feeds, img, files[2], repr(p))
-    from rich.table import Table
-
-    t = Table(title=f"sweep of {args.model}")
-    for col in ("pass", "options", "keep", "GFLOPs", "ideal", "speedup", "cosine", "top-1"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(r["pass"], r["options"], f"{r['keep']}", f"{r['gflops']:.3f}", f"{r['ideal_speedup']:.2f}x",
-                  f"{r['speedup']:.2f}x", f"{r['cosine']:.4f}",
-                  "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.3f}")
-    c = _console()
-    c.print(t)
-    c.print(f"wrote {files[0]}, {files[1]}" + (f", {files[2]} ({', '.join(drawn)})" if drawn else ""))
+        drawn = _kept_tokens_figure(args, model, specs, keeps, batches[0], files[2]) if args.data else None
+    _print_sweep(args, rows, files, drawn)
     return 0
 
 

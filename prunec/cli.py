@@ -194,7 +194,20 @@ def build_passes(specs: list[str], shared: dict) -> list:
     return out
 
 
-def prune_main(argv: list[str]) -> int:
+def _check_output(src: Path, out: Path, force: bool, same_hint: str = "") -> None:
+    """Refuse to write ``out`` over the input ``src``, into a folder we cannot write, or over an
+    existing file without --force (``same_hint`` ends the message of the first)."""
+    from .model import check_writable
+
+    if src.exists() and out.exists() and out.resolve() == src.resolve():
+        raise PruneError(f"output {out} is the input file{same_hint}")
+    check_writable(out)
+    if out.exists() and not force:
+        raise PruneError(f"output {out} exists; pass --force to overwrite it")
+
+
+def _prune_parser() -> argparse.ArgumentParser:
+    """The arguments of ``prunec MODEL --pass ...``."""
     ap = argparse.ArgumentParser(
         prog="prunec", description="Rewrite a transformer graph with token-reduction passes.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +232,76 @@ def prune_main(argv: list[str]) -> int:
     ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
     ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..",
                     help="make dynamic input dims static, e.g. input_ids=?,128 (? keeps a dim dynamic)")
+    return ap
+
+
+def _prune_output(args, src: Path, passes: list) -> Path:
+    """The output path (-o, default MODEL.<pass names><suffix>), checked before any work: not the
+    input, writable, not an existing file without --force, the input's suffix. A bad --span is
+    refused here too."""
+    suffix = src.suffix or ".onnx"
+    tag = ".".join(p.name for p in passes)
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{tag}{suffix}")
+    if args.span:
+        from .passes.selection import span_bounds
+
+        span_bounds(args.span)
+    _check_output(src, out, args.force, "; choose another -o")
+    if out.suffix != suffix:
+        raise PruneError(f"output {out} must have the input's suffix {suffix}")
+    return out
+
+
+def _external_data(out: Path) -> Path:
+    """Where an ONNX model written to ``out`` keeps its external weights."""
+    return out.with_name(out.name + ".data")
+
+
+def _apply_and_save(args, src: Path, out: Path, passes: list, status):
+    """Load ``src``, apply the passes in order (then --expose) and write the result to ``out``.
+    Returns (the rewritten model, the token count before, the passes that reduced nothing)."""
+    from .model import OnnxModel
+
+    model = _load_cli(src, args.shape)
+    data = _external_data(out)
+    if isinstance(model, OnnxModel) and model.external_data() and data.exists() and not args.force:
+        raise PruneError(f"output data file {data} exists; pass --force to overwrite it")
+    before = model.facts().num_tokens
+    idle = []
+    for p in passes:
+        status.update(f"applying {p!r}")
+        prev, model = model, p.apply(model)
+        if not model.reduced_since(prev):
+            idle.append(p)
+    if args.expose:
+        status.update(f"exposing token {args.expose}")
+        model = model.expose(args.expose)
+    status.update(f"writing {out}")
+    model.save(out)
+    return model, before, idle
+
+
+def _print_written(console, model, out: Path, passes: list, idle: list, before: int, seconds: float) -> None:
+    """What was written, with a warning for each pass that reduced nothing."""
+    from .model import OnnxModel
+
+    if isinstance(model, OnnxModel) and model.external_data():
+        written = f"{out} and its weights {_external_data(out)}"
+    else:
+        written = f"{out}"
+    for p in idle:
+        console.print(f"prunec: warning: {p!r} reduced no tokens at these settings", markup=False)
+    if len(idle) == len(passes):
+        console.print(f"[yellow]nothing reduced[/yellow]: wrote {written} unchanged  ({before} tokens in and out; "
+                      f"{seconds:.2f} s)")
+    else:
+        console.print(f"[green]wrote[/green] {written}  ({', '.join(repr(p) for p in passes)}; "
+                      f"{before} tokens in; rewritten in {seconds:.2f} s)")
+
+
+def prune_main(argv: list[str]) -> int:
+    """``prunec MODEL --pass ...``: rewrite a model with the passes and write it."""
+    ap = _prune_parser()
     args = ap.parse_args(argv)
     if args.expose is not None and (not args.expose or set(args.expose.split(",")) - {"sizes", "indices"}):
         raise PruneError(f"--expose '{args.expose}': give sizes, indices or sizes,indices")
@@ -228,51 +311,12 @@ def prune_main(argv: list[str]) -> int:
     passes = build_passes(args.passes, {"keep": args.keep, "layer": args.layer, "span": args.span,
                                         "query": args.query, "recover": args.recover,
                                         "recover_at": None if args.recover_at is None else str(args.recover_at)})
-    suffix = src.suffix or ".onnx"
-    tag = ".".join(p.name for p in passes)
-    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{tag}{suffix}")
-    if args.span:
-        from .passes.selection import span_bounds
-
-        span_bounds(args.span)
-    if src.exists() and out.exists() and out.resolve() == src.resolve():
-        raise PruneError(f"output {out} is the input file; choose another -o")
-    from .model import OnnxModel, check_writable
-
-    check_writable(out)
-    if out.exists() and not args.force:
-        raise PruneError(f"output {out} exists; pass --force to overwrite it")
-    if out.suffix != suffix:
-        raise PruneError(f"output {out} must have the input's suffix {suffix}")
+    out = _prune_output(args, src, passes)
     console = _console(stderr=True)
     t0 = time.perf_counter()
-    idle = []
     with console.status(f"loading and analysing {src}") as status:
-        model = _load_cli(src, args.shape)
-        data = out.with_name(out.name + ".data")
-        if isinstance(model, OnnxModel) and model.external_data() and data.exists() and not args.force:
-            raise PruneError(f"output data file {data} exists; pass --force to overwrite it")
-        before = model.facts().num_tokens
-        for p in passes:
-            status.update(f"applying {p!r}")
-            prev, model = model, p.apply(model)
-            if not model.reduced_since(prev):
-                idle.append(p)
-        if args.expose:
-            status.update(f"exposing token {args.expose}")
-            model = model.expose(args.expose)
-        status.update(f"writing {out}")
-        model.save(out)
-    dt = time.perf_counter() - t0
-    written = f"{out} and its weights {data}" if isinstance(model, OnnxModel) and model.external_data() else f"{out}"
-    for p in idle:
-        console.print(f"prunec: warning: {p!r} reduced no tokens at these settings", markup=False)
-    if len(idle) == len(passes):
-        console.print(f"[yellow]nothing reduced[/yellow]: wrote {written} unchanged  ({before} tokens in and out; "
-                      f"{dt:.2f} s)")
-    else:
-        console.print(f"[green]wrote[/green] {written}  ({', '.join(repr(p) for p in passes)}; "
-                      f"{before} tokens in; rewritten in {dt:.2f} s)")
+        model, before, idle = _apply_and_save(args, src, out, passes, status)
+    _print_written(console, model, out, passes, idle, before, time.perf_counter() - t0)
     _warn_reduced_outputs(model, console)
     return 0
 
@@ -434,18 +478,6 @@ def _tune_parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="overwrite existing output files")
     ap.add_argument("--json", action="store_true")
     return ap
-
-
-def _check_output(src: Path, out: Path, force: bool, same_hint: str = "") -> None:
-    """Refuse to write ``out`` over the input ``src``, into a folder we cannot write, or over an
-    existing file without --force (``same_hint`` ends the message of the first)."""
-    from .model import check_writable
-
-    if src.exists() and out.exists() and out.resolve() == src.resolve():
-        raise PruneError(f"output {out} is the input file{same_hint}")
-    check_writable(out)
-    if out.exists() and not force:
-        raise PruneError(f"output {out} exists; pass --force to overwrite it")
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -35,7 +35,7 @@ EXAMPLES = """examples:
   prunec demo
 """
 
-SUBCOMMANDS = ("inspect", "passes", "bench", "eval", "tune", "sweep", "demo")
+SUBCOMMANDS = ("inspect", "passes", "bench", "eval", "tune", "sweep", "demo")  # the keys of _MAINS
 
 
 def _pass_args(ap: argparse.ArgumentParser) -> None:
@@ -674,26 +674,24 @@ def _span_values_joined(argv: list[str]) -> list[str]:
     return out
 
 
+def _demo_main(argv: list[str]) -> int:
+    """``prunec demo``, imported when asked for (it needs timm)."""
+    from .demo import demo_main
+
+    return demo_main(argv)
+
+
+# subcommand -> its main; anything else is a model to rewrite (prune_main)
+_MAINS = {"inspect": inspect_main, "passes": passes_main, "bench": bench_main, "eval": eval_main,
+          "tune": tune_main, "sweep": sweep_main, "demo": _demo_main}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _span_values_joined(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
     try:
-        if argv and argv[0] == "inspect":
-            return inspect_main(argv[1:])
-        if argv and argv[0] == "passes":
-            return passes_main(argv[1:])
-        if argv and argv[0] == "bench":
-            return bench_main(argv[1:])
-        if argv and argv[0] == "eval":
-            return eval_main(argv[1:])
-        if argv and argv[0] == "tune":
-            return tune_main(argv[1:])
-        if argv and argv[0] == "sweep":
-            return sweep_main(argv[1:])
-        if argv and argv[0] == "demo":
-            from .demo import demo_main
-
-            return demo_main(argv[1:])
+        if argv and argv[0] in _MAINS:
+            return _MAINS[argv[0]](argv[1:])
         if not argv:
             argv = ["--help"]
         return prune_main(argv)

@@ -382,12 +382,26 @@ def sweep(model, specs: list[tuple[str, dict]], keeps: list[float], batches, ben
     return rows
 
 
-def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` as PNG at 110 dpi and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
+    """Speedup against keep, and cosine against speedup, one line per pass and options."""
+    plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key in sorted({(r["pass"], r["options"]) for r in rows}):
         sel = sorted((r for r in rows if (r["pass"], r["options"]) == key), key=lambda r: r["keep"])
@@ -405,18 +419,13 @@ def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def kept_token_picture(model, rewritten, feeds: dict, image: np.ndarray, path: Path, title: str = "") -> list[str]:
     """Draw, for one image, the patches each cut kept (the others greyed out), one panel per
     cut. ``image``: HxWx3 uint8 as fed (after the recipe's crop). Returns the cut tags drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     from .passes.pool import find_grid
 
@@ -447,7 +456,5 @@ def kept_token_picture(model, rewritten, feeds: dict, image: np.ndarray, path: P
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
     return tags

@@ -199,26 +199,33 @@ def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progre
                 top1[name]["original"].extend(pa.tolist())
                 top1[name]["rewritten"].extend(pb.tolist())
         samples += len(next(iter(feeds.values())))
-    out = {"samples": samples, "outputs": {}}
-    for name in names:
-        entry = {"shape_original": list(shapes.get(name, ((), ()))[0]),
-                 "shape_rewritten": list(shapes.get(name, ((), ()))[1])}
-        if cos[name]:
-            c = np.array(cos[name])
-            entry.update({"cosine_mean": float(c.mean()), "cosine_min": float(c.min())})
-            if name in reduced:
-                entry["note"] = reduced[name]
-        else:
-            entry["cosine_mean"] = None
-            entry["note"] = "shape changed by the rewrite: not compared"
-        if agree[name]:
-            entry["top1_agreement"] = float(np.mean(agree[name]))
-            if labels is not None:
-                lab = np.asarray(labels)[: len(top1[name]["original"])]
-                entry["accuracy_original"] = float((np.array(top1[name]["original"]) == lab).mean())
-                entry["accuracy_rewritten"] = float((np.array(top1[name]["rewritten"]) == lab).mean())
-        out["outputs"][name] = entry
-    return out
+    return {"samples": samples,
+            "outputs": {name: _output_summary(shapes.get(name, ((), ())), cos[name], reduced.get(name),
+                                              agree[name], top1[name], labels) for name in names}}
+
+
+def _output_summary(shapes: tuple, cos: list, note: str | None, agree: list, top1: dict[str, list],
+                    labels: np.ndarray | None) -> dict:
+    """One output's entry of :func:`evaluate`: its shapes (original, rewritten) without the
+    batch axis, cosine mean and min over the samples (None where the shape changed), the note
+    on how a reduced token output was compared, top-1 agreement and, with ``labels``, the
+    accuracy of both models (``top1``: the predicted classes per model)."""
+    entry = {"shape_original": list(shapes[0]), "shape_rewritten": list(shapes[1])}
+    if cos:
+        c = np.array(cos)
+        entry.update({"cosine_mean": float(c.mean()), "cosine_min": float(c.min())})
+        if note is not None:
+            entry["note"] = note
+    else:
+        entry["cosine_mean"] = None
+        entry["note"] = "shape changed by the rewrite: not compared"
+    if agree:
+        entry["top1_agreement"] = float(np.mean(agree))
+        if labels is not None:
+            lab = np.asarray(labels)[: len(top1["original"])]
+            entry["accuracy_original"] = float((np.array(top1["original"]) == lab).mean())
+            entry["accuracy_rewritten"] = float((np.array(top1["rewritten"]) == lab).mean())
+    return entry
 
 
 def npz_batches(path: Path, model, batch: int):

@@ -35,7 +35,7 @@ EXAMPLES = """examples:
   prunec demo
 """
 
-SUBCOMMANDS = ("inspect", "passes", "bench", "eval", "tune", "sweep", "demo")
+SUBCOMMANDS = ("inspect", "passes", "bench", "eval", "tune", "sweep", "demo")  # the keys of _MAINS
 
 
 def _pass_args(ap: argparse.ArgumentParser) -> None:
@@ -194,7 +194,20 @@ def build_passes(specs: list[str], shared: dict) -> list:
     return out
 
 
-def prune_main(argv: list[str]) -> int:
+def _check_output(src: Path, out: Path, force: bool, same_hint: str = "") -> None:
+    """Refuse to write ``out`` over the input ``src``, into a folder we cannot write, or over an
+    existing file without --force (``same_hint`` ends the message of the first)."""
+    from .model import check_writable
+
+    if src.exists() and out.exists() and out.resolve() == src.resolve():
+        raise PruneError(f"output {out} is the input file{same_hint}")
+    check_writable(out)
+    if out.exists() and not force:
+        raise PruneError(f"output {out} exists; pass --force to overwrite it")
+
+
+def _prune_parser() -> argparse.ArgumentParser:
+    """The arguments of ``prunec MODEL --pass ...``."""
     ap = argparse.ArgumentParser(
         prog="prunec", description="Rewrite a transformer graph with token-reduction passes.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +232,76 @@ def prune_main(argv: list[str]) -> int:
     ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
     ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..",
                     help="make dynamic input dims static, e.g. input_ids=?,128 (? keeps a dim dynamic)")
+    return ap
+
+
+def _prune_output(args, src: Path, passes: list) -> Path:
+    """The output path (-o, default MODEL.<pass names><suffix>), checked before any work: not the
+    input, writable, not an existing file without --force, the input's suffix. A bad --span is
+    refused here too."""
+    suffix = src.suffix or ".onnx"
+    tag = ".".join(p.name for p in passes)
+    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{tag}{suffix}")
+    if args.span:
+        from .passes.selection import span_bounds
+
+        span_bounds(args.span)
+    _check_output(src, out, args.force, "; choose another -o")
+    if out.suffix != suffix:
+        raise PruneError(f"output {out} must have the input's suffix {suffix}")
+    return out
+
+
+def _external_data(out: Path) -> Path:
+    """Where an ONNX model written to ``out`` keeps its external weights."""
+    return out.with_name(out.name + ".data")
+
+
+def _apply_and_save(args, src: Path, out: Path, passes: list, status):
+    """Load ``src``, apply the passes in order (then --expose) and write the result to ``out``.
+    Returns (the rewritten model, the token count before, the passes that reduced nothing)."""
+    from .model import OnnxModel
+
+    model = _load_cli(src, args.shape)
+    data = _external_data(out)
+    if isinstance(model, OnnxModel) and model.external_data() and data.exists() and not args.force:
+        raise PruneError(f"output data file {data} exists; pass --force to overwrite it")
+    before = model.facts().num_tokens
+    idle = []
+    for p in passes:
+        status.update(f"applying {p!r}")
+        prev, model = model, p.apply(model)
+        if not model.reduced_since(prev):
+            idle.append(p)
+    if args.expose:
+        status.update(f"exposing token {args.expose}")
+        model = model.expose(args.expose)
+    status.update(f"writing {out}")
+    model.save(out)
+    return model, before, idle
+
+
+def _print_written(console, model, out: Path, passes: list, idle: list, before: int, seconds: float) -> None:
+    """What was written, with a warning for each pass that reduced nothing."""
+    from .model import OnnxModel
+
+    if isinstance(model, OnnxModel) and model.external_data():
+        written = f"{out} and its weights {_external_data(out)}"
+    else:
+        written = f"{out}"
+    for p in idle:
+        console.print(f"prunec: warning: {p!r} reduced no tokens at these settings", markup=False)
+    if len(idle) == len(passes):
+        console.print(f"[yellow]nothing reduced[/yellow]: wrote {written} unchanged  ({before} tokens in and out; "
+                      f"{seconds:.2f} s)")
+    else:
+        console.print(f"[green]wrote[/green] {written}  ({', '.join(repr(p) for p in passes)}; "
+                      f"{before} tokens in; rewritten in {seconds:.2f} s)")
+
+
+def prune_main(argv: list[str]) -> int:
+    """``prunec MODEL --pass ...``: rewrite a model with the passes and write it."""
+    ap = _prune_parser()
     args = ap.parse_args(argv)
     if args.expose is not None and (not args.expose or set(args.expose.split(",")) - {"sizes", "indices"}):
         raise PruneError(f"--expose '{args.expose}': give sizes, indices or sizes,indices")
@@ -228,51 +311,12 @@ def prune_main(argv: list[str]) -> int:
     passes = build_passes(args.passes, {"keep": args.keep, "layer": args.layer, "span": args.span,
                                         "query": args.query, "recover": args.recover,
                                         "recover_at": None if args.recover_at is None else str(args.recover_at)})
-    suffix = src.suffix or ".onnx"
-    tag = ".".join(p.name for p in passes)
-    out = Path(args.output) if args.output else src.with_name(f"{src.stem}.{tag}{suffix}")
-    if args.span:
-        from .passes.selection import span_bounds
-
-        span_bounds(args.span)
-    if src.exists() and out.exists() and out.resolve() == src.resolve():
-        raise PruneError(f"output {out} is the input file; choose another -o")
-    from .model import OnnxModel, check_writable
-
-    check_writable(out)
-    if out.exists() and not args.force:
-        raise PruneError(f"output {out} exists; pass --force to overwrite it")
-    if out.suffix != suffix:
-        raise PruneError(f"output {out} must have the input's suffix {suffix}")
+    out = _prune_output(args, src, passes)
     console = _console(stderr=True)
     t0 = time.perf_counter()
-    idle = []
     with console.status(f"loading and analysing {src}") as status:
-        model = _load_cli(src, args.shape)
-        data = out.with_name(out.name + ".data")
-        if isinstance(model, OnnxModel) and model.external_data() and data.exists() and not args.force:
-            raise PruneError(f"output data file {data} exists; pass --force to overwrite it")
-        before = model.facts().num_tokens
-        for p in passes:
-            status.update(f"applying {p!r}")
-            prev, model = model, p.apply(model)
-            if not model.reduced_since(prev):
-                idle.append(p)
-        if args.expose:
-            status.update(f"exposing token {args.expose}")
-            model = model.expose(args.expose)
-        status.update(f"writing {out}")
-        model.save(out)
-    dt = time.perf_counter() - t0
-    written = f"{out} and its weights {data}" if isinstance(model, OnnxModel) and model.external_data() else f"{out}"
-    for p in idle:
-        console.print(f"prunec: warning: {p!r} reduced no tokens at these settings", markup=False)
-    if len(idle) == len(passes):
-        console.print(f"[yellow]nothing reduced[/yellow]: wrote {written} unchanged  ({before} tokens in and out; "
-                      f"{dt:.2f} s)")
-    else:
-        console.print(f"[green]wrote[/green] {written}  ({', '.join(repr(p) for p in passes)}; "
-                      f"{before} tokens in; rewritten in {dt:.2f} s)")
+        model, before, idle = _apply_and_save(args, src, out, passes, status)
+    _print_written(console, model, out, passes, idle, before, time.perf_counter() - t0)
     _warn_reduced_outputs(model, console)
     return 0
 
@@ -400,15 +444,20 @@ def _read_inputs(args, model):
     folder = Path(args.data)
     if not folder.is_dir():
         raise PruneError(f"no such folder: {folder}")
-    try:
-        mean = tuple(float(x) for x in args.mean.split(","))
-        std = tuple(float(x) for x in args.std.split(","))
-    except ValueError:
-        raise PruneError("--mean and --std take comma-separated numbers") from None
+    mean, std = _mean_std(args)
     return image_batches(folder, model, args.batch, mean, std, args.crop_pct)
 
 
-def tune_main(argv: list[str]) -> int:
+def _mean_std(args) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The image recipe's per-channel --mean and --std."""
+    try:
+        return tuple(float(x) for x in args.mean.split(",")), tuple(float(x) for x in args.std.split(","))
+    except ValueError:
+        raise PruneError("--mean and --std take comma-separated numbers") from None
+
+
+def _tune_parser() -> argparse.ArgumentParser:
+    """The arguments of ``prunec tune``."""
     ap = argparse.ArgumentParser(
         prog="prunec tune", description="Find the strongest setting of a method (lowest keep, cheapest layer) "
         "that meets a fidelity budget on calibration data, check it on held-out data, write that model and "
@@ -428,20 +477,68 @@ def tune_main(argv: list[str]) -> int:
     ap.add_argument("--curve", help="CSV of every setting tried (default: OUTPUT with .csv)")
     ap.add_argument("--force", action="store_true", help="overwrite existing output files")
     ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    """Write ``rows`` (dicts with the same keys, the first one's order) as CSV, whole or not at all."""
+    import csv
+    import io
+
+    from .model import atomic_write
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write(path, buf.getvalue().encode())
+
+
+def _shuffled_split(batches: list[dict], holdout: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Cut input batches into single-sample feeds, shuffle them (seeded) and split them into
+    calibration and held-out samples, at least one of each (``holdout``: the held-out fraction)."""
+    import numpy as np
+
+    samples = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
+    if len(samples) < 2:
+        raise PruneError("tune needs at least 2 samples (calibration and held-out)")
+    cut = max(1, min(len(samples) - 1, round(len(samples) * (1 - holdout))))
+    order = np.random.default_rng(seed).permutation(len(samples))
+    samples = [samples[i] for i in order]
+    return samples[:cut], samples[cut:]
+
+
+def _batched(samples: list[dict], batch: int) -> list[dict]:
+    """Single-sample feeds [1, ...] joined into feeds of up to ``batch`` samples [<=batch, ...]."""
+    import numpy as np
+
+    return [{k: np.concatenate([r[k] for r in samples[i:i + batch]]) for k in samples[0]}
+            for i in range(0, len(samples), batch)]
+
+
+def _print_tune(args, res: dict) -> None:
+    """The chosen setting, its fidelity on both splits against the budget, and the files written."""
+    c = _console()
+    verdict = "meets" if res["holdout_meets_budget"] else "[red]misses[/red]"
+    c.print(f"{args.method}: layer {res['layer']}, keep {res['keep']:.3f} "
+            f"({res['ideal_speedup']:.2f}x fewer block FLOPs); {res['metric']} {res['calibration']:.4f} on "
+            f"{res['calibration_samples']} calibration samples, {res['holdout']:.4f} on "
+            f"{res['holdout_samples']} held-out samples: "
+            f"{verdict} the budget {args.budget} (gap {res['holdout_gap']:+.4f})")
+    c.print(f"wrote {res['output']} and {res['curve_csv']} ({len(res['curve'])} settings tried)")
+
+
+def tune_main(argv: list[str]) -> int:
+    """``prunec tune``: search, on calibration samples, the strongest setting within the budget,
+    check it on held-out samples, write the tuned model and the curve."""
+    args = _tune_parser().parse_args(argv)
     from .measure import tune
 
     src = Path(args.model)
     out = Path(args.output) if args.output else src.with_name(f"{src.stem}.tuned.onnx")
     curve_path = Path(args.curve) if args.curve else out.with_suffix(".csv")
-    from .model import check_writable
-
     for p in (out, curve_path):
-        if src.exists() and p.exists() and p.resolve() == src.resolve():
-            raise PruneError(f"output {p} is the input file")
-        check_writable(p)
-        if p.exists() and not args.force:
-            raise PruneError(f"output {p} exists; pass --force to overwrite it")
+        _check_output(src, p, args.force)
     if not 0 < args.holdout < 1:
         raise PruneError("--holdout must be in (0, 1)")
     options = dict(parse_pass_spec("x:" + ",".join(args.option))[1]) if args.option else {}
@@ -449,51 +546,26 @@ def tune_main(argv: list[str]) -> int:
     with err.status(f"loading {src}") as status:
         model = _load_cli(src, args.shape)
         batches, _ = _read_inputs(args, model)
-        samples = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
-        if len(samples) < 2:
-            raise PruneError("tune needs at least 2 samples (calibration and held-out)")
-        cut = max(1, min(len(samples) - 1, round(len(samples) * (1 - args.holdout))))
-        import numpy as np
-
-        order = np.random.default_rng(args.seed).permutation(len(samples))  # a seeded, shuffled split
-        samples = [samples[i] for i in order]
-        def group(rows):
-            import numpy as np
-            return [{k: np.concatenate([r[k] for r in rows[i:i + args.batch]]) for k in rows[0]}
-                    for i in range(0, len(rows), args.batch)]
+        calibration, holdout = _shuffled_split(batches, args.holdout, args.seed)
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
-        res = tune(model, args.method, args.budget, group(samples[:cut]), group(samples[cut:]), layers, options,
-                   progress=status.update)
+        res = tune(model, args.method, args.budget, _batched(calibration, args.batch),
+                   _batched(holdout, args.batch), layers, options, progress=status.update)
         status.update(f"writing {out}")
         res.pop("model").save(out)
-        import csv
-        import io
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(res["curve"][0]))
-        w.writeheader()
-        w.writerows(res["curve"])
-        from .model import atomic_write
-
-        atomic_write(curve_path, buf.getvalue().encode())
+        _write_csv(curve_path, res["curve"])
     res["output"], res["curve_csv"], res["calibration_samples"], res["holdout_samples"] = \
-        str(out), str(curve_path), cut, len(samples) - cut
+        str(out), str(curve_path), len(calibration), len(holdout)
     if args.json:
         import json
 
         print(json.dumps(res, indent=2))
         return 0
-    c = _console()
-    verdict = "meets" if res["holdout_meets_budget"] else "[red]misses[/red]"
-    c.print(f"{args.method}: layer {res['layer']}, keep {res['keep']:.3f} "
-            f"({res['ideal_speedup']:.2f}x fewer block FLOPs); {res['metric']} {res['calibration']:.4f} on "
-            f"{cut} calibration samples, {res['holdout']:.4f} on {len(samples) - cut} held-out samples: "
-            f"{verdict} the budget {args.budget} (gap {res['holdout_gap']:+.4f})")
-    c.print(f"wrote {out} and {curve_path} ({len(res['curve'])} settings tried)")
+    _print_tune(args, res)
     return 0
 
 
-def sweep_main(argv: list[str]) -> int:
+def _sweep_parser() -> argparse.ArgumentParser:
+    """The arguments of ``prunec sweep``."""
     ap = argparse.ArgumentParser(
         prog="prunec sweep", description="The keep / speed / fidelity curve of several passes (CSV and PNG plot) "
         "and, for image models, a picture of the patches each cut kept for the first image.",
@@ -513,17 +585,61 @@ def sweep_main(argv: list[str]) -> int:
                                       "smallest keep)")
     ap.add_argument("-o", "--output", required=True, help="output folder")
     ap.add_argument("--force", action="store_true", help="overwrite files in the output folder")
-    args = ap.parse_args(argv)
-    import numpy as np
+    return ap
 
-    from .measure import kept_token_picture, plot_sweep, sweep
 
+def _parse_keeps(text: str) -> list[float]:
+    """'0.75,0.5' -> [0.75, 0.5], each in (0, 1]."""
     try:
-        keeps = [float(k) for k in args.keeps.split(",")]
+        keeps = [float(k) for k in text.split(",")]
     except ValueError:
-        raise PruneError(f"--keeps '{args.keeps}' is not a comma-separated list of numbers") from None
+        raise PruneError(f"--keeps '{text}' is not a comma-separated list of numbers") from None
     if any(not 0 < k <= 1 for k in keeps):
         raise PruneError("every keep must be in (0, 1]")
+    return keeps
+
+
+def _kept_tokens_figure(args, model, specs: list[tuple[str, dict]], keeps: list[float], feeds: dict,
+                        path: Path) -> list[str]:
+    """Draw the patches one pass keeps of the first image in ``feeds`` (--picture, default the first
+    swept pass at the smallest keep), the image un-normalised by --mean/--std back to HxWx3 uint8.
+    Returns the cut tags drawn."""
+    import numpy as np
+
+    from .measure import kept_token_picture
+
+    spec = args.picture or f"{specs[0][0]}:" + ",".join(
+        [f"{k}={v}" for k, v in specs[0][1].items()] + [f"keep={min(keeps)}"])
+    (p,) = build_passes([spec], {})
+    name = next(iter(feeds))
+    mean, std = (np.array(c, np.float32)[:, None, None] for c in _mean_std(args))
+    img = np.clip((feeds[name][0] * std + mean) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return kept_token_picture(model, p.apply(model), feeds, img, path, repr(p))
+
+
+def _print_sweep(args, rows: list[dict], files: list[Path], drawn: list[str] | None) -> None:
+    """One table row per pass and keep, and the files written."""
+    from rich.table import Table
+
+    t = Table(title=f"sweep of {args.model}")
+    for col in ("pass", "options", "keep", "GFLOPs", "ideal", "speedup", "cosine", "top-1"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["pass"], r["options"], f"{r['keep']}", f"{r['gflops']:.3f}", f"{r['ideal_speedup']:.2f}x",
+                  f"{r['speedup']:.2f}x", f"{r['cosine']:.4f}",
+                  "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.3f}")
+    c = _console()
+    c.print(t)
+    c.print(f"wrote {files[0]}, {files[1]}" + (f", {files[2]} ({', '.join(drawn)})" if drawn else ""))
+
+
+def sweep_main(argv: list[str]) -> int:
+    """``prunec sweep``: measure each pass at each keep, write the CSV, the plot and (image
+    inputs) the kept-token picture."""
+    args = _sweep_parser().parse_args(argv)
+    from .measure import plot_sweep, sweep
+
+    keeps = _parse_keeps(args.keeps)
     specs = [parse_pass_spec(s) for s in args.passes]
     from .passes import get
 
@@ -539,41 +655,11 @@ def sweep_main(argv: list[str]) -> int:
         batches, _ = _read_inputs(args, model)
         rows = sweep(model, specs, keeps, batches, args.bench_batch, args.repeat, progress=status.update)
         out.mkdir(parents=True, exist_ok=True)
-        import csv
-        import io
-
-        from .model import atomic_write
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-        atomic_write(files[0], buf.getvalue().encode())
+        _write_csv(files[0], rows)
         status.update("plotting")
         plot_sweep(rows, files[1], f"{Path(args.model).name}: batch {args.bench_batch}, ORT CPU")
-        drawn = None
-        if args.data:
-            spec = args.picture or f"{specs[0][0]}:" + ",".join(
-                [f"{k}={v}" for k, v in specs[0][1].items()] + [f"keep={min(keeps)}"])
-            (p,) = build_passes([spec], {})
-            feeds = batches[0]
-            name = next(iter(feeds))
-            mean = np.array([float(x) for x in args.mean.split(",")], np.float32)[:, None, None]
-            std = np.array([float(x) for x in args.std.split(",")], np.float32)[:, None, None]
-            img = np.clip((feeds[name][0] * std + mean) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
-            drawn = kept_token_picture(model, p.apply(model), feeds, img, files[2], repr(p))
-    from rich.table import Table
-
-    t = Table(title=f"sweep of {args.model}")
-    for col in ("pass", "options", "keep", "GFLOPs", "ideal", "speedup", "cosine", "top-1"):
-        t.add_column(col, justify="right")
-    for r in rows:
-        t.add_row(r["pass"], r["options"], f"{r['keep']}", f"{r['gflops']:.3f}", f"{r['ideal_speedup']:.2f}x",
-                  f"{r['speedup']:.2f}x", f"{r['cosine']:.4f}",
-                  "-" if r["top1_agreement"] is None else f"{r['top1_agreement']:.3f}")
-    c = _console()
-    c.print(t)
-    c.print(f"wrote {files[0]}, {files[1]}" + (f", {files[2]} ({', '.join(drawn)})" if drawn else ""))
+        drawn = _kept_tokens_figure(args, model, specs, keeps, batches[0], files[2]) if args.data else None
+    _print_sweep(args, rows, files, drawn)
     return 0
 
 
@@ -588,26 +674,24 @@ def _span_values_joined(argv: list[str]) -> list[str]:
     return out
 
 
+def _demo_main(argv: list[str]) -> int:
+    """``prunec demo``, imported when asked for (it needs timm)."""
+    from .demo import demo_main
+
+    return demo_main(argv)
+
+
+# subcommand -> its main; anything else is a model to rewrite (prune_main)
+_MAINS = {"inspect": inspect_main, "passes": passes_main, "bench": bench_main, "eval": eval_main,
+          "tune": tune_main, "sweep": sweep_main, "demo": _demo_main}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = _span_values_joined(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("ORT_LOGGING_LEVEL", "3")
     try:
-        if argv and argv[0] == "inspect":
-            return inspect_main(argv[1:])
-        if argv and argv[0] == "passes":
-            return passes_main(argv[1:])
-        if argv and argv[0] == "bench":
-            return bench_main(argv[1:])
-        if argv and argv[0] == "eval":
-            return eval_main(argv[1:])
-        if argv and argv[0] == "tune":
-            return tune_main(argv[1:])
-        if argv and argv[0] == "sweep":
-            return sweep_main(argv[1:])
-        if argv and argv[0] == "demo":
-            from .demo import demo_main
-
-            return demo_main(argv[1:])
+        if argv and argv[0] in _MAINS:
+            return _MAINS[argv[0]](argv[1:])
         if not argv:
             argv = ["--help"]
         return prune_main(argv)

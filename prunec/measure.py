@@ -199,26 +199,33 @@ def evaluate(model, rewritten, batches, labels: np.ndarray | None = None, progre
                 top1[name]["original"].extend(pa.tolist())
                 top1[name]["rewritten"].extend(pb.tolist())
         samples += len(next(iter(feeds.values())))
-    out = {"samples": samples, "outputs": {}}
-    for name in names:
-        entry = {"shape_original": list(shapes.get(name, ((), ()))[0]),
-                 "shape_rewritten": list(shapes.get(name, ((), ()))[1])}
-        if cos[name]:
-            c = np.array(cos[name])
-            entry.update({"cosine_mean": float(c.mean()), "cosine_min": float(c.min())})
-            if name in reduced:
-                entry["note"] = reduced[name]
-        else:
-            entry["cosine_mean"] = None
-            entry["note"] = "shape changed by the rewrite: not compared"
-        if agree[name]:
-            entry["top1_agreement"] = float(np.mean(agree[name]))
-            if labels is not None:
-                lab = np.asarray(labels)[: len(top1[name]["original"])]
-                entry["accuracy_original"] = float((np.array(top1[name]["original"]) == lab).mean())
-                entry["accuracy_rewritten"] = float((np.array(top1[name]["rewritten"]) == lab).mean())
-        out["outputs"][name] = entry
-    return out
+    return {"samples": samples,
+            "outputs": {name: _output_summary(shapes.get(name, ((), ())), cos[name], reduced.get(name),
+                                              agree[name], top1[name], labels) for name in names}}
+
+
+def _output_summary(shapes: tuple, cos: list, note: str | None, agree: list, top1: dict[str, list],
+                    labels: np.ndarray | None) -> dict:
+    """One output's entry of :func:`evaluate`: its shapes (original, rewritten) without the
+    batch axis, cosine mean and min over the samples (None where the shape changed), the note
+    on how a reduced token output was compared, top-1 agreement and, with ``labels``, the
+    accuracy of both models (``top1``: the predicted classes per model)."""
+    entry = {"shape_original": list(shapes[0]), "shape_rewritten": list(shapes[1])}
+    if cos:
+        c = np.array(cos)
+        entry.update({"cosine_mean": float(c.mean()), "cosine_min": float(c.min())})
+        if note is not None:
+            entry["note"] = note
+    else:
+        entry["cosine_mean"] = None
+        entry["note"] = "shape changed by the rewrite: not compared"
+    if agree:
+        entry["top1_agreement"] = float(np.mean(agree))
+        if labels is not None:
+            lab = np.asarray(labels)[: len(top1["original"])]
+            entry["accuracy_original"] = float((np.array(top1["original"]) == lab).mean())
+            entry["accuracy_rewritten"] = float((np.array(top1["rewritten"]) == lab).mean())
+    return entry
 
 
 def npz_batches(path: Path, model, batch: int):
@@ -382,12 +389,26 @@ def sweep(model, specs: list[tuple[str, dict]], keeps: list[float], batches, ben
     return rows
 
 
-def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` as PNG at 110 dpi and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+
+
+def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
+    """Speedup against keep, and cosine against speedup, one line per pass and options."""
+    plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key in sorted({(r["pass"], r["options"]) for r in rows}):
         sel = sorted((r for r in rows if (r["pass"], r["options"]) == key), key=lambda r: r["keep"])
@@ -405,18 +426,13 @@ def plot_sweep(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def kept_token_picture(model, rewritten, feeds: dict, image: np.ndarray, path: Path, title: str = "") -> list[str]:
     """Draw, for one image, the patches each cut kept (the others greyed out), one panel per
     cut. ``image``: HxWx3 uint8 as fed (after the recipe's crop). Returns the cut tags drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     from .passes.pool import find_grid
 
@@ -447,7 +463,5 @@ def kept_token_picture(model, rewritten, feeds: dict, image: np.ndarray, path: P
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
     return tags

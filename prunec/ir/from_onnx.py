@@ -39,78 +39,103 @@ def _named_inputs(node: ir.Node, names: dict[str, int]) -> dict[str, int]:
     return {k: i for k, i in names.items() if len(node.inputs) > i and node.inputs[i] is not None}
 
 
+# com.microsoft: norm(input + skip [+ bias]); output 3 is the sum
+_SKIP_LAYERNORM = {t for t in _LAYERNORM if t.startswith("Skip")}
+# op type -> normalized op, attributes kept as they are
+_KINDS = {
+    **dict.fromkeys(_ELEMENTWISE, "elementwise"),
+    **dict.fromkeys(("MatMul", *_INT_MATMUL), "matmul"),
+    "Gemm": "gemm",
+    **dict.fromkeys(_LAYERNORM - _SKIP_LAYERNORM, "layernorm"),
+    **dict.fromkeys(_RESHAPE, "reshape"),
+    "Expand": "expand",
+    "Slice": "slice",
+    **dict.fromkeys(_REDUCE, "reduce"),
+    "ConstantOfShape": "create",
+    "Range": "range",
+    "Shape": "shape",
+    "Constant": "constant",
+}
+# op type -> (normalized op, the attributes it keeps or adds)
+_KINDS_ATTRS = {
+    **{t: ("elementwise", lambda a: {**a, "quant": True}) for t in _QUANT},
+    **{t: ("layernorm", lambda a: {**a, "skip": True}) for t in _SKIP_LAYERNORM},
+    "Softmax": ("softmax", lambda a: {"axis": a.get("axis", -1)}),
+    "Transpose": ("transpose", lambda a: {"perm": list(a["perm"])} if "perm" in a else {}),
+    "Concat": ("concat", lambda a: {"axis": a["axis"]}),
+    "Split": ("split", lambda a: {"axis": a.get("axis", 0)}),
+    "Gather": ("gather", lambda a: {"axis": a.get("axis", 0)}),
+}
+
+
+def _onnx_attention(node: ir.Node, attrs: dict) -> tuple[str, dict]:
+    """ONNX Attention (opset 23): q/k/v [B, H, N, D] or [B, N, H·D], optional mask input 3."""
+    return "sdpa", {"is_causal": bool(attrs.get("is_causal", 0)), "scale": attrs.get("scale"),
+                    "q_num_heads": attrs.get("q_num_heads"), "kv_num_heads": attrs.get("kv_num_heads"),
+                    "mask_index": 3 if len(node.inputs) > 3 and node.inputs[3] is not None else None}
+
+
+def _ms_multihead_attention(node: ir.Node, attrs: dict) -> tuple[str, dict]:
+    """ORT MultiHeadAttention: q/k/v [B, N, H·D] with optional bias, key mask, attention bias, past."""
+    return "sdpa", {"is_causal": bool(attrs.get("unidirectional", 0)), "scale": attrs.get("scale"),
+                    "q_num_heads": attrs.get("num_heads"), "kv_num_heads": attrs.get("num_heads"),
+                    "mask_index": None, "ms_mha": True, "mask_filter_value": attrs.get("mask_filter_value"),
+                    "named_inputs": _named_inputs(node, {"qkv_bias": 3, "key_mask": 4, "attention_bias": 5,
+                                                         "past_key": 6, "past_value": 7})}
+
+
+def _ms_packed_attention(node: ir.Node, attrs: dict) -> tuple[str, dict]:
+    """ORT Attention: input [B, N, C] projected to q/k/v by its packed weight (input 1)."""
+    attrs["is_causal"] = bool(attrs.get("unidirectional", 0))
+    attrs["named_inputs"] = _named_inputs(node, {"weights": 1, "qkv_bias": 2, "key_mask": 3, "past_key": 4,
+                                                 "attention_bias": 5})
+    return "packed_attention", attrs
+
+
+def _ms_group_query_attention(node: ir.Node, attrs: dict) -> tuple[str, dict]:
+    """ORT GroupQueryAttention: causal, q [B, N, H·D], k/v [B, N, Hkv·D]; the attributes prunec
+    cannot honour are listed in ``unsupported``."""
+    unsupported = [a for a in ("do_rotary", "local_window_size", "softcap")
+                   if attrs.get(a) not in (None, 0, -1, 0.0)]
+    return "sdpa", {"is_causal": True, "scale": attrs.get("scale"), "q_num_heads": attrs.get("num_heads"),
+                    "kv_num_heads": attrs.get("kv_num_heads"), "mask_index": None, "gqa": True,
+                    "unsupported": unsupported,
+                    "named_inputs": _named_inputs(node, {"past_key": 3, "past_value": 4, "seqlens_k": 5,
+                                                         "total_sequence_length": 6, "attention_bias": 10})}
+
+
+def _ms_rotary(node: ir.Node, attrs: dict) -> tuple[str, dict]:
+    """ORT RotaryEmbedding: x [B, N, C] or [B, H, N, D], positions [B, N] (input 1)."""
+    return "rotary", {**attrs, "named_inputs": _named_inputs(node, {"position_ids": 1})}
+
+
+# op type -> normalizer(node, attrs) in the standard domain and in com.microsoft
+_ONNX_OPS = {"Attention": _onnx_attention}
+_MS_OPS = {
+    "EmbedLayerNormalization": lambda node, attrs: ("embed_layernorm", attrs),
+    "MultiHeadAttention": _ms_multihead_attention,
+    "Attention": _ms_packed_attention,
+    "GroupQueryAttention": _ms_group_query_attention,
+    "RotaryEmbedding": _ms_rotary,
+    **dict.fromkeys(_UNSUPPORTED_ATTENTION, lambda node, attrs: ("unsupported_attention", attrs)),
+}
+
+
 def _normalize(node: ir.Node) -> tuple[str, dict]:
+    """(normalized op, attributes) of an ONNX node: ``unknown:<domain>.<op>`` outside the
+    standard and com.microsoft domains, ``unknown:<op>`` for an op prunec has no rule for."""
     t = node.op_type
     attrs = {k: a.value for k, a in node.attributes.items()}
     if node.domain not in ("", "ai.onnx", "com.microsoft"):
         return f"unknown:{node.domain}.{t}", attrs
-    if t in _ELEMENTWISE:
-        return "elementwise", attrs
-    if t in _QUANT:
-        return "elementwise", {**attrs, "quant": True}
-    if t == "MatMul" or t in _INT_MATMUL:
-        return "matmul", attrs
-    if t == "Gemm":
-        return "gemm", attrs
-    if t == "Softmax":
-        return "softmax", {"axis": attrs.get("axis", -1)}
-    if t in _LAYERNORM:
-        if t.startswith("Skip"):  # com.microsoft: norm(input + skip [+ bias]); output 3 is the sum
-            attrs["skip"] = True
-        return "layernorm", attrs
-    if t == "EmbedLayerNormalization" and node.domain == "com.microsoft":
-        return "embed_layernorm", attrs
-    if t == "Transpose":
-        return "transpose", {"perm": list(attrs["perm"])} if "perm" in attrs else {}
-    if t in _RESHAPE:
-        return "reshape", attrs
-    if t == "Expand":
-        return "expand", attrs
-    if t == "Concat":
-        return "concat", {"axis": attrs["axis"]}
-    if t == "Split":
-        return "split", {"axis": attrs.get("axis", 0)}
-    if t == "Gather":
-        return "gather", {"axis": attrs.get("axis", 0)}
-    if t == "Slice":
-        return "slice", attrs
-    if t in _REDUCE:
-        return "reduce", attrs
-    if t == "Attention" and node.domain in ("", "ai.onnx"):
-        return "sdpa", {"is_causal": bool(attrs.get("is_causal", 0)), "scale": attrs.get("scale"),
-                        "q_num_heads": attrs.get("q_num_heads"), "kv_num_heads": attrs.get("kv_num_heads"),
-                        "mask_index": 3 if len(node.inputs) > 3 and node.inputs[3] is not None else None}
-    if t == "MultiHeadAttention" and node.domain == "com.microsoft":
-        return "sdpa", {"is_causal": bool(attrs.get("unidirectional", 0)), "scale": attrs.get("scale"),
-                        "q_num_heads": attrs.get("num_heads"), "kv_num_heads": attrs.get("num_heads"),
-                        "mask_index": None, "ms_mha": True, "mask_filter_value": attrs.get("mask_filter_value"),
-                        "named_inputs": _named_inputs(node, {"qkv_bias": 3, "key_mask": 4, "attention_bias": 5,
-                                                             "past_key": 6, "past_value": 7})}
-    if t == "Attention" and node.domain == "com.microsoft":
-        attrs["is_causal"] = bool(attrs.get("unidirectional", 0))
-        attrs["named_inputs"] = _named_inputs(node, {"weights": 1, "qkv_bias": 2, "key_mask": 3, "past_key": 4,
-                                                     "attention_bias": 5})
-        return "packed_attention", attrs
-    if t == "GroupQueryAttention" and node.domain == "com.microsoft":  # causal, q [B, N, H·D], k/v [B, N, Hkv·D]
-        unsupported = [a for a in ("do_rotary", "local_window_size", "softcap")
-                       if attrs.get(a) not in (None, 0, -1, 0.0)]
-        return "sdpa", {"is_causal": True, "scale": attrs.get("scale"), "q_num_heads": attrs.get("num_heads"),
-                        "kv_num_heads": attrs.get("kv_num_heads"), "mask_index": None, "gqa": True,
-                        "unsupported": unsupported,
-                        "named_inputs": _named_inputs(node, {"past_key": 3, "past_value": 4, "seqlens_k": 5,
-                                                             "total_sequence_length": 6, "attention_bias": 10})}
-    if t == "RotaryEmbedding" and node.domain == "com.microsoft":  # x [B, N, C] or [B, H, N, D], positions [B, N]
-        return "rotary", {**attrs, "named_inputs": _named_inputs(node, {"position_ids": 1})}
-    if t in _UNSUPPORTED_ATTENTION and node.domain == "com.microsoft":
-        return "unsupported_attention", attrs
-    if t == "ConstantOfShape":
-        return "create", attrs
-    if t == "Range":
-        return "range", attrs
-    if t == "Shape":
-        return "shape", attrs
-    if t == "Constant":
-        return "constant", attrs
+    if t in _KINDS:
+        return _KINDS[t], attrs
+    if t in _KINDS_ATTRS:
+        kind, keep = _KINDS_ATTRS[t]
+        return kind, keep(attrs)
+    special = (_MS_OPS if node.domain == "com.microsoft" else _ONNX_OPS).get(t)
+    if special is not None:
+        return special(node, attrs)
     return f"unknown:{t}", attrs
 
 

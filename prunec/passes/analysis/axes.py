@@ -40,172 +40,254 @@ def _reshape_pairs(src: Value, dst: Value):
             yield i, j
 
 
-def axis_links(node: Node):
-    """Yield ((value, axis), (value, axis)) equalities contributed by ``node``."""
-    op, ins, outs = node.op, node.inputs, node.outputs
-    out = outs[0] if outs else None
-    if op == "sdpa" and node.attrs.get("result") is not None:  # fx private variants: item 0 of a tuple
-        out = node.attrs["result"]
-    if out is None or out.shape is None:
+def _axes_without(rank: int, axis: int) -> list[int]:
+    """The axes ``0..rank-1`` but ``axis``: where an unbind or select puts its source's axes."""
+    return [i for i in range(rank) if i != axis]
+
+
+def _split_piece_links(split: Node, piece: Value):
+    """A piece of a split [.., N, ..] (or of an unbind, which drops the split axis) keeps the
+    source's other axes, and the split axis too where the piece has its full size."""
+    src = split.inputs[0]
+    axis = split.attrs["axis"] % len(src.shape)
+    mapping = _axes_without(len(src.shape), axis) if split.attrs.get("unbind") else list(range(len(src.shape)))
+    for j, i in enumerate(mapping):
+        if i != axis or src.shape[i] == piece.shape[j]:
+            yield (src, i), (piece, j)
+
+
+def _broadcast_links(node: Node, out: Value, rank: int):
+    """Elementwise ops, softmax, layernorm and expand: operand axes broadcast right-aligned
+    onto the output's (a quantize op and a norm follow their first input only, a
+    SkipLayerNormalization its input and skip, onto every output of the output's shape)."""
+    ins, outs = node.inputs, node.outputs
+    srcs = (ins if node.op == "elementwise" and not node.attrs.get("quant")
+            else ins[:2] if node.attrs.get("skip") else ins[:1])
+    dsts = [o for o in outs if o is not None and o.shape == out.shape] if node.attrs.get("skip") else [out]
+    for v in srcs:
+        if v is not None and v.shape is not None and len(v.shape) >= 1:
+            for d in dsts:  # SkipLayerNormalization: output 3 is input + skip
+                for i, j in _align_right(v, d):
+                    yield (v, i), (d, j)
+
+
+def _matmul_links(node: Node, out: Value, rank: int):
+    """a [.., M, K] @ b [.., K, P] -> [.., M, P]: rows of a, columns of b, the contraction,
+    and the broadcast batch axes."""
+    a, b = node.inputs[0], node.inputs[1]
+    if a.shape is None or b.shape is None or len(a.shape) < 2 or len(b.shape) < 2:
         return
-    rank = len(out.shape)
-    if op in ("elementwise", "softmax", "layernorm", "expand"):
-        srcs = (ins if op == "elementwise" and not node.attrs.get("quant")
-                else ins[:2] if node.attrs.get("skip") else ins[:1])
-        dsts = [o for o in outs if o is not None and o.shape == out.shape] if node.attrs.get("skip") else [out]
-        for v in srcs:
-            if v is not None and v.shape is not None and len(v.shape) >= 1:
-                for d in dsts:  # SkipLayerNormalization: output 3 is input + skip
-                    for i, j in _align_right(v, d):
-                        yield (v, i), (d, j)
-    elif op == "matmul":
-        a, b = ins[0], ins[1]
-        if a.shape is None or b.shape is None or len(a.shape) < 2 or len(b.shape) < 2:
-            return
-        yield (a, len(a.shape) - 2), (out, rank - 2)
-        yield (b, len(b.shape) - 1), (out, rank - 1)
-        yield (a, len(a.shape) - 1), (b, len(b.shape) - 2)
-        for v in (a, b):
-            for i, j in _align_right(v, out):
-                if j < rank - 2 and i < len(v.shape) - 2:
-                    yield (v, i), (out, j)
-    elif op in ("linear", "addmm", "gemm"):
-        x = ins[1] if op == "addmm" else ins[0]
-        if op == "gemm" and node.attrs.get("transA"):
-            yield (x, 1), (out, 0)
-        else:
-            for i in range(min(len(x.shape), rank) - 1):
-                yield (x, i), (out, i)
-    elif op == "transpose":
-        perm = node.attrs.get("perm") or list(reversed(range(rank)))
-        for j, i in enumerate(perm):
-            yield (ins[0], i), (out, j)
-    elif op == "reshape":
-        for i, j in _reshape_pairs(ins[0], out):
-            yield (ins[0], i), (out, j)
-    elif op == "concat":
-        axis = node.attrs["axis"] % rank
-        for v in ins:
-            if v is not None and v.shape is not None and len(v.shape) == rank:
-                for i in range(rank):
-                    if i != axis:
-                        yield (v, i), (out, i)
-    elif op == "split":
-        src = ins[0]
-        axis = node.attrs["axis"] % len(src.shape)
-        for o in outs:
-            if o.shape is None:
-                continue
-            if node.attrs.get("unbind"):
-                mapping = [i for i in range(len(src.shape)) if i != axis]
-                for j, i in enumerate(mapping):
-                    yield (src, i), (o, j)
-            else:
-                for i in range(len(src.shape)):
-                    if i != axis or src.shape[i] == o.shape[i]:
-                        yield (src, i), (o, i)
-    elif op == "getitem":
-        producer = ins[0].producer if ins and ins[0] is not None else None
-        if producer is None:
-            return
-        if producer.op == "layernorm" and node.attrs["index"] == 0:
-            for i, j in _align_right(producer.inputs[0], out):
-                yield (producer.inputs[0], i), (out, j)
-        elif producer.op == "split":
-            src = producer.inputs[0]
-            axis = producer.attrs["axis"] % len(src.shape)
-            if producer.attrs.get("unbind"):
-                mapping = [i for i in range(len(src.shape)) if i != axis]
-            else:
-                mapping = list(range(len(src.shape)))
-            for j, i in enumerate(mapping):
-                if i != axis or src.shape[i] == out.shape[j]:
-                    yield (src, i), (out, j)
-    elif op == "select":
-        src = ins[0]
-        axis = node.attrs["axis"] % len(src.shape)
-        mapping = [i for i in range(len(src.shape)) if i != axis]
-        for j, i in enumerate(mapping):
-            yield (src, i), (out, j)
-    elif op == "gather":
-        data, idx = ins[0], ins[1]
-        axis = node.attrs["axis"] % len(data.shape)
-        idx_rank = len(idx.shape) if idx.shape is not None else 0
-        for i in range(axis):
-            yield (data, i), (out, i)
-        for k in range(idx_rank):
-            if idx.shape[k] > 1:
-                yield (idx, k), (out, axis + k)
-        for i in range(axis + 1, len(data.shape)):
-            yield (data, i), (out, i - 1 + idx_rank)
-    elif op == "embedding":
-        ids = ins[1]
-        for k in range(len(ids.shape)):
-            yield (ids, k), (out, k)
-    elif op == "slice":
-        for i, j in _align_right(ins[0], out):
-            yield (ins[0], i), (out, j)
-    elif op == "reduce":
-        src = ins[0]
-        if src.shape is not None and len(src.shape) == rank:
-            for i, j in _align_right(src, out):
-                yield (src, i), (out, j)
-    elif op == "embed_layernorm":  # ORT EmbedLayerNormalization: ids [B, N] -> [B, N, C] (+ mask_index [B])
-        ids = ins[0]
-        for j in (0, 1, 7, 8):  # input_ids, segment_ids, mask, position_ids: [B, N] (position_ids maybe [1, N])
-            if j < len(ins) and ins[j] is not None:
-                for i, a in _align_right(ins[j], ids):
-                    yield (ins[j], i), (ids, a)
-        for o in outs:
-            if o is not None and o.shape is not None and len(o.shape) == 3:
-                yield (ids, 0), (o, 0)
-                yield (ids, 1), (o, 1)
-        if len(outs) > 1 and outs[1] is not None and outs[1].shape is not None and len(outs[1].shape) == 1:
-            if outs[1].shape[0] == ids.shape[0] > 1:
-                yield (outs[1], 0), (ids, 0)
-    elif op == "rotary":  # ORT RotaryEmbedding: x [B, N, C] or [B, H, N, D] -> same; position_ids [B, N]
-        x = ins[0]
-        for i in range(len(x.shape)):
+    yield (a, len(a.shape) - 2), (out, rank - 2)
+    yield (b, len(b.shape) - 1), (out, rank - 1)
+    yield (a, len(a.shape) - 1), (b, len(b.shape) - 2)
+    for v in (a, b):
+        for i, j in _align_right(v, out):
+            if j < rank - 2 and i < len(v.shape) - 2:
+                yield (v, i), (out, j)
+
+
+def _linear_links(node: Node, out: Value, rank: int):
+    """linear / addmm / gemm: x [.., K] -> [.., P] keeps every axis of x but the last
+    (gemm with transA reads x as [K, M])."""
+    x = node.inputs[1] if node.op == "addmm" else node.inputs[0]
+    if node.op == "gemm" and node.attrs.get("transA"):
+        yield (x, 1), (out, 0)
+    else:
+        for i in range(min(len(x.shape), rank) - 1):
             yield (x, i), (out, i)
-        pos = node.attrs.get("position_ids")
-        if pos is not None and pos.shape is not None and len(pos.shape) == 2:
-            tok = 1 if len(x.shape) == 3 else 2
-            if pos.shape[1] == x.shape[tok] > 1:
-                yield (pos, 1), (x, tok)
-            if pos.shape[0] == x.shape[0] > 1:
-                yield (pos, 0), (x, 0)
-    elif op == "packed_attention":  # ORT Attention: input [B, N, C] -> [B, N, Cv]
-        x = ins[0]
-        yield (x, 0), (out, 0)
-        yield (x, 1), (out, 1)
-        yield from _mask_links(node, x, x)
-    elif op == "sdpa":
-        q, k, v = ins[0], ins[1], ins[2]
-        if len(q.shape) == 4 and rank == 4:
-            yield (q, 2), (out, 2)
-            yield (k, 2), (v, 2)
-            yield (q, 0), (out, 0)
+
+
+def _transpose_links(node: Node, out: Value, rank: int):
+    """Output axis j is input axis perm[j] (no perm: the axes reversed)."""
+    perm = node.attrs.get("perm") or list(reversed(range(rank)))
+    for j, i in enumerate(perm):
+        yield (node.inputs[0], i), (out, j)
+
+
+def _reshape_links(node: Node, out: Value, rank: int):
+    """The axes a reshape keeps intact (see ``_reshape_pairs``)."""
+    for i, j in _reshape_pairs(node.inputs[0], out):
+        yield (node.inputs[0], i), (out, j)
+
+
+def _concat_links(node: Node, out: Value, rank: int):
+    """Every input of the output's rank shares the output's axes but the concat axis."""
+    axis = node.attrs["axis"] % rank
+    for v in node.inputs:
+        if v is not None and v.shape is not None and len(v.shape) == rank:
+            for i in range(rank):
+                if i != axis:
+                    yield (v, i), (out, i)
+
+
+def _split_links(node: Node, out: Value, rank: int):
+    """Each output of a split or unbind (see ``_split_piece_links``)."""
+    for piece in node.outputs:
+        if piece.shape is not None:
+            yield from _split_piece_links(node, piece)
+
+
+def _getitem_links(node: Node, out: Value, rank: int):
+    """fx tuple items: item 0 of a layernorm is its normalised input, an item of a split a piece."""
+    ins = node.inputs
+    producer = ins[0].producer if ins and ins[0] is not None else None
+    if producer is None:
+        return
+    if producer.op == "layernorm" and node.attrs["index"] == 0:
+        for i, j in _align_right(producer.inputs[0], out):
+            yield (producer.inputs[0], i), (out, j)
+    elif producer.op == "split":
+        yield from _split_piece_links(producer, out)
+
+
+def _select_links(node: Node, out: Value, rank: int):
+    """x.select(axis, i) drops ``axis`` and keeps the others in order."""
+    src = node.inputs[0]
+    axis = node.attrs["axis"] % len(src.shape)
+    for j, i in enumerate(_axes_without(len(src.shape), axis)):
+        yield (src, i), (out, j)
+
+
+def _gather_links(node: Node, out: Value, rank: int):
+    """Gather(data, idx, axis): data's axes before ``axis``, then idx's axes (those > 1),
+    then data's axes after ``axis``."""
+    data, idx = node.inputs[0], node.inputs[1]
+    axis = node.attrs["axis"] % len(data.shape)
+    idx_rank = len(idx.shape) if idx.shape is not None else 0
+    for i in range(axis):
+        yield (data, i), (out, i)
+    for k in range(idx_rank):
+        if idx.shape[k] > 1:
+            yield (idx, k), (out, axis + k)
+    for i in range(axis + 1, len(data.shape)):
+        yield (data, i), (out, i - 1 + idx_rank)
+
+
+def _embedding_links(node: Node, out: Value, rank: int):
+    """embedding(weight, ids [B, N]) -> [B, N, C]: the ids' axes lead the output's."""
+    ids = node.inputs[1]
+    for k in range(len(ids.shape)):
+        yield (ids, k), (out, k)
+
+
+def _slice_links(node: Node, out: Value, rank: int):
+    """A slice keeps the axes whose size it does not change."""
+    for i, j in _align_right(node.inputs[0], out):
+        yield (node.inputs[0], i), (out, j)
+
+
+def _reduce_links(node: Node, out: Value, rank: int):
+    """A reduction that keeps its dims keeps the axes it does not reduce (size > 1)."""
+    src = node.inputs[0]
+    if src.shape is not None and len(src.shape) == rank:
+        for i, j in _align_right(src, out):
+            yield (src, i), (out, j)
+
+
+def _embed_layernorm_links(node: Node, out: Value, rank: int):
+    """ORT EmbedLayerNormalization: ids [B, N] -> [B, N, C] (+ mask_index [B]); input_ids,
+    segment_ids, mask and position_ids (maybe [1, N]) are all [B, N]."""
+    ins, outs = node.inputs, node.outputs
+    ids = ins[0]
+    for j in (0, 1, 7, 8):  # input_ids, segment_ids, mask, position_ids
+        if j < len(ins) and ins[j] is not None:
+            for i, a in _align_right(ins[j], ids):
+                yield (ins[j], i), (ids, a)
+    for o in outs:
+        if o is not None and o.shape is not None and len(o.shape) == 3:
+            yield (ids, 0), (o, 0)
+            yield (ids, 1), (o, 1)
+    if len(outs) > 1 and outs[1] is not None and outs[1].shape is not None and len(outs[1].shape) == 1:
+        if outs[1].shape[0] == ids.shape[0] > 1:
+            yield (outs[1], 0), (ids, 0)
+
+
+def _rotary_links(node: Node, out: Value, rank: int):
+    """ORT RotaryEmbedding: x [B, N, C] or [B, H, N, D] -> the same shape; position_ids [B, N]."""
+    x = node.inputs[0]
+    for i in range(len(x.shape)):
+        yield (x, i), (out, i)
+    pos = node.attrs.get("position_ids")
+    if pos is not None and pos.shape is not None and len(pos.shape) == 2:
+        tok = 1 if len(x.shape) == 3 else 2
+        if pos.shape[1] == x.shape[tok] > 1:
+            yield (pos, 1), (x, tok)
+        if pos.shape[0] == x.shape[0] > 1:
+            yield (pos, 0), (x, 0)
+
+
+def _packed_attention_links(node: Node, out: Value, rank: int):
+    """ORT Attention: input [B, N, C] -> [B, N, Cv], and its masks against the input."""
+    x = node.inputs[0]
+    yield (x, 0), (out, 0)
+    yield (x, 1), (out, 1)
+    yield from _mask_links(node, x, x)
+
+
+def _sdpa_links(node: Node, out: Value, rank: int):
+    """Attention on q/k/v [B, H, N, D] (aten sdpa, ONNX Attention) with a mask
+    [.., N, T], or on [B, N, H·D] (ORT MultiHeadAttention, GroupQueryAttention) with
+    the contrib masks: q's tokens are the output's, k and v share theirs."""
+    q, k, v = node.inputs[0], node.inputs[1], node.inputs[2]
+    if len(q.shape) == 4 and rank == 4:
+        yield (q, 2), (out, 2)
+        yield (k, 2), (v, 2)
+        yield (q, 0), (out, 0)
+        yield (k, 0), (out, 0)
+        yield (v, 0), (out, 0)
+        if q.shape[1] == k.shape[1]:
+            yield (q, 1), (k, 1)
+        mask = node.attrs.get("mask")
+        if mask is not None and mask.shape is not None:
+            mr = len(mask.shape)
+            if mask.shape[-2] == q.shape[2] and mask.shape[-2] > 1:
+                yield (mask, mr - 2), (q, 2)
+            if mask.shape[-1] == k.shape[2] and mask.shape[-1] > 1:
+                yield (mask, mr - 1), (k, 2)
+            if mr == 4 and mask.shape[0] == q.shape[0] and mask.shape[0] > 1:
+                yield (mask, 0), (q, 0)
+    elif len(q.shape) == 3:
+        yield (q, 1), (out, 1)
+        yield (q, 0), (out, 0)
+        if k is not None and v is not None and len(k.shape) == 3 and len(v.shape) == 3:
+            yield (k, 1), (v, 1)
             yield (k, 0), (out, 0)
             yield (v, 0), (out, 0)
-            if q.shape[1] == k.shape[1]:
-                yield (q, 1), (k, 1)
-            mask = node.attrs.get("mask")
-            if mask is not None and mask.shape is not None:
-                mr = len(mask.shape)
-                if mask.shape[-2] == q.shape[2] and mask.shape[-2] > 1:
-                    yield (mask, mr - 2), (q, 2)
-                if mask.shape[-1] == k.shape[2] and mask.shape[-1] > 1:
-                    yield (mask, mr - 1), (k, 2)
-                if mr == 4 and mask.shape[0] == q.shape[0] and mask.shape[0] > 1:
-                    yield (mask, 0), (q, 0)
-        elif len(q.shape) == 3:
-            yield (q, 1), (out, 1)
-            yield (q, 0), (out, 0)
-            if k is not None and v is not None and len(k.shape) == 3 and len(v.shape) == 3:
-                yield (k, 1), (v, 1)
-                yield (k, 0), (out, 0)
-                yield (v, 0), (out, 0)
-                yield from _mask_links(node, q, k)
+            yield from _mask_links(node, q, k)
+
+
+# normalized op -> its rule: rule(node, out, rank) yields the op's axis equalities
+_LINKS = {
+    **dict.fromkeys(("elementwise", "softmax", "layernorm", "expand"), _broadcast_links),
+    "matmul": _matmul_links,
+    **dict.fromkeys(("linear", "addmm", "gemm"), _linear_links),
+    "transpose": _transpose_links,
+    "reshape": _reshape_links,
+    "concat": _concat_links,
+    "split": _split_links,
+    "getitem": _getitem_links,
+    "select": _select_links,
+    "gather": _gather_links,
+    "embedding": _embedding_links,
+    "slice": _slice_links,
+    "reduce": _reduce_links,
+    "embed_layernorm": _embed_layernorm_links,
+    "rotary": _rotary_links,
+    "packed_attention": _packed_attention_links,
+    "sdpa": _sdpa_links,
+}
+
+
+def axis_links(node: Node):
+    """Yield ((value, axis), (value, axis)) equalities contributed by ``node``: nothing for an
+    op without a rule in ``_LINKS`` or whose output shape is unknown."""
+    out = node.outputs[0] if node.outputs else None
+    if node.op == "sdpa" and node.attrs.get("result") is not None:  # fx private variants: item 0 of a tuple
+        out = node.attrs["result"]
+    rule = _LINKS.get(node.op)
+    if rule is None or out is None or out.shape is None:
+        return
+    yield from rule(node, out, len(out.shape))
 
 
 def _mask_links(node: Node, q: Value, k: Value):

@@ -75,3 +75,15 @@ def test_torch_rewrite_shares_the_weights():
     before = {id(p) for p in model.gm.parameters()}
     after = [id(p) for p in out.gm.parameters()]
     assert after and all(i in before for i in after)
+
+
+@pytest.mark.parametrize("form", ("torch", "dynamo18"))
+def test_a_pass_cutting_before_an_earlier_pass_is_refused(form):
+    """FastV before layer 2, then ToMe from layer 0: ToMe's cuts would hand FastV's (planned for 17
+    tokens) fewer tokens. Refused in one line; in layer order the two passes compose."""
+    model = load("timm_vit", form)
+    fastv = prunec.passes.get("fastv")(keep="0.5", layer="2")
+    with pytest.raises(prunec.PruneError, match="comes before the cut 'fastv_l2'.*layer order"):
+        prunec.passes.get("tome")(r="2")(fastv(model))
+    out = fastv(prunec.passes.get("tome")(r="2/0/0")(model))
+    assert [c[0] for c in out.cuts] == ["tome_l0", "fastv_l2"]

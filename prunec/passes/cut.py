@@ -68,67 +68,87 @@ def plan_cut(facts: Facts | PlannedFacts, layer: int, reduce, tag: str, mid: boo
     recovery = plan_recovery(facts, stream, post, reduce, recover, recover_at,
                              earlier if earlier is not None else facts.recovery_point())
     if recovery is not None:
-        after = g.consumers_closure(recovery.point)
-        post -= after
-        for node in after:  # only the restored tensor may reach past the recovery point
-            for v in node.inputs:
-                if (v is not None and v is not recovery.point and v.producer in post
-                        and facts.token_axes(v, cls_layer)):
-                    raise PruneError(f"token tensor '{v.name}' reaches node '{node.name}' after the point where "
-                                     f"the tokens are restored ('{recovery.point.name}'); only that tensor is restored")
+        _stop_at_recovery(facts, post, recovery, cls_layer)
+    _refuse_upstream_of_earlier_cut(post, layer)
     _pull_in(facts, post, cls_layer)
     cut = Cut(layer, stream, reduce, planned.count_at(stream), post, tag=tag, recovery=recovery, parent=parent,
               graph_tokens=n)
-    seen = set()
+    for node in sorted(post, key=lambda x: x.index):
+        if node.op == "range" and node.outputs[0].shape and facts.token_axes(node.outputs[0], cls_layer):
+            raise PruneError(f"node '{node.name}' builds a range over the tokens after the cut; "
+                             f"pruned tokens would get wrong positions")
+        size = _size_operand(node)
+        if size is not None:
+            pos = [j for j in facts.token_axes(node.outputs[0], cls_layer) if j < len(size) and size[j] == n]
+            if pos:
+                cut.shape_fixes.append(ShapeFix(node, pos))
+    _plan_crossings(facts, cut, cls_layer)
+    _plan_length_masks(facts, cut)
+    for v in g.outputs:
+        if v.producer is not None and v.producer in post:
+            cut.output_axes[v.name] = facts.token_axes(v, cls_layer)
+    _plan_sizes(facts, cut, cls_layer)
+    _plan_counts(facts, cut, cls_layer)
+    return cut
+
+
+def _refuse_upstream_of_earlier_cut(post: set, layer: int) -> None:
+    """A cut placed before the cut of a pass applied earlier would hand that cut fewer tokens than
+    its counts were planned for: refused (apply the passes in layer order, or as one pass)."""
+    for node in post:
+        for o in node.outputs:
+            if o.name.endswith("/keep_idx") or o.name.endswith("_keep_idx"):
+                tag = o.name[: -len("/keep_idx")]
+                raise PruneError(f"this cut (layer {layer}) comes before the cut '{tag}' of a pass applied earlier, "
+                                 f"which was planned for the tokens entering it; apply the passes in layer order")
+
+
+def _stop_at_recovery(facts: Facts, post: set, recovery: Recovery, layer: int) -> None:
+    """Take the nodes after the recovery point out of ``post`` (they see every token again);
+    refuse a token tensor other than the point that reaches past it."""
+    after = facts.graph.consumers_closure(recovery.point)
+    post -= after
+    for node in after:
+        for v in node.inputs:
+            if (v is not None and v is not recovery.point and v.producer in post
+                    and facts.token_axes(v, layer)):
+                raise PruneError(f"token tensor '{v.name}' reaches node '{node.name}' after the point where "
+                                 f"the tokens are restored ('{recovery.point.name}'); only that tensor is restored")
+
+
+def _plan_crossings(facts: Facts, cut: Cut, layer: int) -> None:
+    """Every input of a post-cut node made before the cut that carries the tokens (gathered per
+    sample along its token axes), or token sizes (recomputed); the stream itself when it is a
+    graph output (a feature extractor's tokens: the reduced tensor takes its place and name)."""
+    stream, post, seen = cut.stream, cut.post, set()
     for node in sorted(post, key=lambda x: x.index):
         for v in node.inputs:
-            if v is None or id(v) in seen:
-                continue
-            if v.producer is not None and v.producer in post:
+            if v is None or id(v) in seen or (v.producer is not None and v.producer in post):
                 continue
             seen.add(id(v))
             role = size_role(v)
             if role is not None:  # token sizes and what is computed from them: recomputed after the cut
                 cut.crossings.append(Crossing(v, [], 0, role))
                 continue
-            axes = facts.token_axes(v, cls_layer)
+            axes = facts.token_axes(v, layer)
             if not axes:
                 continue
-            if isinstance(reduce, Merge) and v is not stream and v.producer is not None \
+            if isinstance(cut.reduce, Merge) and v is not stream and v.producer is not None \
                     and v.producer is stream.producer:
                 raise PruneError(f"node '{v.producer.name}' makes both the stream '{stream.name}' and '{v.name}', "
                                  f"which crosses the merge; a gathered copy would not be the merged tokens' value")
-            b = facts.batch_axis(v, [u for u, _ in v.uses if u in post], cls_layer)
+            b = facts.batch_axis(v, [u for u, _ in v.uses if u in post], layer)
             if b is None or b in axes:
                 raise PruneError(f"token-carrying tensor '{v.name}' (shape {list(v.shape)}) crosses the cut "
-                                 f"before layer {layer} without a batch axis; cannot gather it per sample")
+                                 f"before layer {cut.layer} without a batch axis; cannot gather it per sample")
             cut.crossings.append(Crossing(v, axes, b))
-        if node.op == "range" and node.outputs[0].shape and facts.token_axes(node.outputs[0], cls_layer):
-            raise PruneError(f"node '{node.name}' builds a range over the tokens after the cut; "
-                             f"pruned tokens would get wrong positions")
-        size = _size_operand(node)
-        if size is not None:
-            out = node.outputs[0]
-            tok = facts.token_axes(out, cls_layer)
-            pos = [j for j in tok if j < len(size) and size[j] == n]
-            if pos:
-                cut.shape_fixes.append(ShapeFix(node, pos))
-    _plan_length_masks(facts, cut)
-    for v in g.outputs:
-        if v.producer is not None and v.producer in post:
-            cut.output_axes[v.name] = facts.token_axes(v, cls_layer)
-    if any(v is stream for v in g.outputs) and not any(c.value is stream for c in cut.crossings):
-        # the stream is itself a graph output (a feature extractor's tokens): the reduced tensor
-        # takes its place and name
-        axes = facts.token_axes(stream, cls_layer)
-        b = facts.batch_axis(stream, [], cls_layer)
+    if any(v is stream for v in facts.graph.outputs) and not any(c.value is stream for c in cut.crossings):
+        axes = facts.token_axes(stream, layer)
+        b = facts.batch_axis(stream, [], layer)
         if axes and b is not None and b not in axes:
             cut.crossings.append(Crossing(stream, axes, b))
     if not any(c.value is stream for c in cut.crossings):
-        raise PruneError(f"the residual stream '{stream.name}' entering layer {layer} has no token axis")
-    _plan_sizes(facts, cut, cls_layer)
-    _plan_counts(facts, cut, cls_layer)
-    return cut
+        raise PruneError(f"the residual stream '{stream.name}' entering layer {cut.layer} has no token axis")
 
 
 def plan_recovery(facts: Facts, stream, post: set, reduce, recover, recover_at, earlier=None) -> Recovery | None:

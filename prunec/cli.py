@@ -295,8 +295,10 @@ def _print_written(console, model, out: Path, passes: list, idle: list, before: 
         console.print(f"[yellow]nothing reduced[/yellow]: wrote {written} unchanged  ({before} tokens in and out; "
                       f"{seconds:.2f} s)")
     else:
+        tokens = (f"a dynamic sequence (probed at {before} tokens): counts follow the length at run time"
+                  if getattr(model, "dynamic_tokens", False) else f"{before} tokens in")
         console.print(f"[green]wrote[/green] {written}  ({', '.join(repr(p) for p in passes)}; "
-                      f"{before} tokens in; rewritten in {seconds:.2f} s)")
+                      f"{tokens}; rewritten in {seconds:.2f} s)")
 
 
 def prune_main(argv: list[str]) -> int:
@@ -340,8 +342,13 @@ def _warn_reduced_outputs(model, console) -> None:
             where = (f"outputs {names}" if model.kind == "onnx"
                      else f"the module returns (outputs, {{{', '.join(map(repr, suffixes))}}})")
             hint = f"{where}: weigh your own pooling by the sizes" if "sizes" in model.exposed else where
+        if getattr(model, "dynamic_tokens", False):  # sizes/indices cannot be exposed yet on a dynamic length
+            hint = hint.split("; --expose")[0]
+            at = f" at the probe's {rows[0]['tokens_in']}-token length"
+        else:
+            at = ""
         console.print(f"[yellow]note[/yellow]: token output {what} keeps {rows[0]['shape'][1]} of "
-                      f"{rows[0]['tokens_in']} tokens{merged}; {hint}")
+                      f"{rows[0]['tokens_in']} tokens{at}{merged}; {hint}")
 
 
 def parse_shapes(specs: list[str] | None) -> dict:

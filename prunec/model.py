@@ -59,6 +59,9 @@ class Model:
         if bad or not what:
             raise PruneError(f"cannot expose '{','.join(bad)}': give sizes, indices or sizes,indices")
         self._check_not_exposed()
+        if getattr(self, "dynamic_tokens", False):
+            raise PruneError("exposing token sizes/indices of a model whose sequence length is dynamic is not "
+                             "supported yet; fix the length with --shape NAME=?,N")
         if not self.cuts:
             raise PruneError("nothing to expose: no pass reduced tokens in this model (expose in the run that "
                              "applies the passes: --expose, Pipeline(..., expose=...))")
@@ -100,13 +103,14 @@ class OnnxModel(Model):
         super().__init__()
         import onnx_ir as ir
 
-        from .ir.from_onnx import example_inputs, unfuse_skip_norms
+        from .ir.from_onnx import example_inputs, sequence_dims, unfuse_skip_norms
 
         self.model: ir.Model = model
         unfuse_skip_norms(model)
         _name_nodes(model)
         self.probe_batch = probe_batch
         self.feeds = feeds if feeds is not None else example_inputs(model, probe_batch)
+        self.dynamic_tokens = bool(sequence_dims(model))  # a dynamic sequence axis: counts follow it at run time
         self._session = None
 
     def graph(self):
@@ -124,6 +128,7 @@ class OnnxModel(Model):
                                      f"the probe prunec needs; convert the model to float16 or float32") from None
                 raise PruneError(f"ONNX Runtime cannot run the model: {str(e).splitlines()[0]}") from None
             self._graph = from_onnx(self.model, probe, self.feeds)
+            self._graph.dynamic_tokens = self.dynamic_tokens
         return self._graph
 
     def lower(self, plan) -> "OnnxModel":
@@ -168,6 +173,7 @@ class OnnxModel(Model):
             onnx.checker.check_model(proto, full_check=True)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+        from .ir.from_onnx import example_inputs
         from .ir.session import make_session
 
         try:
@@ -181,6 +187,27 @@ class OnnxModel(Model):
             except Exception as e:  # noqa: BLE001
                 raise PruneError(f"rewritten graph does not run at batch size {batch} (the probe ran at "
                                  f"{self.probe_batch}): {str(e).splitlines()[0]}") from None
+        for batch, length in self._other_shapes():  # so is a token count baked in
+            try:
+                sess.run(None, example_inputs(self.model, batch, length))
+            except Exception as e:  # noqa: BLE001
+                raise PruneError(f"rewritten graph does not run at batch {batch}, length {length} (the probe ran "
+                                 f"at {self._probe_length()}): {str(e).splitlines()[0]}") from None
+
+    def _probe_length(self) -> int | None:
+        from .ir.from_onnx import sequence_dims
+
+        seq = sequence_dims(self.model)
+        return next((self.feeds[n].shape[a] for n, a in seq.items() if n in self.feeds), None)
+
+    def _other_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(batch, length) pairs other than the probe's that :meth:`validate` also runs when the
+        sequence is dynamic: a shorter and a longer input (batch 1 and 3 where the batch is dynamic)."""
+        n = self._probe_length()
+        if not self.dynamic_tokens or n is None:
+            return ()
+        b1, b2 = (1, 3) if self._other_batches() else (self.probe_batch, self.probe_batch)
+        return (b1, max(2, n - 11)), (b2, n + 14)
 
     def _other_batches(self) -> tuple[int, ...]:
         """Batch sizes besides the probe's that :meth:`validate` also runs (1 and 3), when every

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -183,7 +184,7 @@ def test_pt2_in_pt2_out(tmp_path):
     assert module(c.inputs["x"]).shape == (2, 10)
 
 
-def test_dynamic_sequence_needs_and_takes_shape(tmp_path):
+def test_dynamic_sequence_runs_at_any_length_and_shape_still_specializes(tmp_path):
     from conftest import case
 
     c = case("hf_bert")
@@ -200,15 +201,20 @@ def test_dynamic_sequence_needs_and_takes_shape(tmp_path):
 
     torch.onnx.export(Wrap(c.module), tuple(c.inputs[n] for n in names), str(path), dynamo=False, opset_version=17,
                       input_names=names, dynamic_axes={n: {0: "batch", 1: "seq"} for n in names})
-    r = prunec(path, "--pass", "fastv", "--layer", "1", "-o", tmp_path / "a.onnx")
+    r = prunec(path, "--pass", "fastv", "--layer", "1", "-o", tmp_path / "a.onnx")  # no --shape: counts at run time
+    assert r.returncode == 0, r.stderr
+    import prunec as pc
+
+    dyn = pc.load(tmp_path / "a.onnx")
+    for n in (16, 40):
+        ids = np.zeros((3, n), np.int64)
+        assert dyn.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})[0].shape == (3, n // 2, 64)
+    r = prunec(path, "--pass", "tome", "-o", tmp_path / "t.onnx")  # not yet on a dynamic sequence
     assert r.returncode != 0 and "--shape" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t.onnx").exists()
     r = prunec(path, "--pass", "fastv", "--layer", "1", "--shape", "input_ids=?,16", "--shape",
                "attention_mask=?,16", "-o", tmp_path / "b.onnx")
     assert r.returncode == 0, r.stderr
-    import numpy as np
-
-    import prunec as pc
-
     out = pc.load(tmp_path / "b.onnx").run({n: c.inputs[n].numpy() for n in names})[0]
     assert out.shape == (2, 8, 64)  # nothing reads [CLS] in this graph: no prefix token, keep 0.5 of 16
     r = prunec(path, "--pass", "fastv", "--shape", "nosuch=?,16", "-o", tmp_path / "c.onnx")

@@ -93,6 +93,9 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict)
                                                  {"axis": 0})])
         elif isinstance(r, TopK):
             site = r.score.site
+            if r.rule is not None:  # a dynamic token count: the counts at run time
+                scores = site_scores(b, site, r.score.query, values, None, biases.get(site.node.ref.name))
+                return _runtime_topk(b, cut, scores)
             scores = site_scores(b, site, r.score.query, values, cut.num_tokens, biases.get(site.node.ref.name))
         else:
             raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
@@ -100,6 +103,42 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict)
         _, top = b.op("TopK", [span, b.ints([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
         batch_of = scores
     return _with_fixed(b, top, batch_of, cut)
+
+
+def _runtime_topk(b: _Builder, cut: Cut, scores: ir.Value) -> ir.Value:
+    """Kept indices [B, M] of a top-k selection whose counts follow the run-time token count N
+    (``cut.reduce.rule``, a :class:`~prunec.passes.base.CountRule`): span [s, e), k from its
+    length, the tokens outside the span kept, ascending."""
+    rule = cut.reduce.rule
+    n = b.dim(scores, 1)
+    zero = b.ints([0], "zero")
+
+    def bound(offset: int, from_end: bool, low: ir.Value) -> ir.Value:  # clipped to [low, N]
+        v = b.op("Sub", [n, b.ints([offset], "off")]) if from_end else b.ints([offset], "off")
+        return b.op("Min", [b.op("Max", [v, low]), n])
+    s = bound(rule.start, rule.start_from_end, zero)
+    e = bound(rule.end, rule.end_from_end, s)
+    length = b.op("Sub", [e, s])
+    if rule.count is not None:
+        k = b.op("Min", [length, b.ints([rule.count], "count")])
+    else:  # round(keep · L) in double, as Python rounds keep * L (half to even), then within [1, L]
+        k = b.op("Cast", [b.op("Round", [b.op("Mul", [b.op("Cast", [length], {"to": ir.DataType.DOUBLE}),
+                                                      b.const(np.array([rule.keep], np.float64), "keep")])])],
+                 {"to": ir.DataType.INT64})
+        k = b.op("Min", [length, b.op("Max", [k, b.ints([1], "one")])])
+    _, top = b.op("TopK", [b.slice(scores, s, e), k], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    top = b.op("Add", [top, s])
+    batch = b.op("Concat", [b.batch_size(scores), b.ints([1], "one")], {"axis": 0})
+
+    def positions(lo: ir.Value, hi: ir.Value) -> ir.Value:  # [B, hi - lo]: lo, ..., hi - 1 in every row
+        squeeze = b.ints([0], "axes")
+        rng = b.op("Range", [b.op("Squeeze", [lo, squeeze]), b.op("Squeeze", [hi, squeeze]), b.ints(1, "one")])
+        return b.op("Expand", [b.op("Unsqueeze", [rng, b.ints([0], "axes")]), batch])
+    idx = b.op("Concat", [positions(zero, s), top, positions(e, n)], {"axis": 1})
+    m = b.op("Add", [b.op("Add", [s, k]), b.op("Sub", [n, e])])
+    out = b.sort_ascending(idx, m)
+    out.name = f"{cut.tag}/keep_idx"
+    return out
 
 
 def _diverse(b: _Builder, x: ir.Value, r: Diverse) -> ir.Value:
@@ -187,10 +226,8 @@ def _gather(b: _Builder, x: ir.Value, shape, idx: ir.Value, axis: int, batch_axi
     perm = [batch_axis, axis] + [i for i in range(rank) if i not in (batch_axis, axis)]
     if perm != list(range(rank)):
         x = b.op("Transpose", [x], {"perm": perm})
-    if shape[batch_axis] == 1:
-        rest = [shape[i] for i in perm[1:]]
-        target = b.op("Concat", [b.batch_size(idx),
-                                 b.const(np.array(rest, np.int64), "rest")], {"axis": 0})
+    if shape[batch_axis] == 1:  # broadcast the batch only: 1 elsewhere keeps each size (also dynamic ones)
+        target = b.op("Concat", [b.batch_size(idx), b.const(np.ones(rank - 1, np.int64), "rest")], {"axis": 0})
         x = b.op("Expand", [x, target])
     index = b.op("Unsqueeze", [idx, b.const(np.array([2], np.int64), "axes")])
     y = b.op("GatherND", [x, index], {"batch_dims": 1})
@@ -379,12 +416,18 @@ def _lower_cut(ctx: _Context, cut: Cut, parent: _Lowered | None) -> _Lowered:
         if c.value is cut.stream:
             reduced = y
         if as_output:  # the reduced tensor takes the output's place and name
-            _take_output(graph, src, y, c.token_axes, cut.kept)
+            _take_output(graph, src, y, c.token_axes, f"{cut.tag}_tokens" if _dynamic(cut) else cut.kept)
     if cut.recovery is not None:
         _recover(graph, cut, values, stream, idx, dest, reduced, post_names, order, counter)
-    _register_fixes(ctx, cut, sizes, idx if out.positions is None else out.positions)
+    kept = b.dim(idx, 1) if _dynamic(cut) else cut.kept  # M: a run-time value when N is dynamic
+    _register_fixes(ctx, cut, sizes, idx if out.positions is None else out.positions, kept)
     _clear_shapes(cut, post_names, nodes)
     return out
+
+
+def _dynamic(cut: Cut) -> bool:
+    """Whether the cut's counts follow a dynamic token count at run time."""
+    return getattr(cut.reduce, "rule", None) is not None
 
 
 def _size_tensors(b: _Builder, cut: Cut, size_in, stream, merged, dest, idx) -> dict:
@@ -413,8 +456,9 @@ def _size_tensors(b: _Builder, cut: Cut, size_in, stream, merged, dest, idx) -> 
     return sizes
 
 
-def _take_output(graph: ir.Graph, src: ir.Value, y: ir.Value, token_axes: list[int], m: int) -> None:
-    """The reduced tensor ``y`` replaces the graph output ``src`` under its name (M tokens)."""
+def _take_output(graph: ir.Graph, src: ir.Value, y: ir.Value, token_axes: list[int], m) -> None:
+    """The reduced tensor ``y`` replaces the graph output ``src`` under its name (``m`` tokens: a
+    number, or a dimension name when the count is dynamic)."""
     name = src.name
     src.name = f"{name}/unpruned"
     y.name = name
@@ -427,12 +471,12 @@ def _take_output(graph: ir.Graph, src: ir.Value, y: ir.Value, token_axes: list[i
     graph.outputs[graph.outputs.index(src)] = y
 
 
-def _register_fixes(ctx: _Context, cut: Cut, sizes: dict, positions: ir.Value) -> None:
+def _register_fixes(ctx: _Context, cut: Cut, sizes: dict, positions: ir.Value, m) -> None:
     """Record this cut's fixes of later nodes in ``ctx.fixes``, replacing an earlier cut's fix of the
     same node: log-size biases, size weights, token counts, shape literals and lengths masks.
-    ``positions``: the kept tokens' original positions [B, M] (the kept indices of a first cut)."""
+    ``positions``: the kept tokens' original positions [B, M] (the kept indices of a first cut);
+    ``m``: the kept count M, a number or (dynamic token count) a [1] int64 value."""
     graph, nodes, counter, values = ctx.graph, ctx.nodes, ctx.counter, ctx.values
-    m = cut.kept
     for site in cut.bias_sites:
         ctx.site_bias[site.node.ref.name] = sizes[LOGSIZE_TAG]  # what a later cut scoring this site must add
         ctx.fixes[("bias", site.node.ref.name)] = functools.partial(
@@ -442,13 +486,13 @@ def _register_fixes(ctx: _Context, cut: Cut, sizes: dict, positions: ir.Value) -
                                                                      sizes[rw.role], cut, counter)
     for fix in cut.count_fixes:  # x.sum(1) / N -> / M, in the constant's dtype and shape
         ctx.fixes[("count", fix.node.ref.name, fix.slot)] = functools.partial(
-            _fix_count, graph, nodes[fix.node.ref.name], fix, cut.tag, counter)
+            _fix_count, graph, nodes[fix.node.ref.name], fix, m, fix.value != cut.kept, cut.tag, counter)
     for fix in cut.shape_fixes:
         ctx.fixes[("shape", fix.node.ref.name)] = functools.partial(
             _fix_shape, graph, nodes[fix.node.ref.name], fix, m, cut.tag, counter)
     for lm in cut.length_masks:
         ctx.fixes[("lengths", lm.node.ref.name, lm.input_index)] = functools.partial(
-            _fix_lengths, graph, nodes[lm.node.ref.name], lm, values[lm.value.name], positions, cut, counter)
+            _fix_lengths, graph, nodes[lm.node.ref.name], lm, values[lm.value.name], positions, m, cut, counter)
 
 
 def _reweigh(graph, node: ir.Node, rw, weight: ir.Value, cut: Cut, counter) -> None:
@@ -458,17 +502,33 @@ def _reweigh(graph, node: ir.Node, rw, weight: ir.Value, cut: Cut, counter) -> N
     node.replace_input_with(0, wb.op("Mul", [node.inputs[0], weight], name=REWEIGH_TAG))
 
 
-def _fix_count(graph, node: ir.Node, fix, tag: str, counter) -> None:
+def _fix_count(graph, node: ir.Node, fix, m, inverse: bool, tag: str, counter) -> None:
+    """The constant N (or 1/N with ``inverse``) becomes M (1/M), in its dtype and shape; at run time
+    when ``m`` is a value."""
     src = node.inputs[fix.slot]
-    new = np.full(tuple(src.shape) if src.shape is not None else (), fix.value).astype(src.dtype.numpy())
-    node.replace_input_with(fix.slot, _Builder(graph, node, f"{tag}/count", counter).const(new, "count"))
+    shape = tuple(src.shape) if src.shape is not None else ()
+    cb = _Builder(graph, node, f"{tag}/count", counter)
+    if not isinstance(m, ir.Value):
+        node.replace_input_with(fix.slot, cb.const(np.full(shape, fix.value).astype(src.dtype.numpy()), "count"))
+        return
+    new = cb.op("Cast", [m], {"to": src.dtype})
+    if inverse:
+        new = cb.op("Div", [cb.const(np.array([1], src.dtype.numpy()), "one"), new])
+    node.replace_input_with(fix.slot, cb.op("Reshape", [new, cb.ints(list(shape), "shape")]))
 
 
-def _fix_shape(graph, node: ir.Node, fix, m: int, tag: str, counter) -> None:
+def _fix_shape(graph, node: ir.Node, fix, m, tag: str, counter) -> None:
     """The size operand's entries that spell N become M: a new constant, or (a computed shape, as
-    with a dynamic batch) a ScatterElements overwriting only those entries at run time."""
+    with a dynamic batch; or M a run-time value) a ScatterElements overwriting only those entries
+    at run time."""
     slot = 0 if node.op_type == "ConstantOfShape" else 1
     shp = node.inputs[slot]
+    if isinstance(m, ir.Value):
+        fb = _Builder(graph, node, f"{tag}/shape", counter)
+        pos = fb.const(np.array(fix.positions, np.int64), "pos")
+        node.replace_input_with(slot, fb.op("ScatterElements", [shp, pos, fb.op("Expand", [m, fb.op("Shape", [pos])])],
+                                            {"axis": 0}))
+        return
     new = np.array(fix.node.inputs[slot].data).reshape(-1).copy()
     for j in fix.positions:
         new[j] = m
@@ -482,11 +542,13 @@ def _fix_shape(graph, node: ir.Node, fix, m: int, tag: str, counter) -> None:
                                             {"axis": 0}))
 
 
-def _fix_lengths(graph, node: ir.Node, lm, lengths: ir.Value, positions: ir.Value, cut: Cut, counter) -> None:
+def _fix_lengths(graph, node: ir.Node, lm, lengths: ir.Value, positions: ir.Value, m, cut: Cut, counter) -> None:
     """A lengths mask of the uncut sequence, read after the cut, becomes that of the kept tokens
-    (``positions``: their original positions [B, M])."""
+    (``positions``: their original positions [B, M]; ``m``: M, a number or a run-time value)."""
     lb = _Builder(graph, node, f"{cut.tag}/lengths", counter)
-    if lm.kind == "total":  # GroupQueryAttention's total_sequence_length: the kept count
+    if lm.kind == "total" and isinstance(m, ir.Value):
+        new = lb.op("Reshape", [lb.op("Cast", [m], {"to": ir.DataType.INT32}), lb.ints(list(lm.value.shape or ()), "shape")])
+    elif lm.kind == "total":  # GroupQueryAttention's total_sequence_length: the kept count
         new = lb.const(np.array(cut.kept, np.int32).reshape(lm.value.shape or ()), "total")
     elif lm.kind == "seqlens":  # GroupQueryAttention: valid lengths − 1 -> kept valid tokens − 1
         lens = lb.op("Add", [lb.op("Cast", [lengths], {"to": ir.DataType.INT32}), lb.const(np.array(1, np.int32), "one")])
@@ -505,7 +567,7 @@ def _clear_shapes(cut: Cut, post_names: set, nodes: dict) -> None:
             if o.is_graph_output() and o.shape is not None:
                 dims = list(o.shape)
                 for j in cut.output_axes.get(o.name, []):
-                    dims[j] = cut.kept
+                    dims[j] = f"{cut.tag}_tokens" if _dynamic(cut) else cut.kept
                 o.shape = ir.Shape(dims)
             elif not o.is_graph_output():
                 o.shape = None

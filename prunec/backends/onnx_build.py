@@ -39,8 +39,17 @@ class _Builder:
     def floats(self, array, name: str) -> ir.Value:
         return self.const(np.array(array, np.float32), name)
 
-    def slice(self, x: ir.Value, start: int, end: int, axis: int = 1) -> ir.Value:
-        return self.op("Slice", [x, self.ints([start], "s"), self.ints([end], "e"), self.ints([axis], "ax")])
+    def slice(self, x: ir.Value, start, end, axis: int = 1) -> ir.Value:
+        """x[start:end] along ``axis``; the bounds are numbers or [1] int64 values (run-time counts)."""
+        lo = start if isinstance(start, ir.Value) else self.ints([start], "s")
+        hi = end if isinstance(end, ir.Value) else self.ints([end], "e")
+        return self.op("Slice", [x, lo, hi, self.ints([axis], "ax")])
+
+    def dim(self, x: ir.Value, axis: int) -> ir.Value:
+        """[1] int64 holding x's dimension ``axis`` at run time."""
+        if self.opset >= 15:
+            return self.op("Shape", [x], {"start": axis, "end": axis + 1})
+        return self.slice(self.op("Shape", [x]), axis, axis + 1, axis=0)
 
     def reduce(self, op_type: str, x: ir.Value, axes: list[int], keepdims: int = 0) -> ir.Value:
         if self.opset >= 18 or op_type == "ReduceSum" and self.opset >= 13:
@@ -72,10 +81,12 @@ class _Builder:
         """Float ones of x's shape."""
         return self.op("Add", [self.op("Mul", [x, self.floats(0.0, "zero")]), self.floats(1.0, "one")])
 
-    def sort_ascending(self, idx: ir.Value, k: int) -> ir.Value:
-        """Int64 indices [B, k] sorted ascending along axis 1 (TopK on their float values)."""
+    def sort_ascending(self, idx: ir.Value, k) -> ir.Value:
+        """Int64 indices [B, k] sorted ascending along axis 1 (TopK on their float values); ``k`` a
+        number or a [1] int64 value."""
         as_float = self.op("Cast", [idx], {"to": ir.DataType.FLOAT})
-        ordered, _ = self.op("TopK", [as_float, self.ints([k], "k")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
+        kv = k if isinstance(k, ir.Value) else self.ints([k], "k")
+        ordered, _ = self.op("TopK", [as_float, kv], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
         return self.op("Cast", [ordered], {"to": ir.DataType.INT64})
 
     def as_f32(self, x: ir.Value, dtype: str) -> ir.Value:
@@ -172,12 +183,21 @@ def length_valid(b: _Builder, lengths: ir.Value, ends_starts: bool, positions: i
     return b.op("And", [b.op("Less", [positions, end]), b.op("GreaterOrEqual", [positions, start])])
 
 
-def _key_mask(b: _Builder, site, values: dict[str, ir.Value], query, t: int) -> ir.Value | None:
+def _positions(b: _Builder, t) -> ir.Value:
+    """Token positions [1, T] int64: a constant for a static count ``t``, or (``t`` a [1] int64
+    value: a dynamic count) a Range at run time."""
+    if not isinstance(t, ir.Value):
+        return b.const(np.arange(t, dtype=np.int64)[None, :], "pos")
+    count = b.op("Squeeze", [t, b.ints([0], "axes")])
+    return b.op("Unsqueeze", [b.op("Range", [b.ints(0, "zero"), count, b.ints(1, "one")]), b.ints([0], "axes")])
+
+
+def _key_mask(b: _Builder, site, values: dict[str, ir.Value], query, t) -> ir.Value | None:
     """The additive mask [B, 1, R, T] (or [B, 1, 1, T]) of an ORT contrib attention's ``key_mask``
     (MultiHeadAttention ``key_padding_mask`` / Attention ``mask_index``): lengths [B] (right
     padding), end/start positions [2B], a 0/1 mask [B, T] or [B, S, T]; masked keys get the op's
-    ``mask_filter_value`` (default -10000)."""
-    pos = b.const(np.arange(t, dtype=np.int64)[None, :], "pos")
+    ``mask_filter_value`` (default -10000). ``t``: the token count (see :func:`_positions`)."""
+    pos = _positions(b, t)
     seqlens = site.node.attrs.get("seqlens_k")
     if seqlens is not None:  # GroupQueryAttention: keys [0, seqlens_k] are valid
         last = b.op("Unsqueeze", [b.op("Cast", [values[seqlens.name]], {"to": ir.DataType.INT64}), b.ints([1], "axes")])
@@ -205,14 +225,16 @@ def _key_mask(b: _Builder, site, values: dict[str, ir.Value], query, t: int) -> 
     return b.op("Where", [valid, b.floats(0.0, "zero"), b.floats(fill, "fill")])
 
 
-def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query, n: int, bias=None) -> ir.Value:
+def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query, n, bias=None) -> ir.Value:
     """softmax(q kᵀ·scale + masks) for one fused or packed site over its ``n`` tokens: the query
     row(s) [B, H, R, N] (R = 1) or, with query "mean", every row [B, H, N, N]. Masks: the site's
     additive/boolean mask, ORT's key mask and attention bias, causal (``is_causal`` /
     ``unidirectional``), and ``bias`` (the log-size bias [B, 1, 1, N] an earlier cut of the same
-    plan adds to this site)."""
+    plan adds to this site). ``n`` None: the token count is dynamic (read off k at run time)."""
     q, (_, h, _, d) = site_tensor(b, site, values, "q")
     k, kshape = site_tensor(b, site, values, "k")
+    if n is None:
+        n = b.dim(k, 2)
     if kshape[1] != h:
         rep = h // kshape[1]
         k = b.op("Unsqueeze", [k, b.const(np.array([2], np.int64), "axes")])
@@ -239,14 +261,19 @@ def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query, n: in
     key_mask = _key_mask(b, site, values, query, n)
     if key_mask is not None:
         logits = b.op("Add", [logits, key_mask])
-    if site.node.attrs.get("is_causal"):
+    if site.node.attrs.get("is_causal") and isinstance(n, ir.Value):  # dynamic: the mask at run time
+        cols = _positions(b, n)  # [1, N]
+        rows = cols if query == "mean" else b.op("Gather", [cols, b.ints([int(query)], "row")], {"axis": 1})
+        future = b.op("Greater", [cols, b.op("Transpose", [rows], {"perm": [1, 0]})])  # [R, N]
+        logits = b.op("Add", [logits, b.op("Where", [future, b.floats(-np.inf, "ninf"), b.floats(0.0, "zero")])])
+    elif site.node.attrs.get("is_causal"):
         rows = np.arange(n) if query == "mean" else np.array([int(query)])
         future = np.where(np.arange(n)[None, :] > rows[:, None], -np.inf, 0.0).astype(np.float32)
         logits = b.op("Add", [logits, b.const(future, "causal")])
     return b.op("Softmax", [logits], {"axis": -1})
 
 
-def site_scores(b: _Builder, site, query, values: dict[str, ir.Value], n: int, bias=None) -> ir.Value:
+def site_scores(b: _Builder, site, query, values: dict[str, ir.Value], n, bias=None) -> ir.Value:
     """Attention each of the ``n`` tokens receives in ``site`` from ``query`` (a row index or
     "mean"), mean over heads: [B, N] float32 (whatever the graph's float type). ``bias``: see
     :func:`_attention_rows` (an eager site's probabilities include it already)."""

@@ -175,9 +175,25 @@ def fix_input_shapes(model: ir.Model, shapes: dict[str, list]) -> None:
         v.shape = ir.Shape(new)
 
 
-def example_inputs(model: ir.Model, probe_batch: int = 2) -> dict[str, np.ndarray]:
-    """Inputs for a probe run: random floats, ones for masks, zeros for ids."""
+PROBE_LENGTH = 29  # a dynamic sequence is probed at this length: prime, unlike a width or head count
+
+
+def sequence_dims(model: ir.Model) -> dict[str, int]:
+    """{input name: axis} of the dynamic sequence axes: axis 1 of a rank-2 or rank-3 input (ids,
+    masks, positions, embeddings [B, S(, C)]) that is not a fixed number."""
+    out = {}
+    for v in model.graph.inputs:
+        if v.shape is not None and len(v.shape) in (2, 3) and not isinstance(v.shape[1], int):
+            out[v.name] = 1
+    return out
+
+
+def example_inputs(model: ir.Model, probe_batch: int = 2, length: int | None = None) -> dict[str, np.ndarray]:
+    """Inputs for a probe run: random floats, ones for masks, zeros for ids. Dynamic batch
+    dimensions get ``probe_batch``, dynamic sequence axes (:func:`sequence_dims`) ``length``
+    (default :data:`PROBE_LENGTH`); any other dynamic dimension is refused."""
     rng = np.random.default_rng(0)
+    seq = sequence_dims(model)
     feeds = {}
     for v in model.graph.inputs:
         dims = []
@@ -186,12 +202,14 @@ def example_inputs(model: ir.Model, probe_batch: int = 2) -> dict[str, np.ndarra
                 dims.append(d)
             elif axis == 0:
                 dims.append(probe_batch)
+            elif seq.get(v.name) == axis:
+                dims.append(length or PROBE_LENGTH)
             else:
                 from ..errors import PruneError
 
                 raise PruneError(
                     f"input '{v.name}' has a dynamic dimension '{d}' at axis {axis}: prunec needs a static "
-                    f"token count; re-export with a fixed size or fix it with --shape {v.name}=?,N")
+                    f"size there; re-export with a fixed size or fix it with --shape {v.name}=...")
         np_dtype = v.dtype.numpy()
         if np.issubdtype(np_dtype, np.floating):
             feeds[v.name] = rng.standard_normal(dims).astype(np_dtype)

@@ -110,14 +110,39 @@ class Score:
     query: Any
 
 
+@dataclass(frozen=True)
+class CountRule:
+    """How a selection's counts follow the token count N at run time, in a graph whose sequence
+    is dynamic: the span is [start, end) with each end counted from the first token, or from N
+    when ``*_from_end`` (``end=1, end_from_end=True`` is N - 1), clipped to [0, N]; the span
+    length L = end - start; k = ``count`` capped at L, or max(1, min(L, round(keep · L)))."""
+
+    start: int
+    start_from_end: bool
+    end: int
+    end_from_end: bool
+    keep: float | None = None
+    count: int | None = None
+
+    def resolve(self, n: int) -> tuple[int, int, int]:
+        """(start, end, k) at ``n`` tokens (what the graph computes at run time)."""
+        start = min(max(n - self.start if self.start_from_end else self.start, 0), n)
+        end = min(max(n - self.end if self.end_from_end else self.end, start), n)
+        span = end - start
+        k = min(self.count, span) if self.count is not None else keep_count(self.keep, span) if span else 0
+        return start, end, k
+
+
 @dataclass
 class Select:
     """Keep ``k`` tokens of the span [span_start, span_end) plus every token outside it,
-    in original order: kept indices [B, M]."""
+    in original order: kept indices [B, M]. ``rule``: a :class:`CountRule` when the graph's
+    token count is dynamic (these numbers are then those at the probe's length)."""
 
     k: int
     span_start: int
     span_end: int
+    rule: CountRule | None = None
 
     def kept(self, n: int) -> int:
         return self.k + self.span_start + (n - self.span_end)

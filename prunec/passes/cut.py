@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role, skip_role
 from .base import (RECOVER_MODES, Bipartite, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, PlannedFacts, Recovery,
-                   Reweigh, ShapeFix)
+                   Reweigh, ShapeFix, TopK)
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -26,6 +26,18 @@ def _size_operand(node):
         if shp is not None and shp.data is not None:
             return [int(x) for x in shp.data.reshape(-1)]
     return None
+
+
+def _check_dynamic(facts: Facts, reduce, tag: str) -> None:
+    """On a graph whose sequence length is dynamic, only reductions whose counts the lowering
+    computes at run time (attention top-k selections with a :class:`CountRule`) are planned."""
+    if reduce is None or not getattr(facts.graph, "dynamic_tokens", False):
+        return
+    if isinstance(reduce, TopK) and reduce.rule is not None:
+        return
+    what = type(reduce).__name__
+    raise PruneError(f"cut '{tag}' ({what}) on a model whose sequence length is dynamic is not supported yet "
+                     f"(FastV and cls-attn are): fix the length with --shape NAME=?,N")
 
 
 def _check_scores_finite(reduce) -> None:
@@ -58,6 +70,7 @@ def plan_cut(facts: Facts | PlannedFacts, layer: int, reduce, tag: str, mid: boo
         raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
                          f"(valid cuts: 1..{facts.depth - 1}, or {facts.depth} for the output)")
     _check_scores_finite(reduce)
+    _check_dynamic(facts, reduce, tag)
     g = facts.graph
     stream = facts.mid_stream(layer) if mid else facts.stream_at(layer)
     cls_layer = min(layer, facts.depth - 1)

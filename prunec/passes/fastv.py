@@ -47,8 +47,15 @@ def resolve_query(query, facts, n: int) -> int | str:
 
 
 def attention_score(facts, score_layer: int, query) -> Score:
+    """The scores of ``query``'s attention row in layer ``score_layer``. On a dynamic token count
+    the last token's row is row -1 (whatever the length)."""
     site = facts.sites[score_layer]
-    return Score(site, resolve_query(query, facts, facts.tokens(score_layer)))
+    n = facts.tokens(score_layer)
+    q = resolve_query(query, facts, n)
+    from_end = query in (None, "", "auto", "last") or str(query).strip().startswith("-")
+    if getattr(facts.graph, "dynamic_tokens", False) and q == n - 1 and from_end:
+        q = -1
+    return Score(site, q)
 
 
 @register

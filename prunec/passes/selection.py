@@ -17,7 +17,7 @@ Options common to every selection pass:
 from __future__ import annotations
 
 from ..errors import PruneError
-from .base import Option, Pass, Plan, PlannedFacts, keep_count
+from .base import CountRule, Option, Pass, Plan, PlannedFacts, keep_count
 from .cut import plan_cut
 
 COMMON = [
@@ -74,6 +74,30 @@ def parse_span(span, n: int, prefix: int, causal: bool = False) -> tuple[int, in
         resolved = "" if text == f"{start}:{end}" else f" (resolved on the {n} tokens at the cut)"
         raise PruneError(f"span {text} is {start}:{end}{resolved}, which is {what}: START must be below END")
     return start, end
+
+
+def span_rule(span, prefix: int, causal: bool) -> tuple[tuple[int, bool], tuple[int, bool]]:
+    """The ends of a span as (offset, counted from the end) pairs, which :func:`parse_span`
+    resolves at any token count N: the default span is ``prefix:`` (a decoder: ``max(prefix, 1):-1``);
+    ``1:-8`` is (1, False), (8, True); an end left out is the first / last token."""
+    if span is None or span == "":
+        return ((max(prefix, 1), False), (1, True)) if causal else ((prefix, False), (0, True))
+    a, b = span_bounds(span) if isinstance(span, str) else span
+    start = (0, False) if a is None else (-a, True) if a < 0 else (a, False)
+    end = (0, True) if b is None else (-b, True) if b < 0 else (b, False)
+    return start, end
+
+
+def count_rule(span, n: int, prefix: int, causal: bool, narrowed: tuple[int, int], keep, count) -> CountRule:
+    """The :class:`CountRule` of a selection on a dynamic token count: the span's ends as
+    :func:`span_rule` reads them, moved as the pass narrowed them at the probe's ``n`` tokens
+    (FastV leaving its query out)."""
+    (s_off, s_end), (e_off, e_end) = span_rule(span, prefix, causal)
+    s0, e0 = parse_span(span, n, prefix, causal)
+    ds, de = narrowed[0] - s0, narrowed[1] - e0
+    rule = CountRule(s_off - ds if s_end else s_off + ds, s_end, e_off - de if e_end else e_off + de, e_end,
+                     keep=keep, count=None if count is None else int(count))
+    return rule
 
 
 class SelectionPass(Pass):
@@ -140,13 +164,21 @@ class SelectionPass(Pass):
         stream = facts.stream_at(layer)
         n = facts.count_at(stream)
         start, end = self.narrow_span(facts, layer, *parse_span(span, n, facts.prefix, facts.causal))
+        dynamic = getattr(facts.graph, "dynamic_tokens", False)
         if keep is None:
-            if int(self.count) > end - start:
+            if int(self.count) > end - start and not dynamic:
                 raise PruneError(f"count {self.count} exceeds the {end - start} tokens of the span")
-            k = int(self.count)
+            k = min(int(self.count), end - start)
         else:
             k = keep_count(keep, end - start)
         red = self.reduction(model, facts, layer, k, start, end)
+        if dynamic and hasattr(red, "rule"):
+            if isinstance(span, tuple):
+                raise PruneError("a schedule of cuts with a span on a model whose sequence length is dynamic is not "
+                                 "supported yet: cut once, or fix the length with --shape NAME=?,N")
+            red.rule = count_rule(span, n, facts.prefix, facts.causal, (start, end), keep,
+                                  self.count if keep is None else None)
+            assert red.rule.resolve(n) == (start, end, k), (red.rule, start, end, k)
         return plan_cut(facts, layer, red, tag=self.cut_tag(layer, facts.depth),
                         recover=self.recover, recover_at=self.recover_at)
 

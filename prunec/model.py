@@ -99,7 +99,8 @@ class Model:
 class OnnxModel(Model):
     kind = "onnx"
 
-    def __init__(self, model, feeds: dict[str, np.ndarray] | None = None, probe_batch: int = 2):
+    def __init__(self, model, feeds: dict[str, np.ndarray] | None = None, probe_batch: int = 2,
+                 probe_length: int | None = None):
         super().__init__()
         import onnx_ir as ir
 
@@ -109,7 +110,7 @@ class OnnxModel(Model):
         unfuse_skip_norms(model)
         _name_nodes(model)
         self.probe_batch = probe_batch
-        self.feeds = feeds if feeds is not None else example_inputs(model, probe_batch)
+        self.feeds = feeds if feeds is not None else example_inputs(model, probe_batch, probe_length)
         self.dynamic_tokens = bool(sequence_dims(model))  # a dynamic sequence axis: counts follow it at run time
         self._session = None
 
@@ -545,13 +546,16 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
     return path
 
 
-def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dict | None = None) -> Model:
+def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dict | None = None,
+         probe_length: int | None = None) -> Model:
     """Load a model.
 
     ``source``: a path to an .onnx file, an ``onnx.ModelProto``, or a torch
     ``nn.Module`` with ``example_inputs`` (a tuple of positional args or a dict of
     keyword args). ``input_shapes`` (ONNX): make dynamic input dimensions static, e.g.
     ``{"input_ids": [None, 128], "attention_mask": [None, 128]}`` (None keeps a dimension).
+    ``probe_length`` (ONNX with a dynamic sequence): the length the model is analysed at
+    (default 29); spans with absolute ends need it at least that long (``span=35:611``: 612).
     """
     import onnx
 
@@ -576,7 +580,7 @@ def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dic
             from .ir.from_onnx import fix_input_shapes
 
             fix_input_shapes(model, input_shapes)
-        return OnnxModel(model, probe_batch=probe_batch)
+        return OnnxModel(model, probe_batch=probe_batch, probe_length=probe_length)
     try:
         import torch
     except ImportError:  # pragma: no cover

@@ -163,8 +163,14 @@ class SelectionPass(Pass):
         """The cut at ``layer`` after the cuts already planned in ``facts``."""
         stream = facts.stream_at(layer)
         n = facts.count_at(stream)
-        start, end = self.narrow_span(facts, layer, *parse_span(span, n, facts.prefix, facts.causal))
         dynamic = getattr(facts.graph, "dynamic_tokens", False)
+        try:
+            start, end = self.narrow_span(facts, layer, *parse_span(span, n, facts.prefix, facts.causal))
+        except PruneError as e:
+            if dynamic and "outside the" in str(e):
+                raise PruneError(f"{e} (its sequence is dynamic and was analysed at {n} tokens: load it with "
+                                 f"probe_length= at least the span's end)") from None
+            raise
         if keep is None:
             if int(self.count) > end - start and not dynamic:
                 raise PruneError(f"count {self.count} exceeds the {end - start} tokens of the span")

@@ -260,19 +260,14 @@ def _external_data(out: Path) -> Path:
 def _apply_and_save(args, src: Path, out: Path, passes: list, status):
     """Load ``src``, apply the passes in order (then --expose) and write the result to ``out``.
     Returns (the rewritten model, the token count before, the passes that reduced nothing)."""
-    from .model import OnnxModel
+    from .model import OnnxModel, apply_passes
 
     model = _load_cli(src, args.shape)
     data = _external_data(out)
     if isinstance(model, OnnxModel) and model.external_data() and data.exists() and not args.force:
         raise PruneError(f"output data file {data} exists; pass --force to overwrite it")
     before = model.facts().num_tokens
-    idle = []
-    for p in passes:
-        status.update(f"applying {p!r}")
-        prev, model = model, p.apply(model)
-        if not model.reduced_since(prev):
-            idle.append(p)
+    model, idle = apply_passes(model, passes, progress=status.update)
     if args.expose:
         status.update(f"exposing token {args.expose}")
         model = model.expose(args.expose)

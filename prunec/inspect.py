@@ -1,6 +1,7 @@
 """``prunec inspect``: the analysis facts of a model as a dict and as rich tables."""
 from __future__ import annotations
 
+from .errors import PruneError
 from .passes.analysis.blocks import SIZE_TAG, size_role
 from .passes.analysis.consumers import full_token_consumers
 from .passes.cut import plan_cut
@@ -48,8 +49,10 @@ def describe(model) -> dict:
         })
     shape_literals = []
     if facts.depth > 1:
-        cut = plan_cut(facts, 1, None, tag="inspect")
-        shape_literals = [f.node.name for f in cut.shape_fixes]
+        try:
+            shape_literals = [f.node.name for f in plan_cut(facts, 1, None, tag="inspect").shape_fixes]
+        except PruneError:  # a model prunec already cut: its literals were rewritten then
+            pass
     return {
         "kind": model.kind,
         "tokens": facts.num_tokens,

@@ -636,14 +636,48 @@ def _map_external(path: Path, name: str, t) -> None:
         raise PruneError(f"{where}, which cannot be read ({str(e).splitlines()[0][:120]})") from None
 
 
+def apply_passes(model: Model, passes, progress=None) -> tuple[Model, list]:
+    """Apply ``passes`` in order, planning as many of them as possible on one analysis and
+    lowering their cuts in one go (checked once): a pass joins the plan when its cuts all come
+    after the cuts planned so far, else the plan so far is lowered and the pass is planned on the
+    rewritten model. Returns (the rewritten model, the passes that reduced nothing).
+    ``progress``: called with a line of text before each pass."""
+    from .passes.base import Plan, PlannedFacts
+
+    model._check_not_exposed()
+    idle, cuts, facts, base = [], [], None, model
+    for p in passes:
+        if progress is not None:
+            progress(f"planning {p!r}")
+        if facts is None:
+            facts = PlannedFacts(base.facts())
+        plan = p.plan(base, facts)
+        if cuts and plan.cuts and plan.cuts[0].parent is not cuts[-1]:  # not after the cuts so far
+            base, cuts = base.lower(Plan(cuts)), []
+            facts = PlannedFacts(base.facts())
+            plan = p.plan(base, facts)
+        tags = {c.tag for c in cuts}
+        for cut in plan.cuts:
+            if cut.tag in tags:  # the same pass twice at one layer: a name of its own
+                cut.tag += f"_{len(cuts)}"
+            cuts.append(cut)
+            facts = facts.after(cut)
+        if not any(c.kept < c.num_tokens for c in plan.cuts):
+            idle.append(p)
+    if progress is not None:
+        progress("lowering and checking")
+    out = base.lower(Plan(cuts)) if cuts else base
+    return (out if out is not model else model.copy()), idle
+
+
 class Pipeline:
-    """Apply passes in order. Pure: ``Pipeline([...])(model)`` leaves ``model`` untouched."""
+    """Apply passes in order (:func:`apply_passes`: one analysis and one check for passes whose
+    cuts follow each other). Pure: ``Pipeline([...])(model)`` leaves ``model`` untouched."""
 
     def __init__(self, passes, expose=()):
         self.passes = list(passes)
         self.expose = expose  # after the passes: Model.expose(what) ("sizes", "indices")
 
     def __call__(self, model: Model) -> Model:
-        for p in self.passes:
-            model = p.apply(model)
+        model, _ = apply_passes(model, self.passes)
         return model.expose(self.expose) if self.expose else model

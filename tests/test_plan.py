@@ -87,3 +87,42 @@ def test_a_pass_cutting_before_an_earlier_pass_is_refused(form):
         prunec.passes.get("tome")(r="2")(fastv(model))
     out = fastv(prunec.passes.get("tome")(r="2/0/0")(model))
     assert [c[0] for c in out.cuts] == ["tome_l0", "fastv_l2"]
+
+
+PIPES = [(("tome", dict(r="2/0/0")), ("fastv", dict(keep="0.5", layer="2"))),
+         (("fastv", dict(keep="0.5", layer="2")), ("tome", dict(r="0/0/2")))]
+
+
+@pytest.mark.parametrize("form", ("torch", "dynamo18"))
+@pytest.mark.parametrize("steps", PIPES, ids=["tome-fastv", "fastv-tome"])
+def test_a_pipeline_is_one_plan_equal_to_pass_by_pass(steps, form, monkeypatch):
+    """Passes whose cuts follow each other are planned on one analysis and lowered together:
+    the same tokens and outputs as applying them one by one (each re-analysing)."""
+    from prunec.passes.analysis import blocks
+
+    c = case("timm_vit")
+    model = load("timm_vit", form)
+    passes = [prunec.passes.get(p)(**o) for p, o in steps]
+    one_by_one = model
+    for p in passes:
+        one_by_one = p(one_by_one)
+    calls = []
+    monkeypatch.setattr(blocks, "analyze", lambda g, _a=blocks.analyze: calls.append(1) or _a(g))
+    model = load("timm_vit", form)
+    together = prunec.Pipeline(passes)(model)
+    assert len(calls) == 1 and together.cuts == one_by_one.cuts
+    k1, k2 = kept(together, c.inputs), kept(one_by_one, c.inputs)
+    assert k1.keys() == k2.keys() and len(k1) == 2
+    for tag in k1:
+        np.testing.assert_array_equal(k1[tag], k2[tag])
+    for a, b in zip(run(together, c.inputs), run(one_by_one, c.inputs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ("torch", "dynamo18"))
+def test_scores_of_a_layer_a_merge_reduced_in_between_are_refused(form):
+    """FastV before layer 2 scores with layer 1's attention; ToMe merging inside block 1 leaves the
+    cut fewer tokens than layer 1 scored (ONNX used to map 15 scores onto 13 tokens)."""
+    model = load("timm_vit", form)
+    with pytest.raises(prunec.PruneError, match="scores its 13 tokens with layer 1's attention, which sees 15"):
+        prunec.Pipeline([prunec.passes.get("tome")(r="2/2/0"), prunec.passes.get("fastv")(keep="0.5", layer="2")])(model)

@@ -64,8 +64,13 @@ class Pass:
         for o in self.options:
             setattr(self, o.name, kwargs.get(o.name, o.default))
 
-    def plan(self, model) -> "Plan":
+    def plan(self, model, facts: "PlannedFacts | None" = None) -> "Plan":
+        """The pass's cuts on ``model``; with ``facts`` (the analysis as the cuts of passes before
+        this one in a pipeline leave it), after those cuts."""
         raise NotImplementedError
+
+    def planned_facts(self, model, facts: "PlannedFacts | None") -> "PlannedFacts":
+        return facts if facts is not None else PlannedFacts(model.facts())
 
     def __call__(self, model):
         return self.apply(model)
@@ -73,6 +78,7 @@ class Pass:
     def apply(self, model):
         """Pure: returns a new model (one lowering of every cut the pass plans, checked once);
         ``model`` is untouched. A plan without cuts gives an unchanged copy."""
+        model._check_not_exposed()
         plan = self.plan(model)
         return model.lower(plan) if plan.cuts else model.copy()
 
@@ -425,6 +431,8 @@ class PlannedFacts:
         """The latest planned cut whose reduced tokens reach ``value`` (its producer is after that
         cut and before any point where the cut restores the tokens), or None."""
         for cut in reversed(self.cuts):
+            if cut.recovery is not None and cut.recovery.point is value:
+                continue  # its consumers read the tokens the cut restores there
             if value.producer is not None and value.producer in cut.post:
                 return cut
         return None

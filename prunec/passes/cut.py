@@ -28,6 +28,20 @@ def _size_operand(node):
     return None
 
 
+def _check_scored_tokens(planned: PlannedFacts, cut: Cut) -> None:
+    """The attention a reduction reads must see the tokens the cut reduces: a merge between the
+    scored layer and the cut (ToMe inside that block) would leave scores for other tokens."""
+    r = cut.reduce
+    site = getattr(r, "site", None) or getattr(getattr(r, "score", None), "site", None)
+    if site is None:
+        return
+    seen = planned.tokens(site.layer)
+    if seen != cut.num_tokens:
+        raise PruneError(f"cut '{cut.tag}' scores its {cut.num_tokens} tokens with layer {site.layer}'s attention, "
+                         f"which sees {seen} tokens (an earlier cut reduces them in between); score with a layer "
+                         f"after that cut, or cut elsewhere")
+
+
 def _check_dynamic(facts: Facts, reduce, tag: str) -> None:
     """On a graph whose sequence length is dynamic, only reductions whose counts the lowering
     computes at run time (attention top-k selections with a :class:`CountRule`) are planned."""
@@ -86,6 +100,7 @@ def plan_cut(facts: Facts | PlannedFacts, layer: int, reduce, tag: str, mid: boo
     _pull_in(facts, post, cls_layer)
     cut = Cut(layer, stream, reduce, planned.count_at(stream), post, tag=tag, recovery=recovery, parent=parent,
               graph_tokens=n)
+    _check_scored_tokens(planned, cut)
     for node in sorted(post, key=lambda x: x.index):
         if node.op == "range" and node.outputs[0].shape and facts.token_axes(node.outputs[0], cls_layer):
             raise PruneError(f"node '{node.name}' builds a range over the tokens after the cut; "
@@ -244,7 +259,7 @@ def _plan_sizes(facts: Facts, cut: Cut, layer: int) -> None:
         return
     if isinstance(cut.reduce, GridPool):
         raise PruneError("pool cannot follow a token merge (the patch grid no longer exists)")
-    if getattr(cut.reduce, "prop_attn", False):
+    if any(getattr(c.reduce, "prop_attn", False) for c in [cut, *cut.ancestors()]):  # this cut's sizes now
         for site in facts.sites:
             if site.node in cut.post and not _has_bias(site):
                 if site.node.attrs.get("takes_mask") is False:

@@ -42,10 +42,10 @@ class LayerMergePass(Pass):
     def reduction(self, facts, layer: int, step: int):
         raise NotImplementedError
 
-    def plan(self, model) -> Plan:
+    def plan(self, model, facts: PlannedFacts | None = None) -> Plan:
         """A merge cut in each listed block that reduces, all planned on one analysis (``facts``
         passed to :meth:`reduction` count the tokens the earlier cuts leave)."""
-        facts = PlannedFacts(model.facts())
+        facts = self.planned_facts(model, facts)
         cuts = []
         for step, layer in enumerate(parse_layers(self.layers, facts.depth)):
             red = self.reduction(facts, layer, step)

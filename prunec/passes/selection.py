@@ -192,10 +192,10 @@ class SelectionPass(Pass):
         """Name of a cut (and prefix of its graph values): ``fastv_l2``, ``divprune_out``."""
         return f"{self.name.replace('-', '_')}_" + (f"l{layer}" if layer < depth else "out")
 
-    def plan(self, model) -> Plan:
+    def plan(self, model, facts: PlannedFacts | None = None) -> Plan:
         """One cut per scheduled layer, all planned on one analysis of ``model``: after a cut, the
         next cut's span is the kept part of it."""
-        facts = PlannedFacts(model.facts())
+        facts = self.planned_facts(model, facts)
         span, cuts = self.span, []
         for layer, keep in self.schedule(facts.depth):
             cut = self._plan_one(model, facts, layer, keep, span)

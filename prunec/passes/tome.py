@@ -80,9 +80,9 @@ class ToMe(Pass):
         return plan_cut(facts, layer, red, tag=f"tome_l{layer}", mid=True,
                         recover=self.recover, recover_at=self.recover_at)
 
-    def plan(self, model) -> Plan:
+    def plan(self, model, facts: PlannedFacts | None = None) -> Plan:
         """A merge cut in every block whose r is above 0, all planned on one analysis."""
-        facts = PlannedFacts(model.facts())
+        facts = self.planned_facts(model, facts)
         cuts = []
         for layer, r in enumerate(self.schedule(facts.depth)):
             cut = self._plan_layer(facts, layer, r)

@@ -45,8 +45,9 @@ class VisionZip(Pass):
                                             "layer K, with layer K-1's attention) or 'output'"),
     ]
 
-    def plan(self, model) -> Plan:
-        facts = model.facts()
+    def plan(self, model, facts=None) -> Plan:
+        """One cut (none when every token is dominant: nothing to merge)."""
+        facts = self.planned_facts(model, facts)
         spec = str(self.layer).strip().lower()
         try:
             if spec in ("penultimate", "auto", "", "none"):
@@ -62,7 +63,7 @@ class VisionZip(Pass):
             raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
                              f"(valid: 1..{facts.depth - 1}, or 'output')")
         prefix = cls_prefix(facts, self.prefix, self.name)
-        n = facts.stream_at(layer).shape[1]
+        n = facts.count_at(facts.stream_at(layer))
         patches = facts.num_tokens - prefix
         dominant = max(prefix + 1, round(54 / 576 * patches)) if self.dominant is None else int(self.dominant)
         contextual = max(1, round(10 / 576 * patches)) if self.contextual is None else int(self.contextual)
@@ -73,12 +74,7 @@ class VisionZip(Pass):
         red = Contextual(site=facts.sites[layer - 1], prefix=prefix, dominant=dominant, contextual=contextual,
                          normalize=False)
         tag = "visionzip_" + (f"l{layer}" if layer < facts.depth else "out")
-        return Plan([plan_cut(facts, layer, red, tag=tag,
-                              recover=self.recover, recover_at=self.recover_at)])
-
-    def apply(self, model):
-        plan = self.plan(model)
-        cut = plan.cuts[0]
-        if cut.kept >= cut.num_tokens and cut.reduce.contextual == 0:
-            return model.copy()  # every token is dominant: nothing to do (an unchanged copy)
-        return model.lower(plan)
+        cut = plan_cut(facts, layer, red, tag=tag, recover=self.recover, recover_at=self.recover_at)
+        if cut.kept >= cut.num_tokens and contextual == 0:
+            return Plan([])  # every token is dominant: nothing to do (apply returns an unchanged copy)
+        return Plan([cut])

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prunec.demo import mean_cosine, pearson_vs_human  # shared with `prunec demo`
+
 warnings.filterwarnings("ignore")
 
 # Pass settings, one row each: (registered pass name, options). Each builds
@@ -77,19 +79,6 @@ def lee_data() -> tuple[list[str], np.ndarray]:
         return lee_corpus()
     except PruneError as e:
         sys.exit(str(e))
-
-
-def pearson_vs_human(emb: np.ndarray, sims: np.ndarray) -> float:
-    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
-    cos = e @ e.T
-    iu = np.triu_indices(len(sims), k=1)  # the rated pairs (i < j)
-    return float(np.corrcoef(sims[iu], cos[iu])[0, 1])
-
-
-def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return float((a * b).sum(axis=1).mean())
 
 
 def kept_real(idx: np.ndarray, mask: np.ndarray) -> list[set]:

@@ -20,7 +20,9 @@ from .errors import PruneError
 
 EXAMPLES = """examples:
   prunec vit.onnx --pass fastv --keep 0.25 -o vit.fastv.onnx
-  prunec llama.onnx --pass fastv --keep 0.5 --layer 2 --span 35:611 -o out.onnx
+  prunec llama.onnx --pass fastv --keep 0.5 --layer 2 --span 35:611 --probe-length 640 -o out.onnx
+  prunec bert.onnx --pass tome:r=8                   # dynamic batch and sequence: counts follow the length
+  prunec llama7b.onnx --pass fastv --span 35:611 --probe-length 640   # weights over 1 GiB: never read
   prunec vit.onnx --pass fastv:keep=0.25,layer=3,query=cls
   prunec vit.onnx --pass tome:r=8                    # merging: tome, evit, ppt, visionzip
   prunec seg.onnx --pass fastv --keep 0.5 --layer 2  # a grid decoder gets its tokens back (recovery)
@@ -232,6 +234,13 @@ def _prune_parser() -> argparse.ArgumentParser:
     ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
     ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..",
                     help="make dynamic input dims static, e.g. input_ids=?,128 (? keeps a dim dynamic)")
+    ap.add_argument("--probe-length", dest="probe_length", type=int, metavar="N",
+                    help="analyse a dynamic sequence at N tokens (default 29; a span with absolute ends needs "
+                         "N beyond its end, e.g. 612 for --span 35:611)")
+    ap.add_argument("--check", choices=("auto", "full", "none"), default="auto",
+                    help="check the written ONNX model: full (onnx.checker and ONNX Runtime runs at several "
+                         "shapes), none (onnx.checker only), auto (default: full, onnx.checker only for a "
+                         "model over 1 GiB of weights, which is also analysed without reading them)")
     return ap
 
 
@@ -262,7 +271,7 @@ def _apply_and_save(args, src: Path, out: Path, passes: list, status):
     Returns (the rewritten model, the token count before, the passes that reduced nothing)."""
     from .model import OnnxModel, apply_passes
 
-    model = _load_cli(src, args.shape)
+    model = _load_cli(src, args.shape, args.probe_length, args.check)
     data = _external_data(out)
     if isinstance(model, OnnxModel) and model.external_data() and data.exists() and not args.force:
         raise PruneError(f"output data file {data} exists; pass --force to overwrite it")
@@ -292,8 +301,12 @@ def _print_written(console, model, out: Path, passes: list, idle: list, before: 
     else:
         tokens = (f"a dynamic sequence (probed at {before} tokens): counts follow the length at run time"
                   if getattr(model, "dynamic_tokens", False) else f"{before} tokens in")
+        checked = ""
+        if getattr(model, "check_mode", "full") == "structure":
+            why = "--check none" if model.check == "none" else "over 1 GiB of weights: analysed without reading them"
+            checked = f"; checked by onnx.checker only ({why}; --check full also runs it)"
         console.print(f"[green]wrote[/green] {written}  ({', '.join(repr(p) for p in passes)}; "
-                      f"{tokens}; rewritten in {seconds:.2f} s)")
+                      f"{tokens}{checked}; rewritten in {seconds:.2f} s)")
 
 
 def prune_main(argv: list[str]) -> int:
@@ -337,11 +350,7 @@ def _warn_reduced_outputs(model, console) -> None:
             where = (f"outputs {names}" if model.kind == "onnx"
                      else f"the module returns (outputs, {{{', '.join(map(repr, suffixes))}}})")
             hint = f"{where}: weigh your own pooling by the sizes" if "sizes" in model.exposed else where
-        if getattr(model, "dynamic_tokens", False):  # sizes/indices cannot be exposed yet on a dynamic length
-            hint = hint.split("; --expose")[0]
-            at = f" at the probe's {rows[0]['tokens_in']}-token length"
-        else:
-            at = ""
+        at = f" at the probe's {rows[0]['tokens_in']}-token length" if getattr(model, "dynamic_tokens", False) else ""
         console.print(f"[yellow]note[/yellow]: token output {what} keeps {rows[0]['shape'][1]} of "
                       f"{rows[0]['tokens_in']} tokens{at}{merged}; {hint}")
 
@@ -360,25 +369,14 @@ def parse_shapes(specs: list[str] | None) -> dict:
     return shapes
 
 
-def _load_cli(src: Path, shapes: list[str] | None = None):
+def _load_cli(src: Path, shapes: list[str] | None = None, probe_length: int | None = None, check: str = "auto"):
     from . import load
 
     if src.suffix == ".pt2":
-        import torch
-
-        if not src.exists():
-            raise PruneError(f"no such file: {src}")
-        try:
-            ep = torch.export.load(str(src))
-        except Exception as e:  # noqa: BLE001
-            raise PruneError(f"{src} is not a torch.export program ({str(e).splitlines()[0][:100]})") from None
-        if ep.example_inputs is None:
-            raise PruneError(f"{src} was saved without example inputs; prunec needs them to analyse shapes")
-        from .model import TorchModel
-
-        a, kw = ep.example_inputs
-        return TorchModel(ep.module(), a, kw)
-    return load(src, input_shapes=parse_shapes(shapes))
+        return load(src)
+    if probe_length is not None and probe_length < 2:
+        raise PruneError(f"--probe-length must be at least 2, got {probe_length}")
+    return load(src, input_shapes=parse_shapes(shapes), probe_length=probe_length, check=check)
 
 
 def inspect_main(argv: list[str]) -> int:

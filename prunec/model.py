@@ -59,9 +59,6 @@ class Model:
         if bad or not what:
             raise PruneError(f"cannot expose '{','.join(bad)}': give sizes, indices or sizes,indices")
         self._check_not_exposed()
-        if getattr(self, "dynamic_tokens", False):
-            raise PruneError("exposing token sizes/indices of a model whose sequence length is dynamic is not "
-                             "supported yet; fix the length with --shape NAME=?,N")
         if not self.cuts:
             raise PruneError("nothing to expose: no pass reduced tokens in this model (expose in the run that "
                              "applies the passes: --expose, Pipeline(..., expose=...))")
@@ -100,15 +97,20 @@ class OnnxModel(Model):
     kind = "onnx"
 
     def __init__(self, model, feeds: dict[str, np.ndarray] | None = None, probe_batch: int = 2,
-                 probe_length: int | None = None):
+                 probe_length: int | None = None, check: str = "auto", light: bool | None = None):
         super().__init__()
         import onnx_ir as ir
 
-        from .ir.from_onnx import example_inputs, sequence_dims, unfuse_skip_norms
+        from .ir.from_onnx import example_inputs, sequence_dims, unfuse_skip_norms, weight_bytes
 
         self.model: ir.Model = model
         unfuse_skip_norms(model)
         _name_nodes(model)
+        if check not in CHECKS:
+            raise PruneError(f"check '{check}' is not one of {', '.join(CHECKS)}")
+        self.check = check
+        # a model too large to run for analysis is probed without its weights (from_onnx.probe_onnx)
+        self.light = weight_bytes(model) > LIGHT_PROBE_BYTES if light is None else light
         self.probe_batch = probe_batch
         self.feeds = feeds if feeds is not None else example_inputs(model, probe_batch, probe_length)
         self.dynamic_tokens = bool(sequence_dims(model))  # a dynamic sequence axis: counts follow it at run time
@@ -119,7 +121,7 @@ class OnnxModel(Model):
             from .ir.from_onnx import from_onnx, probe_onnx
 
             try:
-                probe = probe_onnx(self.model, self.feeds)
+                probe = probe_onnx(self.model, self.feeds, light=self.light)
             except PruneError:
                 raise
             except Exception as e:  # noqa: BLE001
@@ -136,19 +138,22 @@ class OnnxModel(Model):
         from .backends.onnx import lower_onnx
 
         self._check_not_exposed()
-        out = OnnxModel(lower_onnx(self.model, plan), self.feeds, self.probe_batch)
+        out = OnnxModel(lower_onnx(self.model, plan), self.feeds, self.probe_batch, check=self.check,
+                        light=self.light)
         out.validate()
         return self._after_cuts(out, plan)
 
     def _exposed(self, outputs: list[str], steps: list, what: list[str]) -> "OnnxModel":
         from .backends.onnx import expose_onnx
 
-        out = OnnxModel(expose_onnx(self.model, steps, outputs, what), self.feeds, self.probe_batch)
+        out = OnnxModel(expose_onnx(self.model, steps, outputs, what), self.feeds, self.probe_batch, check=self.check,
+                        light=self.light)
         out.validate()
         return out
 
     def copy(self) -> "OnnxModel":
-        out = OnnxModel(self.model.clone(), self.feeds, self.probe_batch)
+        out = OnnxModel(self.model.clone(), self.feeds, self.probe_batch, check=self.check,
+                        light=self.light)
         out.cuts, out.static_dests, out.exposed = self.cuts, self.static_dests, self.exposed
         return out
 
@@ -157,9 +162,17 @@ class OnnxModel(Model):
 
         return ir.serde.serialize_model(self.model)
 
+    @property
+    def check_mode(self) -> str:
+        """What :meth:`validate` does: ``full`` (onnx.checker and ORT runs) or ``structure``
+        (onnx.checker only: ``check="none"``, or ``auto`` on a model over
+        :data:`LIGHT_PROBE_BYTES` of weights, which an ORT run would have to read)."""
+        return "structure" if self.check == "none" or (self.check == "auto" and self.light) else "full"
+
     def validate(self) -> None:
         """Full onnx.checker check and ORT runs on the probe inputs and, when the graph's batch is
-        dynamic, at batch sizes 1 and 3 (one session for all runs)."""
+        dynamic, at batch sizes 1 and 3, and at a shorter and a longer input when its sequence is
+        (one session for all runs); the checker only when :attr:`check_mode` is ``structure``."""
         import onnx
 
         from .ir.session import graph_only_proto
@@ -174,6 +187,8 @@ class OnnxModel(Model):
             onnx.checker.check_model(proto, full_check=True)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+        if self.check_mode == "structure":
+            return
         from .ir.from_onnx import example_inputs
         from .ir.session import make_session
 
@@ -291,22 +306,37 @@ def _bfloat16_value(model) -> str | None:
 
 
 class TorchModel(Model):
+    """A torch.export program as an fx GraphModule, with the example inputs it was exported (and
+    is analysed) at. Dynamic dims (``torch.export.Dim``) stay dynamic: a dynamic batch (axis 0)
+    and sequence (axis 1 of [B, S] / [B, S, C] inputs) are read off the graph's inputs
+    (``dims``); with a dynamic sequence the model is ``dynamic_tokens`` (the attention top-k
+    selections compute their counts from the run-time length), the rewritten GraphModule runs at
+    any batch and length in the Dims' ranges, and :meth:`save` re-exports it with those Dims."""
+
     kind = "torch"
 
     def __init__(self, gm, args: tuple, kwargs: dict):
         super().__init__()
+        from .ir.from_fx import dynamic_dims
+
         self.gm = gm
         self.args, self.kwargs = args, kwargs
+        index = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+        # (flat input index, axis, sympy symbol, "batch" | "sequence", min, max or None) of each dynamic dim
+        self.dims = [(index[name], axis, sym, kind, *_sym_range(gm, name, axis))
+                     for name, axis, sym, kind in dynamic_dims(gm)]
+        self.dynamic_tokens = any(d[3] == "sequence" for d in self.dims)
 
     @classmethod
-    def export(cls, module, args: tuple, kwargs: dict | None = None) -> "TorchModel":
+    def export(cls, module, args: tuple, kwargs: dict | None = None, dynamic_shapes=None) -> "TorchModel":
         import torch
 
         kwargs = kwargs or {}
         try:
-            ep = torch.export.export(module.eval() if hasattr(module, "eval") else module, args, kwargs, strict=False)
+            ep = torch.export.export(module.eval() if hasattr(module, "eval") else module, args, kwargs,
+                                     dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # noqa: BLE001
-            raise PruneError(f"torch.export failed: {str(e).splitlines()[0]}") from None
+            raise PruneError(f"torch.export failed: {_first_line(e)}") from None
         gm = ep.module()
         gm.graph.eliminate_dead_code()  # e.g. an unused pooler: analysis must see what the outputs use
         gm.recompile()
@@ -323,8 +353,11 @@ class TorchModel(Model):
 
             gm = self.gm
             if any(n.op == "call_function" and "val" not in n.meta for n in gm.graph.nodes):
-                refresh_meta(gm, tuple(self.flat_args()))  # a rewritten graph: shapes changed
-            g = from_fx(gm)
+                if self.dims:  # symbolic shapes again, from the inputs' symbolic sizes
+                    refresh_symbolic_meta(gm)
+                else:
+                    refresh_meta(gm, tuple(self.flat_args()))  # a rewritten graph: shapes changed
+            g = from_fx(gm, self.flat_args())
             probe_fx(g, gm, tuple(self.flat_args()))
             self._graph = g
         return self._graph
@@ -335,17 +368,112 @@ class TorchModel(Model):
         self._check_not_exposed()
         gm = lower_fx(self.gm, plan)
         out = TorchModel(gm, self.args, self.kwargs)
-        try:
-            out.run(*self.args, **self.kwargs)
-        except Exception as e:  # noqa: BLE001
-            raise PruneError(f"rewritten torch graph does not run: {str(e).splitlines()[0]}") from None
+        out.validate()
         return self._after_cuts(out, plan)
+
+    def validate(self) -> None:
+        """Run the graph at the example inputs and, where its dims are dynamic, at other shapes: batch
+        1 and 3 for a dynamic batch, a shorter and a longer input for a dynamic sequence (within the
+        Dims' ranges; see :meth:`other_shapes`), so that a size baked in by a rewrite is refused here,
+        not at the user's."""
+        try:
+            self.run(*self.args, **self.kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise PruneError(f"rewritten torch graph does not run: {_first_line(e)}") from None
+        for batch, length in self.other_shapes():
+            args, kwargs = self.inputs_at(batch, length)
+            try:
+                self.run(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                example = (self._range("batch") or [None] * 3)[2], (self._range("sequence") or [None] * 3)[2]
+                raise PruneError(f"rewritten torch graph does not run at {_shape_text(batch, length)} (it was "
+                                 f"analysed at {_shape_text(*example)}): {_first_line(e)}") from None
+
+    def _range(self, kind: str) -> tuple[int, int | None, int] | None:
+        """(min, max, example size) of the dynamic dim of ``kind`` ("batch", "sequence"), or None
+        when it is static."""
+        flat = self.flat_args()
+        d = next((d for d in self.dims if d[3] == kind), None)
+        return None if d is None else (d[4], d[5], int(flat[d[0]].shape[d[1]]))
+
+    def other_shapes(self) -> tuple[tuple[int | None, int | None], ...]:
+        """(batch, length) pairs other than the example's that :meth:`validate` runs: batch 1 and 3
+        when the batch is dynamic, a length 11 shorter and 14 longer when the sequence is (each
+        clipped to its Dim's range); None for a static dim (it keeps the example's size)."""
+        batch, seq = self._range("batch"), self._range("sequence")
+        if batch is None and seq is None:
+            return ()
+
+        def within(v, r):
+            return max(r[0], v) if r[1] is None else min(max(r[0], v), r[1])
+        batches = [within(b, batch) for b in (1, 3)] if batch else [None, None]
+        lengths = [within(max(2, seq[2] - 11), seq), within(seq[2] + 14, seq)] if seq else [None, None]
+        example = (batch[2] if batch else None, seq[2] if seq else None)
+        return tuple(s for s in dict.fromkeys(zip(batches, lengths)) if s != example)
+
+    def inputs_at(self, batch: int | None = None, length: int | None = None) -> tuple[tuple, dict]:
+        """The example inputs at another batch size and/or sequence length (dynamic dims only): rows
+        and positions repeated (cycled) from the example's. Returns (args, kwargs)."""
+        import torch
+        import torch.utils._pytree as pytree
+
+        flat, spec = pytree.tree_flatten((self.args, self.kwargs))
+        flat = list(flat)
+        for i, axis, _, kind, *_ in self.dims:
+            size = batch if kind == "batch" else length
+            if size is not None and isinstance(flat[i], torch.Tensor):
+                t = flat[i]
+                flat[i] = t.index_select(axis, torch.arange(size, device=t.device) % t.shape[axis])
+        return pytree.tree_unflatten(flat, spec)
+
+    def dynamic_shapes(self):
+        """The torch.export ``dynamic_shapes`` of this graph's forward: one ``torch.export.Dim`` per
+        symbol of :attr:`dims` (its name, min and max), keyed by the forward's argument names; None
+        when every dim is static."""
+        if not self.dims:
+            return None
+        import inspect
+
+        import torch
+        import torch.utils._pytree as pytree
+
+        flat, spec = pytree.tree_flatten((self.args, self.kwargs))
+        made: dict = {}
+        per_input: list = [None] * len(flat)
+        for i, axis, sym, kind, lo, hi in self.dims:
+            if sym not in made:
+                name = kind if kind not in {d.__name__ for d in made.values()} else f"{kind}_{sym}"
+                made[sym] = torch.export.Dim(name, min=lo, max=hi) if hi is not None else torch.export.Dim(name, min=lo)
+            per_input[i] = {**(per_input[i] or {}), axis: made[sym]}
+        args, kwargs = pytree.tree_unflatten(per_input, spec)
+        return dict(inspect.signature(self.gm.forward).bind(*args, **kwargs).arguments)
+
+    def export_program(self):
+        """torch.export of this GraphModule at the example inputs, with :meth:`dynamic_shapes`. A
+        rewritten graph's counts follow N through min/max/round of sizes, which the exporter cannot
+        always prove in range for every length: such checks are kept as run-time asserts
+        (``prefer_deferred_runtime_asserts_over_guards``) and sizes are not specialised to 0/1
+        (``backed_size_oblivious``), so the program keeps the Dims."""
+        import torch
+
+        spec = self.dynamic_shapes()
+        if spec is None:
+            return torch.export.export(self.gm, self.args, self.kwargs, strict=False)
+        from torch.fx.experimental import _config as sym_config
+
+        with sym_config.patch(backed_size_oblivious=True):
+            return torch.export.export(self.gm, self.args, self.kwargs, dynamic_shapes=spec, strict=False,
+                                       prefer_deferred_runtime_asserts_over_guards=True)
 
     def _exposed(self, outputs: list[str], steps: list, what: list[str]) -> "TorchModel":
         from .backends.fx import expose_fx
 
+        if self.dynamic_tokens:  # compose_cuts counts with the example's N and M
+            raise PruneError("exposing token sizes/indices of a torch model whose sequence length is dynamic is not "
+                             "supported yet; load it without a Dim on the sequence axis")
+
         out = TorchModel(expose_fx(self.gm, steps, what), self.args, self.kwargs)
-        out.run(*self.args, **self.kwargs)
+        out.validate()
         return out
 
     def copy(self) -> "TorchModel":
@@ -357,9 +485,17 @@ class TorchModel(Model):
         return out
 
     def reexported(self) -> "TorchModel":
-        """Re-export through torch.export (fresh shapes on every node; proves exportability)."""
+        """Re-export through torch.export (fresh shapes on every node; proves exportability), with
+        the same dynamic dims."""
         if not hasattr(self, "_reexported"):
-            self._reexported = TorchModel.export(self.gm, self.args, self.kwargs)
+            try:
+                ep = self.export_program()
+            except Exception as e:  # noqa: BLE001
+                raise PruneError(f"torch.export failed: {_first_line(e)}") from None
+            gm = ep.module()
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+            self._reexported = TorchModel(gm, self.args, self.kwargs)
         return self._reexported
 
     def kept_indices(self, *args, **kwargs) -> dict:
@@ -389,14 +525,56 @@ class TorchModel(Model):
         return self.gm
 
     def save(self, path: str | os.PathLike) -> Path:
+        """Write a ``.pt2`` (``torch.export.save`` of :meth:`export_program`, with the example
+        inputs): it loads back (``prunec.load``, ``torch.export.load``) with the same dynamic dims."""
         import io
 
         import torch
 
-        ep = torch.export.export(self.gm, self.args, self.kwargs, strict=False)
+        try:
+            ep = self.export_program()
+        except Exception as e:  # noqa: BLE001
+            raise PruneError(f"torch.export of the rewritten graph failed: {_first_line(e)}") from None
         buf = io.BytesIO()
         torch.export.save(ep, buf)
         return atomic_write(path, buf.getvalue())
+
+
+def _shape_text(batch: int | None, length: int | None) -> str:
+    return ", ".join(f"{what} {v}" for what, v in (("batch", batch), ("length", length)) if v is not None)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _sym_range(gm, name: str, axis: int) -> tuple[int, int | None]:
+    """(min, max or None) the exporter allows for the symbolic dim ``axis`` of input ``name``."""
+    node = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == name)
+    d = node.meta["val"].shape[axis]
+    vr = d.node.shape_env.var_to_range.get(d.node.expr)
+    if vr is None:
+        return 2, None
+    lo = int(vr.lower) if vr.lower.is_finite else 0
+    hi = int(vr.upper) if vr.upper.is_finite else None
+    return lo, hi
+
+
+def load_pt2(path: Path) -> TorchModel:
+    """A ``.pt2`` written by ``torch.export.save`` with its example inputs (dynamic dims stay dynamic)."""
+    import torch
+
+    if not path.exists():
+        raise PruneError(f"no such file: {path}")
+    try:
+        ep = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise PruneError(f"{path} is not a torch.export program ({_first_line(e)[:100]})") from None
+    if ep.example_inputs is None:
+        raise PruneError(f"{path} was saved without example inputs; prunec needs them to analyse shapes")
+    a, kw = ep.example_inputs
+    return TorchModel(ep.module(), a, kw)
 
 
 # contrib ops ORT registers in the ONNX domain, which onnx.checker does not know (checked as custom ops)
@@ -432,6 +610,24 @@ def refresh_meta(gm, flat_args: tuple) -> None:
         Fill(gm).run(*flat_args)
 
 
+def refresh_symbolic_meta(gm) -> None:
+    """As :func:`refresh_meta` for a graph with dynamic dims: every node's ``meta['val']`` becomes a
+    fake tensor with symbolic sizes again (propagated from the inputs' symbolic sizes, the token
+    count after a cut as the expression the kernels compute), so a later pass can tell the sizes
+    that spell the token count."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode(vals)
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+    except Exception as e:  # noqa: BLE001
+        raise PruneError(f"cannot propagate the symbolic shapes of the rewritten torch graph: {_first_line(e)}") from None
+
+
+LIGHT_PROBE_BYTES = 1 << 30  # weights above which a model is analysed without running them (and checked structurally)
+CHECKS = ("auto", "full", "none")  # load(check=): validation of written ONNX models
 INLINE_LIMIT = 1_900_000_000  # bytes of weights above which a model is saved with external data (protobuf: 2 GiB)
 
 
@@ -518,10 +714,69 @@ def _needs_external(model) -> bool:
                if v.const_value is not None) > INLINE_LIMIT
 
 
+def _copy_in_kernel(src: str, dst: str) -> None:
+    """Copy a file by its data extents with ``copy_file_range``: the kernel moves the bytes (none pass
+    through this process) and holes stay holes (a sparse file stays sparse)."""
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        fo.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fi.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # no data after pos (ENXIO): the rest is a hole
+                break
+            end = os.lseek(fi.fileno(), start, os.SEEK_HOLE)
+            off = start
+            while off < end:
+                done = os.copy_file_range(fi.fileno(), fo.fileno(), end - off, off, off)
+                if done <= 0:
+                    raise OSError(f"copy_file_range stopped at {off} of {src}")
+                off += done
+            pos = end
+
+
+def _save_linked(model, path: str, data_name: str) -> bool:
+    """Save ``model`` at ``path`` with its external weights where they are: when every external
+    tensor lies in one file and the tensors held in memory (prunec's own, small) fit in the proto,
+    that file is copied by the kernel as ``data_name`` beside ``path`` (:func:`_copy_in_kernel`) and the
+    proto points into the copy at the same offsets: no weight passes through this process. False
+    when the model does not qualify (the caller then writes every weight anew)."""
+    import shutil
+
+    import onnx_ir as ir
+
+    files = _external_files(model)
+    inline = sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
+                 if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor))
+    if len(files) != 1 or inline > INLINE_LIMIT:
+        return False
+    target = os.path.join(os.path.dirname(path), data_name)
+    try:
+        _copy_in_kernel(next(iter(files)), target)
+    except OSError:
+        shutil.copyfile(next(iter(files)), target)
+    moved = {}
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor):
+                moved[v] = t
+                v.const_value = ir.ExternalTensor(data_name, t.offset, t.length, t.dtype, shape=t.shape, name=t.name,
+                                                  base_dir=os.path.dirname(path))
+    try:
+        ir.save(model, path)
+    finally:
+        for v, t in moved.items():
+            v.const_value = t
+    return True
+
+
 def save_onnx(model, path: str | os.PathLike) -> Path:
     """Save an onnx-ir model atomically. A model with external data (or weights over 2 GiB) is
-    written as ``PATH`` plus its weights in ``PATH.data`` beside it: both are written to a
-    temporary folder beside ``PATH`` and renamed into place together."""
+    written as ``PATH`` plus its weights in ``PATH.data`` beside it (the input's data file hard-linked
+    when it holds every weight: :func:`_save_linked`): both are made in a temporary folder beside
+    ``PATH`` and renamed into place together."""
     import shutil
 
     import onnx_ir as ir
@@ -537,7 +792,8 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
     except OSError as e:
         raise PruneError(f"cannot write {path}: {e.strerror or e}") from None
     try:
-        ir.save(model, os.path.join(tmpdir, path.name), external_data=data.name, size_threshold_bytes=1024)
+        if not _save_linked(model, os.path.join(tmpdir, path.name), data.name):
+            ir.save(model, os.path.join(tmpdir, path.name), external_data=data.name, size_threshold_bytes=1024)
         _publish([(os.path.join(tmpdir, data.name), data), (os.path.join(tmpdir, path.name), path)])
     except OSError as e:
         raise PruneError(f"cannot write {path}: {e.strerror or e}") from None
@@ -547,18 +803,39 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
 
 
 def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dict | None = None,
-         probe_length: int | None = None) -> Model:
+         probe_length: int | None = None, dynamic_shapes=None, check: str = "auto") -> Model:
     """Load a model.
 
-    ``source``: a path to an .onnx file, an ``onnx.ModelProto``, or a torch
-    ``nn.Module`` with ``example_inputs`` (a tuple of positional args or a dict of
-    keyword args). ``input_shapes`` (ONNX): make dynamic input dimensions static, e.g.
-    ``{"input_ids": [None, 128], "attention_mask": [None, 128]}`` (None keeps a dimension).
-    ``probe_length`` (ONNX with a dynamic sequence): the length the model is analysed at
-    (default 29); spans with absolute ends need it at least that long (``span=35:611``: 612).
+    ``source``: a path to an .onnx file or a ``.pt2`` (``torch.export.save`` with example
+    inputs), an ``onnx.ModelProto``, or a torch ``nn.Module`` with ``example_inputs`` (a tuple
+    of positional args or a dict of keyword args). ``input_shapes`` (ONNX): make dynamic input
+    dimensions static, e.g. ``{"input_ids": [None, 128], "attention_mask": [None, 128]}`` (None
+    keeps a dimension). ``probe_length`` (ONNX with a dynamic sequence): the length the model is
+    analysed at (default 29); spans with absolute ends need it at least that long
+    (``span=35:611``: 612). ``check`` (ONNX): how a rewritten model is checked before a pass
+    returns it: ``full`` (onnx.checker and ONNX Runtime runs at the probe's and other shapes),
+    ``none`` (onnx.checker only), ``auto`` (full, or onnx.checker only for a model over 1 GiB of
+    weights: such a model is also analysed without reading its weights).
+
+    ``dynamic_shapes`` (torch module): torch.export's ``dynamic_shapes`` spec, passed through,
+    e.g. ``{"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}`` with
+    ``batch = torch.export.Dim("batch", max=64)``, ``seq = torch.export.Dim("seq", min=3,
+    max=512)``. Without it the export is static (the model runs only at the example's shapes).
+    A dynamic batch (axis 0) stays dynamic. A dynamic sequence (axis 1 of [B, S] / [B, S, C]
+    inputs, one Dim shared by every such input) makes the model's token count dynamic, as for an
+    ONNX model with a dynamic sequence: FastV and cls-attn compute span, k and the kept count at
+    run time; the other passes refuse it. The model is analysed at the example inputs' sizes, so
+    give an example length unlike any other width of the model (a prime such as 29) and within
+    the Dim's range. Any other dynamic dimension is refused. The rewritten model runs at every
+    batch and length in the Dims' ranges and ``save`` writes a ``.pt2`` that keeps them.
     """
     import onnx
 
+    if dynamic_shapes is not None and not hasattr(source, "forward"):
+        raise PruneError("dynamic_shapes applies to a torch module (a loaded model keeps its own dims; an ONNX "
+                         "model's can be fixed with input_shapes)")
+    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".pt2"):
+        return load_pt2(Path(source))
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
@@ -580,7 +857,7 @@ def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dic
             from .ir.from_onnx import fix_input_shapes
 
             fix_input_shapes(model, input_shapes)
-        return OnnxModel(model, probe_batch=probe_batch, probe_length=probe_length)
+        return OnnxModel(model, probe_batch=probe_batch, probe_length=probe_length, check=check)
     try:
         import torch
     except ImportError:  # pragma: no cover
@@ -588,11 +865,14 @@ def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dic
     if isinstance(source, torch.nn.Module):
         if example_inputs is None:
             raise PruneError("a torch module needs example_inputs (a tuple of args or a dict of kwargs)")
+        if probe_length is not None:
+            raise PruneError("probe_length applies to ONNX models; a torch module is analysed at its example inputs' "
+                             "length (give dynamic_shapes to keep its dims dynamic)")
         if isinstance(example_inputs, dict):
-            return TorchModel.export(source, (), example_inputs)
+            return TorchModel.export(source, (), example_inputs, dynamic_shapes=dynamic_shapes)
         if isinstance(example_inputs, torch.Tensor):
             example_inputs = (example_inputs,)
-        return TorchModel.export(source, tuple(example_inputs), {})
+        return TorchModel.export(source, tuple(example_inputs), {}, dynamic_shapes=dynamic_shapes)
     raise PruneError(f"cannot load a {type(source).__name__}: give an .onnx path or a torch nn.Module")
 
 

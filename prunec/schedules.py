@@ -11,20 +11,32 @@ import math
 
 PARK_MILLER = 48271
 MERSENNE31 = 2147483647
+HASH_MULTIPLIER = 2654435761
+
+
+def hash_offset(seed: int) -> int:
+    """The seed's offset in :func:`position_hash`."""
+    return seed * 40503 + 12345
+
+
+def position_hash(i: int, seed: int) -> int:
+    """A seeded hash of token position ``i``: ((i + 1) · 2654435761 + seed · 40503 + 12345) mod
+    (2³¹ − 1), then three Park–Miller steps (h · 48271 mod 2³¹ − 1). Distinct positions get
+    distinct hashes, and a position's hash does not depend on the token count, so a graph
+    computes them at run time with int64 Mul/Add/Mod for any length."""
+    h = ((i + 1) * HASH_MULTIPLIER + hash_offset(seed)) % MERSENNE31
+    for _ in range(3):
+        h = (h * PARK_MILLER) % MERSENNE31
+    return h
 
 
 def random_scores(n: int, seed: int) -> list[float]:
-    """A seeded pseudo-random permutation of 0..n-1 (one score per token position, from
-    Park–Miller hashes); computed at compile time, so both backends and every sample see
-    the same numbers, and exact in float32."""
-    hashes = []
-    for i in range(n):
-        h = ((i + 1) * 2654435761 % MERSENNE31) ^ (seed * 40503 + 12345)
-        for _ in range(3):
-            h = (h * PARK_MILLER) % MERSENNE31
-        hashes.append((h, i))
+    """A seeded pseudo-random permutation of 0..n-1: the rank of each position's
+    :func:`position_hash` (exact in float32); computed at compile time, so both backends and every
+    sample see the same numbers. The top-k by rank are the top-k by hash."""
+    order = sorted(range(n), key=lambda i: position_hash(i, seed))
     rank = [0.0] * n
-    for r, (_, i) in enumerate(sorted(hashes)):
+    for r, i in enumerate(order):
         rank[i] = float(r)
     return rank
 

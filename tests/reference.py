@@ -230,7 +230,7 @@ def park_miller_order(n, seed):
     """The documented seeded order of the `random` pass: Park–Miller hashes per position."""
     hashes = []
     for i in range(n):
-        h = ((i + 1) * 2654435761 % 2147483647) ^ (seed * 40503 + 12345)
+        h = ((i + 1) * 2654435761 + seed * 40503 + 12345) % 2147483647
         for _ in range(3):
             h = h * 48271 % 2147483647
         hashes.append(h)

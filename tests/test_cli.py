@@ -209,9 +209,16 @@ def test_dynamic_sequence_runs_at_any_length_and_shape_still_specializes(tmp_pat
     for n in (16, 40):
         ids = np.zeros((3, n), np.int64)
         assert dyn.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})[0].shape == (3, n // 2, 64)
-    r = prunec(path, "--pass", "tome", "-o", tmp_path / "t.onnx")  # not yet on a dynamic sequence
+    r = prunec(path, "--pass", "tome:r=4", "-o", tmp_path / "t.onnx")  # a merge: r capped at run time
+    assert r.returncode == 0, r.stderr
+    merged = pc.load(tmp_path / "t.onnx")
+    for n in (5, 40):
+        ids = np.zeros((3, n), np.int64)
+        out = merged.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+        assert out.shape[0] == 3 and out.shape[1] < n
+    r = prunec(path, "--pass", "pool:factor=2,grid=4x4,span=1:17", "-o", tmp_path / "p.onnx")  # a fixed grid
     assert r.returncode != 0 and "--shape" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "t.onnx").exists()
+    assert not (tmp_path / "p.onnx").exists()
     r = prunec(path, "--pass", "fastv", "--layer", "1", "--shape", "input_ids=?,16", "--shape",
                "attention_mask=?,16", "-o", tmp_path / "b.onnx")
     assert r.returncode == 0, r.stderr

@@ -1,8 +1,8 @@
-"""Dynamic sequence length (issue 11, first step): a model exported with a dynamic batch and
-sequence is rewritten without ``--shape`` by the attention top-k selections (FastV, cls-attn),
-and the written model computes its counts at run time: at every (batch, length) it equals the
-plain-PyTorch FastV reference (hooks on the unmodified module) run at that shape, and keep=1 is
-the identity. Other passes are refused in one line naming ``--shape``."""
+"""Dynamic sequence length (issue 11): a model exported with a dynamic batch and sequence is
+rewritten without ``--shape`` by every pass but pool, and the written model computes its counts at
+run time: at every (batch, length) it equals the plain-PyTorch reference of the method (hooks on
+the unmodified module) run at that shape, and keep=1 is the identity. pool (a fixed patch grid) is
+refused in one line naming ``--shape``."""
 from functools import lru_cache
 
 import numpy as np
@@ -12,6 +12,8 @@ import torch
 import prunec
 from conftest import export_dir
 from fastv_reference import fastv_reference
+from merge_reference import evit_reduce, ppt_reduce, reference_merge, tome_reduce, visionzip_choice
+from reference import default_span, divprune_choice, random_choice, reference_run, zero_tprune_choice
 
 SHAPES = [(1, 7), (3, 33), (8, 128)]
 
@@ -111,12 +113,96 @@ def test_spans_and_counts_resolve_at_each_length():
         assert count.run(feeds)[0].shape == (batch, min(9, n), 64)
 
 
-def test_other_passes_are_refused_naming_shape():
+def test_pool_and_fixed_image_defaults_are_refused_naming_what_to_give():
+    """pool needs a fixed patch grid; ppt's and visionzip's default counts are shares of a fixed image."""
     base = prunec.load(exported("bert", "torchscript17"))
-    for pname, opts in (("tome", dict(r="2")), ("divprune", dict(keep="0.5")), ("random", dict(keep="0.5"))):
-        with pytest.raises(prunec.PruneError, match="dynamic.*--shape") as e:
+    for pname, opts, what in (("pool", dict(factor=2, grid="4x4", span="1:17"), "--shape"),
+                              ("ppt", dict(prefix=1), "give r="), ("visionzip", dict(prefix=1), "give dominant=")):
+        with pytest.raises(prunec.PruneError, match=f"dynamic.*{what}") as e:
             prunec.passes.get(pname)(**opts)(base)
         assert "\n" not in str(e.value)
+
+
+def _last_hidden(out):
+    logits = getattr(out, "logits", None)
+    return (logits if logits is not None else out.last_hidden_state).detach().numpy()
+
+
+SELECTIONS = {  # pass -> (options, reference choice at n tokens with the default span)
+    "divprune": (dict(keep="0.5", layer="2"), lambda n, c: divprune_choice(0.5, default_span(n, 0, c))),
+    "random": (dict(keep="0.5", layer="2"), lambda n, c: random_choice(0.5, 0, default_span(n, 0, c))),
+    "zero-tprune": (dict(keep="0.5", layer="2"),
+                    lambda n, c: zero_tprune_choice(1, 0.5, 30, 0.5, None, default_span(n, 0, c))),
+}
+
+
+@pytest.mark.parametrize("pname", sorted(SELECTIONS))
+@pytest.mark.parametrize("name,exporter", CASES, ids=[f"{n}-{e}" for n, e in CASES])
+def test_selections_follow_the_length_at_run_time(name, exporter, pname):
+    """DivPrune, random and Zero-TPrune on a dynamic sequence: k = round(0.5 · span) at each length,
+    the same kept indices as the plain-PyTorch reference on the unmodified module, outputs allclose."""
+    m, _, _ = model(name)
+    opts, choice = SELECTIONS[pname]
+    pruned = prunec.passes.get(pname)(**opts)(prunec.load(exported(name, exporter)))
+    for batch, n in SHAPES:
+        feeds = inputs(name, batch, n, seed=1)
+        ref, ref_idx = reference_run(m, feeds, 2, choice(n, name != "bert"))
+        np_feeds = {k: v.numpy() for k, v in feeds.items()}
+        np.testing.assert_array_equal(pruned.kept_indices(np_feeds)[f"{pname.replace('-', '_')}_l2"], ref_idx.numpy())
+        np.testing.assert_allclose(pruned.run(np_feeds)[0], _last_hidden(ref), rtol=1e-4, atol=1e-4)
+
+
+MERGES = {  # pass and options -> the reference's reductions per block (or a choice at the cut before layer 2)
+    "tome r=4": (("tome", dict(r="4", prefix=0)), lambda: ({i: tome_reduce(4, 0) for i in range(3)}, True)),
+    "tome r=40 (capped)": (("tome", dict(r="40", prefix=0)), lambda: ({i: tome_reduce(40, 0) for i in range(3)}, True)),
+    "evit": (("evit", dict(keep="0.5", layers="0/1", prefix=1)), lambda: ({0: evit_reduce(0.5, 1), 1: evit_reduce(0.5, 1)},
+                                                                          False)),
+    "ppt prune": (("ppt", dict(r=3, layers="0/1", prefix=1, threshold=0.0)),
+                  lambda: ({i: ppt_reduce(3, 0.0, 1) for i in (0, 1)}, True)),
+    "ppt pool": (("ppt", dict(r=3, layers="0/1", prefix=1, threshold=1.0)),
+                 lambda: ({i: ppt_reduce(3, 1.0, 1) for i in (0, 1)}, True)),
+    "visionzip": (("visionzip", dict(dominant=4, contextual=2, prefix=1, layer="2")), None),
+}
+
+
+@pytest.mark.parametrize("what", sorted(MERGES))
+@pytest.mark.parametrize("exporter", ("torchscript17", "dynamo18"))
+def test_merges_follow_the_length_at_run_time(exporter, what):
+    """ToMe (r capped at run time at (N − prefix) // 2), EViT, PPT (both branches) and VisionZip on a
+    dynamic BERT equal their plain-PyTorch references on the unmodified module at each length."""
+    m, _, _ = model("bert")
+    (pname, opts), reductions = MERGES[what]
+    merged = prunec.passes.get(pname)(**opts)(prunec.load(exported("bert", exporter)))
+    for batch, n in SHAPES:
+        feeds = inputs("bert", batch, n, seed=1)
+        if reductions is None:
+            ref, _ = reference_run(m, feeds, 2, visionzip_choice(1, 4, 2, 4, 1))
+        else:
+            per_block, prop_attn = reductions()
+            ref, _ = reference_merge(m, feeds, per_block, prop_attn=prop_attn)
+        got = merged.run({k: v.numpy() for k, v in feeds.items()})[0]
+        want = _last_hidden(ref)
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+EVERY_PASS = [("fastv", dict(keep="0.5", layer="2")), ("cls-attn", dict(keep="0.5", cls=0, span="1:")),
+              ("divprune", dict(count=1, layer="2")), ("random", dict(keep="0.5", layer="1/2")),
+              ("zero-tprune", dict(keep="0.5", layer="2")), ("tome", dict(r="4", prefix=1)),
+              ("evit", dict(keep="0.5", layers="0/1", prefix=1)), ("ppt", dict(r=3, layers="0/1", prefix=1)),
+              ("visionzip", dict(dominant=4, contextual=2, prefix=1, layer="2"))]
+
+
+def test_every_pass_runs_on_inputs_shorter_than_its_counts():
+    """1 to 5 tokens: empty spans, r and k capped to nothing, no B token for ToMe, fewer tokens than
+    VisionZip's dominant ones: every written model runs (no op sees an empty axis) and never returns
+    more tokens than it was given."""
+    base = prunec.load(exported("bert", "torchscript17"))
+    for pname, opts in EVERY_PASS:
+        model_ = prunec.passes.get(pname)(**opts)(base)
+        for n in range(1, 6):
+            out = model_.run({k: v.numpy() for k, v in inputs("bert", 2, n).items()})[0]
+            assert out.shape[0] == 2 and 1 <= out.shape[1] <= n, (pname, n, out.shape)
 
 
 def test_cls_attention_on_a_dynamic_encoder():
@@ -130,3 +216,18 @@ def test_cls_attention_on_a_dynamic_encoder():
         k = max(1, round(0.5 * (n - 1)))
         assert idx.shape == (batch, 1 + k) and (idx[:, 0] == 0).all()
         assert pruned.run(feeds)[0].shape == (batch, 1 + k, 64)
+
+
+def test_expose_on_a_dynamic_model_follows_the_length():
+    """``expose`` on a dynamic ToMe rewrite: at each length the token sizes equal the reference's
+    merged sizes and sum to the input length, and each kept index is a token of the input."""
+    m, _, _ = model("bert")
+    merged = prunec.passes.get("tome")(r="4", prefix=0)(prunec.load(exported("bert", "dynamo18")))
+    exposed = merged.expose("sizes,indices")
+    for batch, n in SHAPES:
+        feeds = inputs("bert", batch, n, seed=1)
+        _, state = reference_merge(m, feeds, {i: tome_reduce(4, 0) for i in range(3)}, prop_attn=True)
+        out, sizes, idx = exposed.run({k: v.numpy() for k, v in feeds.items()})
+        assert sizes.shape == idx.shape == out.shape[:2]
+        np.testing.assert_array_equal(sizes, state["size"][..., 0].numpy())
+        assert (sizes.sum(1) == n).all() and ((0 <= idx) & (idx < n)).all()

@@ -126,7 +126,8 @@ def test_external_data_past_2gib_is_mapped_not_read(vit, pruned_inline, tmp_path
     rss_mib = int(r.stdout.split("VmHWM:")[1].split()[0]) / 1024
     assert rss_mib < 1024, f"peak memory {rss_mib:.0f} MiB for a model of < 1 MiB of weights"
     data = out.with_name(out.name + ".data")
-    assert data.exists() and data.stat().st_size < 2**24  # only the real weights, packed
+    # the input's data file copied by the kernel with its offsets: holes stay holes (no disk, no memory)
+    assert data.exists() and data.stat().st_size > 2**31 and data.stat().st_blocks * 512 < 2**28
     got = prunec.load(out).run({"x": case("timm_vit").inputs["x"].numpy()})
     for a, b in zip(got, pruned_inline, strict=True):
         np.testing.assert_array_equal(a, b)

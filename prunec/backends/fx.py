@@ -52,6 +52,10 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut, biases: dict):
         raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
     site = r.score.site
     scores = _site_scores(graph, by_name, site, r.score.query, biases.get(site.node.ref.name))
+    if r.rule is not None:  # a dynamic token count: span, k and M follow N at run time
+        rule = r.rule
+        return graph.call_function(ops.tokens.select_topk_rule, (scores, rule.start, rule.start_from_end, rule.end,
+                                                          rule.end_from_end, rule.keep, rule.count, cut.tag))
     return graph.call_function(ops.select_topk, (scores, r.k, r.span_start, r.span_end, cut.tag))
 
 
@@ -212,6 +216,8 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     ``plan`` lowered, in order. A cut reads what its parent left (gathered crossings, token
     sizes); where several cuts fix the same node (a log-size bias, a size weight, a token count,
     a shape literal), the last cut's fix is the one written."""
+    for cut in plan.cuts:
+        _check_dynamic_fx(cut)
     shared = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
     gm = copy.deepcopy(gm, shared)
     graph = gm.graph
@@ -228,6 +234,19 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _check_dynamic_fx(cut) -> None:
+    """On a dynamic token count the torch lowering computes the counts at run time for the attention
+    top-k selections (FastV, cls-attn) only; any other reduction planned with run-time counts is
+    refused."""
+    r = cut.reduce
+    if getattr(r, "rule", None) is None and not getattr(r, "dynamic", False):
+        return
+    if isinstance(r, TopK) and r.rule is not None:
+        return
+    raise PruneError(f"cut '{cut.tag}' ({type(r).__name__}) on a torch model whose sequence length is dynamic is not "
+                     f"supported yet (FastV and cls-attn are): load it without a Dim on the sequence axis")
 
 
 def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases: dict):
@@ -247,6 +266,8 @@ def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases
         else:
             idx = _selection(graph, by_name, cut, biases)
         idx._rename(f"{cut.tag}_keep_idx")  # found by name again by expose_fx
+        # the kept count M: a number, or read off the kept indices at run time when it follows N
+        kept = graph.call_function(aten.sym_size.int, (idx, 1)) if getattr(cut.reduce, "rule", None) else cut.kept
         sizes = _size_state(graph, cut, size_in, stream, idx, dest) if cut.sizes_out else None
         for role in cut.size_roles():  # before the first post-cut node: every later use sees them
             sizes(role)
@@ -284,7 +305,7 @@ def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases
     for fix in cut.count_fixes:  # x.sum(1) / N -> / M
         fixes[("count", fix.node.ref.name, fix.slot)] = functools.partial(_fix_count, nodes[fix.node.ref.name], fix)
     for fix in cut.shape_fixes:
-        fixes[("shape", fix.node.ref.name)] = functools.partial(_fix_shape, nodes[fix.node.ref.name], fix, cut.kept)
+        fixes[("shape", fix.node.ref.name)] = functools.partial(_fix_shape, nodes[fix.node.ref.name], fix, kept)
     return by_name, (sizes(SIZE_TAG) if sizes is not None else None)
 
 
@@ -302,21 +323,32 @@ def _fix_count(node, fix) -> None:
     node.args = tuple(args)
 
 
-def _fix_shape(node, fix, m: int) -> None:
-    """The size argument's entries that spell N become M."""
+def _fix_shape(node, fix, m) -> None:
+    """The size argument's entries that spell N become M (a number, or the node reading M off the
+    kept indices at run time)."""
     if "size" in node.kwargs:
         size = list(node.kwargs["size"])
         for j in fix.positions:
             size[j] = m
-        node.kwargs = {**node.kwargs, "size": size}
+        node.kwargs = {**node.kwargs, "size": _static_inferred(node, size, m)}
         return
     args = list(node.args)
     pos_arg = 0 if fix.node.op == "create" and not str(node.target).startswith("aten.new_") else 1
     size = list(args[pos_arg])
     for j in fix.positions:
         size[j] = m
-    args[pos_arg] = size
+    args[pos_arg] = _static_inferred(node, size, m)
     node.args = tuple(args)
+
+
+def _static_inferred(node, size: list, m) -> list:
+    """With a run-time M (a node), a -1 entry of a view/reshape whose size is static (the heads of
+    ``[B, M, -1, 16]``) is written as that number: torch.export would otherwise infer it by dividing
+    two expressions of M, which its symbolic reasoning simplifies very slowly."""
+    val = node.meta.get("val")
+    if not isinstance(m, torch.fx.Node) or not isinstance(val, torch.Tensor) or len(val.shape) != len(size):
+        return size
+    return [int(d) if s == -1 and isinstance(d, int) else s for s, d in zip(size, val.shape)]
 
 
 def expose_fx(gm: torch.fx.GraphModule, steps: list, what: list[str]) -> torch.fx.GraphModule:

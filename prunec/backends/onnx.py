@@ -22,14 +22,16 @@ from ..errors import PruneError
 from ..ir.session import graph_only_proto, make_session, providers  # noqa: F401  (re-exported: their home before)
 from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, split_role
 from ..passes.base import Cut, Diverse, GridPool, Merge, PageRank, Plan, Random, TopK
-from ..schedules import random_scores, wpr_start
+from ..schedules import HASH_MULTIPLIER, MERSENNE31, PARK_MILLER, hash_offset, random_scores, wpr_start
 from .onnx_build import _attention_rows, _Builder, _same_dtype, length_valid, site_scores, site_tensor
 from .onnx_merge import lower_merge, merge_sizes, scatter_sum
 
 
-def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int, bias=None):
+def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], counts, bias=None):
     """Zero-TPrune's I′ -> S -> I selection (as ``prunec.ops.select_zero_tprune``) -> span picks
-    [B, k] and a [B, ...] tensor to read the batch size from."""
+    [B, k] and a [B, ...] tensor to read the batch size from. ``counts``: (N, start, end, k) of the
+    span (numbers, or run-time values on a dynamic token count)."""
+    n, lo, hi, k = counts
     site = r.site
     if site.probs is not None:
         probs = b.as_f32(values[site.probs.name], site.probs.dtype)
@@ -38,9 +40,9 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int, 
         probs = _attention_rows(b, site, values, "mean", n, bias)
         k4, _ = site_tensor(b, site, values, "k")
         keys = b.op("Transpose", [k4], {"perm": [0, 2, 1, 3]})
-    keys = b.op("Reshape", [keys, b.ints([0, n, -1], "keys")])  # [B, N, Dk]
+    keys = b.op("Reshape", [keys, b.ints([0, 0, -1], "keys")])  # [B, N, Dk]
     # s <- Aᵀ s as the row vector sᵀ A: [B, H, 1, N]
-    s = b.op("MatMul", [b.floats(np.array(wpr_start(n, r.cls), np.float32)[None, :], "s0"), probs])
+    s = b.op("MatMul", [_wpr_start(b, n, r.cls), probs])
     s1 = s
     for _ in range(r.iters - 1):
         s = b.op("MatMul", [s, probs])
@@ -48,116 +50,147 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], n: int, 
     def eir(x):  # root-mean-square over heads: [B, H, 1, N] -> [B, N]
         return b.op("Squeeze", [b.op("Sqrt", [b.reduce_mean(b.op("Mul", [x, x]), [1])]), b.ints([1], "axes")])
 
-    imp = b.slice(eir(s), r.span_start, r.span_end)
-    size = r.span_end - r.span_start
-    if r.drop_similar > 0:
-        rank = b.slice(eir(s1), r.span_start, r.span_end)
-        _, order = b.op("TopK", [rank, b.ints([size], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
-        nb = size - size // 2
+    imp = b.slice(eir(s), lo, hi)
+    size = b.arith("Sub", hi, lo)
+    drop = r.drop_similar
+    if r.rule is not None:  # min(round(similar · (L − k)), L // 2), Python's rounding (half to even)
+        drop = b.arith("Min", _round_times(b, b.arith("Sub", size, k), r.similar), b.arith("Div", size, 2))
+    if isinstance(drop, ir.Value) or drop > 0:
+        rank = b.slice(eir(s1), lo, hi)
+        _, order = b.op("TopK", [rank, b.num(size, "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+        nb = b.arith("Sub", size, b.arith("Div", size, 2))
         b_idx = b.slice(order, 0, nb)
         a_idx = b.slice(order, nb, size)
-        kf = b.slice(keys, r.span_start, r.span_end)
+        kf = b.slice(keys, lo, hi)
         norm = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [kf, kf]), [2], keepdims=1)])
         kf = b.op("Div", [kf, b.op("Max", [norm, b.floats(1e-12, "eps")])])
         axes2 = b.ints([2], "axes")
         ka = b.op("GatherND", [kf, b.op("Unsqueeze", [a_idx, axes2])], {"batch_dims": 1})
         kb = b.op("GatherND", [kf, b.op("Unsqueeze", [b_idx, axes2])], {"batch_dims": 1})
         best = b.reduce("ReduceMax", b.op("MatMul", [ka, b.op("Transpose", [kb], {"perm": [0, 2, 1]})]), [2])
-        _, worst = b.op("TopK", [best, b.ints([r.drop_similar], "r")], {"axis": 1, "largest": 1, "sorted": 1},
-                        outputs=2)
+        _, worst = b.op("TopK", [best, b.num(drop, "r")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
         drop = b.op("GatherElements", [a_idx, worst], {"axis": 1})
         ninf = b.op("Expand", [b.floats([[-np.inf]], "ninf"), b.op("Shape", [drop])])
         imp = b.op("ScatterElements", [imp, drop, ninf], {"axis": 1})
-    _, top = b.op("TopK", [imp, b.ints([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    _, top = b.op("TopK", [imp, b.num(k, "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
     return top, imp
+
+
+def _wpr_start(b: _Builder, n, cls: int | None) -> ir.Value:
+    """Zero-TPrune's initial importance [1, N] float32 (``schedules.wpr_start``): uniform, the CLS
+    token weighted √N, summing to 1; on a run-time N computed in double as Python does."""
+    if not isinstance(n, ir.Value):
+        return b.floats(np.array(wpr_start(n, cls), np.float32)[None, :], "s0")
+    nd = b.op("Cast", [n], {"to": ir.DataType.DOUBLE})
+    ones = b.op("Cast", [b.op("Unsqueeze", [b.arange(0, n), b.ints([0], "axes")])], {"to": ir.DataType.DOUBLE})
+    ones = b.op("Add", [b.op("Mul", [ones, b.const(np.array(0.0), "zero")]), b.const(np.array(1.0), "one")])
+    if cls is None:
+        return b.op("Cast", [b.op("Div", [ones, nd])], {"to": ir.DataType.FLOAT})
+    root = b.op("Sqrt", [nd])
+    is_cls = b.op("Equal", [b.op("Unsqueeze", [b.arange(0, n), b.ints([0], "axes")]), b.ints(cls, "cls")])
+    start = b.op("Where", [is_cls, root, ones])
+    total = b.op("Add", [b.op("Sub", [nd, b.const(np.array([1.0]), "one")]), root])
+    return b.op("Cast", [b.op("Div", [start, total])], {"to": ir.DataType.FLOAT})
+
+
+def _round_times(b: _Builder, count: ir.Value, ratio: float) -> ir.Value:
+    """round(ratio · count) as a [1] int64 value, in double and half to even, as Python rounds."""
+    x = b.op("Mul", [b.op("Cast", [count], {"to": ir.DataType.DOUBLE}), b.const(np.array([ratio], np.float64), "ratio")])
+    return b.op("Cast", [b.op("Round", [x])], {"to": ir.DataType.INT64})
+
+
+def _span_counts(b: _Builder, cut: Cut, n) -> tuple:
+    """(start, end, k) of a selection's span: the plan's numbers, or (a dynamic token count: ``n``
+    a run-time value) computed by its :class:`~prunec.passes.base.CountRule` as ``resolve`` does:
+    ends clipped to [0, N], k = ``count`` capped at the span length L, or max(1, min(L, round(keep · L)))."""
+    r = cut.reduce
+    if r.rule is None:
+        return r.span_start, r.span_end, r.k
+    rule = r.rule
+
+    def bound(offset: int, from_end: bool, low):  # clipped to [low, N]
+        return b.arith("Min", b.arith("Max", b.arith("Sub", n, offset) if from_end else offset, low), n)
+    start = bound(rule.start, rule.start_from_end, 0)
+    end = bound(rule.end, rule.end_from_end, start)
+    length = b.arith("Sub", end, start)
+    if rule.count is not None:
+        return start, end, b.arith("Min", length, rule.count)
+    return start, end, b.arith("Min", length, b.arith("Max", _round_times(b, length, rule.keep), 1))
+
+
+def _random_scores(b: _Builder, n, seed: int, like: ir.Value) -> ir.Value:
+    """The `random` pass's seeded scores [B, N] (``schedules.random_scores``: ranks of Park–Miller
+    hashes of the positions; on a run-time N the hashes themselves, in double: the same order)."""
+    if not isinstance(n, ir.Value):
+        return b.batch_const(np.array(random_scores(n, seed), np.float32)[None, :], like, "ranks")
+    h = b.op("Add", [b.op("Mul", [b.op("Add", [b.arange(0, n), b.ints(1, "one")]), b.ints(HASH_MULTIPLIER, "a")]),
+                     b.ints(hash_offset(seed), "c")])
+    h = b.op("Mod", [h, b.ints(MERSENNE31, "p")])
+    for _ in range(3):
+        h = b.op("Mod", [b.op("Mul", [h, b.ints(PARK_MILLER, "pm")]), b.ints(MERSENNE31, "p")])
+    row = b.op("Unsqueeze", [b.op("Cast", [h], {"to": ir.DataType.DOUBLE}), b.ints([0], "axes")])
+    return b.op("Expand", [row, b.op("Concat", [b.batch_size(like), b.ints([1], "one")], {"axis": 0})])
+
 
 def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict) -> ir.Value | None:
     """Nodes computing the kept indices [B, M] of ``cut``. ``biases``: site node name -> the
-    log-size bias an earlier cut of the plan adds to it."""
+    log-size bias an earlier cut of the plan adds to it. On a dynamic token count (the reduction
+    has a ``rule``) N, the span, k and M are computed at run time."""
     r = cut.reduce
     if isinstance(r, GridPool):  # side inputs follow each window's first token
         reps = r.representatives()
         idx = b.batch_const([reps], values[cut.stream.name], "reps")
         idx.name = f"{cut.tag}/keep_idx"
         return idx
+    stream = values[cut.stream.name]
+    n = b.dim(stream, 1) if r.rule is not None else cut.num_tokens
+    start, end, k = _span_counts(b, cut, n)
     if isinstance(r, Diverse):
-        top = _diverse(b, b.as_f32(values[r.features.name], r.features.dtype), r)
-        batch_of = values[r.features.name]
+        top = _diverse(b, b.as_f32(values[r.features.name], r.features.dtype), start, end, k)
     elif isinstance(r, PageRank):
-        top, batch_of = _zero_tprune(b, r, values, cut.num_tokens, biases.get(r.site.node.ref.name))
+        top, _ = _zero_tprune(b, r, values, (n, start, end, k), biases.get(r.site.node.ref.name))
     else:
         if isinstance(r, Random):
-            ranks = b.const(np.array(random_scores(cut.num_tokens, r.seed), np.float32)[None, :], "ranks")
-            stream = values[cut.stream.name]
-            scores = b.op("Expand", [ranks, b.op("Concat", [b.batch_size(stream), b.ints([cut.num_tokens], "n")],
-                                                 {"axis": 0})])
+            scores = _random_scores(b, n, r.seed, stream)
         elif isinstance(r, TopK):
             site = r.score.site
-            if r.rule is not None:  # a dynamic token count: the counts at run time
-                scores = site_scores(b, site, r.score.query, values, None, biases.get(site.node.ref.name))
-                return _runtime_topk(b, cut, scores)
-            scores = site_scores(b, site, r.score.query, values, cut.num_tokens, biases.get(site.node.ref.name))
+            scores = site_scores(b, site, r.score.query, values, None if r.rule is not None else n,
+                                 biases.get(site.node.ref.name))
         else:
             raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
-        span = b.slice(scores, r.span_start, r.span_end)
-        _, top = b.op("TopK", [span, b.ints([r.k], "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
-        batch_of = scores
-    return _with_fixed(b, top, batch_of, cut)
+        span = scores if (not isinstance(start, ir.Value) and start == 0 and end is n) else b.slice(scores, start, end)
+        _, top = b.op("TopK", [span, b.num(k, "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    return _with_fixed(b, top, stream, (n, start, end, k), cut.tag)
 
 
-def _runtime_topk(b: _Builder, cut: Cut, scores: ir.Value) -> ir.Value:
-    """Kept indices [B, M] of a top-k selection whose counts follow the run-time token count N
-    (``cut.reduce.rule``, a :class:`~prunec.passes.base.CountRule`): span [s, e), k from its
-    length, the tokens outside the span kept, ascending."""
-    rule = cut.reduce.rule
-    n = b.dim(scores, 1)
-    zero = b.ints([0], "zero")
-
-    def bound(offset: int, from_end: bool, low: ir.Value) -> ir.Value:  # clipped to [low, N]
-        v = b.op("Sub", [n, b.ints([offset], "off")]) if from_end else b.ints([offset], "off")
-        return b.op("Min", [b.op("Max", [v, low]), n])
-    s = bound(rule.start, rule.start_from_end, zero)
-    e = bound(rule.end, rule.end_from_end, s)
-    length = b.op("Sub", [e, s])
-    if rule.count is not None:
-        k = b.op("Min", [length, b.ints([rule.count], "count")])
-    else:  # round(keep · L) in double, as Python rounds keep * L (half to even), then within [1, L]
-        k = b.op("Cast", [b.op("Round", [b.op("Mul", [b.op("Cast", [length], {"to": ir.DataType.DOUBLE}),
-                                                      b.const(np.array([rule.keep], np.float64), "keep")])])],
-                 {"to": ir.DataType.INT64})
-        k = b.op("Min", [length, b.op("Max", [k, b.ints([1], "one")])])
-    _, top = b.op("TopK", [b.slice(scores, s, e), k], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
-    top = b.op("Add", [top, s])
-    batch = b.op("Concat", [b.batch_size(scores), b.ints([1], "one")], {"axis": 0})
-
-    def positions(lo: ir.Value, hi: ir.Value) -> ir.Value:  # [B, hi - lo]: lo, ..., hi - 1 in every row
-        squeeze = b.ints([0], "axes")
-        rng = b.op("Range", [b.op("Squeeze", [lo, squeeze]), b.op("Squeeze", [hi, squeeze]), b.ints(1, "one")])
-        return b.op("Expand", [b.op("Unsqueeze", [rng, b.ints([0], "axes")]), batch])
-    idx = b.op("Concat", [positions(zero, s), top, positions(e, n)], {"axis": 1})
-    m = b.op("Add", [b.op("Add", [s, k]), b.op("Sub", [n, e])])
-    out = b.sort_ascending(idx, m)
-    out.name = f"{cut.tag}/keep_idx"
-    return out
-
-
-def _diverse(b: _Builder, x: ir.Value, r: Diverse) -> ir.Value:
-    """DivPrune's greedy max-min selection over the span of x [B, N, C] -> span picks [B, k]
-    (same algorithm as ``prunec.ops.select_diverse``; the k−1 greedy steps run in a Loop)."""
-    s = b.slice(x, r.span_start, r.span_end)
+def _diverse(b: _Builder, x: ir.Value, lo, hi, k) -> ir.Value:
+    """DivPrune's greedy max-min selection over the span [lo, hi) of x [B, N, C] -> span picks [B, k]
+    (same algorithm as ``prunec.ops.select_diverse``; the k−1 greedy steps run in a Loop). With run-time
+    counts a short input's empty span is widened to one token and the loop runs at least once, so no op
+    sees an empty axis; the picks are then cut back to k."""
+    dynamic = isinstance(k, ir.Value)
+    if dynamic:
+        lo = b.arith("Min", lo, b.arith("Sub", b.dim(x, 1), 1))
+        hi = b.arith("Max", hi, b.arith("Add", lo, 1))
+    s = b.slice(x, lo, hi)
     sq = b.op("Mul", [s, s])
     norm = b.op("Sqrt", [b.reduce_sum(sq, [2], keepdims=1)])
     s = b.op("Div", [s, b.op("Max", [norm, b.floats(1e-12, "eps")])])
     sim = b.op("MatMul", [s, b.op("Transpose", [s], {"perm": [0, 2, 1]})])
     dist = b.op("Sub", [b.floats(1.0, "one"), sim])  # [B, S, S]
-    size = r.span_end - r.span_start
-    diag = np.where(np.eye(size, dtype=bool), np.inf, 0.0).astype(np.float32)
-    nearest = b.reduce_min(b.op("Add", [dist, b.const(diag, "diag")]), [2])
+    size = b.arith("Sub", hi, lo)
+    if isinstance(size, ir.Value):  # +inf on the diagonal at run time
+        pos = b.arange(0, size)
+        eye = b.op("Equal", [b.op("Unsqueeze", [pos, b.ints([1], "axes")]), b.op("Unsqueeze", [pos, b.ints([0], "axes")])])
+        diag = b.op("Where", [eye, b.floats(np.inf, "inf"), b.floats(0.0, "zero")])
+    else:
+        diag = b.const(np.where(np.eye(size, dtype=bool), np.inf, 0.0).astype(np.float32), "diag")
+    nearest = b.reduce_min(b.op("Add", [dist, diag]), [2])
     first = b.op("ArgMax", [nearest], {"axis": 1, "keepdims": 1})  # [B, 1]
     mind = b.op("GatherND", [dist, first], {"batch_dims": 1})  # [B, S]
     ninf = b.op("Expand", [b.floats([[-np.inf]], "ninf"), b.op("Shape", [first])])
     mind = b.op("ScatterElements", [mind, first, ninf], {"axis": 1})
-    if r.k == 1:
+    if not isinstance(k, ir.Value) and k == 1:
         return first
     # Loop body: (iteration, cond, mind) -> (cond, mind', pick)
     it = ir.Value(name=f"{b.prefix}/body_iter", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
@@ -181,10 +214,13 @@ def _diverse(b: _Builder, x: ir.Value, r: Diverse) -> ir.Value:
     pick = node("Identity", [nxt])
     body = ir.Graph([it, cond_in, mind_in], [cond_out, new_mind, pick], nodes=body_nodes,
                     name=f"{b.prefix}/divprune_body")
-    _, picks = b.op("Loop", [b.ints(r.k - 1, "steps"), b.const(np.array(True), "true"), mind],
+    steps = b.arith("Max", b.arith("Sub", k, 1), 1) if dynamic else k - 1
+    steps = b.op("Squeeze", [steps, b.ints([0], "axes")]) if dynamic else b.ints(steps, "steps")
+    _, picks = b.op("Loop", [steps, b.const(np.array(True), "true"), mind],
                     {"body": body}, outputs=2)  # picks: [k-1, B, 1]
     rest = b.op("Squeeze", [b.op("Transpose", [picks], {"perm": [1, 0, 2]}), b.ints([2], "axes")])
-    return b.op("Concat", [first, rest], {"axis": 1})
+    picks = b.op("Concat", [first, rest], {"axis": 1})
+    return b.slice(picks, 0, k) if dynamic else picks
 
 
 def _pool(b: _Builder, x: ir.Value, r: GridPool) -> ir.Value:
@@ -203,20 +239,20 @@ def _pool(b: _Builder, x: ir.Value, r: GridPool) -> ir.Value:
     return b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else parts[0]
 
 
-def _with_fixed(b: _Builder, top: ir.Value, batch_of: ir.Value, cut: Cut) -> ir.Value:
-    """Span picks [B, k] (span-relative) -> kept indices [B, M]: offset, add the tokens
-    outside the span, sort ascending."""
-    r = cut.reduce
-    s, e, n = r.span_start, r.span_end, cut.num_tokens
-    if s:
-        top = b.op("Add", [top, b.ints(s, "off")])
-    parts = [top]
-    for lo, hi in ((0, s), (e, n)):
-        if hi > lo:
-            parts.insert(0 if lo == 0 else len(parts), b.batch_const(np.arange(lo, hi)[None, :], batch_of, "fixed"))
+def _with_fixed(b: _Builder, top: ir.Value, batch_of: ir.Value, counts, tag: str) -> ir.Value:
+    """Span picks [B, k] (span-relative) -> kept indices [B, M] (``<tag>/keep_idx``): offset, add
+    the tokens outside the span, sort ascending. ``counts``: (N, start, end, k), numbers or
+    run-time values; M = start + k + N − end."""
+    n, s, e, k = counts
+    if isinstance(s, ir.Value) or s:
+        top = b.op("Add", [top, b.num(s, "off")])
+    before = [b.batch_range(0, s, batch_of)] if isinstance(s, ir.Value) or s > 0 else []
+    after = [] if e is n else [b.batch_range(e, n, batch_of)] if isinstance(e, ir.Value) or isinstance(
+        n, ir.Value) or n > e else []
+    parts = before + [top] + after
     idx = b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else top
-    out = b.sort_ascending(idx, cut.kept)
-    out.name = f"{cut.tag}/keep_idx"
+    out = b.sort_ascending(idx, b.arith("Add", b.arith("Add", s, k), b.arith("Sub", n, e)))
+    out.name = f"{tag}/keep_idx"
     return out
 
 
@@ -243,6 +279,13 @@ def _kept_valid(b: _Builder, lengths: ir.Value, ends_starts: bool, idx: ir.Value
     return b.op("Cast", [length_valid(b, lengths, ends_starts, idx)], {"to": ir.DataType.INT32})
 
 
+def _rows(b: _Builder, m) -> ir.Value:
+    """The shape [1, 1, M, 1] that expands a log-size bias [B, 1, 1, M] over the query axis."""
+    if not isinstance(m, ir.Value):
+        return b.ints([1, 1, m, 1], "rows")
+    return b.op("Concat", [b.ints([1, 1], "ones"), m, b.ints([1], "one")], {"axis": 0})
+
+
 def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: str, dtype: str) -> None:
     """Add log(size) [B, 1, 1, M] (in the stream's ``dtype``) to a site's logits: before its
     Softmax (eager) or into the additive mask of an ONNX Attention node."""
@@ -254,7 +297,7 @@ def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: 
     if node.domain == "com.microsoft" and node.op_type in ("Attention", "MultiHeadAttention"):
         # ORT's attention_bias (input 5): [B or 1, H or 1, S, T], added to the logits
         old = node.inputs[5] if len(node.inputs) > 5 else None
-        bias = b.op("Expand", [bias, b.ints([1, 1, m, 1], "rows")], name=BIAS_TAG)
+        bias = b.op("Expand", [bias, _rows(b, m)], name=BIAS_TAG)
         new = bias if old is None else b.op("Add", [old, bias], name=BIAS_TAG)
         if len(node.inputs) < 6:
             node.resize_inputs(6)
@@ -263,7 +306,7 @@ def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: 
     if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
         raise PruneError(f"attention node '{node.name}' ({node.op_type}) takes no additive bias")
     mask = node.inputs[3] if len(node.inputs) > 3 else None
-    bias = b.op("Expand", [bias, b.ints([1, 1, m, 1], "rows")], name=BIAS_TAG)  # ORT wants the query axis
+    bias = b.op("Expand", [bias, _rows(b, m)], name=BIAS_TAG)  # ORT wants the query axis
     if mask is None:
         new = bias
     elif site.mask is not None and site.mask.dtype == "bool":
@@ -276,7 +319,7 @@ def _add_bias(graph, node: ir.Node, site, bias: ir.Value, m: int, counter, tag: 
     node.replace_input_with(3, new)
 
 
-def _recover(graph, cut, values, src, idx, dest, reduced, post_names, order, counter) -> None:
+def _recover(graph, cut, values, src, idx, dest, reduced, post_names, order, counter, m) -> None:
     """Restore the tokens at ``cut.recovery.point`` to the length and order of ``src`` (the stream
     entering the cut) as ``prunec.ops.recover`` does; every use of the point after the cut (an
     earlier cut's recovery, when several restore there) reads the restored tensor."""
@@ -297,10 +340,10 @@ def _recover(graph, cut, values, src, idx, dest, reduced, post_names, order, cou
         logits = b.op("Mul", [b.op("MatMul", [b.as_f32(src, dt), keys]), scale])
         full = b.as_dtype(b.op("MatMul", [b.op("Softmax", [logits], {"axis": -1}), b.as_f32(entry, dt)]), dt)
     elif mode == "unmerge" and dest is not None:
-        m = cut.kept
-        got = b.op("GatherND", [entry, b.op("Unsqueeze", [b.op("Min", [dest, b.ints(m - 1, "last")]), axes2])],
+        last = b.arith("Sub", m, 1)
+        got = b.op("GatherND", [entry, b.op("Unsqueeze", [b.op("Min", [dest, b.num(last, "last")]), axes2])],
                    {"batch_dims": 1})
-        keep = b.op("Unsqueeze", [b.op("Less", [dest, b.ints(m, "m")]), axes2])
+        keep = b.op("Unsqueeze", [b.op("Less", [dest, b.num(m, "m")]), axes2])
         full = b.op("Where", [keep, got, src])
     else:
         where = b.op("Expand", [b.op("Unsqueeze", [idx, axes2]), b.op("Shape", [entry])])
@@ -382,11 +425,12 @@ def _lower_cut(ctx: _Context, cut: Cut, parent: _Lowered | None) -> _Lowered:
         merged, dest, idx = lower_merge(b, cut, values, size_in, ctx.site_bias)
     else:
         idx = _selection(b, cut, values, ctx.site_bias)
+    kept = b.dim(idx, 1) if _dynamic(cut) else cut.kept  # M: a run-time value when N is dynamic
     out = _Lowered(values)
     if ctx.positions:
         out.positions = idx if parent is None or parent.positions is None else b.op(
             "GatherElements", [parent.positions, idx], {"axis": 1})
-    sizes = _size_tensors(b, cut, size_in, stream, merged, dest, idx) if cut.sizes_out else {}
+    sizes = _size_tensors(b, cut, size_in, stream, merged, dest, idx, kept) if cut.sizes_out else {}
     out.size = sizes.get(SIZE_TAG)
     reduced = merged
     for c in cut.crossings:
@@ -418,8 +462,7 @@ def _lower_cut(ctx: _Context, cut: Cut, parent: _Lowered | None) -> _Lowered:
         if as_output:  # the reduced tensor takes the output's place and name
             _take_output(graph, src, y, c.token_axes, f"{cut.tag}_tokens" if _dynamic(cut) else cut.kept)
     if cut.recovery is not None:
-        _recover(graph, cut, values, stream, idx, dest, reduced, post_names, order, counter)
-    kept = b.dim(idx, 1) if _dynamic(cut) else cut.kept  # M: a run-time value when N is dynamic
+        _recover(graph, cut, values, stream, idx, dest, reduced, post_names, order, counter, kept)
     _register_fixes(ctx, cut, sizes, idx if out.positions is None else out.positions, kept)
     _clear_shapes(cut, post_names, nodes)
     return out
@@ -427,16 +470,16 @@ def _lower_cut(ctx: _Context, cut: Cut, parent: _Lowered | None) -> _Lowered:
 
 def _dynamic(cut: Cut) -> bool:
     """Whether the cut's counts follow a dynamic token count at run time."""
-    return getattr(cut.reduce, "rule", None) is not None
+    return getattr(cut.reduce, "rule", None) is not None or getattr(cut.reduce, "dynamic", False)
 
 
-def _size_tensors(b: _Builder, cut: Cut, size_in, stream, merged, dest, idx) -> dict:
+def _size_tensors(b: _Builder, cut: Cut, size_in, stream, merged, dest, idx, kept) -> dict:
     """Token sizes after the cut [B, M, 1] (``<tag>/prunec_size``, in the stream's type) and what
     is computed from them (log-size bias, size weights): {role: value}."""
     dt = cut.stream.dtype
     if merged is not None:  # sizes are kept in the stream's float type (integers: exact in fp16)
         size_f32 = b.as_f32(size_in, dt) if size_in is not None else None
-        size = b.as_dtype(merge_sizes(b, size_f32, b.as_f32(stream, dt), dest, cut.kept), dt)
+        size = b.as_dtype(merge_sizes(b, size_f32, b.as_f32(stream, dt), dest, kept), dt)
     else:
         size = _gather(b, size_in, [cut.stream.shape[0], cut.num_tokens, 1], idx, 1, 0)
     size.name = f"{cut.tag}/{SIZE_TAG}"
@@ -582,28 +625,29 @@ def expose_onnx(model: ir.Model, steps: list, outputs: list[str], what: list[str
     1 for a pure selection) and ``o.kept_indices`` [B, M] int64 (each output token's position in
     the input tokens: its representative after a merge), composed over ``steps``: every cut
     (tag, tokens in N, tokens out M, static dest [N] or None), in order. A cut's kept indices are
-    its ``<tag>/keep_idx`` value, a merge's slots its ``<tag>/dest`` (or the static dest)."""
+    its ``<tag>/keep_idx`` value, a merge's slots its ``<tag>/dest`` (or the static dest). M is read
+    off the kept indices at run time, so a model whose token count is dynamic exposes them too."""
     model = model.clone()
     graph = model.graph
     values = {o.name: o for n in graph for o in n.outputs}
     b = _Builder(graph, None, "prunec_expose", itertools.count())
     size = pos = None
+    axes2 = b.ints([2], "axes")
     for tag, n, m, static_dest in steps:
         idx = values.get(f"{tag}/keep_idx")
         if idx is None:
             raise PruneError(f"cannot expose token sizes: the kept indices of cut '{tag}' are not in the graph")
-        if size is None:
-            size = b.batch_const(np.ones((1, n), np.float32), idx, "ones")
-            pos = b.batch_const(np.arange(n, dtype=np.int64)[None, :], idx, "positions")
         dest = values.get(f"{tag}/dest")
         if dest is None and static_dest is not None:
             dest = b.batch_const(np.array([static_dest], np.int64), idx, "dest")
         if dest is not None:  # a merge: sizes summed into the output slots
-            size = b.op("Squeeze", [scatter_sum(b, b.op("Unsqueeze", [size, b.ints([2], "axes")]), dest, m, 1),
-                                    b.ints([2], "axes")])
+            if size is None:  # every input token has size 1
+                size = b.ones_like(b.op("Cast", [dest], {"to": ir.DataType.FLOAT}))
+            size = b.op("Squeeze", [scatter_sum(b, b.op("Unsqueeze", [size, axes2]), dest, b.dim(idx, 1), 1), axes2])
         else:
-            size = b.op("GatherElements", [size, idx], {"axis": 1})
-        pos = b.op("GatherElements", [pos, idx], {"axis": 1})
+            size = b.ones_like(b.op("Cast", [idx], {"to": ir.DataType.FLOAT})) if size is None else b.op(
+                "GatherElements", [size, idx], {"axis": 1})
+        pos = idx if pos is None else b.op("GatherElements", [pos, idx], {"axis": 1})
     made = {"sizes": size, "indices": pos}
     by_name = {v.name: v for v in graph.outputs}
     for name in outputs:
@@ -612,6 +656,6 @@ def expose_onnx(model: ir.Model, steps: list, outputs: list[str], what: list[str
             y = b.op("Identity", [made[w]])
             y.name = f"{name}.{EXPOSED[w]}"
             y.type = ir.TensorType(ir.DataType.FLOAT if w == "sizes" else ir.DataType.INT64)
-            y.shape = ir.Shape([dims[0], steps[-1][2]]) if dims is not None else None
+            y.shape = ir.Shape([dims[0], dims[1]]) if dims is not None else None
             graph.outputs.append(y)
     return model

@@ -15,6 +15,8 @@ import onnx_ir as ir
 from ..errors import PruneError
 
 
+_ARITH = {"Add": lambda a, c: a + c, "Sub": lambda a, c: a - c, "Mul": lambda a, c: a * c,
+          "Div": lambda a, c: a // c, "Min": min, "Max": max}
 _LOW_FLOATS = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 _NP_FLOATS = {"float16": np.float16, "float64": np.float64}
 
@@ -39,11 +41,53 @@ class _Builder:
     def floats(self, array, name: str) -> ir.Value:
         return self.const(np.array(array, np.float32), name)
 
-    def slice(self, x: ir.Value, start, end, axis: int = 1) -> ir.Value:
-        """x[start:end] along ``axis``; the bounds are numbers or [1] int64 values (run-time counts)."""
-        lo = start if isinstance(start, ir.Value) else self.ints([start], "s")
-        hi = end if isinstance(end, ir.Value) else self.ints([end], "e")
-        return self.op("Slice", [x, lo, hi, self.ints([axis], "ax")])
+    def slice(self, x: ir.Value, start, end, axis: int = 1, step: int = 1) -> ir.Value:
+        """x[start:end:step] along ``axis``; the bounds are counts (numbers or [1] int64 values)."""
+        inputs = [x, self.num(start, "s"), self.num(end, "e"), self.ints([axis], "ax")]
+        return self.op("Slice", inputs + ([self.ints([step], "step")] if step != 1 else []))
+
+    # Token counts: a number when the token count is static, else a [1] int64 value computed at run
+    # time. The helpers below fold numbers in Python and build nodes only for run-time values, so
+    # a static graph gets the constants it always had.
+
+    def num(self, x, name: str = "n") -> ir.Value:
+        """A count as a [1] int64 value (a number becomes a constant)."""
+        return x if isinstance(x, ir.Value) else self.ints([x], name)
+
+    def arith(self, op_type: str, a, c):
+        """``a op c`` on non-negative counts: Add, Sub, Mul, Div (floor), Min, Max. Identities
+        (x + 0, x − 0, x − x, min(0, x), max(0, x), min/max(x, x)) fold without a node."""
+        if not isinstance(a, ir.Value) and not isinstance(c, ir.Value):
+            return _ARITH[op_type](int(a), int(c))
+        zero_a, zero_c = not isinstance(a, ir.Value) and a == 0, not isinstance(c, ir.Value) and c == 0
+        if (op_type in ("Add", "Max") and zero_a) or (op_type in ("Min", "Max") and a is c):
+            return c
+        if op_type in ("Add", "Sub", "Max") and zero_c:
+            return a
+        if op_type == "Min" and (zero_a or zero_c):
+            return 0
+        if op_type == "Sub" and a is c:
+            return 0
+        return self.op(op_type, [self.num(a), self.num(c)])
+
+    def arange(self, lo, hi) -> ir.Value:
+        """lo, lo+1, ..., hi-1 as a 1-D int64 tensor [hi - lo] (a constant for numbers)."""
+        if not isinstance(lo, ir.Value) and not isinstance(hi, ir.Value):
+            return self.ints(np.arange(lo, hi), "range")
+        axes = self.ints([0], "axes")
+        return self.op("Range", [self.op("Squeeze", [self.num(lo), axes]), self.op("Squeeze", [self.num(hi), axes]),
+                                 self.ints(1, "one")])
+
+    def batch_range(self, lo, hi, like: ir.Value) -> ir.Value:
+        """[B, hi - lo]: lo, ..., hi-1 in every row, B being ``like``'s batch size."""
+        if not isinstance(lo, ir.Value) and not isinstance(hi, ir.Value):
+            return self.batch_const(np.arange(lo, hi)[None, :], like, "range")
+        return self.batch_row(self.arange(lo, hi), like)
+
+    def batch_row(self, row: ir.Value, like: ir.Value) -> ir.Value:
+        """A 1-D tensor [T] repeated in every row: [B, T], B being ``like``'s batch size."""
+        row = self.op("Unsqueeze", [row, self.ints([0], "axes")])
+        return self.op("Expand", [row, self.op("Concat", [self.batch_size(like), self.ints([1], "one")], {"axis": 0})])
 
     def dim(self, x: ir.Value, axis: int) -> ir.Value:
         """[1] int64 holding x's dimension ``axis`` at run time."""
@@ -85,7 +129,7 @@ class _Builder:
         """Int64 indices [B, k] sorted ascending along axis 1 (TopK on their float values); ``k`` a
         number or a [1] int64 value."""
         as_float = self.op("Cast", [idx], {"to": ir.DataType.FLOAT})
-        kv = k if isinstance(k, ir.Value) else self.ints([k], "k")
+        kv = self.num(k, "k")
         ordered, _ = self.op("TopK", [as_float, kv], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
         return self.op("Cast", [ordered], {"to": ir.DataType.INT64})
 

@@ -27,110 +27,192 @@ def _normalize(b, x: ir.Value, axis: int = -1) -> ir.Value:
     return b.op("Div", [x, b.op("Max", [norm, b.floats(1e-12, "eps")])])
 
 
-def tome_assign(b, metric: ir.Value, n: int, r: int, prefix: int):
-    """ToMe bipartite soft matching (as ``prunec.ops.merge.tome_assign``): dest [B, N], rep [B, N-r]."""
-    na, nb = (n + 1) // 2, n // 2
+def tome_assign(b, metric: ir.Value, n, r, prefix: int):
+    """ToMe bipartite soft matching (as ``prunec.ops.merge.tome_assign``): dest [B, N], rep [B, N-r].
+    ``n``, ``r``: counts (numbers, or run-time values when the token count is dynamic; r is then
+    capped at run time at half the mergeable tokens, (N − prefix) // 2, as ToMe caps it)."""
+    if isinstance(n, ir.Value):
+        r = b.arith("Min", r, b.arith("Div", b.arith("Sub", n, prefix), 2))
+    na, nb = b.arith("Div", b.arith("Add", n, 1), 2), b.arith("Div", n, 2)
     m = _normalize(b, metric)
-    a = b.op("Gather", [m, b.ints(np.arange(0, n, 2), "even")], {"axis": 1})
-    bb = b.op("Gather", [m, b.ints(np.arange(1, n, 2), "odd")], {"axis": 1})
+    big = np.iinfo(np.int64).max
+    a, bb = b.slice(m, 0, big, step=2), b.slice(m, 1, big, step=2)  # even / odd tokens
     scores = b.op("MatMul", [a, b.op("Transpose", [bb], {"perm": [0, 2, 1]})])  # [B, Na, Nb]
     pa, pb = (prefix + 1) // 2, prefix // 2
-    if prefix:
-        protect = np.zeros((na, nb), np.float32)
-        protect[:pa, :] = -np.inf
-        protect[:, :pb] = -np.inf
-        scores = b.op("Add", [scores, b.const(protect, "protect")])
+    if prefix:  # A's first pa rows and B's first pb columns never merge
+        rows = b.op("Less", [b.op("Unsqueeze", [b.arange(0, na), b.ints([1], "axes")]), b.ints(pa, "pa")])
+        cols = b.op("Less", [b.op("Unsqueeze", [b.arange(0, nb), b.ints([0], "axes")]), b.ints(pb, "pb")])
+        scores = b.op("Where", [b.op("Or", [rows, cols]), b.floats(-np.inf, "ninf"), scores])
+    if isinstance(n, ir.Value):  # a −inf column: no empty axis when a short input has no B token
+        shape = b.op("Concat", [b.batch_size(scores), b.dim(scores, 1), b.ints([1], "one")], {"axis": 0})
+        ninf = b.op("Expand", [b.floats([[[-np.inf]]], "ninf"), shape])
+        scores = b.op("Concat", [scores, ninf], {"axis": 2})
     node_max = b.reduce("ReduceMax", scores, [2])
     node_idx = b.op("ArgMax", [scores], {"axis": 2, "keepdims": 0})  # [B, Na]
-    _, edge = b.op("TopK", [node_max, b.ints([na], "na")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
-    u = na - r
+    _, edge = b.op("TopK", [node_max, b.num(na, "na")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    u = b.arith("Sub", na, r)
     unm = b.slice(edge, r, na)
     src = b.slice(edge, 0, r)
     if prefix:
         unm = b.sort_ascending(unm, u)
     zeros = b.op("Mul", [node_idx, b.ints(0, "zero")])
-    slot_a = b.op("ScatterElements", [zeros, unm, b.batch_const(np.arange(u)[None, :], unm, "slots")], {"axis": 1})
-    dst = b.op("Add", [b.op("GatherElements", [node_idx, src], {"axis": 1}), b.ints(u, "u")])
+    slot_a = b.op("ScatterElements", [zeros, unm, b.batch_range(0, u, unm)], {"axis": 1})
+    dst = b.op("Add", [b.op("GatherElements", [node_idx, src], {"axis": 1}), b.num(u, "u")])
     slot_a = b.op("ScatterElements", [slot_a, src, dst], {"axis": 1})
-    slot_b = b.batch_const((u + np.arange(nb))[None, :], unm, "slot_b")
+    slot_b = b.batch_range(u, b.arith("Add", u, nb), unm)
     both = b.op("Concat", [slot_a, slot_b], {"axis": 1})  # [B, Na + Nb]: A tokens, then B tokens
-    interleave = np.array([i // 2 if i % 2 == 0 else na + i // 2 for i in range(n)], np.int64)
-    dest = b.op("Gather", [both, b.ints(interleave, "interleave")], {"axis": 1})
-    rep = b.op("Concat", [b.op("Mul", [unm, b.ints(2, "two")]),
-                          b.batch_const((2 * np.arange(nb) + 1)[None, :], unm, "odd_idx")], {"axis": 1})
-    order = tome_order(prefix, u, nb)
-    if order is not None:
-        inverse = np.empty(len(order), np.int64)
-        inverse[np.array(order)] = np.arange(len(order))
-        dest = b.op("Gather", [b.ints(inverse, "inverse"), dest], {"axis": 0})
-        rep = b.op("Gather", [rep, b.ints(order, "order")], {"axis": 1})
+    dest = b.op("Gather", [both, _interleave(b, n, na)], {"axis": 1})
+    odd = b.op("Add", [b.op("Mul", [b.batch_range(0, nb, unm), b.ints(2, "two")]), b.ints(1, "one")])
+    rep = b.op("Concat", [b.op("Mul", [unm, b.ints(2, "two")]), odd], {"axis": 1})
+    if pb:  # slots in ToMe's order with the prefix tokens first (schedules.tome_order)
+        order, inverse = _tome_order(b, prefix, u, nb)
+        dest = b.op("Gather", [inverse, dest], {"axis": 0})
+        rep = b.op("Gather", [rep, order], {"axis": 1})
     return dest, rep
 
 
-def evit_assign(b, scores: ir.Value, n: int, k: int, prefix: int, fuse: bool = True):
-    """EViT (as ``prunec.ops.merge.evit_assign``): dest [B, N], weight [B, N, 1], rep [B, M]."""
+def _interleave(b, n, na) -> ir.Value:
+    """[N] positions in (A tokens, then B tokens) of the tokens in their order: i // 2 for an
+    even i (an A token), na + i // 2 for an odd one."""
+    if not isinstance(n, ir.Value):
+        return b.ints([i // 2 if i % 2 == 0 else na + i // 2 for i in range(n)], "interleave")
+    i = b.arange(0, n)
+    two = b.ints(2, "two")
+    return b.op("Add", [b.op("Div", [i, two]), b.op("Mul", [b.op("Mod", [i, two]), na])])
+
+
+def _tome_order(b, prefix: int, u, nb) -> tuple[ir.Value, ir.Value]:
+    """``schedules.tome_order`` (the slot order with the prefix tokens first) as [M] int64 values,
+    with its inverse permutation; at run time when ``u`` is a value (sorting a key: the prefix
+    tokens' slots 0..prefix-1, every other slot its index + prefix)."""
+    if not isinstance(u, ir.Value):
+        order = tome_order(prefix, u, nb)
+        inverse = np.empty(len(order), np.int64)
+        inverse[np.array(order)] = np.arange(len(order))
+        return b.ints(order, "order"), b.ints(inverse, "inverse")
+    m = b.arith("Add", u, nb)
+    firsts = b.op("Concat", [b.ints([i // 2], "first") if i % 2 == 0 else b.arith("Add", u, i // 2)
+                             for i in range(prefix)], {"axis": 0})
+    key = b.op("ScatterElements", [b.op("Add", [b.arange(0, m), b.ints(prefix, "prefix")]), firsts,
+                                   b.ints(np.arange(prefix), "ranks")], {"axis": 0})
+
+    def argsort(x):
+        _, idx = b.op("TopK", [b.op("Cast", [x], {"to": ir.DataType.FLOAT}), m], {"axis": 0, "largest": 0, "sorted": 1},
+                      outputs=2)
+        return idx
+    order = argsort(key)
+    return order, argsort(order)
+
+
+def _prefix_or(b, n, prefix: int, fill, like: ir.Value) -> ir.Value:
+    """[B, N] int64: the first ``prefix`` tokens their own index, every other token ``fill``."""
+    if not isinstance(n, ir.Value) and not isinstance(fill, ir.Value):
+        base = np.full((1, n), fill, np.int64)
+        base[0, :prefix] = np.arange(prefix)
+        return b.batch_const(base, like, "base")
+    pos = b.arange(0, n)
+    return b.batch_row(b.op("Where", [b.op("Less", [pos, b.ints(prefix, "prefix")]), pos, b.num(fill, "fill")]), like)
+
+
+def evit_assign(b, scores: ir.Value, n, k, prefix: int, fuse: bool = True):
+    """EViT (as ``prunec.ops.merge.evit_assign``): dest [B, N], weight [B, N, 1], rep [B, M]. ``n``, ``k``:
+    counts (run-time values on a dynamic token count; the fused token is then there when N − prefix > k)."""
+    rest_count = b.arith("Sub", n, prefix)
     cand = b.slice(scores, prefix, n)
-    _, order = b.op("TopK", [cand, b.ints([n - prefix], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    _, order = b.op("TopK", [cand, b.num(rest_count, "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
     order = b.op("Add", [order, b.ints(prefix, "prefix")])
-    top, rest = b.slice(order, 0, k), b.slice(order, k, n - prefix)
-    fused = prefix + k
-    base = np.full((1, n), fused, np.int64)
-    base[0, :prefix] = np.arange(prefix)
-    dest = b.op("ScatterElements", [b.batch_const(base, scores, "base"), top,
-                                    b.batch_const((prefix + np.arange(k))[None, :], scores, "slots")], {"axis": 1})
+    top, rest = b.slice(order, 0, k), b.slice(order, k, rest_count)
+    if isinstance(k, ir.Value):  # a short input keeps every token: in their order, as no cut would
+        top = b.op("Where", [b.op("GreaterOrEqual", [k, b.num(rest_count)]), b.sort_ascending(top, k), top])
+    fused = b.arith("Add", prefix, k)
+    dest = b.op("ScatterElements", [_prefix_or(b, n, prefix, fused, scores), top, b.batch_range(prefix, fused, scores)],
+                {"axis": 1})
     ones = b.ones_like(scores)
     weight = b.op("ScatterElements", [ones, rest, b.op("GatherElements", [scores, rest], {"axis": 1})], {"axis": 1})
     parts = [top]
     if prefix:
         parts.insert(0, b.batch_const(np.arange(prefix)[None, :], scores, "prefix_idx"))
-    if fuse and n - prefix > k:
+    if fuse and (isinstance(rest_count, ir.Value) or rest_count > k):  # the first of the rest: the fused slot's rep
         parts.append(b.slice(rest, 0, 1))
     rep = b.op("Concat", parts, {"axis": 1}) if len(parts) > 1 else top
     return dest, b.op("Unsqueeze", [weight, b.ints([2], "axes")]), rep
 
 
-def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n: int, dominant: int, contextual: int, prefix: int):
-    """VisionZip (as ``prunec.ops.merge.visionzip_assign``): dest [B, N], weight [B, N, 1], rep [B, M]."""
-    _, top = b.op("TopK", [b.slice(scores, prefix, n), b.ints([dominant - prefix], "d")],
+def _contextual_targets(b, n_rest, contextual: int) -> tuple[ir.Value, ir.Value, object]:
+    """VisionZip's targets among the R rest tokens: positions 0, s, 2s, ... (stride s = max(1, R //
+    contextual)), at most ``contextual`` of them; and the other positions. -> (targets [T], others
+    [R − T], T); at run time when R is a value."""
+    if not isinstance(n_rest, ir.Value):
+        targets = list(range(0, n_rest, max(1, n_rest // contextual)))[:contextual]
+        others = [i for i in range(n_rest) if i not in set(targets)]
+        return b.ints(targets, "targets"), b.ints(others, "others"), len(targets)
+    step = b.arith("Max", b.arith("Div", n_rest, contextual), 1)
+    axes = b.ints([0], "axes")
+    every = b.op("Range", [b.ints(0, "zero"), b.op("Squeeze", [n_rest, axes]), b.op("Squeeze", [step, axes])])
+    targets = b.slice(every, 0, contextual, axis=0)
+    count = b.dim(targets, 0)
+    pos = b.arange(0, n_rest)
+    is_target = b.op("And", [b.op("Equal", [b.op("Mod", [pos, step]), b.ints(0, "zero")]),
+                             b.op("Less", [pos, b.op("Mul", [count, step])])])
+    others = b.op("Squeeze", [b.op("NonZero", [b.op("Not", [is_target])]), axes])
+    return targets, others, count
+
+
+def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n, dominant: int, contextual: int, prefix: int):
+    """VisionZip (as ``prunec.ops.merge.visionzip_assign``): dest [B, N], weight [B, N, 1], rep [B, M].
+    ``n``: a count (a run-time value on a dynamic token count: ``dominant`` is then capped at N and the
+    contextual targets are as many as the rest tokens give, :meth:`Contextual.counts`)."""
+    dominant = b.arith("Min", dominant, n)
+    _, top = b.op("TopK", [b.slice(scores, prefix, n), b.num(b.arith("Sub", dominant, prefix), "d")],
                   {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
     top = b.op("Add", [top, b.ints(prefix, "prefix")])
-    flag = np.zeros((1, n), np.float32)
-    flag[0, :prefix] = 1.0
-    keep = b.op("ScatterElements", [b.batch_const(flag, scores, "flag"), top,
-                                    b.ones_like(b.op("Cast", [top], {"to": ir.DataType.FLOAT}))], {"axis": 1})
-    key = b.op("Sub", [b.floats(np.arange(n, dtype=np.float32)[None, :], "pos"), b.op("Mul", [keep, b.floats(float(n), "n")])])
-    _, order = b.op("TopK", [key, b.ints([n], "all")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
+    if isinstance(n, ir.Value):
+        pos = b.op("Cast", [b.op("Unsqueeze", [b.arange(0, n), b.ints([0], "axes")])], {"to": ir.DataType.FLOAT})
+        flag = b.batch_row(b.op("Cast", [b.op("Less", [b.arange(0, n), b.ints(prefix, "prefix")])],
+                                {"to": ir.DataType.FLOAT}), scores)
+        n_f = b.op("Cast", [n], {"to": ir.DataType.FLOAT})
+    else:
+        flag = np.zeros((1, n), np.float32)
+        flag[0, :prefix] = 1.0
+        flag = b.batch_const(flag, scores, "flag")
+        pos, n_f = b.floats(np.arange(n, dtype=np.float32)[None, :], "pos"), b.floats(float(n), "n")
+    keep = b.op("ScatterElements", [flag, top, b.ones_like(b.op("Cast", [top], {"to": ir.DataType.FLOAT}))], {"axis": 1})
+    key = b.op("Sub", [pos, b.op("Mul", [keep, n_f])])  # kept first, each part in original order
+    _, order = b.op("TopK", [key, b.num(n, "all")], {"axis": 1, "largest": 0, "sorted": 1}, outputs=2)
     dom, rest = b.slice(order, 0, dominant), b.slice(order, dominant, n)
-    n_rest = n - dominant
-    dest = b.op("ScatterElements", [b.batch_const(np.full((1, n), dominant + contextual, np.int64), scores, "drop"),
-                                    dom, b.batch_const(np.arange(dominant)[None, :], scores, "slots")], {"axis": 1})
+    n_rest = b.arith("Sub", n, dominant)
     ones = b.ones_like(scores)
-    if not (contextual and n_rest):
+    if not (contextual and (isinstance(n_rest, ir.Value) or n_rest)):
+        dest = b.op("ScatterElements", [b.op("Expand", [b.num(dominant, "drop"), b.op("Shape", [scores])]), dom,
+                                        b.batch_range(0, dominant, scores)], {"axis": 1})
         return dest, b.op("Unsqueeze", [ones, b.ints([2], "axes")]), dom
-    step = max(1, n_rest // contextual)
-    targets = list(range(0, n_rest, step))[:contextual]
-    others = [i for i in range(n_rest) if i not in set(targets)]
-    t_idx = b.op("Gather", [rest, b.ints(targets, "targets")], {"axis": 1})
-    o_idx = b.op("Gather", [rest, b.ints(others, "others")], {"axis": 1})
+    targets, others, t = _contextual_targets(b, n_rest, contextual)
+    m_slots = b.arith("Add", dominant, t)
+    dest = b.op("ScatterElements", [b.op("Expand", [b.num(m_slots, "drop"), b.op("Shape", [scores])]), dom,
+                                    b.batch_range(0, dominant, scores)], {"axis": 1})
+    t_idx = b.op("Gather", [rest, targets], {"axis": 1})
+    o_idx = b.op("Gather", [rest, others], {"axis": 1})
     m = _normalize(b, metric)
     axes2 = b.ints([2], "axes")
     mt = b.op("GatherND", [m, b.op("Unsqueeze", [t_idx, axes2])], {"batch_dims": 1})
     mo = b.op("GatherND", [m, b.op("Unsqueeze", [o_idx, axes2])], {"batch_dims": 1})
     choice = b.op("ArgMax", [b.op("MatMul", [mo, b.op("Transpose", [mt], {"perm": [0, 2, 1]})])], {"axis": 2, "keepdims": 0})
     ones_o = b.ones_like(b.op("Cast", [choice], {"to": ir.DataType.FLOAT}))
-    counts = scatter_sum(b, b.op("Unsqueeze", [ones_o, axes2]), choice, len(targets), 1)  # [B, T, 1]
+    counts = scatter_sum(b, b.op("Unsqueeze", [ones_o, axes2]), choice, t, 1)  # [B, T, 1]
     counts = b.op("Max", [b.op("Squeeze", [counts, axes2]), b.floats(1.0, "one")])
-    dest = b.op("ScatterElements", [dest, t_idx, b.batch_const((dominant + np.arange(len(targets)))[None, :], scores,
-                                                                 "t_slots")], {"axis": 1})
-    dest = b.op("ScatterElements", [dest, o_idx, b.op("Add", [choice, b.ints(dominant, "d")])], {"axis": 1})
+    dest = b.op("ScatterElements", [dest, t_idx, b.batch_range(dominant, m_slots, scores)], {"axis": 1})
+    dest = b.op("ScatterElements", [dest, o_idx, b.op("Add", [choice, b.num(dominant, "d")])], {"axis": 1})
     inv = b.op("Div", [b.floats(1.0, "one"), b.op("GatherElements", [counts, choice], {"axis": 1})])
     weight = b.op("ScatterElements", [ones, o_idx, inv], {"axis": 1})
     rep = b.op("Concat", [dom, t_idx], {"axis": 1})
     return dest, b.op("Unsqueeze", [weight, axes2]), rep
 
 
-def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n: int, r: int, prefix: int, threshold: float):
-    """PPT (as ``prunec.ops.merge.ppt_scores`` + ``ppt_assign``): dest [B, N], rep [B, N - r]."""
+def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n, r, prefix: int, threshold: float):
+    """PPT (as ``prunec.ops.merge.ppt_scores`` + ``ppt_assign``): dest [B, N], rep [B, N - r]. ``n``, ``r``:
+    counts (a run-time N caps r at run time at (N − prefix) // 2, as ToMe)."""
+    if isinstance(n, ir.Value):
+        r = b.arith("Min", r, b.arith("Div", b.arith("Sub", n, prefix), 2))
     if site.probs is not None:
         v = b.as_f32(values[site.v.name], site.v.dtype)
         axes = [1, 3] if len(site.v.shape) == 4 else [2]
@@ -144,13 +226,16 @@ def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n: int, 
         parts.insert(0, b.batch_const(np.full((1, prefix), 2.0, np.float32), cls_scores, "cls_score"))
     scores = b.op("Concat", parts, {"axis": 1}) if prefix else s
     centered = b.op("Sub", [s, b.reduce_mean(s, [1], keepdims=1)])
-    var = b.op("Div", [b.reduce_sum(b.op("Mul", [centered, centered]), [1], keepdims=1), b.floats(float(n - prefix - 1), "dof")])
+    dof = b.arith("Sub", n, prefix + 1)
+    dof = b.op("Cast", [dof], {"to": ir.DataType.FLOAT}) if isinstance(dof, ir.Value) else b.floats(float(dof), "dof")
+    var = b.op("Div", [b.reduce_sum(b.op("Mul", [centered, centered]), [1], keepdims=1), dof])
     pool = b.op("Less", [var, b.floats(float(threshold), "threshold")])  # [B, 1]
     dest_m, rep_m = tome_assign(b, metric, n, r, prefix)
-    _, order = b.op("TopK", [scores, b.ints([n], "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
-    kept = b.slice(order, 0, n - r)
-    dest_p = b.op("ScatterElements", [b.batch_const(np.full((1, n), n - r, np.int64), scores, "drop"), kept,
-                                      b.batch_const(np.arange(n - r)[None, :], scores, "slots")], {"axis": 1})
+    _, order = b.op("TopK", [scores, b.num(n, "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    m = b.arith("Sub", n, r)
+    kept = b.slice(order, 0, m)
+    dest_p = b.op("ScatterElements", [b.op("Expand", [b.num(m, "drop"), b.op("Shape", [scores])]), kept,
+                                      b.batch_range(0, m, scores)], {"axis": 1})
     return b.op("Where", [pool, dest_m, dest_p]), b.op("Where", [pool, rep_m, kept])
 
 
@@ -161,17 +246,22 @@ def scatter_sum(b, x: ir.Value, dest: ir.Value, m: int, width: int) -> ir.Value:
     reductions in the scatters) a one-hot product does the same sum: OneHot(dest, M)ᵀ [B, M, N]
     @ x (an index M is out of range, so its row of the one-hot matrix is zero: dropped)."""
     if b.opset < 16:
-        onehot = b.op("OneHot", [dest, b.ints([m], "depth"), b.floats([0.0, 1.0], "off_on")], {"axis": 1})  # [B, M, N]
+        onehot = b.op("OneHot", [dest, b.num(m, "depth"), b.floats([0.0, 1.0], "off_on")], {"axis": 1})  # [B, M, N]
         return b.op("MatMul", [onehot, x])
-    batch = b.op("Squeeze", [b.batch_size(dest), b.ints([0], "axes")])
-    offsets = b.op("Mul", [b.op("Range", [b.ints(0, "zero"), batch, b.ints(1, "one")]), b.ints(m + 1, "slots")])
+    slots = b.num(b.arith("Add", m, 1), "slots")  # [1]: M + 1
+    batch = b.batch_size(dest)
+    offsets = b.op("Mul", [b.op("Range", [b.ints(0, "zero"), b.op("Squeeze", [batch, b.ints([0], "axes")]),
+                                          b.ints(1, "one")]), slots])
     flat = b.op("Add", [dest, b.op("Unsqueeze", [offsets, b.ints([1], "axes")])])
     flat = b.op("Reshape", [flat, b.ints([-1, 1], "rows")])
-    rows = b.op("Mul", [batch, b.ints(m + 1, "slots")])
-    shape = b.op("Concat", [b.op("Unsqueeze", [rows, b.ints([0], "axes")]), b.ints([width], "width")], {"axis": 0})
+    shape = b.op("Concat", [b.op("Mul", [batch, slots]), b.ints([width], "width")], {"axis": 0})
     zeros = b.op("Expand", [b.floats(np.zeros((1, width), np.float32), "zeros"), shape])
     out = b.op("ScatterND", [zeros, flat, b.op("Reshape", [x, b.ints([-1, width], "flat")])], {"reduction": "add"})
-    return b.slice(b.op("Reshape", [out, b.ints([-1, m + 1, width], "slots")]), 0, m)
+    if isinstance(m, ir.Value):
+        view = b.op("Concat", [b.ints([-1], "batch"), slots, b.ints([width], "width")], {"axis": 0})
+    else:
+        view = b.ints([-1, m + 1, width], "slots")
+    return b.slice(b.op("Reshape", [out, view]), 0, m)
 
 
 def merge(b, x: ir.Value, dest: ir.Value, weight: ir.Value | None, m: int, c: int, normalize: bool) -> ir.Value:
@@ -203,7 +293,7 @@ def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict):
     of the plan adds to it (read by the scores of a fused site)."""
     r = cut.reduce
     bias = biases.get(r.site.node.ref.name)
-    n, m = cut.num_tokens, cut.kept
+    n = b.dim(values[cut.stream.name], 1) if r.dynamic else cut.num_tokens
     dt = cut.stream.dtype
     x = b.as_f32(values[cut.stream.name], dt)
     if size_in is not None:
@@ -214,7 +304,13 @@ def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict):
         dest, rep = tome_assign(b, site_keys(b, r.site, values), n, r.r, r.prefix)
         weight = size_in
     elif isinstance(r, Fuse):
-        dest, weight, rep = evit_assign(b, site_scores(b, r.site, 0, values, n, bias), n, r.k, r.prefix, r.fuse)
+        k = r.k
+        if r.keep is not None:  # a dynamic token count: min(max(1, ceil(keep · (N − prefix))), N − prefix)
+            rest = b.op("Cast", [b.arith("Sub", n, r.prefix)], {"to": ir.DataType.DOUBLE})
+            k = b.op("Cast", [b.op("Ceil", [b.op("Mul", [rest, b.const(np.array([r.keep]), "keep")])])],
+                     {"to": ir.DataType.INT64})
+            k = b.arith("Min", b.arith("Max", k, 1), b.arith("Sub", n, r.prefix))
+        dest, weight, rep = evit_assign(b, site_scores(b, r.site, 0, values, n, bias), n, k, r.prefix, r.fuse)
     elif isinstance(r, Contextual):
         dest, weight, rep = visionzip_assign(b, site_scores(b, r.site, 0, values, n, bias), site_keys(b, r.site, values), n,
                                              r.dominant, r.contextual, r.prefix)
@@ -224,6 +320,7 @@ def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict):
         weight = size_in
     else:
         raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
+    m = b.dim(rep, 1) if r.dynamic else cut.kept
     merged = b.as_dtype(merge(b, x, dest, weight, m, c, r.normalize), dt)
     rep.name = f"{cut.tag}/keep_idx"
     dest.name = f"{cut.tag}/dest"

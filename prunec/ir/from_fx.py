@@ -1,16 +1,27 @@
 """Build a :class:`~prunec.ir.graph.Graph` from a torch.export / fx GraphModule.
 
-Shapes come from each node's ``meta['val']`` (static export).  A probe run
-(:func:`probe_fx`) adds facts that need values: small integer tensors and whether a
-square score/probability tensor is causal (upper triangle masked).
+Shapes come from each node's ``meta['val']``.  A probe run (:func:`probe_fx`) adds facts
+that need values: small integer tensors and whether a square score/probability tensor is
+causal (upper triangle masked).
+
+Dynamic dims (``torch.export.Dim``): ``meta['val']`` then holds SymInts. Analysis runs on
+concrete sizes (each symbol at the size the example inputs give it), while every Value keeps
+its symbolic sizes in ``Value.sym`` and every node the graph values of the SymInts it reads
+(``attrs["size_values"]`` for the entries of a view/reshape/expand/creation size,
+``attrs["sym_reads"]`` for any other SymInt argument), so that a cut can tell the token count
+N from a number that happens to equal it and rewrite what spells N (see
+:func:`dynamic_dims`: a dynamic batch, axis 0, and sequence, axis 1 of [B, S] / [B, S, C]
+inputs, are the dims prunec handles).
 """
 from __future__ import annotations
 
 import operator
 
+import sympy
 import torch
 import torch.fx
 
+from ..errors import PruneError
 from .graph import Graph, Node, Value, record_value_facts
 
 aten = torch.ops.aten
@@ -82,13 +93,125 @@ def _base_name(target) -> str:
     return name.split(".")[0]
 
 
-def _meta_shape(fx_node):
+_SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
+
+
+def sym_expr(x):
+    """The sympy expression of a SymInt/SymFloat/SymBool, an int as it is, else None."""
+    if isinstance(x, _SYMBOLIC):
+        return x.node.expr
+    return x if isinstance(x, int) else None
+
+
+def dynamic_dims(gm: torch.fx.GraphModule) -> list[tuple[str, int, object, str]]:
+    """(input name, axis, sympy symbol, kind) of every symbolic dimension of the graph's inputs,
+    kind "batch" (axis 0) or "sequence" (axis 1 of a rank-2 or rank-3 input, as the ONNX
+    frontend reads a dynamic sequence). Any other symbolic dimension, or one that is an
+    expression rather than a symbol, is refused in one line naming the input."""
+    out = []
+    for n in gm.graph.nodes:
+        val = n.meta.get("val") if n.op == "placeholder" else None
+        if not isinstance(val, torch.Tensor):
+            continue
+        for axis, d in enumerate(val.shape):
+            if not isinstance(d, torch.SymInt):
+                continue
+            expr = d.node.expr
+            if expr.is_number:
+                continue
+            if axis == 0:
+                kind = "batch"
+            elif axis == 1 and val.dim() in (2, 3):
+                kind = "sequence"
+            else:
+                raise PruneError(f"input '{n.name}' has a dynamic dimension '{expr}' at axis {axis} (shape "
+                                 f"{list(val.shape)}): prunec handles a dynamic batch (axis 0) and sequence (axis 1 "
+                                 f"of [B, S] / [B, S, C] inputs) only; give that dimension no Dim")
+            if not expr.is_Symbol:
+                raise PruneError(f"input '{n.name}' has the dimension '{expr}' at axis {axis}, an expression of "
+                                 f"other dims; give it a Dim of its own or none")
+            out.append((n.name, axis, expr, kind))
+    kinds = {}
+    for name, axis, sym, kind in out:
+        if kinds.setdefault(sym, kind) != kind:
+            raise PruneError(f"input '{name}' uses the dynamic dimension '{sym}' both as a batch and as a sequence "
+                             f"length; give them separate Dims")
+    return out
+
+
+def sym_env(gm: torch.fx.GraphModule, args) -> dict:
+    """{sympy symbol: its size in ``args``} (the flat inputs, in placeholder order): the concrete
+    sizes analysis runs at."""
+    env = {}
+    if args is None:
+        return env
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for n, a in zip(placeholders, args):
+        val = n.meta.get("val")
+        if isinstance(val, torch.Tensor) and isinstance(a, torch.Tensor) and val.dim() == a.dim():
+            for d, size in zip(val.shape, a.shape):
+                if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
+                    env[d.node.expr] = sympy.Integer(int(size))
+    return env
+
+
+def _concrete(d, env: dict, where: str) -> int:
+    """A size as a number: an int as it is, a SymInt at the example inputs' sizes."""
+    if not isinstance(d, torch.SymInt):
+        return int(d)
+    expr = d.node.expr
+    if isinstance(expr, int):
+        return expr
+    value = expr.xreplace(env) if env else expr
+    if value.is_number:
+        return int(value)
+    hint = d.node.hint
+    if hint is None:
+        raise PruneError(f"'{where}' has a size '{expr}' prunec cannot evaluate at the example inputs")
+    return int(hint)
+
+
+def _meta_shape(fx_node, env: dict | None = None):
     val = fx_node.meta.get("val") if isinstance(fx_node, torch.fx.Node) else None
     if isinstance(val, torch.Tensor):
-        return tuple(int(s) for s in val.shape), str(val.dtype).replace("torch.", "")
+        return tuple(_concrete(s, env or {}, fx_node.name) for s in val.shape), str(val.dtype).replace("torch.", "")
     if isinstance(val, (tuple, list)):
         return None, "tuple"
     return None, "scalar"
+
+
+def _sym_shape(fx_node):
+    """The symbolic sizes of a node's tensor value (sympy expressions or ints), its expression for
+    a SymInt value, or None when nothing about it is symbolic."""
+    val = fx_node.meta.get("val")
+    if isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape):
+        return tuple(sym_expr(d) for d in val.shape)
+    if isinstance(val, _SYMBOLIC):
+        return val.node.expr
+    return None
+
+
+def _sym_args(fx_node: torch.fx.Node, size) -> list[torch.fx.Node]:
+    """The nodes producing a SymInt/SymFloat/SymBool that ``fx_node`` reads as arguments, except
+    the entries of its size operand ``size``."""
+    skip = {id(e) for e in size} if isinstance(size, (list, tuple)) else set()
+    out = []
+
+    def visit(a):
+        if isinstance(a, torch.fx.Node):
+            if id(a) not in skip and isinstance(a.meta.get("val"), _SYMBOLIC):
+                out.append(a)
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                if isinstance(x, torch.fx.Node) and id(x) in skip:
+                    continue
+                visit(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                visit(x)
+    visit(list(fx_node.args))
+    visit(dict(fx_node.kwargs))
+    return out
 
 
 def _normalize(name: str, fx_node: torch.fx.Node, out_rank: int | None) -> tuple[str, dict]:
@@ -152,15 +275,18 @@ def _normalize(name: str, fx_node: torch.fx.Node, out_rank: int | None) -> tuple
     return f"unknown:{name}", {}
 
 
-def from_fx(gm: torch.fx.GraphModule) -> Graph:
-    """Build the uniform graph from an fx GraphModule produced by torch.export."""
+def from_fx(gm: torch.fx.GraphModule, args=None) -> Graph:
+    """Build the uniform graph from an fx GraphModule produced by torch.export. ``args``: the flat
+    example inputs; with dynamic dims, every size is evaluated at theirs."""
     values: dict[torch.fx.Node, Value] = {}
     inputs, nodes, outputs = [], [], []
     params = dict(gm.named_parameters(remove_duplicate=False))
     params.update(dict(gm.named_buffers(remove_duplicate=False)))
+    dims = dynamic_dims(gm)
+    env = sym_env(gm, args)
     for fx_node in gm.graph.nodes:
         if fx_node.op in ("placeholder", "get_attr"):
-            shape, dtype = _meta_shape(fx_node)
+            shape, dtype = _meta_shape(fx_node, env)
             if shape is None and fx_node.op == "get_attr":
                 t = params.get(fx_node.target)
                 if t is None:
@@ -168,20 +294,28 @@ def from_fx(gm: torch.fx.GraphModule) -> Graph:
                 if isinstance(t, torch.Tensor):
                     shape, dtype = tuple(t.shape), str(t.dtype).replace("torch.", "")
             v = Value(fx_node.name, shape, dtype, is_input=fx_node.op == "placeholder",
-                      is_param=fx_node.op == "get_attr", ref=fx_node)
+                      is_param=fx_node.op == "get_attr", ref=fx_node, sym=_sym_shape(fx_node) if dims else None)
             values[fx_node] = v
             if fx_node.op == "placeholder":
                 inputs.append(v)
         elif fx_node.op == "call_function":
-            shape, dtype = _meta_shape(fx_node)
+            shape, dtype = _meta_shape(fx_node, env)
             name = _base_name(fx_node.target)
-            op, attrs = _normalize(name, fx_node, None if shape is None else len(shape))
-            out = Value(fx_node.name, shape, dtype, ref=fx_node)
+            if isinstance(fx_node.meta.get("val"), _SYMBOLIC) and name not in ("sym_size",):
+                op, attrs = f"unknown:sym_{name}", {}  # arithmetic on sizes, not a tensor op
+            else:
+                op, attrs = _normalize(name, fx_node, None if shape is None else len(shape))
+            out = Value(fx_node.name, shape, dtype, ref=fx_node, sym=_sym_shape(fx_node) if dims else None)
             values[fx_node] = out
             tensor_inputs = []
             for a in fx_node.all_input_nodes:
                 tensor_inputs.append(values.get(a))
             attrs["args"] = fx_node.args
+            if dims:  # the SymInts it reads: a cut rewrites (size entries) or refuses (others) those spelling N
+                size = attrs.get("size")
+                if isinstance(size, (list, tuple)) and any(isinstance(e, torch.fx.Node) for e in size):
+                    attrs["size_values"] = [values.get(e) if isinstance(e, torch.fx.Node) else None for e in size]
+                attrs["sym_reads"] = [values[a] for a in _sym_args(fx_node, size) if a in values]
             node = Node(fx_node.name, op, tensor_inputs, [out], attrs, ref=fx_node)
             if op == "sdpa" and attrs.pop("mask_node") is not None:
                 mask = fx_node.args[attrs["mask_arg"]] if isinstance(attrs["mask_arg"], int) else \
@@ -198,6 +332,7 @@ def from_fx(gm: torch.fx.GraphModule) -> Graph:
             node.attrs["result"] = values.get(item)
     graph = Graph("fx", nodes, inputs, outputs)
     graph.gm = gm
+    graph.dynamic_tokens = any(kind == "sequence" for *_, kind in dims)  # counts follow N at run time
     return graph
 
 

@@ -222,13 +222,18 @@ def example_inputs(model: ir.Model, probe_batch: int = 2, length: int | None = N
     return feeds
 
 
-def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray], light: bool = False) -> dict[str, np.ndarray]:
     """Concrete shapes and the values the analysis needs, as name -> array.
 
     ONNX shape inference (at the probe's input sizes) gives most shapes for free; one
     ORT run (CPU) exposes only what it leaves open: values without a static shape,
     small integer tensors (shape operands), and square [.., N, N] tensors (to tell
     causal masks). Values known only by shape come back as zero-strided placeholders.
+
+    ``light``: never read the weights (a model too large to run for a probe): only the values
+    computed without them (shape arithmetic, masks, positions) are run, in a model of just the
+    nodes they need (:func:`_weight_free_run`); what the weights feed is known by its inferred
+    shape only, and a value the analysis needs whose shape inference leaves open is refused.
     """
     from .session import graph_only_proto, make_session
 
@@ -244,15 +249,7 @@ def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.nd
         infos = list(inferred.graph.value_info) + list(inferred.graph.output)
     except Exception:  # noqa: BLE001  (inference is an optimization; the probe run covers all)
         infos = []
-    known: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    for vi in infos:
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape") or not tt.elem_type:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        if any(d is None for d in dims):
-            continue
-        known[vi.name] = (tuple(dims), onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    known = _static_shapes(infos)
     wanted, produced = [], set()
     for node in model.graph:
         for o in node.outputs:
@@ -268,19 +265,156 @@ def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, np.nd
             square = len(shape) >= 2 and shape[-1] == shape[-2] and shape[-1] > 1
             if small_int or square:
                 wanted.append(o.name)
-    outputs = [v.name for v in model.graph.outputs]
-    sess = make_session(model, extra_outputs=[n for n in wanted if n not in outputs], quick=True)
-    out_names = [o.name for o in sess.get_outputs()]
-    result = dict(zip(out_names, sess.run(out_names, feeds)))
+    if light:
+        if any(o.name not in known for node in model.graph for o in node.outputs if o.name):
+            known = {**_symbolic_shapes(proto), **known}  # ORT's symbolic inference follows computed shapes
+        result = _weight_free_run(model, proto, feeds, wanted, known)
+    else:
+        outputs = [v.name for v in model.graph.outputs]
+        sess = make_session(model, extra_outputs=[n for n in wanted if n not in outputs], quick=True)
+        out_names = [o.name for o in sess.get_outputs()]
+        result = dict(zip(out_names, sess.run(out_names, feeds)))
     for name, (shape, dtype) in known.items():
         if name not in result and name in produced:
             result[name] = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, [0] * len(shape))
     return result
 
 
+def _static_shapes(infos) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{name: (shape, numpy dtype)} of the value infos whose every dimension is a number."""
+    known = {}
+    for vi in infos:
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape") or not tt.elem_type:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        if any(d is None for d in dims):
+            continue
+        known[vi.name] = (tuple(dims), onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    return known
+
+
+def _symbolic_shapes(proto: onnx.ModelProto) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Static shapes from ONNX Runtime's symbolic shape inference, which also follows shapes computed
+    in the graph (TorchScript exports' Expand / Reshape operands) where ONNX's inference stops."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        out = SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=False, verbose=0)
+    except Exception:  # noqa: BLE001  (an aid: what it cannot infer is refused later, naming the value)
+        return {}
+    return _static_shapes(list(out.graph.value_info) + list(out.graph.output)) if out is not None else {}
+
+
+_WEIGHT_SLOTS = {"MatMul": (1,), "Gemm": (1,), "Conv": (1,), "MatMulInteger": (1,), "Gather": (0,),
+                 "MatMulNBits": (1,), "DynamicQuantizeMatMul": (1,), "MatMulIntegerToFloat": (1,),
+                 "Attention": (1,), "EmbedLayerNormalization": (2, 3, 4)}
+
+
+def weight_names(model: ir.Model) -> set[str]:
+    """The initializers that are weights: a matmul's / conv's second operand, an embedding table
+    (Gather data), ORT Attention's packed projection, each possibly through Transpose, Cast,
+    Reshape or DequantizeLinear of an initializer. Other initializers (shape constants, masks,
+    position tables) are not."""
+    inits = model.graph.initializers
+    out = set()
+    for node in model.graph:
+        for i in _WEIGHT_SLOTS.get(node.op_type, ()):
+            v = node.inputs[i] if len(node.inputs) > i else None
+            for _ in range(4):
+                if v is None:
+                    break
+                if v.name in inits:
+                    out.add(v.name)
+                    break
+                p = v.producer()
+                if p is None or p.op_type not in ("Transpose", "Cast", "Reshape", "DequantizeLinear", "Identity"):
+                    break
+                v = p.inputs[0]
+    return out
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the model's weights (:func:`weight_names`)."""
+    inits = model.graph.initializers
+    return sum(inits[n].const_value.nbytes for n in weight_names(model) if inits[n].const_value is not None)
+
+
+def _node_inputs(node: onnx.NodeProto) -> set[str]:
+    """Every name a node reads: its inputs and the outer values its subgraphs (If/Loop bodies) read."""
+    names = {x for x in node.input if x}
+    for attr in node.attribute:
+        for g in list(attr.g.node and [attr.g] or []) + list(attr.graphs):
+            inner = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+            names |= {x for n in g.node for x in _node_inputs(n) if x not in inner}
+    return names
+
+
+def _weight_free_run(model: ir.Model, proto: onnx.ModelProto, feeds: dict, wanted: list[str],
+                     known: dict) -> dict[str, np.ndarray]:
+    """The ``wanted`` values that do not depend on a weight, from an ORT run of the nodes they need
+    (no weight is read); weight-dependent ones must have an inferred shape (``known``)."""
+    from ..errors import PruneError
+    from .session import make_session
+
+    weights = weight_names(model)
+    heavy, shapes = set(weights), {}  # shapes: a Shape of a weight-dependent value, from its inferred shape
+    for node in proto.graph.node:
+        if not _node_inputs(node) & heavy:
+            continue
+        x = node.input[0] if node.input else ""
+        if node.op_type in ("Shape", "Size") and x in known:
+            dims = np.array(known[x][0], np.int64)
+            if node.op_type == "Size":
+                shapes[node.output[0]] = np.array(int(np.prod(dims)), np.int64)
+            else:
+                attrs = {a.name: a.i for a in node.attribute}
+                start, end = attrs.get("start", 0), attrs.get("end", len(dims))
+                shapes[node.output[0]] = dims[start:end] if "end" in attrs else dims[start:]
+            continue
+        heavy.update(node.output)
+    for name in wanted:
+        if name in heavy and name not in known and name not in shapes:
+            raise PruneError(f"the shape of '{name}' depends on the weights and shape inference leaves it open: "
+                             f"prunec would have to run the model (load it without the light probe)")
+    light = [n for n in wanted if n not in heavy and n not in shapes]
+    producer = {o: node for node in proto.graph.node for o in node.output if o not in shapes}
+    need, stack = set(), list(light)
+    while stack:
+        name = stack.pop()
+        node = producer.get(name)
+        if node is None or id(node) in need:
+            continue
+        need.add(id(node))
+        stack.extend(_node_inputs(node))
+    nodes = [n for n in proto.graph.node if id(n) in need]
+    read = set().union(*(_node_inputs(n) for n in nodes)) if nodes else set()
+    produced = {o for n in nodes for o in n.output}
+    inits = model.graph.initializers
+    kept_inits = [t for t in proto.graph.initializer if t.name in read]
+    kept_inits += [onnx.numpy_helper.from_array(v, name) for name, v in shapes.items() if name in read]
+    inputs = [i for i in proto.graph.input if i.name in read and i.name not in produced
+              and not any(t.name == i.name for t in kept_inits)]
+    sub_feeds = {}
+    for i in inputs:
+        if i.name in feeds:
+            sub_feeds[i.name] = feeds[i.name]
+        elif i.name in inits and inits[i.name].const_value is not None:  # a table or mask kept out of the proto
+            sub_feeds[i.name] = inits[i.name].const_value.numpy()
+    if not light:
+        return dict(shapes)
+    graph = onnx.helper.make_graph(nodes, "prunec_probe", inputs, [onnx.ValueInfoProto(name=n) for n in light],
+                                   kept_inits)
+    sub = onnx.helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    sub.functions.extend(proto.functions)
+    sess = make_session(sub, quick=True)
+    return {**shapes, **dict(zip(light, sess.run(light, sub_feeds)))}
+
+
 def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np.ndarray]) -> Graph:
     """Uniform graph over an onnx-ir model; ``probe`` maps value names to concrete arrays."""
     values: dict[int, Value] = {}
+    weights = weight_names(model)  # never read here: their shape and type say all the analysis needs
 
     def wrap(v: ir.Value | None) -> Value | None:
         if v is None:
@@ -288,7 +422,10 @@ def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np
         key = id(v)
         if key not in values:
             const = v.const_value
-            if const is not None:
+            if const is not None and v.name in weights:
+                arr = np.lib.stride_tricks.as_strided(np.zeros(1, const.dtype.numpy()), tuple(const.shape.numpy()),
+                                                      [0] * len(const.shape))
+            elif const is not None:
                 arr = const.numpy()
             else:
                 arr = probe.get(v.name, feeds.get(v.name))
@@ -296,7 +433,9 @@ def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np
             dtype = str(arr.dtype) if arr is not None else (v.dtype.name.lower() if v.dtype else "unknown")
             val = Value(v.name, shape, dtype, is_param=v.is_initializer(), is_input=v.is_graph_input(), ref=v)
             if arr is not None:
-                if const is not None and not np.issubdtype(arr.dtype, np.floating):
+                if arr.size > 1 and not any(arr.strides):
+                    pass  # a shape-only placeholder (a weight, a value not probed): no facts about its values
+                elif const is not None and not np.issubdtype(arr.dtype, np.floating):
                     val.data = arr
                 elif arr.ndim == 0 or arr.size <= 64 or (arr.ndim >= 2 and arr.shape[-1] == arr.shape[-2]):
                     record_value_facts(val, arr)

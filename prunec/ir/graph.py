@@ -34,6 +34,7 @@ class Value:
     is_input: bool = False
     facts: dict = field(default_factory=dict)  # probe facts, e.g. {"causal": True}
     ref: Any = None
+    sym: Any = None  # fx with dynamic dims: symbolic sizes (sympy or int per axis) / a SymInt's expression
 
     @property
     def rank(self) -> int | None:

@@ -9,6 +9,7 @@ import contextlib
 import math
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..schedules import random_scores, wpr_start
 
@@ -50,20 +51,110 @@ def scores_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: 
     if k.shape[1] != q.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     s = scale if scale is not None else 1.0 / math.sqrt(d)
-    rows = q if query == "mean" else q[:, :, int(query):int(query) + 1, :]
+    rows = q if query == "mean" else _row(q, int(query))
     logits = torch.matmul(rows, k.transpose(-1, -2)) * s  # [B, H, R, N]
     if mask is not None:
-        m = mask if query == "mean" else mask[..., int(query):int(query) + 1, :]
+        m = mask if query == "mean" else _row(mask, int(query))
         if m.dtype == torch.bool:
             logits = logits.masked_fill(~m, float("-inf"))
         else:
             logits = logits + m
     if causal:
-        r = torch.arange(n, device=q.device) if query == "mean" else torch.tensor([int(query)], device=q.device)
-        future = torch.arange(n, device=q.device)[None, :] > r[:, None]
+        if query == "mean":
+            future = torch.arange(n, device=q.device)[None, :] > torch.arange(n, device=q.device)[:, None]
+        else:  # the one query row: its position (a negative row counts from the end, N read at run time)
+            i = int(query)
+            future = (torch.arange(n, device=q.device) > (n + i if i < 0 else i))[None, :]
         logits = logits.masked_fill(future, float("-inf"))
     p = torch.softmax(logits, dim=-1)
     return p.mean(dim=2).mean(dim=1)
+
+
+def _row(t: torch.Tensor, i: int) -> torch.Tensor:
+    """Row ``i`` of the query axis (-2) of ``t``, kept as an axis of size 1; a negative ``i``
+    counts from the end (the last token's row whatever the length: N is read at run time)."""
+    if i >= 0:
+        return t[..., i:i + 1, :]
+    return t.narrow(-2, t.shape[-2] + i, 1)
+
+
+def round_half_even(x):
+    """Python's ``round`` of a non-negative float (half to even), written with the operations
+    torch.export traces and serializes on a symbolic float (``math.trunc``, comparisons,
+    ``torch.sym_ite``): the same integer as ``round(x)`` for a float, a SymInt for a SymFloat."""
+    t = math.trunc(x)
+    f = x - t  # exact in double: x minus its integer part
+    return t + torch.sym_ite(f > 0.5, 1, 0) + (t % 2) * torch.sym_ite(f == 0.5, 1, 0)
+
+
+_MAX_TOKENS = 2 ** 32  # above any sequence length a tensor can have
+
+
+def round_keep(keep: float, length):
+    """``round(keep * length)`` as Python computes it (the double product, half to even). ``keep``
+    is p / 2^q exactly (a double); where p · length stays below 2^53 for every length the product
+    is exact, and the rounding is done in integers (floor divisions, which torch.export reasons
+    about quickly on a symbolic length); otherwise in double (:func:`round_half_even`)."""
+    p, b = keep.as_integer_ratio()
+    if p * _MAX_TOKENS >= 2 ** 53:
+        return round_half_even(keep * torch.sym_float(length))
+    a = p * length
+    if b == 1:
+        return a
+    h = b // 2
+    up = (a + h) // b  # half up
+    x = a % b
+    tie = x // h - x // (h + 1)  # 1 where a / b is exactly halfway (x == h), else 0
+    return up - tie * (up % 2)  # a tie goes to the even neighbour
+
+
+def rule_counts(n, start: int, start_from_end: bool, end: int, end_from_end: bool, keep: float | None,
+                count: int | None):
+    """(span start, span end, k) at ``n`` tokens, as ``prunec.passes.base.CountRule.resolve``
+    computes them: each end counted from the first token, or from ``n`` when ``*_from_end``,
+    clipped to [0, n] (the end to [start, n]); k = ``count`` capped at the span length L, or
+    max(1, round(keep · L)) in double, half to even, within [0, L] (keep in (0, 1]). ``n`` may be a SymInt (a
+    dynamic token count under torch.export): the counts then follow it symbolically, with
+    ``torch.sym_min``/``sym_max`` instead of branches, so nothing is specialised to one length."""
+    s = n - start if start_from_end else start
+    s = _at_most(_at_least(s, 0), n)
+    e = n - end if end_from_end else end
+    e = _at_most(_at_least(e, s), n)
+    length = e - s
+    if count is not None:
+        return s, e, _at_most(int(count), length)
+    r = round_keep(float(keep), length)  # <= length, as keep <= 1
+    # min(L, max(1, r)) is max(r, min(L, 1)) (r <= L, and r = 0 when L = 0): no Min around the
+    # rounding, which torch.export reasons about far faster
+    return s, e, torch.sym_max(r, 1 if statically_known_true(length >= 1) else torch.sym_min(length, 1))
+
+
+def _at_least(a, b):
+    """max(a, b); on sizes, without a symbolic Max where a >= b holds at every size the dims allow
+    (clipping that never happens would only slow torch.export's reasoning down)."""
+    return a if statically_known_true(a >= b) else torch.sym_max(a, b)
+
+
+def _at_most(a, b):
+    """min(a, b), as :func:`_at_least`."""
+    return a if statically_known_true(a <= b) else torch.sym_min(a, b)
+
+
+def select_topk_rule(scores: torch.Tensor, start: int, start_from_end: bool, end: int, end_from_end: bool,
+                     keep: float | None, count: int | None, tag: str = "") -> torch.Tensor:
+    """:func:`select_topk` whose span and k follow the token count N = ``scores.shape[1]`` at run
+    time (a ``CountRule``, see :func:`rule_counts`): the top-k span tokens per sample plus every
+    token outside the span, ascending. scores: [B, N] -> [B, s + k + (N - e)]. Plain torch with
+    sizes from N only (no data-dependent shape), so torch.export keeps N symbolic through it."""
+    n, b = scores.shape[1], scores.shape[0]
+    s, e, k = rule_counts(n, start, start_from_end, end, end_from_end, keep, count)
+    order = torch.sort(scores.narrow(1, s, e - s), dim=1, descending=True, stable=True).indices
+    top = order.narrow(1, 0, k) + s  # ties to the lower index, as in select_topk and ONNX TopK
+    positions = torch.arange(n, device=scores.device)
+    idx = torch.cat([positions.narrow(0, 0, s).expand(b, s), top, positions.narrow(0, e, n - e).expand(b, n - e)], 1)
+    idx = torch.sort(idx, dim=1).values
+    _record(tag, idx)
+    return idx
 
 
 def select_topk(scores: torch.Tensor, k: int, span_start: int, span_end: int, tag: str = "") -> torch.Tensor:

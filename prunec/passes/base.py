@@ -13,6 +13,8 @@ token sizes the parent's, and where both cuts fix the same node the later one wi
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -177,6 +179,7 @@ class PageRank(Select):
     iters: int = 5
     drop_similar: int = 0
     cls: int | None = None
+    similar: float = 0.0  # the share of the pruned tokens the S-stage drops (``drop_similar`` at run time)
 
 
 @dataclass
@@ -238,18 +241,20 @@ class Merge:
     track_size: bool = False
     prop_attn: bool = False
     normalize: bool = True
+    dynamic: bool = False  # the token count is dynamic: the lowering computes N, the counts and M at run time
 
 
 @dataclass(kw_only=True)
 class Bipartite(Merge):
     """ToMe's bipartite soft matching on ``site``'s keys averaged over heads: the ``r`` most
     similar (even -> odd) token pairs merge by size-weighted average; the first ``prefix``
-    tokens never merge. Output in ToMe's order."""
+    tokens never merge. Output in ToMe's order. ``r`` is capped at half the mergeable tokens,
+    (N − prefix) // 2 (at run time on a dynamic token count)."""
 
     r: int
 
     def kept(self, n: int) -> int:
-        return n - self.r
+        return n - min(self.r, (n - self.prefix) // 2)
 
 
 @dataclass(kw_only=True)
@@ -259,9 +264,18 @@ class Fuse(Merge):
 
     k: int
     fuse: bool = True  # False: the rest is dropped (EViT without --fuse_token)
+    keep: float | None = None  # a dynamic token count: k follows N at run time (:meth:`count`)
+
+    def count(self, n: int) -> int:
+        """k at ``n`` tokens: the planned k, or (dynamic) max(1, ceil(keep · (N − prefix))), at most
+        N − prefix."""
+        if self.keep is None:
+            return self.k
+        return min(max(1, math.ceil(self.keep * (n - self.prefix))), n - self.prefix)
 
     def kept(self, n: int) -> int:
-        return self.prefix + self.k + (1 if self.fuse and n - self.prefix > self.k else 0)
+        k = self.count(n)
+        return self.prefix + k + (1 if self.fuse and n - self.prefix > k else 0)
 
 
 @dataclass(kw_only=True)
@@ -273,8 +287,17 @@ class Contextual(Merge):
     dominant: int
     contextual: int
 
+    def counts(self, n: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens made from ``n`` tokens: the dominant capped at N, and as
+        many contextual targets as the stride max(1, R // contextual) finds among the R rest."""
+        d = min(self.dominant, n)
+        rest = n - d
+        if not (self.contextual and rest):
+            return d, 0
+        return d, len(range(0, rest, max(1, rest // self.contextual))[:self.contextual])
+
     def kept(self, n: int) -> int:
-        return self.dominant + self.contextual
+        return sum(self.counts(n))
 
 
 @dataclass(kw_only=True)
@@ -286,7 +309,7 @@ class Adaptive(Merge):
     threshold: float
 
     def kept(self, n: int) -> int:
-        return n - self.r
+        return n - min(self.r, (n - self.prefix) // 2)  # r capped as ToMe's (at run time when dynamic)
 
 
 @dataclass

@@ -9,13 +9,31 @@ from .base import (RECOVER_MODES, Bipartite, CountFix, Crossing, Cut, GridPool, 
 _SIZED = ("reshape", "expand", "create")
 
 
-def _size_operand(node):
-    """The entries of a node's size operand (a literal list in fx, a probed int tensor in ONNX)."""
+def _size_operand(node, n: int | None = None, token=None, post=()):
+    """The entries of a node's size operand (a literal list in fx, a probed int tensor in ONNX).
+    ``token``: on an fx graph with a dynamic sequence, the symbolic token count N at the cut (a
+    sympy expression; ``n`` its value at the example inputs): an entry is N when it is a SymInt
+    spelling N computed before the cut (``post``: the nodes after it; a size read there is the
+    run-time one), given as ``n``; literals and other SymInts are None; a SymInt computed from N
+    that is not N (``N * 4``, ``N - 1``) is refused naming the node."""
     if node.op not in _SIZED:
         return None
     if "size" in node.attrs and node.attrs["size"] is not None:
         size = node.attrs["size"]
-        return [s if isinstance(s, int) else None for s in size]
+        if token is None:
+            return [s if isinstance(s, int) else None for s in size]
+        out = []
+        for s, v in zip(size, node.attrs.get("size_values") or [None] * len(size)):
+            if v is None or v.producer in post:
+                out.append(None)
+            elif _same_size(v.sym, token):
+                out.append(n)
+            elif _reads_symbols(v.sym, token):
+                raise PruneError(f"node '{node.name}' sizes a tensor with '{v.name}' = {v.sym}, computed from the "
+                                 f"token count {token}; prunec cannot rewrite it for the kept tokens")
+            else:
+                out.append(None)
+        return out
     if node.ref is not None and hasattr(node.ref, "op_type"):
         if node.ref.op_type in ("Reshape", "Expand"):
             shp = node.inputs[1]
@@ -26,6 +44,51 @@ def _size_operand(node):
         if shp is not None and shp.data is not None:
             return [int(x) for x in shp.data.reshape(-1)]
     return None
+
+
+_SAMPLES = (*range(1, 41), 48, 57, 64, 97, 128, 199, 256, 509, 1024, 4093)
+
+
+def _same_size(expr, token) -> bool:
+    """Whether two symbolic sizes are the same count: the same expression, or (the token count after
+    an earlier cut, which the exporter writes in more than one form) expressions of the same symbols
+    that agree at every sampled size of them."""
+    if expr == token:
+        return True
+    syms = getattr(token, "free_symbols", set())
+    if not syms or getattr(expr, "free_symbols", set()) != syms:
+        return False
+    import sympy
+
+    for i, size in enumerate(_SAMPLES):
+        env = {x: sympy.Integer(_SAMPLES[(i + j) % len(_SAMPLES)]) for j, x in enumerate(sorted(syms, key=str))}
+        a, b = expr.xreplace(env), token.xreplace(env)
+        if not (getattr(a, "is_number", False) and getattr(b, "is_number", False)) or a != b:
+            return False
+    return True
+
+
+def _reads_symbols(expr, token) -> bool:
+    """Whether the sympy expression ``expr`` depends on the symbols of ``token``."""
+    return bool(getattr(expr, "free_symbols", set()) & getattr(token, "free_symbols", set()))
+
+
+def _token_symbol(facts: Facts, stream):
+    """The symbolic token count N at a cut (axis 1 of the stream) on an fx graph with a dynamic
+    sequence, else None."""
+    sym = getattr(stream, "sym", None)
+    if not getattr(facts.graph, "dynamic_tokens", False) or not isinstance(sym, tuple) or len(sym) < 2:
+        return None
+    return None if isinstance(sym[1], int) else sym[1]
+
+
+def _check_sym_reads(node, token, post: set) -> None:
+    """An fx node after the cut that reads a SymInt computed from N before the cut (other than a
+    size entry that is N, which becomes M) would compute with the uncut length: refused."""
+    for v in node.attrs.get("sym_reads", ()):
+        if v.producer not in post and _reads_symbols(v.sym, token):
+            raise PruneError(f"node '{node.name}' reads '{v.name}' = {v.sym}, computed from the token count {token} "
+                             f"before the cut; prunec cannot rewrite it for the kept tokens")
 
 
 def _check_scored_tokens(planned: PlannedFacts, cut: Cut) -> None:
@@ -43,15 +106,16 @@ def _check_scored_tokens(planned: PlannedFacts, cut: Cut) -> None:
 
 
 def _check_dynamic(facts: Facts, reduce, tag: str) -> None:
-    """On a graph whose sequence length is dynamic, only reductions whose counts the lowering
-    computes at run time (attention top-k selections with a :class:`CountRule`) are planned."""
+    """On a graph whose sequence length is dynamic, only reductions whose counts follow N at run time
+    are planned: selections with a :class:`CountRule` and merges marked ``dynamic`` (every pass but
+    pool, whose patch grid has a fixed size)."""
     if reduce is None or not getattr(facts.graph, "dynamic_tokens", False):
         return
-    if isinstance(reduce, TopK) and reduce.rule is not None:
+    if getattr(reduce, "rule", None) is not None or getattr(reduce, "dynamic", False):
         return
-    what = type(reduce).__name__
-    raise PruneError(f"cut '{tag}' ({what}) on a model whose sequence length is dynamic is not supported yet "
-                     f"(FastV and cls-attn are): fix the length with --shape NAME=?,N")
+    what = "pool: a patch grid of fixed size" if isinstance(reduce, GridPool) else type(reduce).__name__
+    raise PruneError(f"cut '{tag}' ({what}) needs a fixed sequence length, and this model's is dynamic: fix it "
+                     f"with --shape NAME=?,N (ONNX) or export the torch module without a dynamic sequence")
 
 
 def _check_scores_finite(reduce) -> None:
@@ -101,15 +165,22 @@ def plan_cut(facts: Facts | PlannedFacts, layer: int, reduce, tag: str, mid: boo
     cut = Cut(layer, stream, reduce, planned.count_at(stream), post, tag=tag, recovery=recovery, parent=parent,
               graph_tokens=n)
     _check_scored_tokens(planned, cut)
+    token = _token_symbol(facts, stream)  # fx, dynamic sequence: N is a symbol, no literal spells it
     for node in sorted(post, key=lambda x: x.index):
         if node.op == "range" and node.outputs[0].shape and facts.token_axes(node.outputs[0], cls_layer):
             raise PruneError(f"node '{node.name}' builds a range over the tokens after the cut; "
                              f"pruned tokens would get wrong positions")
-        size = _size_operand(node)
+        size = _size_operand(node, n, token, post)
         if size is not None:
             pos = [j for j in facts.token_axes(node.outputs[0], cls_layer) if j < len(size) and size[j] == n]
+            if token is not None and any(s == n and j not in pos for j, s in enumerate(size)):
+                j = next(j for j, s in enumerate(size) if s == n and j not in pos)
+                raise PruneError(f"node '{node.name}' spells the token count {token} at axis {j} of its size, which "
+                                 f"is not a token axis; prunec cannot tell what it should become after the cut")
             if pos:
                 cut.shape_fixes.append(ShapeFix(node, pos))
+        if token is not None:
+            _check_sym_reads(node, token, post)
     _plan_crossings(facts, cut, cls_layer)
     _plan_length_masks(facts, cut)
     for v in g.outputs:
@@ -420,6 +491,8 @@ def _plan_counts(facts: Facts, cut: Cut, layer: int) -> None:
     size-weighted reduction (after a merge tracking sizes) still counts the N original tokens:
     its numbers stay."""
     if cut.reduce is None:  # a cut planned only to be described (inspect)
+        return
+    if _token_symbol(facts, cut.stream) is not None:  # N is symbolic: a number equal to it is not the count
         return
     weighed = {rw.node for c in [cut, *cut.ancestors()] for rw in c.reweigh}  # size-weighted: counts stay N
     for node in sorted(cut.post, key=lambda x: x.index):

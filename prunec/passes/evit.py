@@ -47,6 +47,8 @@ class EViT(LayerMergePass):
             raise PruneError(f"keep must be in (0, 1], got {keep}")
         n = facts.tokens(layer)
         k = max(1, math.ceil(keep * (n - prefix)))
-        if k >= n - prefix:
+        dynamic = getattr(facts.graph, "dynamic_tokens", False)  # k follows the length at run time
+        if k >= n - prefix and not (dynamic and keep < 1.0):
             return None
-        return Fuse(site=facts.sites[layer], prefix=prefix, k=k, fuse=flag(self.fuse), normalize=False)
+        return Fuse(site=facts.sites[layer], prefix=prefix, k=min(k, n - prefix), fuse=flag(self.fuse),
+                    normalize=False, keep=keep if dynamic else None, dynamic=dynamic)

@@ -41,11 +41,16 @@ class PPT(LayerMergePass):
         if facts.sites[layer].v is None and facts.sites[layer].kind != "packed":  # packed: v projected from its input
             raise PruneError(f"attention node '{facts.sites[layer].node.name}' hides its values; ppt needs them")
         n = facts.tokens(layer)
+        dynamic = getattr(facts.graph, "dynamic_tokens", False)
+        if dynamic and self.r is None:
+            raise PruneError("ppt's default r is a share of a fixed image's patch tokens; on a model whose sequence "
+                             "length is dynamic give r= (tokens removed per chosen layer)")
         r = max(1, round(50 / 196 * (facts.num_tokens - prefix))) if self.r is None else int(self.r)
         if r < 0:
             raise PruneError(f"r must not be negative, got {self.r}")
-        r = min(r, (n - prefix) // 2)
+        if not dynamic:  # a dynamic token count caps r at run time, for the length it has then
+            r = min(r, (n - prefix) // 2)
         if r <= 0:
             return None
         return Adaptive(site=facts.sites[layer], prefix=prefix, r=r, threshold=float(self.threshold),
-                        track_size=True, prop_attn=flag(self.prop_attn))
+                        track_size=True, prop_attn=flag(self.prop_attn), dynamic=dynamic)

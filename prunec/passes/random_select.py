@@ -1,6 +1,8 @@
 """Random token selection: the baseline token-pruning papers compare against.
 
-Keeps ``k`` span tokens chosen by a seeded pseudo-random order. Deviation, on purpose:
+Keeps ``k`` span tokens chosen by a seeded pseudo-random order: the k positions with the largest
+``schedules.position_hash`` (a hash of the position and the seed that does not depend on the
+token count, so a graph with a dynamic sequence computes it at run time). Deviation, on purpose:
 the order is the same for every sample (computed at compile time from the seed), so
 both backends keep identical tokens and each row of a batch equals that input alone;
 change ``seed`` for another draw.

@@ -168,8 +168,9 @@ class SelectionPass(Pass):
             start, end = self.narrow_span(facts, layer, *parse_span(span, n, facts.prefix, facts.causal))
         except PruneError as e:
             if dynamic and "outside the" in str(e):
-                raise PruneError(f"{e} (its sequence is dynamic and was analysed at {n} tokens: load it with "
-                                 f"probe_length= at least the span's end)") from None
+                raise PruneError(f"{e} (its sequence is dynamic and was analysed at {n} tokens: analyse it past the "
+                                 f"span's end: --probe-length / load(probe_length=) for ONNX, a longer example "
+                                 f"input for a torch module)") from None
             raise
         if keep is None:
             if int(self.count) > end - start and not dynamic:

@@ -73,10 +73,13 @@ class ToMe(Pass):
         prefix = facts.prefix if self.prefix is None else int(self.prefix)
         if not 0 <= prefix < n:
             raise PruneError(f"prefix {prefix} is outside the {n} tokens")
-        r = min(r, (n - prefix) // 2)
+        dynamic = getattr(facts.graph, "dynamic_tokens", False)
+        if not dynamic:  # a dynamic token count caps r at run time, for the length it has then
+            r = min(r, (n - prefix) // 2)
         if r <= 0:
             return None
-        red = Bipartite(site=facts.sites[layer], prefix=prefix, r=r, track_size=True, prop_attn=flag(self.prop_attn))
+        red = Bipartite(site=facts.sites[layer], prefix=prefix, r=r, track_size=True, prop_attn=flag(self.prop_attn),
+                        dynamic=dynamic)
         return plan_cut(facts, layer, red, tag=f"tome_l{layer}", mid=True,
                         recover=self.recover, recover_at=self.recover_at)
 

@@ -64,17 +64,21 @@ class VisionZip(Pass):
                              f"(valid: 1..{facts.depth - 1}, or 'output')")
         prefix = cls_prefix(facts, self.prefix, self.name)
         n = facts.count_at(facts.stream_at(layer))
+        dynamic = getattr(facts.graph, "dynamic_tokens", False)
+        if dynamic and (self.dominant is None or self.contextual is None):
+            raise PruneError("visionzip's default counts are shares of a fixed image's patch tokens; on a model whose "
+                             "sequence length is dynamic give dominant= and contextual=")
         patches = facts.num_tokens - prefix
         dominant = max(prefix + 1, round(54 / 576 * patches)) if self.dominant is None else int(self.dominant)
         contextual = max(1, round(10 / 576 * patches)) if self.contextual is None else int(self.contextual)
-        if not prefix < dominant <= n:
+        if dominant <= prefix or (dominant > n and not dynamic):  # dynamic: capped at run time
             raise PruneError(f"dominant must be in {prefix + 1}..{n} (the prefix tokens count), got {dominant}")
-        if not 0 <= contextual <= n - dominant:
+        if contextual < 0 or (contextual > n - dominant and not dynamic):
             raise PruneError(f"contextual must be in 0..{n - dominant}, got {contextual}")
         red = Contextual(site=facts.sites[layer - 1], prefix=prefix, dominant=dominant, contextual=contextual,
-                         normalize=False)
+                         normalize=False, dynamic=dynamic)
         tag = "visionzip_" + (f"l{layer}" if layer < facts.depth else "out")
         cut = plan_cut(facts, layer, red, tag=tag, recover=self.recover, recover_at=self.recover_at)
-        if cut.kept >= cut.num_tokens and contextual == 0:
+        if cut.kept >= cut.num_tokens and contextual == 0 and not dynamic:
             return Plan([])  # every token is dominant: nothing to do (apply returns an unchanged copy)
         return Plan([cut])

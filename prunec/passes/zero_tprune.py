@@ -64,4 +64,5 @@ class ZeroTPrune(SelectionPass):
                 raise PruneError(f"cls '{self.cls}' is not 'auto', 'none' or a token index") from None
             if not 0 <= cls < facts.num_tokens:
                 raise PruneError(f"cls {cls} is out of range: the model has {facts.num_tokens} tokens")
-        return PageRank(k, start, end, site=site, iters=int(self.iters), drop_similar=drop, cls=cls)
+        return PageRank(k, start, end, site=site, iters=int(self.iters), drop_similar=drop, cls=cls,
+                        similar=float(self.similar))

@@ -148,7 +148,8 @@ def find_attention(graph: Graph) -> list[AttentionSite]:
             pv, probs_used = fw
             probs = node.outputs[0]
             mask = next((m for m in masks if not m.is_param), None)
-            causal = bool(probs.facts.get("causal"))
+            causal = probs.facts.get("causal")  # not probed (a light probe: the weights feed it): from the masks
+            causal = bool(causal) if causal is not None else any(m.facts.get("causal") for m in masks)
             heads = probs.shape[-3] if len(probs.shape) == 4 else None
             sites.append(AttentionSite("eager", node, qk.inputs[0], None, pv.inputs[1], pv.outputs[0],
                                        probs=probs, k_t=qk.inputs[1], logits=logits, mask=mask,

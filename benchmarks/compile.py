@@ -18,8 +18,8 @@ code is not changed):
 * ort      the rest of ``OnnxModel.validate``: one ORT session, run at the probe shapes and
            at the other batches / lengths
 * save     ``prunec.model.save_onnx``: serialise and write the model (and its ``.data``)
-* post     ``prunec.cli._warn_reduced_outputs``: the CLI re-analyses the written model (a
-           second probe and analysis) to name reduced token outputs
+* post     ``prunec.cli._warn_reduced_outputs``: the CLI names the written model's reduced token
+           outputs (read off its graph outputs' shapes for ONNX; a second analysis for torch)
 * other    the rest of ``cli.main`` (argument parsing, output checks, bookkeeping)
 
 ``rewrite`` = probe + analyze + plan + lower + checker + ort (prunec's own work, no file

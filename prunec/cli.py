@@ -268,21 +268,21 @@ def _external_data(out: Path) -> Path:
 
 def _apply_and_save(args, src: Path, out: Path, passes: list, status):
     """Load ``src``, apply the passes in order (then --expose) and write the result to ``out``.
-    Returns (the rewritten model, the token count before, the passes that reduced nothing)."""
+    Returns (the rewritten model, the analysis of the model loaded, the passes that reduced nothing)."""
     from .model import OnnxModel, apply_passes
 
     model = _load_cli(src, args.shape, args.probe_length, args.check)
     data = _external_data(out)
     if isinstance(model, OnnxModel) and model.external_data() and data.exists() and not args.force:
         raise PruneError(f"output data file {data} exists; pass --force to overwrite it")
-    before = model.facts().num_tokens
+    facts_in = model.facts()
     model, idle = apply_passes(model, passes, progress=status.update)
     if args.expose:
         status.update(f"exposing token {args.expose}")
         model = model.expose(args.expose)
     status.update(f"writing {out}")
     model.save(out)
-    return model, before, idle
+    return model, facts_in, idle
 
 
 def _print_written(console, model, out: Path, passes: list, idle: list, before: int, seconds: float) -> None:
@@ -325,19 +325,41 @@ def prune_main(argv: list[str]) -> int:
     console = _console(stderr=True)
     t0 = time.perf_counter()
     with console.status(f"loading and analysing {src}") as status:
-        model, before, idle = _apply_and_save(args, src, out, passes, status)
+        model, facts_in, idle = _apply_and_save(args, src, out, passes, status)
+    before = facts_in.num_tokens
     _print_written(console, model, out, passes, idle, before, time.perf_counter() - t0)
-    _warn_reduced_outputs(model, console)
+    _warn_reduced_outputs(model, console, facts_in)
     return 0
 
 
-def _warn_reduced_outputs(model, console) -> None:
-    """Name the token outputs that come out reduced, and what to do about it."""
+def _written_rows(model, facts_in) -> list[dict]:
+    """The written model's reduced token outputs (``inspect.reduced_token_outputs``). ONNX: read off
+    the graph outputs' shapes, which the lowering writes (M, or a symbolic M on a dynamic length),
+    against the input's token count and width (``facts_in``): no second analysis of the model."""
+    from .inspect import reduced_token_outputs, token_output_rows
+    from .model import OnnxModel
+    from .passes.analysis.blocks import SIZE_TAG
+
+    if not isinstance(model, OnnxModel):
+        return reduced_token_outputs(model.facts())
+    names = [o.name for node in model.model.graph for o in node.outputs]
+    if not any(name.endswith("keep_idx") for name in names):
+        return []
+    merged = any(name.endswith(SIZE_TAG) for name in names)
+    outputs = [(v.name, None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape])
+               for v in model.model.graph.outputs]
+    _, n, c = facts_in.streams[0].shape
+    return token_output_rows(outputs, n, c, merged, kept=model.cuts[-1][2] if model.cuts else None)
+
+
+def _warn_reduced_outputs(model, console, facts_in) -> None:
+    """Name the token outputs that come out reduced, and what to do about it (``facts_in``: the
+    analysis of the model the passes were applied to)."""
     from .backends.onnx import EXPOSED
-    from .inspect import RECOVER_HINT, reduced_token_outputs
+    from .inspect import RECOVER_HINT
 
     try:
-        rows = reduced_token_outputs(model.facts())
+        rows = _written_rows(model, facts_in)
     except PruneError:
         return
     if rows:

@@ -30,10 +30,24 @@ def reduced_token_outputs(facts) -> list[dict]:
         return []
     _, n, c = facts.streams[0].shape
     merged = any(size_role(v) == SIZE_TAG for v in g.values())
-    names = {v.name for v in g.outputs}
-    return [{"name": v.name, "shape": list(v.shape), "tokens_in": n, "merged": merged,
-             "exposed": [f"{v.name}.{s}" for s in ("sizes", "kept_indices") if f"{v.name}.{s}" in names]}
-            for v in g.outputs if v.shape is not None and len(v.shape) == 3 and v.shape[-1] == c and 1 <= v.shape[1] < n]
+    return token_output_rows([(v.name, v.shape) for v in g.outputs], n, c, merged)
+
+
+def token_output_rows(outputs, n: int, c: int, merged: bool, kept: int | None = None) -> list[dict]:
+    """The rows of :func:`reduced_token_outputs` from graph outputs [(name, shape)]: [B, M, C] with
+    M < N tokens (``n`` entering, ``c`` wide). M named ``<cut>_tokens`` (a dynamic token count, as the
+    ONNX lowering declares it) counts as reduced and is shown as ``kept`` (its value at the probe);
+    an exporter's own symbolic size does not."""
+    names = {name for name, _ in outputs}
+    rows = []
+    for name, shape in outputs:
+        if shape is None or len(shape) != 3 or (isinstance(shape[-1], int) and shape[-1] != c):
+            continue  # (an exporter may leave the width symbolic)
+        m = shape[1] if isinstance(shape[1], int) else kept if str(shape[1]).endswith("_tokens") else None
+        if m is not None and 1 <= m < n:
+            rows.append({"name": name, "shape": [shape[0], m, c], "tokens_in": n, "merged": merged,
+                         "exposed": [f"{name}.{s}" for s in ("sizes", "kept_indices") if f"{name}.{s}" in names]})
+    return rows
 
 
 def describe(model) -> dict:

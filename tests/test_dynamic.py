@@ -231,3 +231,38 @@ def test_expose_on_a_dynamic_model_follows_the_length():
         assert sizes.shape == idx.shape == out.shape[:2]
         np.testing.assert_array_equal(sizes, state["size"][..., 0].numpy())
         assert (sizes.sum(1) == n).all() and ((0 <= idx) & (idx < n)).all()
+
+
+@lru_cache(maxsize=None)
+def image_model():
+    """A timm ViT that takes any image size (``dynamic_img_size``: position embeddings interpolated),
+    exported with a dynamic batch, height and width (multiples of its 16-pixel patches)."""
+    import timm
+
+    torch.manual_seed(0)
+    m = timm.create_model("vit_small_patch16_224", pretrained=False, dynamic_img_size=True, depth=3, embed_dim=64,
+                          num_heads=4, num_classes=10).eval()
+    path = export_dir() / "dyn_vit_image.onnx"
+    patches = (torch.export.Dim("hp", min=2, max=64), torch.export.Dim("wp", min=2, max=64))
+    torch.onnx.export(m, (torch.randn(2, 3, 224, 224),), str(path), dynamo=True, opset_version=18, external_data=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64), 2: 16 * patches[0],
+                                       3: 16 * patches[1]},), verbose=False)
+    return m, path
+
+
+def test_a_dynamic_image_size_is_pruned_at_every_size():
+    """An image input [B, 3, H, W] with a dynamic H and W is probed at 224x224 and its token count
+    (1 + H·W / 256) followed at run time: FastV (same kept tokens) and ToMe equal their references on
+    the unmodified model at 160x160 and 320x240, at batch 1 and 3."""
+    m, path = image_model()
+    base = prunec.load(path)
+    assert base.dynamic_tokens and base.feeds["x"].shape == (2, 3, 224, 224) and base.facts().num_tokens == 197
+    fastv = prunec.passes.get("fastv")(keep="0.5", layer="2")(base)
+    tome = prunec.passes.get("tome")(r="8")(base)
+    for batch, (h, w) in ((1, (160, 160)), (3, (320, 240))):
+        x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(h))
+        ref, ref_idx = fastv_reference(m, {"x": x}, 0.5, 2, "cls", prefix=1)
+        np.testing.assert_array_equal(fastv.kept_indices({"x": x.numpy()})["fastv_l2"], ref_idx.numpy())
+        np.testing.assert_allclose(fastv.run({"x": x.numpy()})[0], ref.detach().numpy(), rtol=1e-4, atol=1e-4)
+        ref, _ = reference_merge(m, {"x": x}, {i: tome_reduce(8, 1) for i in range(3)}, prop_attn=True)
+        np.testing.assert_allclose(tome.run({"x": x.numpy()})[0], ref.detach().numpy(), rtol=1e-4, atol=1e-4)

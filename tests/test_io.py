@@ -285,11 +285,11 @@ def test_ctrl_c_during_the_write(vit, tmp_path, external):
     """A real SIGINT to the CLI while it writes (sent from inside the writer, so it lands
     mid-write every time): one line, exit 130, no output, no temporary files, input untouched."""
     src = save_external(vit, tmp_path / "ext.onnx") if external else vit
-    code = ("import os, signal, onnx_ir\nreal = onnx_ir.save\n"
-            "def save(model, path, *a, **kw):\n"
-            "    real(model, path, *a, **kw)\n"
+    code = ("import os, signal, prunec.model\nreal = prunec.model._publish\n"
+            "def publish(moves):  # the files are written in full under temporary names, not yet renamed\n"
             "    os.kill(os.getpid(), signal.SIGINT)\n"
-            "onnx_ir.save = save\n")
+            "    real(moves)\n"
+            "prunec.model._publish = publish\n")
     before = files(tmp_path)
     src_before = src.read_bytes()
     r = prunec_cli(src, "--pass", "fastv", "--layer", "1", "-o", tmp_path / "out.onnx", code=code)

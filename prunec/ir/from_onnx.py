@@ -188,12 +188,25 @@ def sequence_dims(model: ir.Model) -> dict[str, int]:
     return out
 
 
-def example_inputs(model: ir.Model, probe_batch: int = 2, length: int | None = None) -> dict[str, np.ndarray]:
+IMAGE_PROBE_SIDE = 224  # a dynamic image height and width are probed at this size
+
+
+def image_dims(model: ir.Model) -> set[str]:
+    """The inputs [B, C, H, W] whose height and width are both dynamic (an image of any size: its
+    token count follows H·W)."""
+    return {v.name for v in model.graph.inputs
+            if v.shape is not None and len(v.shape) == 4 and not isinstance(v.shape[2], int)
+            and not isinstance(v.shape[3], int)}
+
+
+def example_inputs(model: ir.Model, probe_batch: int = 2, length: int | None = None,
+                   side: int | None = None) -> dict[str, np.ndarray]:
     """Inputs for a probe run: random floats, ones for masks, zeros for ids. Dynamic batch
     dimensions get ``probe_batch``, dynamic sequence axes (:func:`sequence_dims`) ``length``
-    (default :data:`PROBE_LENGTH`); any other dynamic dimension is refused."""
+    (default :data:`PROBE_LENGTH`), a dynamic image height and width (:func:`image_dims`) ``side``
+    (default :data:`IMAGE_PROBE_SIDE`); any other dynamic dimension is refused."""
     rng = np.random.default_rng(0)
-    seq = sequence_dims(model)
+    seq, images = sequence_dims(model), image_dims(model)
     feeds = {}
     for v in model.graph.inputs:
         dims = []
@@ -204,6 +217,8 @@ def example_inputs(model: ir.Model, probe_batch: int = 2, length: int | None = N
                 dims.append(probe_batch)
             elif seq.get(v.name) == axis:
                 dims.append(length or PROBE_LENGTH)
+            elif v.name in images and axis in (2, 3):
+                dims.append(side or IMAGE_PROBE_SIDE)
             else:
                 from ..errors import PruneError
 

@@ -48,6 +48,7 @@ def make_session(model, providers: list[str] | None = None, threads: int | None 
     if quick:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.add_session_config_entry("session.disable_prepacking", "1")
+        so.enable_mem_reuse = False  # ORT's memory planner takes seconds on big graphs; one run needs none
     if threads:
         so.intra_op_num_threads = threads
     keepalive: list = []

@@ -2,7 +2,7 @@
 
 prunec rewrites a model exported with a dynamic batch and sequence without ``--shape``: the
 written model computes the span, k = round(keep · span length) and M at run time
-(``_runtime_topk`` in ``prunec/backends/onnx.py``: Shape/Range/TopK/... ops). With
+(``_span_counts`` and ``_with_fixed`` in ``prunec/backends/onnx.py``: Shape/Range/TopK/... ops). With
 ``--shape input_ids=?,L`` (``prunec.load(path, input_shapes=...)``) the same export is
 specialised to one length L and the written model has static counts. This script measures
 what the run-time counts cost, on ORT CPU (explicit CPUExecutionProvider, quiet logs,

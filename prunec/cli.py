@@ -5,6 +5,7 @@
     prunec passes                                    list passes and their options
     prunec bench MODEL --pass ...                    latency, memory, FLOPs before/after
     prunec eval MODEL --pass ... --data DIR          fidelity before/after on real inputs
+    prunec generate MODEL --tokenizer DIR --prompt T  greedy generation with a decoder's KV cache
     prunec demo                                      build, export, prune and time a ViT
 """
 from __future__ import annotations
@@ -34,10 +35,25 @@ EXAMPLES = """examples:
   prunec eval vit.onnx --pass fastv --keep 0.25 --data images/
   prunec tune bert.onnx --method fastv --budget 'cosine>=0.99' --inputs calib.npz -o bert.tuned.onnx
   prunec sweep vit.onnx --pass fastv --pass divprune:layer=2 --keeps 0.75,0.5,0.25 --data images/ -o sweep/
+  prunec llava_decoder.onnx --pass fastv --keep 0.25 --span 35:611 -o pruned.onnx   # a KV cache: prefill pruned
+  prunec generate pruned.onnx --tokenizer tok/ --prompt "Describe the picture" --max-new-tokens 32
   prunec demo
 """
 
-SUBCOMMANDS = ("inspect", "passes", "bench", "eval", "tune", "sweep", "demo")  # the keys of _MAINS
+SUBCOMMANDS = ("inspect", "passes", "bench", "eval", "tune", "sweep", "generate", "demo")  # the keys of _MAINS
+
+
+def _load_args(ap: argparse.ArgumentParser) -> None:
+    """How the model is loaded: --shape, --probe-length, --check (every command that loads one)."""
+    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..",
+                    help="make dynamic input dims static, e.g. input_ids=?,128 (? keeps a dim dynamic)")
+    ap.add_argument("--probe-length", dest="probe_length", type=int, metavar="N",
+                    help="analyse a dynamic sequence at N tokens (default 29; a span with absolute ends needs "
+                         "N beyond its end, e.g. 612 for --span 35:611)")
+    ap.add_argument("--check", choices=("auto", "full", "none"), default="auto",
+                    help="check the written ONNX model: full (onnx.checker and ONNX Runtime runs at several "
+                         "shapes), none (onnx.checker only), auto (default: full, onnx.checker only for a "
+                         "model over 1 GiB of weights, which is also analysed without reading them)")
 
 
 def _pass_args(ap: argparse.ArgumentParser) -> None:
@@ -48,24 +64,21 @@ def _pass_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--span", help="START:END token range that may be pruned; negative ends count from the token "
                                    "count N and an end may be left out (1:-8, 1:, -64:)")
     ap.add_argument("--query", help="auto|cls|last|mean|<index> (fastv)")
-    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..", help="make dynamic input dims static")
+    _load_args(ap)
 
 
 def _rewrite(args, status):
-    from .model import OnnxModel
+    from .model import OnnxModel, apply_passes
 
     src = Path(args.model)
     passes = build_passes(args.passes, {"keep": args.keep, "layer": args.layer, "span": args.span,
                                         "query": args.query})
     status.update(f"loading {src}")
-    model = _load_cli(src, args.shape)
+    model = _load_cli(src, args)
     if not isinstance(model, OnnxModel):
         raise PruneError(f"{src}: bench and eval take ONNX models")
-    rewritten = model
-    for p in passes:
-        status.update(f"applying {p!r}")
-        rewritten = p.apply(rewritten)
-    if not rewritten.reduced_since(model):
+    rewritten, idle = apply_passes(model, passes, progress=status.update)
+    if len(idle) == len(passes):
         _console(stderr=True).print("prunec: warning: the passes reduced no tokens at these settings", markup=False)
     return model, rewritten, passes
 
@@ -232,15 +245,7 @@ def _prune_parser() -> argparse.ArgumentParser:
                          "(each token's input position; after a merge, its representative), for your own "
                          "size-weighted pooling")
     ap.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..",
-                    help="make dynamic input dims static, e.g. input_ids=?,128 (? keeps a dim dynamic)")
-    ap.add_argument("--probe-length", dest="probe_length", type=int, metavar="N",
-                    help="analyse a dynamic sequence at N tokens (default 29; a span with absolute ends needs "
-                         "N beyond its end, e.g. 612 for --span 35:611)")
-    ap.add_argument("--check", choices=("auto", "full", "none"), default="auto",
-                    help="check the written ONNX model: full (onnx.checker and ONNX Runtime runs at several "
-                         "shapes), none (onnx.checker only), auto (default: full, onnx.checker only for a "
-                         "model over 1 GiB of weights, which is also analysed without reading them)")
+    _load_args(ap)
     return ap
 
 
@@ -271,7 +276,7 @@ def _apply_and_save(args, src: Path, out: Path, passes: list, status):
     Returns (the rewritten model, the analysis of the model loaded, the passes that reduced nothing)."""
     from .model import OnnxModel, apply_passes
 
-    model = _load_cli(src, args.shape, args.probe_length, args.check)
+    model = _load_cli(src, args)
     data = _external_data(out)
     if isinstance(model, OnnxModel) and model.external_data() and data.exists() and not args.force:
         raise PruneError(f"output data file {data} exists; pass --force to overwrite it")
@@ -328,28 +333,25 @@ def prune_main(argv: list[str]) -> int:
         model, facts_in, idle = _apply_and_save(args, src, out, passes, status)
     before = facts_in.num_tokens
     _print_written(console, model, out, passes, idle, before, time.perf_counter() - t0)
+    if getattr(facts_in.graph, "cache_inputs", None) and len(idle) < len(passes):
+        console.print(f"[green]KV cache[/green]: the prefill is pruned and the layers after the cut cache only the kept tokens "
+                      f"(their present.* are shorter; logits come for the kept tokens, the last one always); "
+                      f"decode steps run through the same model: prunec generate {out} ...")
+        return 0
     _warn_reduced_outputs(model, console, facts_in)
     return 0
 
 
 def _written_rows(model, facts_in) -> list[dict]:
-    """The written model's reduced token outputs (``inspect.reduced_token_outputs``). ONNX: read off
-    the graph outputs' shapes, which the lowering writes (M, or a symbolic M on a dynamic length),
-    against the input's token count and width (``facts_in``): no second analysis of the model."""
-    from .inspect import reduced_token_outputs, token_output_rows
+    """The written model's reduced token outputs: for ONNX read off the graph outputs' shapes
+    (``inspect.onnx_reduced_outputs``) against the input's analysis ``facts_in``, no second one."""
+    from .inspect import onnx_reduced_outputs, reduced_token_outputs
     from .model import OnnxModel
-    from .passes.analysis.blocks import SIZE_TAG
 
     if not isinstance(model, OnnxModel):
         return reduced_token_outputs(model.facts())
-    names = [o.name for node in model.model.graph for o in node.outputs]
-    if not any(name.endswith("keep_idx") for name in names):
-        return []
-    merged = any(name.endswith(SIZE_TAG) for name in names)
-    outputs = [(v.name, None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape])
-               for v in model.model.graph.outputs]
     _, n, c = facts_in.streams[0].shape
-    return token_output_rows(outputs, n, c, merged, kept=model.cuts[-1][2] if model.cuts else None)
+    return onnx_reduced_outputs(model.model, n, c, model.cuts)
 
 
 def _warn_reduced_outputs(model, console, facts_in) -> None:
@@ -391,25 +393,26 @@ def parse_shapes(specs: list[str] | None) -> dict:
     return shapes
 
 
-def _load_cli(src: Path, shapes: list[str] | None = None, probe_length: int | None = None, check: str = "auto"):
+def _load_cli(src: Path, args):
+    """Load ``src`` as the options of :func:`_load_args` say."""
     from . import load
 
     if src.suffix == ".pt2":
         return load(src)
-    if probe_length is not None and probe_length < 2:
-        raise PruneError(f"--probe-length must be at least 2, got {probe_length}")
-    return load(src, input_shapes=parse_shapes(shapes), probe_length=probe_length, check=check)
+    if args.probe_length is not None and args.probe_length < 2:
+        raise PruneError(f"--probe-length must be at least 2, got {args.probe_length}")
+    return load(src, input_shapes=parse_shapes(args.shape), probe_length=args.probe_length, check=args.check)
 
 
 def inspect_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="prunec inspect", description="Print what prunec sees in a model.")
     ap.add_argument("model")
     ap.add_argument("--json", action="store_true", help="machine-readable output")
-    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..", help="make dynamic input dims static")
+    _load_args(ap)
     args = ap.parse_args(argv)
     from .inspect import describe, render
 
-    model = _load_cli(Path(args.model), args.shape)
+    model = _load_cli(Path(args.model), args)
     try:
         info = describe(model)
     except PruneError as e:
@@ -492,7 +495,7 @@ def _tune_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layers", help="candidate cut layers, comma-separated (default: every layer 1..depth-1)")
     ap.add_argument("--option", action="append", default=[], metavar="K=V", help="fixed pass option (repeatable)")
     ap.add_argument("--holdout", type=float, default=0.5, help="fraction of the samples held out (default 0.5)")
-    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..", help="make dynamic input dims static")
+    _load_args(ap)
     ap.add_argument("--seed", type=int, default=0, help="seed of the shuffled calibration / held-out split")
     _inputs_args(ap)
     ap.add_argument("-o", "--output", help="where to write the tuned model (default MODEL.tuned.onnx)")
@@ -566,7 +569,7 @@ def tune_main(argv: list[str]) -> int:
     options = dict(parse_pass_spec("x:" + ",".join(args.option))[1]) if args.option else {}
     err = _console(stderr=True)
     with err.status(f"loading {src}") as status:
-        model = _load_cli(src, args.shape)
+        model = _load_cli(src, args)
         batches, _ = _read_inputs(args, model)
         calibration, holdout = _shuffled_split(batches, args.holdout, args.seed)
         layers = [int(x) for x in args.layers.split(",")] if args.layers else None
@@ -601,7 +604,7 @@ def _sweep_parser() -> argparse.ArgumentParser:
     ap.add_argument("--keeps", default="0.75,0.5,0.25", help="keep values (comma-separated)")
     _inputs_args(ap)
     ap.add_argument("--bench-batch", type=int, default=8, help="batch of the latency runs")
-    ap.add_argument("--shape", action="append", metavar="INPUT=D0,D1,..", help="make dynamic input dims static")
+    _load_args(ap)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--picture", help="pass spec drawn in kept_tokens.png (default: the first pass at the "
                                       "smallest keep)")
@@ -673,7 +676,7 @@ def sweep_main(argv: list[str]) -> int:
         raise PruneError(f"{out} already holds sweep files; pass --force to overwrite them")
     err = _console(stderr=True)
     with err.status(f"loading {args.model}") as status:
-        model = _load_cli(Path(args.model), args.shape)
+        model = _load_cli(Path(args.model), args)
         batches, _ = _read_inputs(args, model)
         rows = sweep(model, specs, keeps, batches, args.bench_batch, args.repeat, progress=status.update)
         out.mkdir(parents=True, exist_ok=True)
@@ -696,6 +699,81 @@ def _span_values_joined(argv: list[str]) -> list[str]:
     return out
 
 
+def generate_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="prunec generate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Greedy generation through an ONNX decoder with a KV cache (past_key_values.* inputs, "
+                    "present.* outputs), original or rewritten by prunec: the same command runs both.",
+        epilog="examples:\n"
+               "  prunec generate llama.onnx --tokenizer tok/ --prompt 'The capital of France is'\n"
+               "  prunec generate llama.fastv.onnx --tokenizer tok/ --prompt 'Hello' --prompt 'Hi there'\n"
+               "  prunec generate llama.onnx --ids 1,415,5565 --max-new-tokens 8   # token ids in and out\n")
+    ap.add_argument("model", help="an ONNX decoder with a KV cache")
+    ap.add_argument("--tokenizer", metavar="DIR", help="a folder with tokenizer.json (a Hugging Face tokenizer)")
+    ap.add_argument("--prompt", action="append", help="text to continue (repeat for a left-padded batch)")
+    ap.add_argument("--ids", action="append", help="token ids instead of text: 1,415,5565 (repeatable)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--eos", type=int, help="stop a row at this token id (default: the tokenizer's, if any)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = ap.parse_args(argv)
+    import numpy as np
+
+    if bool(args.prompt) == bool(args.ids):
+        raise PruneError("give the prompt as --prompt TEXT (with --tokenizer) or as --ids 1,2,3, one of the two")
+    tokenizer = _tokenizer(args.tokenizer) if args.prompt else None
+    if args.prompt:
+        prompts = [tokenizer.encode(text).ids for text in args.prompt]
+    else:
+        try:
+            prompts = [[int(x) for x in spec.split(",") if x.strip()] for spec in args.ids]
+        except ValueError:
+            raise PruneError(f"--ids takes comma-separated integers, not {args.ids!r}") from None
+    if any(not p for p in prompts):
+        raise PruneError("a prompt is empty")
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.int64)
+    mask = np.zeros_like(ids)
+    for row, p in enumerate(prompts):  # left padding
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    eos = args.eos if args.eos is not None else _eos_id(tokenizer)
+    from .generate import generate
+
+    start = time.perf_counter()
+    out = generate(Path(args.model), ids, mask, max_new_tokens=args.max_new_tokens, eos_token_id=eos,
+                   device=args.device)
+    seconds = time.perf_counter() - start
+    for row in range(len(prompts)):
+        new = [t for t in out[row, width:].tolist() if eos is None or t != eos]
+        print(tokenizer.decode(new) if tokenizer is not None else ",".join(map(str, new)))
+    print(f"{out.shape[1] - width} new tokens x {len(prompts)} in {seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _tokenizer(folder: str | None):
+    """A Hugging Face fast tokenizer from ``folder``/tokenizer.json (the ``tokenizers`` package)."""
+    if folder is None:
+        raise PruneError("--prompt needs --tokenizer DIR (a folder with tokenizer.json), or give --ids")
+    path = Path(folder) / "tokenizer.json" if Path(folder).is_dir() else Path(folder)
+    if not path.exists():
+        raise PruneError(f"no tokenizer.json in {folder}")
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise PruneError("--tokenizer needs the 'tokenizers' package: pip install tokenizers") from None
+    return Tokenizer.from_file(str(path))
+
+
+def _eos_id(tokenizer) -> int | None:
+    """The tokenizer's end-of-sequence token id, when it names one of the usual ones."""
+    if tokenizer is None:
+        return None
+    for name in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>", "[SEP]", "<eos>"):
+        tid = tokenizer.token_to_id(name)
+        if tid is not None:
+            return tid
+    return None
+
+
 def _demo_main(argv: list[str]) -> int:
     """``prunec demo``, imported when asked for (it needs timm)."""
     from .demo import demo_main
@@ -705,7 +783,7 @@ def _demo_main(argv: list[str]) -> int:
 
 # subcommand -> its main; anything else is a model to rewrite (prune_main)
 _MAINS = {"inspect": inspect_main, "passes": passes_main, "bench": bench_main, "eval": eval_main,
-          "tune": tune_main, "sweep": sweep_main, "demo": _demo_main}
+          "tune": tune_main, "sweep": sweep_main, "generate": generate_main, "demo": _demo_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,18 +33,33 @@ def reduced_token_outputs(facts) -> list[dict]:
     return token_output_rows([(v.name, v.shape) for v in g.outputs], n, c, merged)
 
 
-def token_output_rows(outputs, n: int, c: int, merged: bool, kept: int | None = None) -> list[dict]:
+def onnx_reduced_outputs(model, n: int, c: int, cuts) -> list[dict]:
+    """:func:`reduced_token_outputs` of an ONNX model prunec wrote (an onnx-ir Model), read off its
+    graph outputs' declared shapes, which the lowering writes (M, or ``<cut>_tokens`` for a dynamic
+    count), against the token count ``n`` and width ``c`` entering it: no analysis of the model.
+    ``cuts``: the model's (tag, tokens in, tokens out) records."""
+    names = [o.name for node in model.graph for o in node.outputs]
+    if not any(name.endswith("keep_idx") for name in names):
+        return []
+    merged = any(name.endswith(SIZE_TAG) for name in names)
+    outputs = [(v.name, None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape])
+               for v in model.graph.outputs]
+    return token_output_rows(outputs, n, c, merged, {f"{tag}_tokens": m for tag, _, m in cuts})
+
+
+def token_output_rows(outputs, n: int, c: int, merged: bool, kept: dict | None = None) -> list[dict]:
     """The rows of :func:`reduced_token_outputs` from graph outputs [(name, shape)]: [B, M, C] with
     M < N tokens (``n`` entering, ``c`` wide). M named ``<cut>_tokens`` (a dynamic token count, as the
-    ONNX lowering declares it) counts as reduced and is shown as ``kept`` (its value at the probe);
-    an exporter's own symbolic size does not."""
+    ONNX lowering declares it) counts as reduced, shown as ``kept[name]`` (the cut's count at the
+    probe) or as N when it is the same there; an exporter's own symbolic size does not count."""
     names = {name for name, _ in outputs}
     rows = []
     for name, shape in outputs:
         if shape is None or len(shape) != 3 or (isinstance(shape[-1], int) and shape[-1] != c):
             continue  # (an exporter may leave the width symbolic)
-        m = shape[1] if isinstance(shape[1], int) else kept if str(shape[1]).endswith("_tokens") else None
-        if m is not None and 1 <= m < n:
+        dynamic = not isinstance(shape[1], int) and str(shape[1]).endswith("_tokens")
+        m = shape[1] if isinstance(shape[1], int) else (kept or {}).get(str(shape[1]), n) if dynamic else None
+        if m is not None and (1 <= m < n or dynamic):
             rows.append({"name": name, "shape": [shape[0], m, c], "tokens_in": n, "merged": merged,
                          "exposed": [f"{name}.{s}" for s in ("sizes", "kept_indices") if f"{name}.{s}" in names]})
     return rows

@@ -24,21 +24,33 @@ class Model:
         self._facts = None
         self._graph = None
         self.cuts: tuple = ()  # (tag, tokens in, tokens out) of every cut prunec applied to reach this model
+        self.reducing: frozenset = frozenset()  # the tags of those cuts that remove tokens (Cut.reduces)
         self.static_dests: dict = {}  # cut tag -> dest [N] of a pool cut (its windows are fixed)
         self.exposed: tuple = ()  # what expose() added: "sizes", "indices"
 
     def reduced_since(self, other: "Model") -> bool:
         """Whether a cut made after ``other`` (this model's ancestor) removed tokens."""
-        return any(n_out < n_in for _, n_in, n_out in self.cuts[len(other.cuts):])
+        return any(tag in self.reducing for tag, _, _ in self.cuts[len(other.cuts):])
 
     def _after_cuts(self, out: "Model", plan) -> "Model":
         """``out`` (lowered from ``plan`` on this model) with this model's cut records and the plan's."""
         from .passes.base import GridPool
 
         out.cuts = self.cuts + tuple((c.tag, c.num_tokens, c.kept) for c in plan.cuts)
+        out.reducing = self.reducing | {c.tag for c in plan.cuts if c.reduces}
         out.static_dests = {**self.static_dests,
                             **{c.tag: c.reduce.dest() for c in plan.cuts if isinstance(c.reduce, GridPool)}}
         return out
+
+    def _unique_tags(self, plan) -> None:
+        """Give each cut of ``plan`` a tag (the prefix of its graph values) no earlier cut of this model
+        and no other cut of the plan has: the same pass twice at one layer gets ``_1``, ``_2``."""
+        taken = {t for t, _, _ in self.cuts}
+        for cut in plan.cuts:
+            tag, i = cut.tag, 1
+            while cut.tag in taken:
+                cut.tag, i = f"{tag}_{i}", i + 1
+            taken.add(cut.tag)
 
     def _check_not_exposed(self) -> None:
         if self.exposed:
@@ -62,7 +74,13 @@ class Model:
         if not self.cuts:
             raise PruneError("nothing to expose: no pass reduced tokens in this model (expose in the run that "
                              "applies the passes: --expose, Pipeline(..., expose=...))")
-        outputs = reduced_token_outputs(self.facts())
+        if isinstance(self, OnnxModel):  # the written graph's shapes say it (a dynamic M too)
+            from .inspect import onnx_reduced_outputs
+
+            _, n, c = self.facts().streams[0].shape
+            outputs = onnx_reduced_outputs(self.model, n, c, self.cuts)
+        else:
+            outputs = reduced_token_outputs(self.facts())
         if not outputs:
             raise PruneError("nothing to expose: no graph output carries reduced tokens (a recovered or pooled "
                              "output has every token's value; pool it as usual)")
@@ -76,7 +94,7 @@ class Model:
                 raise PruneError(f"cannot expose token sizes for output '{o['name']}': it has {o['shape'][1]} "
                                  f"tokens, the last cut left {steps[-1][2]}")
         out = self._exposed([o["name"] for o in outputs], steps, list(what))
-        out.cuts, out.static_dests, out.exposed = self.cuts, self.static_dests, what
+        out.cuts, out.static_dests, out.exposed, out.reducing = self.cuts, self.static_dests, what, self.reducing
         return out
 
     def copy(self) -> "Model":
@@ -133,15 +151,36 @@ class OnnxModel(Model):
                 raise PruneError(f"ONNX Runtime cannot run the model: {str(e).splitlines()[0]}") from None
             self._graph = from_onnx(self.model, probe, self.feeds)
             self._graph.dynamic_tokens = self.dynamic_tokens
+            self._graph.cache_inputs, self._graph.decode_shapes = self._cache_probe(probe_onnx)
         return self._graph
+
+    def _cache_probe(self, probe_onnx) -> tuple[list[str], dict]:
+        """A decoder with a KV cache is analysed as a prefill (an empty cache); a second probe with
+        :data:`~prunec.ir.from_onnx.CACHE_PROBE_PAST` cached entries gives every value's shape when
+        the cache is not empty ({name: (shape, the value of a small integer tensor or None)}), which tells an axis over the cache and the new
+        tokens (an attention mask's keys: past + N there) from one over the new tokens only."""
+        from .ir.from_onnx import CACHE_PROBE_PAST, cache_inputs, example_inputs
+
+        names = cache_inputs(self.model)
+        if not names:
+            return [], {}
+        if not self.dynamic_tokens:
+            raise PruneError(f"the KV cache '{names[0]}' needs a dynamic sequence (a prefill and one-token decode "
+                             f"steps run through the same graph); do not fix the sequence length with --shape")
+        feeds = example_inputs(self.model, self.probe_batch, self._probe_length(), past=CACHE_PROBE_PAST)
+        decode = probe_onnx(self.model, feeds, light=self.light)
+        shapes = {k: (tuple(v.shape), v if v.dtype.kind in "iu" and v.size <= 64 else None) for k, v in decode.items()}
+        shapes.update({k: (tuple(v.shape), None) for k, v in feeds.items()})
+        return names, shapes
 
     def lower(self, plan) -> "OnnxModel":
         from .backends.onnx import lower_onnx
 
         self._check_not_exposed()
+        self._unique_tags(plan)
         out = OnnxModel(lower_onnx(self.model, plan), self.feeds, self.probe_batch, check=self.check,
                         light=self.light)
-        out.validate()
+        out.validate(original=self.model)
         return self._after_cuts(out, plan)
 
     def _exposed(self, outputs: list[str], steps: list, what: list[str]) -> "OnnxModel":
@@ -156,6 +195,7 @@ class OnnxModel(Model):
         out = OnnxModel(self.model.clone(), self.feeds, self.probe_batch, check=self.check,
                         light=self.light)
         out.cuts, out.static_dests, out.exposed = self.cuts, self.static_dests, self.exposed
+        out.reducing = self.reducing
         return out
 
     def proto(self):
@@ -170,10 +210,12 @@ class OnnxModel(Model):
         :data:`LIGHT_PROBE_BYTES` of weights, which an ORT run would have to read)."""
         return "structure" if self.check == "none" or (self.check == "auto" and self.light) else "full"
 
-    def validate(self) -> None:
+    def validate(self, original=None) -> None:
         """Full onnx.checker check and ORT runs on the probe inputs and, when the graph's batch is
-        dynamic, at batch sizes 1 and 3, and at a shorter and a longer input when its sequence is
-        (one session for all runs); the checker only when :attr:`check_mode` is ``structure``."""
+        dynamic, at batch sizes 1 and 3 — with a shorter and a longer input (or image) there when its
+        token count is dynamic (:meth:`_other_shapes`) — in one session; the checker only when
+        :attr:`check_mode` is ``structure``. ``original``: the onnx-ir model it was rewritten from; a
+        shape that one does not run at either is skipped."""
         import onnx
 
         from .ir.session import graph_only_proto
@@ -198,17 +240,24 @@ class OnnxModel(Model):
             sess.run(None, self.feeds)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph does not run in ONNX Runtime: {str(e).splitlines()[0]}") from None
-        for batch in self._other_batches():  # a batch size baked in by the rewrite fails here, not at the user's
+        shapes = self._other_shapes()  # (at batch 1 and 3 already, when the batch is dynamic)
+        for batch in () if shapes else self._other_batches():  # a batch size baked in fails here, not at the user's
             try:
                 sess.run(None, self._feeds_at(batch))
             except Exception as e:  # noqa: BLE001
                 raise PruneError(f"rewritten graph does not run at batch size {batch} (the probe ran at "
                                  f"{self.probe_batch}): {str(e).splitlines()[0]}") from None
-        for batch, size in self._other_shapes():  # so is a token count baked in
+        for batch, size in shapes:  # so is a token count baked in
             what = f"length {size['length']}" if "length" in size else f"image size {size['side']}x{size['side']}"
+            if size.get("past"):
+                what += f" after {size['past']} cached tokens"
+            feeds = example_inputs(self.model, batch, **size)
             try:
-                sess.run(None, example_inputs(self.model, batch, **size))
+                sess.run(None, feeds)
             except Exception as e:  # noqa: BLE001
+                if original is not None and not _runs(original, feeds):
+                    continue  # the model prunec was given does not take that shape either (a length past its
+                    # position table, an image size it cannot patch): not the rewrite's fault
                 raise PruneError(f"rewritten graph does not run at batch {batch}, {what} (the probe ran at "
                                  f"{self._probe_length() or self._probe_side()}): {str(e).splitlines()[0]}") from None
 
@@ -228,13 +277,18 @@ class OnnxModel(Model):
         count is dynamic (batch 1 and 3 where the batch is dynamic): a shorter and a longer sequence
         ({"length": L}), or a larger and the same image size ({"side": S}: 448 and 224, multiples
         of the usual patch sizes 14, 16 and 32)."""
+        from .ir.from_onnx import cache_inputs
+
         n, side = self._probe_length(), self._probe_side()
         b1, b2 = (1, 3) if self._other_batches() else (self.probe_batch, self.probe_batch)
         if not self.dynamic_tokens or (n is None and side is None):
             return ()
         if n is None:
             return (b1, {"side": 2 * side}), (b2, {"side": side})
-        return (b1, {"length": max(2, n - 11)}), (b2, {"length": n + 14})
+        shapes = ((b1, {"length": max(2, n - 11)}), (b2, {"length": n + 14}))
+        if cache_inputs(self.model):  # decode steps (one new token) and a prefill after a cached one
+            shapes += ((b2, {"length": 1, "past": n + 5}), (b1, {"length": 6, "past": n}))
+        return shapes
 
     def _other_batches(self) -> tuple[int, ...]:
         """Batch sizes besides the probe's that :meth:`validate` also runs (1 and 3), when every
@@ -304,6 +358,17 @@ class OnnxModel(Model):
         from .backends.torch_ort import OrtModule
 
         return OrtModule(self)
+
+
+def _runs(model, feeds: dict) -> bool:
+    """Whether ONNX Runtime runs the onnx-ir ``model`` on ``feeds``."""
+    from .ir.session import make_session
+
+    try:
+        make_session(model, quick=True).run(None, feeds)
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def _bfloat16_value(model) -> str | None:
@@ -377,6 +442,7 @@ class TorchModel(Model):
         from .backends.fx import lower_fx
 
         self._check_not_exposed()
+        self._unique_tags(plan)
         gm = lower_fx(self.gm, plan)
         out = TorchModel(gm, self.args, self.kwargs)
         out.validate()
@@ -493,6 +559,7 @@ class TorchModel(Model):
         shared = {id(t): t for t in [*self.gm.parameters(), *self.gm.buffers()]}  # weights shared, graph new
         out = TorchModel(copy.deepcopy(self.gm, shared), self.args, self.kwargs)
         out.cuts, out.static_dests, out.exposed = self.cuts, self.static_dests, self.exposed
+        out.reducing = self.reducing
         return out
 
     def reexported(self) -> "TorchModel":
@@ -747,7 +814,7 @@ def _copy_in_kernel(src: str, dst: str) -> None:
             pos = end
 
 
-def _save_linked(model, path: str, data_name: str) -> bool:
+def _save_beside_data(model, path: str, data_name: str) -> bool:
     """Save ``model`` at ``path`` with its external weights where they are: when every external
     tensor lies in one file and the tensors held in memory (prunec's own, small) fit in the proto,
     that file is copied by the kernel as ``data_name`` beside ``path`` (:func:`_copy_in_kernel`) and the
@@ -765,7 +832,7 @@ def _save_linked(model, path: str, data_name: str) -> bool:
     target = os.path.join(os.path.dirname(path), data_name)
     try:
         _copy_in_kernel(next(iter(files)), target)
-    except OSError:
+    except (OSError, AttributeError):  # no copy_file_range / SEEK_DATA (not Linux), or a filesystem without them
         shutil.copyfile(next(iter(files)), target)
     moved = {}
     for g in model.graphs():
@@ -785,9 +852,9 @@ def _save_linked(model, path: str, data_name: str) -> bool:
 
 def save_onnx(model, path: str | os.PathLike) -> Path:
     """Save an onnx-ir model atomically. A model with external data (or weights over 2 GiB) is
-    written as ``PATH`` plus its weights in ``PATH.data`` beside it (the input's data file hard-linked
-    when it holds every weight: :func:`_save_linked`): both are made in a temporary folder beside
-    ``PATH`` and renamed into place together."""
+    written as ``PATH`` plus its weights in ``PATH.data`` beside it (the input's data file copied by the
+    kernel when it holds every weight: :func:`_save_beside_data`; else every weight written anew): both
+    are made in a temporary folder beside ``PATH`` and renamed into place together."""
     import shutil
 
     import onnx_ir as ir
@@ -803,7 +870,7 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
     except OSError as e:
         raise PruneError(f"cannot write {path}: {e.strerror or e}") from None
     try:
-        if not _save_linked(model, os.path.join(tmpdir, path.name), data.name):
+        if not _save_beside_data(model, os.path.join(tmpdir, path.name), data.name):
             ir.save(model, os.path.join(tmpdir, path.name), external_data=data.name, size_threshold_bytes=1024)
         _publish([(os.path.join(tmpdir, data.name), data), (os.path.join(tmpdir, path.name), path)])
     except OSError as e:
@@ -947,13 +1014,10 @@ def apply_passes(model: Model, passes, progress=None) -> tuple[Model, list]:
             base, cuts = base.lower(Plan(cuts)), []
             facts = PlannedFacts(base.facts())
             plan = p.plan(base, facts)
-        tags = {c.tag for c in cuts}
         for cut in plan.cuts:
-            if cut.tag in tags:  # the same pass twice at one layer: a name of its own
-                cut.tag += f"_{len(cuts)}"
             cuts.append(cut)
             facts = facts.after(cut)
-        if not any(c.kept < c.num_tokens for c in plan.cuts):
+        if not any(c.reduces for c in plan.cuts):
             idle.append(p)
     if progress is not None:
         progress("lowering and checking")

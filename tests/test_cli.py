@@ -227,3 +227,21 @@ def test_dynamic_sequence_runs_at_any_length_and_shape_still_specializes(tmp_pat
     r = prunec(path, "--pass", "fastv", "--shape", "nosuch=?,16", "-o", tmp_path / "c.onnx")
     assert r.returncode != 0 and "not an input" in r.stderr
     assert np.isfinite(out).all()
+
+
+def test_every_command_takes_the_loading_options():
+    """inspect and bench (like prune, eval, tune and sweep) take --probe-length and --check: a span past
+    the default probe length of a dynamic model works through them."""
+    import json
+
+    from test_dynamic import exported
+
+    path = exported("bert", "torchscript17")
+    r = prunec("inspect", path, "--probe-length", "40", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["tokens"] == 40
+    r = prunec("bench", path, "--pass", "fastv", "--span", "1:35", "--probe-length", "40", "--check", "none",
+               "--repeat", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    r = prunec("bench", path, "--pass", "fastv", "--span", "1:35", "--repeat", "1")
+    assert r.returncode != 0 and "--probe-length" in r.stderr

@@ -62,8 +62,8 @@ def exported(name, exporter):
     example = inputs(name, 2, 16)
     args = tuple(example[k] for k in names)
     path = export_dir() / f"dyn_{name}.{exporter}.onnx"
-    if exporter == "torchscript17":
-        torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=17, input_names=names,
+    if exporter.startswith("torchscript"):  # torchscript14, torchscript17: the opset
+        torch.onnx.export(wrapper, args, str(path), dynamo=False, opset_version=int(exporter[11:]), input_names=names,
                           dynamic_axes={k: {0: "batch", 1: "sequence"} for k in names})
     else:
         batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("sequence", min=3, max=200)
@@ -266,3 +266,43 @@ def test_a_dynamic_image_size_is_pruned_at_every_size():
         np.testing.assert_allclose(fastv.run({"x": x.numpy()})[0], ref.detach().numpy(), rtol=1e-4, atol=1e-4)
         ref, _ = reference_merge(m, {"x": x}, {i: tome_reduce(8, 1) for i in range(3)}, prop_attn=True)
         np.testing.assert_allclose(tome.run({"x": x.numpy()})[0], ref.detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_dynamic_cut_that_keeps_every_token_at_the_probe_length_still_reduces():
+    """VisionZip with 40 dominant tokens keeps all 29 probe tokens, yet halves a 128-token input: the
+    pipeline does not call it idle, the model says it reduced, and expose finds its token output."""
+    base = prunec.load(exported("bert", "dynamo18"))
+    vz = prunec.passes.get("visionzip")(dominant=40, contextual=8, prefix=1, layer="2")
+    out, idle = prunec.model.apply_passes(base, [vz])
+    assert idle == [] and out.reduced_since(base) and out.cuts[0][1:] == (29, 29)
+    feeds = {k: v.numpy() for k, v in inputs("bert", 2, 128).items()}
+    exposed = out.expose("sizes")
+    hidden, sizes = exposed.run(feeds)
+    assert hidden.shape == (2, 48, 64) and sizes.shape == (2, 48) and (sizes.sum(1) == 128).all()
+
+
+def test_opset14_merges_run_when_no_slot_is_left():
+    """Below opset 16 a merge sums tokens with a one-hot product, whose depth ORT refuses at 0: VisionZip
+    on 2..6 tokens (every token dominant, no contextual slot) runs and keeps them all."""
+    base = prunec.load(exported("bert", "torchscript14"))
+    vz = prunec.passes.get("visionzip")(dominant=6, contextual=2, prefix=1, layer="2")(base)
+    for n in range(2, 9):
+        out = vz.run({k: v.numpy() for k, v in inputs("bert", 2, n).items()})[0]
+        assert out.shape == (2, min(n, 8), 64)
+
+
+def test_validation_skips_lengths_the_model_itself_does_not_take():
+    """Probed at 250 tokens for a span up to 240, the model (256 positions) cannot run the longer
+    validation input: the rewrite is not blamed for it."""
+    base = prunec.load(exported("bert", "torchscript17"), probe_length=250)
+    pruned = prunec.passes.get("fastv")(keep="0.5", layer="2", span="1:240")(base)
+    out = pruned.run({k: v.numpy() for k, v in inputs("bert", 1, 250).items()})[0]
+    assert out.shape == (1, 1 + 120 + 10, 64)
+
+
+def test_the_same_pass_twice_at_one_layer_gets_tags_of_its_own():
+    base = prunec.load(exported("bert", "torchscript17"))
+    p = prunec.passes.get("divprune")(keep="0.5", layer="2")
+    out = prunec.Pipeline([p, p])(base)
+    assert [t for t, _, _ in out.cuts] == ["divprune_l2", "divprune_l2_1"]
+    assert out.run({k: v.numpy() for k, v in inputs("bert", 1, 40).items()})[0].shape == (1, 10, 64)

@@ -149,6 +149,19 @@ def test_weights_over_the_protobuf_limit_go_to_external_data(vit, pruned_inline,
         np.testing.assert_array_equal(a, b)
 
 
+def test_external_data_is_copied_without_copy_file_range(vit, pruned_inline, tmp_path, monkeypatch):
+    """Where the kernel copy is missing (not Linux: no os.copy_file_range), the data file is copied
+    in user space instead: the same model."""
+    src = save_external(vit, tmp_path / "ext.onnx")
+    model = prunec.passes.FastV(**FASTV)(prunec.load(src))
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    out = model.save(tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").exists()
+    got = prunec.load(out).run({"x": case("timm_vit").inputs["x"].numpy()})
+    for a, b in zip(got, pruned_inline, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.skipif(not os.environ.get("PRUNEC_BIG"), reason="writes 2 GiB and needs ~4.5 GiB of memory: "
                     "set PRUNEC_BIG=1 to run")
 def test_a_weight_over_2gib(vit, pruned_inline, tmp_path):

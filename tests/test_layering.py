@@ -9,7 +9,7 @@ Layers (low to high); a module may import its own layer or a lower one, never a 
    plain-torch kernels the fx backend calls): facts and kernels, importing no pass.
 2. ``prunec.passes`` (the passes and their Plan).
 3. ``prunec.backends`` (lower a Plan: fx, ONNX).
-4. ``prunec.model``, ``prunec.inspect`` and the package ``prunec`` itself (its ``__init__``
+4. ``prunec.model``, ``prunec.inspect``, ``prunec.generate`` and the package ``prunec`` itself (its ``__init__``
    re-exports the model API).
 5. ``prunec.cli``, ``prunec.measure``, ``prunec.demo``, ``prunec.bench``, ``prunec.console``,
    ``prunec.examples``: the tools on top.
@@ -33,7 +33,7 @@ LAYERS = {
     "prunec.passes.analysis": 1, "prunec.ops": 1,
     "prunec.passes": 2,
     "prunec.backends": 3,
-    "prunec": 4, "prunec.model": 4, "prunec.inspect": 4,
+    "prunec": 4, "prunec.model": 4, "prunec.inspect": 4, "prunec.generate": 4,
     "prunec.cli": 5, "prunec.measure": 5, "prunec.demo": 5, "prunec.bench": 5, "prunec.console": 5,
     "prunec.examples": 5,
 }

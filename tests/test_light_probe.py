@@ -56,7 +56,7 @@ def _unreadable_weights(model, tmp_path):
 
 @pytest.mark.parametrize("name,form", [("hf_llama", "dynamo18"), ("timm_vit", "torchscript17")])
 def test_a_model_whose_weights_cannot_be_read_is_analysed_rewritten_and_checked(name, form, tmp_path):
-    """No weight is read: with every weight unreadable, the light probe, a ToMe + FastV plan, its
+    """No weight is read: with every weight unreadable, the light probe, a FastV plan, its
     lowering and the structural check all work; the full check, which runs the model, fails."""
     base = prunec.load(onnx_file(name, form))
     model = prunec.OnnxModel(_unreadable_weights(base, tmp_path).model, light=True)

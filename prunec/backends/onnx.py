@@ -29,8 +29,8 @@ from .onnx_merge import lower_merge, merge_sizes, scatter_sum
 
 def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], counts, bias=None):
     """Zero-TPrune's I′ -> S -> I selection (as ``prunec.ops.select_zero_tprune``) -> span picks
-    [B, k] and a [B, ...] tensor to read the batch size from. ``counts``: (N, start, end, k) of the
-    span (numbers, or run-time values on a dynamic token count)."""
+    [B, k]. ``counts``: (N, start, end, k) of the span (numbers, or run-time values on a dynamic
+    token count)."""
     n, lo, hi, k = counts
     site = r.site
     if site.probs is not None:
@@ -73,7 +73,7 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], counts, 
         ninf = b.op("Expand", [b.floats([[-np.inf]], "ninf"), b.op("Shape", [drop])])
         imp = b.op("ScatterElements", [imp, drop, ninf], {"axis": 1})
     _, top = b.op("TopK", [imp, b.num(k, "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
-    return top, imp
+    return top
 
 
 def _wpr_start(b: _Builder, n, cls: int | None) -> ir.Value:
@@ -82,13 +82,12 @@ def _wpr_start(b: _Builder, n, cls: int | None) -> ir.Value:
     if not isinstance(n, ir.Value):
         return b.floats(np.array(wpr_start(n, cls), np.float32)[None, :], "s0")
     nd = b.op("Cast", [n], {"to": ir.DataType.DOUBLE})
-    ones = b.op("Cast", [b.op("Unsqueeze", [b.arange(0, n), b.ints([0], "axes")])], {"to": ir.DataType.DOUBLE})
-    ones = b.op("Add", [b.op("Mul", [ones, b.const(np.array(0.0), "zero")]), b.const(np.array(1.0), "one")])
+    positions = b.op("Unsqueeze", [b.arange(0, n), b.ints([0], "axes")])  # [1, N]
+    ones = b.op("Expand", [b.const(np.array([[1.0]]), "one"), b.op("Shape", [positions])])
     if cls is None:
         return b.op("Cast", [b.op("Div", [ones, nd])], {"to": ir.DataType.FLOAT})
     root = b.op("Sqrt", [nd])
-    is_cls = b.op("Equal", [b.op("Unsqueeze", [b.arange(0, n), b.ints([0], "axes")]), b.ints(cls, "cls")])
-    start = b.op("Where", [is_cls, root, ones])
+    start = b.op("Where", [b.op("Equal", [positions, b.ints(cls, "cls")]), root, ones])
     total = b.op("Add", [b.op("Sub", [nd, b.const(np.array([1.0]), "one")]), root])
     return b.op("Cast", [b.op("Div", [start, total])], {"to": ir.DataType.FLOAT})
 
@@ -99,19 +98,25 @@ def _round_times(b: _Builder, count: ir.Value, ratio: float) -> ir.Value:
     return b.op("Cast", [b.op("Round", [x])], {"to": ir.DataType.INT64})
 
 
-def _span_counts(b: _Builder, cut: Cut, n) -> tuple:
+def _span_counts(b: _Builder, cut: Cut, n, past: ir.Value | None = None) -> tuple:
     """(start, end, k) of a selection's span: the plan's numbers, or (a dynamic token count: ``n``
     a run-time value) computed by its :class:`~prunec.passes.base.CountRule` as ``resolve`` does:
-    ends clipped to [0, N], k = ``count`` capped at the span length L, or max(1, min(L, round(keep · L)))."""
+    ends clipped to [0, N], k = ``count`` capped at the span length L, or max(1, min(L, round(keep · L))).
+    ``past``: a decoder's cache length [1] (the span is empty when it is not 0)."""
     r = cut.reduce
     if r.rule is None:
         return r.span_start, r.span_end, r.k
     rule = r.rule
 
     def bound(offset: int, from_end: bool, low):  # clipped to [low, N]
-        return b.arith("Min", b.arith("Max", b.arith("Sub", n, offset) if from_end else offset, low), n)
+        if from_end:  # N − offset may be negative: a real Max (arith folds max(x, 0) for counts, x >= 0)
+            return b.arith("Min", b.op("Max", [b.arith("Sub", n, offset), b.num(low, "low")]), n)
+        return b.arith("Min", b.arith("Max", offset, low), n)
     start = bound(rule.start, rule.start_from_end, 0)
     end = bound(rule.end, rule.end_from_end, start)
+    if past is not None:  # a decoder prunes in its prefill only: with entries in the cache the span is empty
+        cached = b.op("Greater", [past, b.ints([0], "zero")])
+        end = b.op("Where", [cached, b.num(start, "start"), b.num(end, "end")])
     length = b.arith("Sub", end, start)
     if rule.count is not None:
         return start, end, b.arith("Min", length, rule.count)
@@ -128,14 +133,72 @@ def _random_scores(b: _Builder, n, seed: int, like: ir.Value) -> ir.Value:
     h = b.op("Mod", [h, b.ints(MERSENNE31, "p")])
     for _ in range(3):
         h = b.op("Mod", [b.op("Mul", [h, b.ints(PARK_MILLER, "pm")]), b.ints(MERSENNE31, "p")])
-    row = b.op("Unsqueeze", [b.op("Cast", [h], {"to": ir.DataType.DOUBLE}), b.ints([0], "axes")])
-    return b.op("Expand", [row, b.op("Concat", [b.batch_size(like), b.ints([1], "one")], {"axis": 0})])
+    return b.batch_row(b.op("Cast", [h], {"to": ir.DataType.DOUBLE}), like)
 
 
-def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict) -> ir.Value | None:
+def _per_token(b: _Builder, x: ir.Value, tokens: ir.Value, positions: ir.Value | None) -> ir.Value:
+    """The entries of a per-token input ``x`` [B, T] (an attention mask [B, past + S], input ids
+    [B, S]: the last S entries are the ``tokens`` [B, S, C] the model was given) for the tokens
+    entering a cut, [B, N] (``positions`` [B, N]: the original positions of the tokens an earlier
+    cut kept)."""
+    own = b.slice(x, b.arith("Sub", b.dim(x, 1), b.dim(tokens, 1)), np.iinfo(np.int64).max)
+    return own if positions is None else b.op("GatherElements", [own, positions], {"axis": 1})
+
+
+def _padding(b: _Builder, cut: Cut, values: dict[str, ir.Value], positions: ir.Value | None,
+             tokens: ir.Value) -> ir.Value | None:
+    """Where the tokens entering ``cut`` are padding, [B, N] bool, in a decoder with a KV cache."""
+    if cut.padding is None:
+        return None
+    mask = values[cut.padding]
+    return b.op("Equal", [_per_token(b, mask, tokens, positions), b.const(np.array(0, mask.dtype.numpy()), "zero")])
+
+
+def _rule_count(b: _Builder, rule, length: ir.Value) -> ir.Value:
+    """k of a span of ``length`` tokens (any shape, int64) by the rule: ``count`` capped at the
+    length, or max(1, round(keep · length)) capped at it (0 for an empty span)."""
+    if rule.count is not None:
+        return b.op("Min", [length, b.ints([rule.count], "count")])
+    return b.op("Min", [length, b.op("Max", [_round_times(b, length, rule.keep), b.ints([1], "one")])])
+
+
+def _token_span_top(b: _Builder, rule, scores: ir.Value, ids: ir.Value, n, start, end,
+                    padding: ir.Value | None = None) -> tuple:
+    """span=token:ID: each sample's span is where its ``ids`` [B, N] equal ID within [start, end)
+    (never ``padding`` [B, N], even with ID as its id);
+    it keeps k of its span by the rule on its own span length and every other token; the batch
+    keeps M = the largest such count. Returns (picks [B, M] unsorted, M [1])."""
+    pos = b.arange(0, n)
+    inside = b.op("And", [b.op("GreaterOrEqual", [pos, b.num(start, "start")]), b.op("Less", [pos, b.num(end, "end")])])
+    ids = b.op("Cast", [ids], {"to": ir.DataType.INT64})
+    in_span = b.op("And", [b.op("Equal", [ids, b.const(np.array(rule.token_id, np.int64), "id")]), inside])
+    if padding is not None:
+        in_span = b.op("And", [in_span, b.op("Not", [padding])])
+    length = b.reduce_sum(b.op("Cast", [in_span], {"to": ir.DataType.INT64}), [1])
+    kept = b.op("Add", [b.op("Sub", [b.num(n, "n"), length]), _rule_count(b, rule, length)])
+    m = b.reduce("ReduceMax", kept, [0], keepdims=1)
+    first = np.array(np.inf, np.float64 if scores.dtype == ir.DataType.DOUBLE else np.float32)
+    ranked = b.op("Where", [in_span, scores, b.const(first, "outside")])  # the rest of the tokens: always kept
+    _, top = b.op("TopK", [ranked, m], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    return top, m
+
+
+def _count_with_padding(b: _Builder, rule, pad: ir.Value, length) -> ir.Value:
+    """k for a span that holds padding (``pad`` [B, L] bool; ``length``: L): each row keeps all its
+    padding p and k of its real tokens by the rule on L − p; the batch keeps the largest such count
+    ([1] int64), so a row with fewer keeps more of its best real tokens."""
+    p = b.reduce_sum(b.op("Cast", [pad], {"to": ir.DataType.INT64}), [1])
+    k = _rule_count(b, rule, b.op("Sub", [length, p]))
+    return b.reduce("ReduceMax", b.op("Add", [p, k]), [0], keepdims=1)
+
+
+def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict,
+               padding: ir.Value | None = None, ids: ir.Value | None = None) -> ir.Value | None:
     """Nodes computing the kept indices [B, M] of ``cut``. ``biases``: site node name -> the
     log-size bias an earlier cut of the plan adds to it. On a dynamic token count (the reduction
-    has a ``rule``) N, the span, k and M are computed at run time."""
+    has a ``rule``) N, the span, k and M are computed at run time. ``padding`` [B, N] bool: tokens
+    ranked first (a decoder's cache keeps padding, so that decode steps find it masked). ``ids``
+    [B, N]: the entering tokens' input ids (``span=token:ID``)."""
     r = cut.reduce
     if isinstance(r, GridPool):  # side inputs follow each window's first token
         reps = r.representatives()
@@ -144,11 +207,11 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict)
         return idx
     stream = values[cut.stream.name]
     n = b.dim(stream, 1) if r.rule is not None else cut.num_tokens
-    start, end, k = _span_counts(b, cut, n)
+    start, end, k = _span_counts(b, cut, n, b.dim(values[cut.past], 2) if cut.past else None)
     if isinstance(r, Diverse):
         top = _diverse(b, b.as_f32(values[r.features.name], r.features.dtype), start, end, k)
     elif isinstance(r, PageRank):
-        top, _ = _zero_tprune(b, r, values, (n, start, end, k), biases.get(r.site.node.ref.name))
+        top = _zero_tprune(b, r, values, (n, start, end, k), biases.get(r.site.node.ref.name))
     else:
         if isinstance(r, Random):
             scores = _random_scores(b, n, r.seed, stream)
@@ -158,6 +221,17 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict)
                                  biases.get(site.node.ref.name))
         else:
             raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
+        if cut.past and isinstance(r, TopK):  # attention over the cache and the new tokens: the new ones' columns
+            scores = b.slice(scores, b.arith("Sub", b.dim(scores, 1), n), np.iinfo(np.int64).max)
+        if ids is not None:
+            top, m = _token_span_top(b, r.rule, scores, ids, n, start, end, padding)
+            out = b.sort_ascending(top, m)
+            out.name = f"{cut.tag}/keep_idx"
+            return out
+        if padding is not None:
+            first = np.array(np.inf, np.float64 if isinstance(r, Random) else np.float32)
+            scores = b.op("Where", [padding, b.const(first, "padding"), scores])
+            k = _count_with_padding(b, r.rule, b.slice(padding, start, end), b.arith("Sub", end, start))
         span = scores if (not isinstance(start, ir.Value) and start == 0 and end is n) else b.slice(scores, start, end)
         _, top = b.op("TopK", [span, b.num(k, "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
     return _with_fixed(b, top, stream, (n, start, end, k), cut.tag)
@@ -273,6 +347,18 @@ def _gather(b: _Builder, x: ir.Value, shape, idx: ir.Value, axis: int, batch_axi
     return y
 
 
+def _key_index(b: _Builder, x: ir.Value, axis: int, stream: ir.Value, past: ir.Value, idx: ir.Value) -> ir.Value:
+    """The entries [B, P + M] to take along ``x``'s key axis (T = the caller's cached + new tokens)
+    for layers that cache only kept tokens (``past``: their cache [B, H, P, D]; ``idx``: the kept
+    new tokens [B, M] of the ``stream`` [B, S, C]): the first P entries, then the kept new ones.
+    In a prefill (P = 0, T = S) that is ``idx``. In a decode step the caller's mask is that of the
+    original tokens, left-padded: [0 × padding, 1 × the rest]; the layer's cache holds every
+    padding token (never pruned) and fewer real ones, all 1, so its mask is the caller's first P."""
+    new_from = b.arith("Sub", b.dim(x, axis), b.dim(stream, 1))  # T − S: where the new tokens start
+    cached = b.batch_range(0, b.dim(past, 2), idx)
+    return b.op("Concat", [cached, b.op("Add", [idx, new_from])], {"axis": 1})
+
+
 def _kept_valid(b: _Builder, lengths: ir.Value, ends_starts: bool, idx: ir.Value) -> ir.Value:
     """A lengths mask of the uncut sequence (see :func:`length_valid`) -> the int32 0/1 mask
     [B, M] of the kept tokens ``idx`` [B, M] (their original positions)."""
@@ -386,7 +472,8 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
         order[n.name] = i
         for o in n.outputs:
             values[o.name] = o
-    ctx = _Context(graph, values, nodes, order, itertools.count(), {}, any(c.length_masks for c in plan.cuts))
+    ctx = _Context(graph, values, nodes, order, itertools.count(), {},
+                   any(c.length_masks or c.padding or c.ids for c in plan.cuts))
     lowered: dict[str, _Lowered] = {}
     for cut in plan.cuts:
         lowered[cut.tag] = _lower_cut(ctx, cut, lowered[cut.parent.tag] if cut.parent is not None else None)
@@ -424,7 +511,11 @@ def _lower_cut(ctx: _Context, cut: Cut, parent: _Lowered | None) -> _Lowered:
     if isinstance(cut.reduce, Merge):
         merged, dest, idx = lower_merge(b, cut, values, size_in, ctx.site_bias)
     else:
-        idx = _selection(b, cut, values, ctx.site_bias)
+        root = (cut.ancestors() or [cut])[-1]  # the first cut of the chain: the tokens the model was given
+        tokens, positions = ctx.values[root.stream.name], parent.positions if parent is not None else None
+        ids = _per_token(b, values[cut.ids], tokens, positions) if cut.ids else None
+        padding = _padding(b, cut, values, positions, tokens)
+        idx = _selection(b, cut, values, ctx.site_bias, padding, ids)
     kept = b.dim(idx, 1) if _dynamic(cut) else cut.kept  # M: a run-time value when N is dynamic
     out = _Lowered(values)
     if ctx.positions:
@@ -452,7 +543,8 @@ def _lower_cut(ctx: _Context, cut: Cut, parent: _Lowered | None) -> _Lowered:
             for axis in c.token_axes:
                 shape[axis] = cut.num_tokens  # the planned graph spells N; the parent left num_tokens
             for axis in c.token_axes:
-                y = _gather(gb, y, shape, idx, axis, c.batch_axis)
+                by = _key_index(gb, y, axis, stream, values[cut.past], idx) if axis in c.key_axes else idx
+                y = _gather(gb, y, shape, by, axis, c.batch_axis)
                 shape[axis] = cut.kept
         for u, i in uses:
             u.replace_input_with(i, y)
@@ -530,9 +622,10 @@ def _register_fixes(ctx: _Context, cut: Cut, sizes: dict, positions: ir.Value, m
     for fix in cut.count_fixes:  # x.sum(1) / N -> / M, in the constant's dtype and shape
         ctx.fixes[("count", fix.node.ref.name, fix.slot)] = functools.partial(
             _fix_count, graph, nodes[fix.node.ref.name], fix, m, fix.value != cut.kept, cut.tag, counter)
+    past = values[cut.past] if cut.past else None
     for fix in cut.shape_fixes:
         ctx.fixes[("shape", fix.node.ref.name)] = functools.partial(
-            _fix_shape, graph, nodes[fix.node.ref.name], fix, m, cut.tag, counter)
+            _fix_shape, graph, nodes[fix.node.ref.name], fix, m, cut.tag, counter, past)
     for lm in cut.length_masks:
         ctx.fixes[("lengths", lm.node.ref.name, lm.input_index)] = functools.partial(
             _fix_lengths, graph, nodes[lm.node.ref.name], lm, values[lm.value.name], positions, m, cut, counter)
@@ -560,17 +653,22 @@ def _fix_count(graph, node: ir.Node, fix, m, inverse: bool, tag: str, counter) -
     node.replace_input_with(fix.slot, cb.op("Reshape", [new, cb.ints(list(shape), "shape")]))
 
 
-def _fix_shape(graph, node: ir.Node, fix, m, tag: str, counter) -> None:
+def _fix_shape(graph, node: ir.Node, fix, m, tag: str, counter, past: ir.Value | None = None) -> None:
     """The size operand's entries that spell N become M: a new constant, or (a computed shape, as
     with a dynamic batch; or M a run-time value) a ScatterElements overwriting only those entries
-    at run time."""
+    at run time. ``past``: in a decoder with a KV cache, the cache [B, H, P, D] of the layers after
+    the cut; an entry spelling past + N (``fix.key_positions``) becomes P + M."""
     slot = 0 if node.op_type == "ConstantOfShape" else 1
     shp = node.inputs[slot]
     if isinstance(m, ir.Value):
         fb = _Builder(graph, node, f"{tag}/shape", counter)
         pos = fb.const(np.array(fix.positions, np.int64), "pos")
-        node.replace_input_with(slot, fb.op("ScatterElements", [shp, pos, fb.op("Expand", [m, fb.op("Shape", [pos])])],
-                                            {"axis": 0}))
+        if fix.key_positions:
+            keys = fb.op("Add", [fb.dim(past, 2), m])
+            new = fb.op("Where", [fb.const(np.isin(fix.positions, fix.key_positions), "is_key"), keys, m])
+        else:
+            new = fb.op("Expand", [m, fb.op("Shape", [pos])])
+        node.replace_input_with(slot, fb.op("ScatterElements", [shp, pos, new], {"axis": 0}))
         return
     new = np.array(fix.node.inputs[slot].data).reshape(-1).copy()
     for j in fix.positions:

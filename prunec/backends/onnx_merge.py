@@ -246,6 +246,10 @@ def scatter_sum(b, x: ir.Value, dest: ir.Value, m: int, width: int) -> ir.Value:
     reductions in the scatters) a one-hot product does the same sum: OneHot(dest, M)ᵀ [B, M, N]
     @ x (an index M is out of range, so its row of the one-hot matrix is zero: dropped)."""
     if b.opset < 16:
+        if isinstance(m, ir.Value):  # ORT refuses a depth of 0 (no slot at all): at least 1, cut back to M
+            depth = b.op("Max", [m, b.ints([1], "one")])
+            onehot = b.op("OneHot", [dest, depth, b.floats([0.0, 1.0], "off_on")], {"axis": 1})
+            return b.slice(b.op("MatMul", [onehot, x]), 0, m)
         onehot = b.op("OneHot", [dest, b.num(m, "depth"), b.floats([0.0, 1.0], "off_on")], {"axis": 1})  # [B, M, N]
         return b.op("MatMul", [onehot, x])
     slots = b.num(b.arith("Add", m, 1), "slots")  # [1]: M + 1

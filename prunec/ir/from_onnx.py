@@ -109,8 +109,15 @@ def _ms_rotary(node: ir.Node, attrs: dict) -> tuple[str, dict]:
     return "rotary", {**attrs, "named_inputs": _named_inputs(node, {"position_ids": 1})}
 
 
+def _onnx_rotary(node: ir.Node, attrs: dict) -> tuple[str, dict]:
+    """ONNX RotaryEmbedding (opset 23): x [B, H, N, D] or [B, N, C]; cos/sin caches [B, N, D/2]
+    (or [positions, D/2] with position_ids [B, N], input 3)."""
+    return "rotary", {**attrs, "named_inputs": _named_inputs(node, {"cos_cache": 1, "sin_cache": 2,
+                                                                   "position_ids": 3})}
+
+
 # op type -> normalizer(node, attrs) in the standard domain and in com.microsoft
-_ONNX_OPS = {"Attention": _onnx_attention}
+_ONNX_OPS = {"Attention": _onnx_attention, "RotaryEmbedding": _onnx_rotary}
 _MS_OPS = {
     "EmbedLayerNormalization": lambda node, attrs: ("embed_layernorm", attrs),
     "MultiHeadAttention": _ms_multihead_attention,
@@ -188,6 +195,22 @@ def sequence_dims(model: ir.Model) -> dict[str, int]:
     return out
 
 
+CACHE_PROBE_PAST = 3  # a decoder's KV cache is analysed empty (prefill) and probed again this long
+
+
+def cache_inputs(model: ir.Model) -> list[str]:
+    """The KV-cache inputs of a decoder exported with one (``past_key_values.{i}.key|value``
+    [B, kv_heads, past, head_dim] as Optimum and torch write them): rank-4 inputs whose name says
+    ``past`` and whose axis 2 is dynamic, in graph order."""
+    return [v.name for v in model.graph.inputs
+            if "past" in v.name and v.shape is not None and len(v.shape) == 4 and not isinstance(v.shape[2], int)]
+
+
+def _total_length_input(name: str, rank: int, cached: bool) -> bool:
+    """A decoder's attention mask [B, past + S]: its length is the cache's plus the new tokens'."""
+    return cached and rank == 2 and "attention_mask" in name
+
+
 IMAGE_PROBE_SIDE = 224  # a dynamic image height and width are probed at this size
 
 
@@ -200,13 +223,15 @@ def image_dims(model: ir.Model) -> set[str]:
 
 
 def example_inputs(model: ir.Model, probe_batch: int = 2, length: int | None = None,
-                   side: int | None = None) -> dict[str, np.ndarray]:
+                   side: int | None = None, past: int = 0) -> dict[str, np.ndarray]:
     """Inputs for a probe run: random floats, ones for masks, zeros for ids. Dynamic batch
     dimensions get ``probe_batch``, dynamic sequence axes (:func:`sequence_dims`) ``length``
     (default :data:`PROBE_LENGTH`), a dynamic image height and width (:func:`image_dims`) ``side``
-    (default :data:`IMAGE_PROBE_SIDE`); any other dynamic dimension is refused."""
+    (default :data:`IMAGE_PROBE_SIDE`), a KV cache (:func:`cache_inputs`) ``past`` entries (default
+    none: a prefill) and a decoder's attention mask ``past + length``; any other dynamic dimension
+    is refused."""
     rng = np.random.default_rng(0)
-    seq, images = sequence_dims(model), image_dims(model)
+    seq, images, cache = sequence_dims(model), image_dims(model), set(cache_inputs(model))
     feeds = {}
     for v in model.graph.inputs:
         dims = []
@@ -215,8 +240,11 @@ def example_inputs(model: ir.Model, probe_batch: int = 2, length: int | None = N
                 dims.append(d)
             elif axis == 0:
                 dims.append(probe_batch)
+            elif v.name in cache and axis == 2:
+                dims.append(past)
             elif seq.get(v.name) == axis:
-                dims.append(length or PROBE_LENGTH)
+                total = _total_length_input(v.name, len(v.shape), bool(cache))
+                dims.append((length or PROBE_LENGTH) + (past if total else 0))
             elif v.name in images and axis in (2, 3):
                 dims.append(side or IMAGE_PROBE_SIDE)
             else:
@@ -231,7 +259,8 @@ def example_inputs(model: ir.Model, probe_batch: int = 2, length: int | None = N
         elif np_dtype == np.bool_ or "mask" in v.name:
             feeds[v.name] = np.ones(dims, dtype=np_dtype)
         elif "position" in v.name and dims:
-            feeds[v.name] = np.broadcast_to(np.arange(dims[-1], dtype=np_dtype), dims).copy()
+            start = past if cache else 0
+            feeds[v.name] = np.broadcast_to(np.arange(start, start + dims[-1], dtype=np_dtype), dims).copy()
         else:
             feeds[v.name] = np.zeros(dims, dtype=np_dtype)
     return feeds

@@ -78,6 +78,9 @@ class Graph:
             for v in node.outputs:
                 v.producer = node
         self._nx: nx.DiGraph | None = None
+        self.dynamic_tokens = False  # the token count follows the input's length at run time
+        self.cache_inputs: list[str] = []  # a decoder's KV-cache inputs (analysed empty: a prefill)
+        self.decode_shapes: dict[str, tuple] = {}  # name -> (shape, small int value or None) with a non-empty cache
 
     def nx(self) -> nx.DiGraph:
         """Directed graph over nodes (edges follow data flow)."""

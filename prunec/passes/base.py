@@ -131,6 +131,7 @@ class CountRule:
     end_from_end: bool
     keep: float | None = None
     count: int | None = None
+    token_id: int | None = None  # span=token:ID: each sample's span is where its input ids equal ID, within the ends
 
     def resolve(self, n: int) -> tuple[int, int, int]:
         """(start, end, k) at ``n`` tokens (what the graph computes at run time)."""
@@ -153,6 +154,11 @@ class Select:
     rule: CountRule | None = None
 
     def kept(self, n: int) -> int:
+        """Tokens kept out of ``n``: the planned counts, or (a dynamic token count) what the
+        :class:`CountRule` resolves to at ``n``."""
+        if self.rule is not None:
+            start, end, k = self.rule.resolve(n)
+            return start + k + (n - end)
         return self.k + self.span_start + (n - self.span_end)
 
 
@@ -318,6 +324,7 @@ class Crossing:
     token_axes: list[int]
     batch_axis: int
     role: str | None = None  # a token-size tensor (prunec_size/logsize/meanw): recomputed, not gathered
+    key_axes: list[int] = field(default_factory=list)  # token axes over a KV cache and the new tokens
 
 
 @dataclass
@@ -344,6 +351,7 @@ class Reweigh:
 class ShapeFix:
     node: Node
     positions: list[int]  # entries of the node's size operand that spell N
+    key_positions: list[int] = field(default_factory=list)  # those spelling past + N in a decoder with a KV cache
 
 
 @dataclass
@@ -389,6 +397,9 @@ class Cut:
     length_masks: list = field(default_factory=list)  # LengthMask: rewritten to 0/1 masks of the kept tokens
     parent: "Cut | None" = None  # the earlier cut of the same plan whose kept tokens enter this one
     graph_tokens: int = 0  # the token count the analysed graph spells at the cut (literals that read N)
+    past: str | None = None  # a decoder's KV-cache input read after the cut: its length is the layers' past
+    padding: str | None = None  # a decoder's attention mask input [B, past + S]: padding is never pruned
+    ids: str | None = None  # span=token:ID: the input ids [B, S] whose ID tokens make each sample's span
 
     def __post_init__(self):
         if not self.graph_tokens:
@@ -423,6 +434,23 @@ class Cut:
     @property
     def kept(self) -> int:
         return self.reduce.kept(self.num_tokens)
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether the cut's counts follow the token count at run time."""
+        return getattr(self.reduce, "rule", None) is not None or getattr(self.reduce, "dynamic", False)
+
+    @property
+    def reduces(self) -> bool:
+        """Whether the cut removes tokens: at its planned count, or (a dynamic token count, planned at
+        the probe's length) at a longer input (a VisionZip with more dominant tokens than the probe has
+        reduces nothing there, but does on longer inputs)."""
+        if self.kept < self.num_tokens:
+            return True
+        if getattr(getattr(self.reduce, "rule", None), "token_id", None) is not None:
+            return True  # the span is found in the ids at run time (the probe's ids hold none of it)
+        longer = 64 * max(self.num_tokens, 64)
+        return self.dynamic and self.reduce.kept(longer) < longer
 
 
 @dataclass

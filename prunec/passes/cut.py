@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role, skip_role
 from .base import (RECOVER_MODES, Bipartite, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, PlannedFacts, Recovery,
-                   Reweigh, ShapeFix, TopK)
+                   Random, Reweigh, ShapeFix, TopK)
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -182,6 +182,7 @@ def plan_cut(facts: Facts | PlannedFacts, layer: int, reduce, tag: str, mid: boo
         if token is not None:
             _check_sym_reads(node, token, post)
     _plan_crossings(facts, cut, cls_layer)
+    _plan_cache(facts, cut)
     _plan_length_masks(facts, cut)
     for v in g.outputs:
         if v.producer is not None and v.producer in post:
@@ -248,6 +249,42 @@ def _plan_crossings(facts: Facts, cut: Cut, layer: int) -> None:
             cut.crossings.append(Crossing(stream, axes, b))
     if not any(c.value is stream for c in cut.crossings):
         raise PruneError(f"the residual stream '{stream.name}' entering layer {cut.layer} has no token axis")
+
+
+def _plan_cache(facts: Facts, cut: Cut) -> None:
+    """A decoder with a KV cache (analysed as a prefill, its cache empty): the layers after the cut
+    cache only the kept tokens. ``cut.past`` is the cache input of the first layer after it (its
+    length is what those layers hold); a crossing axis that spans the cache and the new tokens
+    (an attention mask's keys: past + N when the cache holds entries, per the second probe) is a
+    key axis, gathered with the cached entries in front of the kept tokens."""
+    g = facts.graph
+    if not g.cache_inputs:
+        return
+    if not isinstance(cut.reduce, (TopK, Random)):
+        raise PruneError(f"'{cut.tag}' is not a ranked selection, and a decoder with a KV cache takes only those "
+                         f"(fastv, cls-attn, random): a merge, DivPrune or Zero-TPrune could drop padding, which "
+                         f"decode steps must still see masked")
+    if cut.recovery is not None:
+        raise PruneError(f"'{cut.tag}' restores tokens, which a decoder with a KV cache cannot (its later layers "
+                         f"cache only the kept tokens); use recover=none")
+    by_name = {v.name: v for v in g.inputs}
+    masks = [v.name for v in g.inputs if v.shape is not None and len(v.shape) == 2 and "attention_mask" in v.name]
+    cut.padding = masks[0] if masks else None
+    read = [by_name[n] for n in g.cache_inputs if any(u in cut.post for u, _ in by_name[n].uses)]
+    if not read:
+        return
+    cut.past = min(read, key=lambda v: min(u.index for u, _ in v.uses if u in cut.post)).name
+    keys = g.decode_shapes[cut.past][0][2] + cut.graph_tokens  # past + N at the second probe
+    for c in cut.crossings:
+        shape = g.decode_shapes.get(c.value.name, (None,))[0]
+        if shape is None:
+            raise PruneError(f"'{c.value.name}' crosses the cut and prunec could not see its shape with a cache")
+        c.key_axes = [a for a in c.token_axes if shape[a] == keys]
+    for fix in cut.shape_fixes:
+        size = fix.node.inputs[0 if fix.node.ref.op_type == "ConstantOfShape" else 1]
+        value = g.decode_shapes.get(size.name, (None, None))[1]
+        if value is not None:
+            fix.key_positions = [j for j in fix.positions if int(value.reshape(-1)[j]) == keys]
 
 
 def plan_recovery(facts: Facts, stream, post: set, reduce, recover, recover_at, earlier=None) -> Recovery | None:
@@ -564,6 +601,8 @@ def _plan_length_masks(facts: Facts, cut: Cut) -> None:
     for node in sorted(cut.post, key=lambda x: x.index):
         if node.op == "rotary":
             pos = node.attrs.get("position_ids")
+            if pos is None:  # ONNX RotaryEmbedding without positions: per-token cos/sin caches [B, N, D/2]
+                pos = node.attrs.get("cos_cache")
             if pos is None or (not facts.token_axes(pos, layer) and not (pos.producer in cut.post)):
                 raise PruneError(f"rotary node '{node.name}' reads positions that do not follow the tokens "
                                  f"('{pos.name if pos is not None else 'none'}'); kept tokens would get new positions")

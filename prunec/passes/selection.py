@@ -12,9 +12,14 @@ Options common to every selection pass:
   (``1:-8``: all but the first and the last 8 tokens) (default: all
   but the prefix tokens; on a causal decoder also never the first token, the attention
   sink, nor the last, which predicts the next token). After a cut, the next cut's span is
-  the kept part of it.
+  the kept part of it. ``token:ID`` (a graph with a dynamic sequence and an ``input_ids``
+  input): each sample's span is where its input ids equal ID (LLaVA's image placeholder),
+  within the default span, found at run time; each sample keeps its own k of its span, and
+  the batch keeps the largest kept count (a sample with a shorter span keeps more of it).
 """
 from __future__ import annotations
+
+import dataclasses
 
 from ..errors import PruneError
 from .base import CountRule, Option, Pass, Plan, PlannedFacts, keep_count
@@ -25,7 +30,8 @@ COMMON = [
     Option("count", int, None, "absolute number of span tokens kept (instead of keep)"),
     Option("span", str, None, "START:END of the tokens entering the cut that may be pruned; negative ends "
                               "count from the token count N and either end may be left out (1:-8, 1:, -64:) "
-                              "(default: all but prefix tokens)"),
+                              "(default: all but prefix tokens); token:ID: each sample's tokens whose input id "
+                              "is ID (an image placeholder), found at run time"),
 ]
 
 
@@ -100,6 +106,24 @@ def count_rule(span, n: int, prefix: int, causal: bool, narrowed: tuple[int, int
     return rule
 
 
+def _token_span(span, graph, dynamic: bool) -> tuple[int | None, str | None]:
+    """``token:ID`` -> (ID, the name of the graph's input ids [B, S]); (None, None) for other spans."""
+    if not isinstance(span, str) or not span.strip().startswith("token:"):
+        return None, None
+    try:
+        token_id = int(span.split(":", 1)[1])
+    except ValueError:
+        raise PruneError(f"span '{span}' is not token:ID with an integer token id (e.g. token:32000)") from None
+    if not dynamic:
+        raise PruneError(f"span '{span}' needs a model whose sequence length is dynamic (the span is found in "
+                         f"each sample's ids at run time); give START:END for a fixed length")
+    ids = [v for v in graph.inputs if v.name == "input_ids" and v.shape is not None and len(v.shape) == 2]
+    if graph.frontend != "onnx" or not ids:
+        raise PruneError(f"span '{span}' reads the ids of an ONNX model's 'input_ids' input [B, S]; this model "
+                         f"has none" + ("" if graph.frontend == "onnx" else " (the torch path does not take it yet)"))
+    return token_id, ids[0].name
+
+
 class SelectionPass(Pass):
     """Subclasses implement :meth:`reduction` (a Select for one cut) and set defaults."""
 
@@ -164,6 +188,9 @@ class SelectionPass(Pass):
         stream = facts.stream_at(layer)
         n = facts.count_at(stream)
         dynamic = getattr(facts.graph, "dynamic_tokens", False)
+        token_id, ids = _token_span(span, facts.graph, dynamic)
+        if token_id is not None:
+            span = None  # the default span bounds the ID tokens
         try:
             start, end = self.narrow_span(facts, layer, *parse_span(span, n, facts.prefix, facts.causal))
         except PruneError as e:
@@ -186,8 +213,12 @@ class SelectionPass(Pass):
             red.rule = count_rule(span, n, facts.prefix, facts.causal, (start, end), keep,
                                   self.count if keep is None else None)
             assert red.rule.resolve(n) == (start, end, k), (red.rule, start, end, k)
-        return plan_cut(facts, layer, red, tag=self.cut_tag(layer, facts.depth),
-                        recover=self.recover, recover_at=self.recover_at)
+            if token_id is not None:
+                red.rule = dataclasses.replace(red.rule, token_id=token_id)
+        cut = plan_cut(facts, layer, red, tag=self.cut_tag(layer, facts.depth),
+                       recover=self.recover, recover_at=self.recover_at)
+        cut.ids = ids
+        return cut
 
     def cut_tag(self, layer: int, depth: int) -> str:
         """Name of a cut (and prefix of its graph values): ``fastv_l2``, ``divprune_out``."""
@@ -201,7 +232,7 @@ class SelectionPass(Pass):
         for layer, keep in self.schedule(facts.depth):
             cut = self._plan_one(model, facts, layer, keep, span)
             red = cut.reduce
-            if span is not None and hasattr(red, "k"):
+            if span is not None and hasattr(red, "k") and cut.ids is None:
                 span = (red.span_start, red.span_start + red.k)
             cuts.append(cut)
             facts = facts.after(cut)

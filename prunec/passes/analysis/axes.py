@@ -111,13 +111,18 @@ def _reshape_links(node: Node, out: Value, rank: int):
 
 
 def _concat_links(node: Node, out: Value, rank: int):
-    """Every input of the output's rank shares the output's axes but the concat axis."""
+    """Every input of the output's rank shares the output's axes but the concat axis. Where all
+    inputs but one are empty along the concat axis (a decoder's KV cache, probed with no past:
+    ``present = Concat(past [B, H, 0, D], k [B, H, N, D])``), that one input's axis is the output's."""
     axis = node.attrs["axis"] % rank
-    for v in node.inputs:
-        if v is not None and v.shape is not None and len(v.shape) == rank:
-            for i in range(rank):
-                if i != axis:
-                    yield (v, i), (out, i)
+    same_rank = [v for v in node.inputs if v is not None and v.shape is not None and len(v.shape) == rank]
+    for v in same_rank:
+        for i in range(rank):
+            if i != axis:
+                yield (v, i), (out, i)
+    filled = [v for v in same_rank if v.shape[axis] != 0]
+    if len(filled) == 1 and len(same_rank) > 1:
+        yield (filled[0], axis), (out, axis)
 
 
 def _split_links(node: Node, out: Value, rank: int):
@@ -203,17 +208,21 @@ def _embed_layernorm_links(node: Node, out: Value, rank: int):
 
 
 def _rotary_links(node: Node, out: Value, rank: int):
-    """ORT RotaryEmbedding: x [B, N, C] or [B, H, N, D] -> the same shape; position_ids [B, N]."""
+    """ORT / ONNX RotaryEmbedding: x [B, N, C] or [B, H, N, D] -> the same shape; position_ids
+    [B, N], or (ONNX, without positions) cos/sin caches [B, N, D/2]."""
     x = node.inputs[0]
     for i in range(len(x.shape)):
         yield (x, i), (out, i)
+    tok = 1 if len(x.shape) == 3 else 2
     pos = node.attrs.get("position_ids")
-    if pos is not None and pos.shape is not None and len(pos.shape) == 2:
-        tok = 1 if len(x.shape) == 3 else 2
-        if pos.shape[1] == x.shape[tok] > 1:
-            yield (pos, 1), (x, tok)
-        if pos.shape[0] == x.shape[0] > 1:
-            yield (pos, 0), (x, 0)
+    per_token = [pos] if pos is not None else [node.attrs.get("cos_cache"), node.attrs.get("sin_cache")]
+    for p in per_token:
+        if p is None or p.shape is None or len(p.shape) not in (2, 3):
+            continue
+        if p.shape[1] == x.shape[tok] > 1:
+            yield (p, 1), (x, tok)
+        if p.shape[0] == x.shape[0] > 1:
+            yield (p, 0), (x, 0)
 
 
 def _packed_attention_links(node: Node, out: Value, rank: int):

@@ -162,6 +162,30 @@ def _rule_count(b: _Builder, rule, length: ir.Value) -> ir.Value:
     return b.op("Min", [length, b.op("Max", [_round_times(b, length, rule.keep), b.ints([1], "one")])])
 
 
+def _real_tokens_top(b: _Builder, rule, span: ir.Value, pad: ir.Value, length, dtype) -> tuple:
+    """A span with padding, in an encoder (``span`` [B, L] scores in ``dtype``, ``pad`` [B, L] bool):
+    each row picks the top k_b of its real tokens, k_b by the rule on its real span length; the
+    batch keeps k = max k_b, a row with fewer filling up with its padding (masked, so the row's
+    result is that of its text alone), then its next best tokens. Returns (picks [B, k] span-relative,
+    unsorted; k [1])."""
+    p = b.reduce_sum(b.op("Cast", [pad], {"to": ir.DataType.INT64}), [1])
+    real = b.op("Sub", [length, p])  # [B]
+    own = _rule_count(b, rule, real)  # [B]
+    k = b.reduce("ReduceMax", own, [0], keepdims=1)
+    ranked = b.op("Where", [pad, b.const(np.array(-np.inf, dtype), "padding"), span])
+    _, order = b.op("TopK", [ranked, b.num(length, "l")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    rank = b.arange(0, length)  # slot r of a row's order: its real tokens best first, then its padding
+    axes = b.ints([1], "axes")
+    own, real = b.op("Unsqueeze", [own, axes]), b.op("Unsqueeze", [real, axes])
+    neg = b.op("Neg", [rank])
+    key = b.op("Where", [b.op("Less", [rank, own]), neg,  # its own k best, then padding, then the rest
+                         b.op("Where", [b.op("Less", [rank, real]), b.op("Sub", [neg, b.arith("Mul", length, 2)]),
+                                        b.op("Sub", [neg, b.num(length, "l")])])])
+    _, slots = b.op("TopK", [b.op("Cast", [key], {"to": ir.DataType.FLOAT}), k], {"axis": 1, "largest": 1,
+                                                                                 "sorted": 1}, outputs=2)
+    return b.op("GatherElements", [order, slots], {"axis": 1}), k
+
+
 def _token_span_top(b: _Builder, rule, scores: ir.Value, ids: ir.Value, n, start, end,
                     padding: ir.Value | None = None) -> tuple:
     """span=token:ID: each sample's span is where its ``ids`` [B, N] equal ID within [start, end)
@@ -217,8 +241,9 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict,
             scores = _random_scores(b, n, r.seed, stream)
         elif isinstance(r, TopK):
             site = r.score.site
+            real = b.op("Not", [padding]) if padding is not None and cut.pad_last and r.score.query == "mean" else None
             scores = site_scores(b, site, r.score.query, values, None if r.rule is not None else n,
-                                 biases.get(site.node.ref.name))
+                                 biases.get(site.node.ref.name), real)
         else:
             raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
         if cut.past and isinstance(r, TopK):  # attention over the cache and the new tokens: the new ones' columns
@@ -228,6 +253,10 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict,
             out = b.sort_ascending(top, m)
             out.name = f"{cut.tag}/keep_idx"
             return out
+        if padding is not None and cut.pad_last:
+            top, k = _real_tokens_top(b, r.rule, b.slice(scores, start, end), b.slice(padding, start, end),
+                                      b.arith("Sub", end, start), np.float64 if isinstance(r, Random) else np.float32)
+            return _with_fixed(b, top, stream, (n, start, end, k), cut.tag)
         if padding is not None:
             first = np.array(np.inf, np.float64 if isinstance(r, Random) else np.float32)
             scores = b.op("Where", [padding, b.const(first, "padding"), scores])

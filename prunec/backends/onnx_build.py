@@ -317,19 +317,25 @@ def _attention_rows(b: _Builder, site, values: dict[str, ir.Value], query, n, bi
     return b.op("Softmax", [logits], {"axis": -1})
 
 
-def site_scores(b: _Builder, site, query, values: dict[str, ir.Value], n, bias=None) -> ir.Value:
+def site_scores(b: _Builder, site, query, values: dict[str, ir.Value], n, bias=None,
+                real: ir.Value | None = None) -> ir.Value:
     """Attention each of the ``n`` tokens receives in ``site`` from ``query`` (a row index or
     "mean"), mean over heads: [B, N] float32 (whatever the graph's float type). ``bias``: see
-    :func:`_attention_rows` (an eager site's probabilities include it already)."""
+    :func:`_attention_rows` (an eager site's probabilities include it already). ``real`` [B, N]
+    bool: with query "mean", the rows averaged (padding queries left out)."""
     if site.probs is not None:
         if len(site.probs.shape) != 4:
             raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
         p = b.as_f32(values[site.probs.name], site.probs.dtype)
-        if query == "mean":
-            return b.reduce_mean(p, [1, 2])
-        row = b.op("Gather", [p, b.const(np.array(int(query), np.int64), "row")], {"axis": 2})
-        return b.reduce_mean(row, [1])
-    p = _attention_rows(b, site, values, query, n, bias)
-    return b.reduce_mean(p, [1, 2])
+        if query != "mean":
+            row = b.op("Gather", [p, b.const(np.array(int(query), np.int64), "row")], {"axis": 2})
+            return b.reduce_mean(row, [1])
+    else:
+        p = _attention_rows(b, site, values, query, n, bias)
+    if real is None:
+        return b.reduce_mean(p, [1, 2])
+    w = b.op("Unsqueeze", [b.op("Cast", [real], {"to": ir.DataType.FLOAT}), b.ints([2], "axes")])  # [B, N, 1]
+    total = b.reduce_sum(b.op("Mul", [b.reduce_mean(p, [1]), w]), [1])  # [B, N keys]
+    return b.op("Div", [total, b.reduce_sum(w, [1])])
 
 

@@ -398,7 +398,8 @@ class Cut:
     parent: "Cut | None" = None  # the earlier cut of the same plan whose kept tokens enter this one
     graph_tokens: int = 0  # the token count the analysed graph spells at the cut (literals that read N)
     past: str | None = None  # a decoder's KV-cache input read after the cut: its length is the layers' past
-    padding: str | None = None  # a decoder's attention mask input [B, past + S]: padding is never pruned
+    padding: str | None = None  # the attention mask input [B, past + S]: a decoder's cache keeps padding
+    pad_last: bool = False  # an encoder's padding: ranked last, k counted per row on its real tokens
     ids: str | None = None  # span=token:ID: the input ids [B, S] whose ID tokens make each sample's span
 
     def __post_init__(self):

@@ -251,6 +251,25 @@ def _plan_crossings(facts: Facts, cut: Cut, layer: int) -> None:
         raise PruneError(f"the residual stream '{stream.name}' entering layer {cut.layer} has no token axis")
 
 
+def _padding_input(g) -> str | None:
+    """The graph's padding mask input: a 2-D integer or boolean ``attention_mask`` (1 = token,
+    0 = padding; a float one may be additive, 0 = token: not read as padding)."""
+    masks = [v.name for v in g.inputs if v.shape is not None and len(v.shape) == 2 and "attention_mask" in v.name
+             and not v.dtype.startswith(("float", "bfloat"))]
+    return masks[0] if masks else None
+
+
+def _plan_padding(g, cut: Cut) -> None:
+    """A ranked selection on a dynamic sequence with a padding mask input counts per row: each row
+    keeps k of its real span tokens by the rule on its real span length, never padding over a real
+    token; the batch keeps the largest count, the other rows filling up with padding (``cut.padding``,
+    ``cut.pad_last``)."""
+    if g.frontend == "onnx" and g.dynamic_tokens and isinstance(cut.reduce, (TopK, Random)) \
+            and getattr(cut.reduce, "rule", None) is not None and cut.reduce.rule.token_id is None:
+        cut.padding = _padding_input(g)
+        cut.pad_last = cut.padding is not None
+
+
 def _plan_cache(facts: Facts, cut: Cut) -> None:
     """A decoder with a KV cache (analysed as a prefill, its cache empty): the layers after the cut
     cache only the kept tokens. ``cut.past`` is the cache input of the first layer after it (its
@@ -259,6 +278,7 @@ def _plan_cache(facts: Facts, cut: Cut) -> None:
     key axis, gathered with the cached entries in front of the kept tokens."""
     g = facts.graph
     if not g.cache_inputs:
+        _plan_padding(g, cut)
         return
     if not isinstance(cut.reduce, (TopK, Random)):
         raise PruneError(f"'{cut.tag}' is not a ranked selection, and a decoder with a KV cache takes only those "
@@ -268,8 +288,7 @@ def _plan_cache(facts: Facts, cut: Cut) -> None:
         raise PruneError(f"'{cut.tag}' restores tokens, which a decoder with a KV cache cannot (its later layers "
                          f"cache only the kept tokens); use recover=none")
     by_name = {v.name: v for v in g.inputs}
-    masks = [v.name for v in g.inputs if v.shape is not None and len(v.shape) == 2 and "attention_mask" in v.name]
-    cut.padding = masks[0] if masks else None
+    cut.padding = _padding_input(g)
     read = [by_name[n] for n in g.cache_inputs if any(u in cut.post for u, _ in by_name[n].uses)]
     if not read:
         return

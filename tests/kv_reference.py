@@ -61,8 +61,9 @@ def fastv_select(probs: torch.Tensor, span: tuple[int, int] | None, keep: float)
 
 @torch.no_grad()
 def fastv_trace(model, ids: list[int], *, layer: int, keep: float, span: tuple[int, int] | None,
-                max_new_tokens: int) -> tuple[list[int], list[int], list[torch.Tensor]]:
-    """fastv_generate_reference, plus the logits [V] behind each generated token."""
+                max_new_tokens: int, embeds: torch.Tensor | None = None) -> tuple[list[int], list[int], list[torch.Tensor]]:
+    """fastv_generate_reference, plus the logits [V] behind each generated token. ``embeds``
+    [1, N, H]: the prompt's input embeddings (a VLM's, image features at its image tokens)."""
     m = _eager(model)
     n_layers = m.config.num_hidden_layers
     assert 1 <= layer <= n_layers and max_new_tokens >= 1 and len(ids) >= 1
@@ -70,7 +71,7 @@ def fastv_trace(model, ids: list[int], *, layer: int, keep: float, span: tuple[i
     probs = {}
     hook = m.model.layers[layer - 1].self_attn.register_forward_hook(lambda mod, a, out: probs.update(p=out[1]))
     cache = DynamicCache(config=m.config)
-    x = m.model.embed_tokens(torch.tensor([ids]))
+    x = m.model.embed_tokens(torch.tensor([ids])) if embeds is None else embeds
     x = _run_layers(m, x, torch.arange(n), cache, range(layer), lambda i: _causal(n, dtype))
     hook.remove()
     kept = fastv_select(probs["p"][0], span, keep)
@@ -153,3 +154,34 @@ if __name__ == "__main__":
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
         assert model.config._attn_implementation != "eager"
     print("ok")
+
+
+@torch.no_grad()
+def llava_generate_reference(model, pixel_values: torch.Tensor, ids: list[int], *, vision_keep: float,
+                             vision_score_layer: int, layer: int, keep: float, max_new_tokens: int) -> list[int]:
+    """One sample through the unmodified HF LLaVA: FasterVLM on the vision side ([CLS] attention of
+    tower layer ``vision_score_layer``, averaged over heads, keeps the top round(vision_keep · n)
+    patches' features, in order), then FastV with a cache on the language model over the image
+    tokens (``ids`` holds one image token per kept feature). pixel_values [1, 3, H, W]."""
+    import transformers
+
+    tower = copy.deepcopy(model.model.vision_tower).eval()
+    tower.set_attn_implementation("eager")
+    out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
+    patches = out.hidden_states[-2][:, 1:]  # [1, n, D]: LLaVA's features, CLS dropped
+    n = patches.shape[1]
+    if vision_keep < 1.0:
+        scores = out.attentions[vision_score_layer][0, :, 0, 1:].mean(0).tolist()
+        k = max(1, round(vision_keep * n))
+        kept = sorted(sorted(range(n), key=lambda j: (-scores[j], j))[:k])
+        patches = patches[:, kept]
+    features = model.model.multi_modal_projector(patches)[0]  # [k, C]
+    image = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
+    assert len(image) == features.shape[0] and image == list(range(image[0], image[0] + len(image)))
+    embeds = model.model.get_input_embeddings()(torch.tensor([ids])).clone()
+    embeds[0, image] = features
+    lm = transformers.LlamaForCausalLM(model.config.text_config)
+    lm.model, lm.lm_head = model.model.language_model, model.lm_head
+    tokens, _, _ = fastv_trace(lm.eval(), ids, layer=layer, keep=keep, span=(image[0], image[-1] + 1),
+                               max_new_tokens=max_new_tokens, embeds=embeds)
+    return tokens

@@ -251,11 +251,12 @@ def _plan_crossings(facts: Facts, cut: Cut, layer: int) -> None:
         raise PruneError(f"the residual stream '{stream.name}' entering layer {cut.layer} has no token axis")
 
 
-def _padding_input(g) -> str | None:
+def _padding_input(g, floats: bool = False) -> str | None:
     """The graph's padding mask input: a 2-D integer or boolean ``attention_mask`` (1 = token,
-    0 = padding; a float one may be additive, 0 = token: not read as padding)."""
+    0 = padding; a float one may be additive, 0 = token: read only with ``floats``, for a decoder's
+    cache, whose mask [B, past + S] is 0/1 by the layout)."""
     masks = [v.name for v in g.inputs if v.shape is not None and len(v.shape) == 2 and "attention_mask" in v.name
-             and not v.dtype.startswith(("float", "bfloat"))]
+             and (floats or not v.dtype.startswith(("float", "bfloat")))]
     return masks[0] if masks else None
 
 
@@ -288,7 +289,7 @@ def _plan_cache(facts: Facts, cut: Cut) -> None:
         raise PruneError(f"'{cut.tag}' restores tokens, which a decoder with a KV cache cannot (its later layers "
                          f"cache only the kept tokens); use recover=none")
     by_name = {v.name: v for v in g.inputs}
-    cut.padding = _padding_input(g)
+    cut.padding = _padding_input(g, floats=True)
     read = [by_name[n] for n in g.cache_inputs if any(u in cut.post for u, _ in by_name[n].uses)]
     if not read:
         return

@@ -37,9 +37,12 @@ COMMON = [
 
 def span_bounds(span: str) -> tuple[int | None, int | None]:
     """'START:END' -> (start, end), either None when left out and either negative to count
-    from the end (resolved against the cut's token count by :func:`parse_span`). Refuses
+    from the end (resolved against the cut's token count by :func:`parse_span`); ``token:ID``
+    -> (None, None) (each sample's span is found in its ids, see :func:`_token_span`). Refuses
     text that is not two integers, and a range reversed or empty at every length (both
     ends of one sign); a mixed-sign range can only be checked once resolved."""
+    if str(span).strip().startswith("token:"):  # token:ID: checked where the graph is known (_token_span)
+        return None, None
     parts = str(span).split(":")
     try:
         if len(parts) != 2:

@@ -1,0 +1,95 @@
+"""A LLaVA-style VLM end to end on ONNX (issue 14), deployed as VLMs are: a vision encoder ONNX
+(CLIP tower + projector) and a decoder ONNX with a KV cache that takes the image features beside
+the ids. Vision side: cls-attn (FasterVLM) at the tower's output shrinks the image features, so the
+prompt carries fewer image tokens; LLM side: FastV with ``span=token:ID`` prunes the prefill. The
+generated ids equal a plain-PyTorch reference on the unmodified HF LLaVA
+(``kv_reference.llava_generate_reference``), per prompt, in a left-padded batch; keep=1 on both
+sides generates as the unpruned models."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import prunec
+from kv_models import IMAGE_ID, export_llava, left_pad, tiny_llava
+from kv_reference import llava_generate_reference
+
+NEW = 6
+SCORE_LAYER = 1  # FasterVLM: the [CLS] attention of the layer LLaVA takes its features from (-2 of 3)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    model = tiny_llava()
+    vision, decoder = export_llava(model, tmp_path_factory.mktemp("llava"))
+    return model, prunec.load(vision), prunec.load(decoder)
+
+
+def _run(vision, decoder, pixels, texts):
+    """Image features from ``vision``, prompts of text / image tokens / text, ``generate`` on ``decoder``."""
+    features = vision.run({"pixel_values": pixels})[0]
+    n = features.shape[1]
+    prompts = [before + [IMAGE_ID] * n + after for before, after in texts]
+    ids, mask = left_pad(prompts)
+    out = prunec.generate(decoder, ids, mask, max_new_tokens=NEW, prompt_inputs={"image_features": features})
+    return prompts, out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("vision_keep, keep", [(0.5, 0.5), (0.5, 1.0), (1.0, 0.5)])
+def test_vision_and_llm_passes_compose_and_equal_the_reference(llava, vision_keep, keep):
+    hf, vision, decoder = llava
+    rng = np.random.default_rng(int(10 * vision_keep + keep))
+    pixels = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    texts = [(rng.integers(1, 100, 3).tolist(), rng.integers(1, 100, 5).tolist()),
+             (rng.integers(1, 100, 7).tolist(), rng.integers(1, 100, 2).tolist())]
+    if vision_keep < 1:
+        vision = prunec.passes.get("cls-attn")(keep=vision_keep, score_layer=SCORE_LAYER)(vision)
+    if keep < 1:
+        decoder = prunec.passes.FastV(keep=keep, span=f"token:{IMAGE_ID}")(decoder)
+    prompts, got = _run(vision, decoder, pixels, texts)
+    assert len([t for t in prompts[0] if t == IMAGE_ID]) == (8 if vision_keep < 1 else 16)
+    for row, ids in enumerate(prompts):
+        want = llava_generate_reference(hf, torch.from_numpy(pixels[row:row + 1]), ids, vision_keep=vision_keep,
+                                        vision_score_layer=SCORE_LAYER, layer=2, keep=keep, max_new_tokens=NEW)
+        assert got[row].tolist() == want, f"row {row}"
+
+
+def test_keep_one_on_both_sides_is_the_unpruned_vlm(llava):
+    _, vision, decoder = llava
+    rng = np.random.default_rng(1)
+    pixels = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    texts = [([5, 6, 7], [8, 9]), ([11], [12, 13, 14, 15])]
+    _, want = _run(vision, decoder, pixels, texts)
+    same_vision = prunec.passes.get("cls-attn")(keep=1.0, score_layer=SCORE_LAYER)(vision)
+    same_decoder = prunec.passes.FastV(keep=1.0, span=f"token:{IMAGE_ID}")(decoder)
+    _, got = _run(same_vision, same_decoder, pixels, texts)
+    assert (got == want).all()
+
+
+def test_generate_names_a_prompt_input_the_decoder_lacks(llava):
+    _, _, decoder = llava
+    with pytest.raises(prunec.PruneError, match="no 'pixels' input"):
+        prunec.generate(decoder, [[1, 2]], max_new_tokens=1, prompt_inputs={"pixels": np.zeros((1, 1))})
+
+
+def test_the_runnable_example_and_the_cli_on_the_two_files(llava, tmp_path, capsys):
+    """``examples/vlm.py`` runs; ``prunec`` rewrites the decoder with ``--span token:ID``; ``prunec
+    generate`` names the image-features input it cannot feed from the command line."""
+    import importlib.util
+    from pathlib import Path
+
+    from prunec.cli import main
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "vlm.py"
+    spec = importlib.util.spec_from_file_location("vlm_example", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--out", str(tmp_path), "--new-tokens", "3"])
+    out = capsys.readouterr().out
+    assert "both: 8 image tokens per prompt" in out
+    pruned = tmp_path / "cli.onnx"
+    assert main([str(tmp_path / "decoder.onnx"), "--pass", "fastv", "--keep", "0.5", "--span", f"token:{IMAGE_ID}",
+                 "-o", str(pruned)]) == 0
+    assert main(["generate", str(pruned), "--ids", "1,2,3", "--max-new-tokens", "2"]) == 2
+    assert "image_features" in capsys.readouterr().err

@@ -10,7 +10,7 @@ compose, then generation with the KV cache.
    is found by its placeholder id (``span=token:ID``), wherever the text puts it.
 4. Generate for a left-padded batch of two prompts with the unpruned and the pruned pair.
 
-    python examples/vlm.py [--out DIR] [--new-tokens 8]
+    python examples/vlm.py [--out DIR] [--new-tokens 8] [--reuse]
 
 The same on the command line, for the two ONNX files:
 
@@ -46,11 +46,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="folder for the ONNX files (default: a temporary one)")
     ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--reuse", action="store_true", help="use vision.onnx and decoder.onnx already in --out")
     args = ap.parse_args(argv)
     folder = Path(args.out or tempfile.mkdtemp(prefix="prunec-vlm-"))
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"exporting a tiny LLaVA to {folder} ...")
-    vision_path, decoder_path = export_llava(tiny_llava(), folder)
+    vision_path, decoder_path = folder / "vision.onnx", folder / "decoder.onnx"
+    if not (args.reuse and vision_path.exists() and decoder_path.exists()):
+        print(f"exporting a tiny LLaVA to {folder} ...")
+        vision_path, decoder_path = export_llava(tiny_llava(), folder)
     vision, decoder = prunec.load(vision_path), prunec.load(decoder_path)
     vision_pruned = prunec.passes.get("cls-attn")(keep=0.5, score_layer=1)(vision)
     decoder_pruned = prunec.passes.FastV(keep=0.5, span=f"token:{IMAGE_ID}")(decoder)

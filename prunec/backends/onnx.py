@@ -147,7 +147,8 @@ def _per_token(b: _Builder, x: ir.Value, tokens: ir.Value, positions: ir.Value |
 
 def _padding(b: _Builder, cut: Cut, values: dict[str, ir.Value], positions: ir.Value | None,
              tokens: ir.Value) -> ir.Value | None:
-    """Where the tokens entering ``cut`` are padding, [B, N] bool, in a decoder with a KV cache."""
+    """Where the tokens entering ``cut`` are padding, [B, N] bool (``cut.padding``: the attention
+    mask input of a decoder with a KV cache, or of a padded encoder)."""
     if cut.padding is None:
         return None
     mask = values[cut.padding]
@@ -162,15 +163,21 @@ def _rule_count(b: _Builder, rule, length: ir.Value) -> ir.Value:
     return b.op("Min", [length, b.op("Max", [_round_times(b, length, rule.keep), b.ints([1], "one")])])
 
 
+def _real_counts(b: _Builder, rule, pad: ir.Value, length) -> tuple:
+    """A span of ``length`` tokens with padding (``pad`` [B, L] bool): per row (its padding p [B],
+    its real tokens L − p [B], k of them by the rule [B])."""
+    p = b.reduce_sum(b.op("Cast", [pad], {"to": ir.DataType.INT64}), [1])
+    real = b.op("Sub", [length, p])
+    return p, real, _rule_count(b, rule, real)
+
+
 def _real_tokens_top(b: _Builder, rule, span: ir.Value, pad: ir.Value, length, dtype) -> tuple:
     """A span with padding, in an encoder (``span`` [B, L] scores in ``dtype``, ``pad`` [B, L] bool):
     each row picks the top k_b of its real tokens, k_b by the rule on its real span length; the
     batch keeps k = max k_b, a row with fewer filling up with its padding (masked, so the row's
     result is that of its text alone), then its next best tokens. Returns (picks [B, k] span-relative,
     unsorted; k [1])."""
-    p = b.reduce_sum(b.op("Cast", [pad], {"to": ir.DataType.INT64}), [1])
-    real = b.op("Sub", [length, p])  # [B]
-    own = _rule_count(b, rule, real)  # [B]
+    _, real, own = _real_counts(b, rule, pad, length)
     k = b.reduce("ReduceMax", own, [0], keepdims=1)
     ranked = b.op("Where", [pad, b.const(np.array(-np.inf, dtype), "padding"), span])
     _, order = b.op("TopK", [ranked, b.num(length, "l")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
@@ -186,10 +193,10 @@ def _real_tokens_top(b: _Builder, rule, span: ir.Value, pad: ir.Value, length, d
     return b.op("GatherElements", [order, slots], {"axis": 1}), k
 
 
-def _token_span_top(b: _Builder, rule, scores: ir.Value, ids: ir.Value, n, start, end,
+def _token_span_top(b: _Builder, rule, scores: ir.Value, ids: ir.Value, n, start, end, dtype,
                     padding: ir.Value | None = None) -> tuple:
     """span=token:ID: each sample's span is where its ``ids`` [B, N] equal ID within [start, end)
-    (never ``padding`` [B, N], even with ID as its id);
+    (never ``padding`` [B, N], even with ID as its id; ``scores`` [B, N] in ``dtype``);
     it keeps k of its span by the rule on its own span length and every other token; the batch
     keeps M = the largest such count. Returns (picks [B, M] unsorted, M [1])."""
     pos = b.arange(0, n)
@@ -201,8 +208,7 @@ def _token_span_top(b: _Builder, rule, scores: ir.Value, ids: ir.Value, n, start
     length = b.reduce_sum(b.op("Cast", [in_span], {"to": ir.DataType.INT64}), [1])
     kept = b.op("Add", [b.op("Sub", [b.num(n, "n"), length]), _rule_count(b, rule, length)])
     m = b.reduce("ReduceMax", kept, [0], keepdims=1)
-    first = np.array(np.inf, np.float64 if scores.dtype == ir.DataType.DOUBLE else np.float32)
-    ranked = b.op("Where", [in_span, scores, b.const(first, "outside")])  # the rest of the tokens: always kept
+    ranked = b.op("Where", [in_span, scores, b.const(np.array(np.inf, dtype), "outside")])  # the rest: always kept
     _, top = b.op("TopK", [ranked, m], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
     return top, m
 
@@ -211,8 +217,7 @@ def _count_with_padding(b: _Builder, rule, pad: ir.Value, length) -> ir.Value:
     """k for a span that holds padding (``pad`` [B, L] bool; ``length``: L): each row keeps all its
     padding p and k of its real tokens by the rule on L − p; the batch keeps the largest such count
     ([1] int64), so a row with fewer keeps more of its best real tokens."""
-    p = b.reduce_sum(b.op("Cast", [pad], {"to": ir.DataType.INT64}), [1])
-    k = _rule_count(b, rule, b.op("Sub", [length, p]))
+    p, _, k = _real_counts(b, rule, pad, length)
     return b.reduce("ReduceMax", b.op("Add", [p, k]), [0], keepdims=1)
 
 
@@ -246,20 +251,20 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict,
                                  biases.get(site.node.ref.name), real)
         else:
             raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")
+        dtype = np.float64 if isinstance(r, Random) else np.float32  # the scores' type
         if cut.past and isinstance(r, TopK):  # attention over the cache and the new tokens: the new ones' columns
             scores = b.slice(scores, b.arith("Sub", b.dim(scores, 1), n), np.iinfo(np.int64).max)
         if ids is not None:
-            top, m = _token_span_top(b, r.rule, scores, ids, n, start, end, padding)
+            top, m = _token_span_top(b, r.rule, scores, ids, n, start, end, dtype, padding)
             out = b.sort_ascending(top, m)
             out.name = f"{cut.tag}/keep_idx"
             return out
         if padding is not None and cut.pad_last:
             top, k = _real_tokens_top(b, r.rule, b.slice(scores, start, end), b.slice(padding, start, end),
-                                      b.arith("Sub", end, start), np.float64 if isinstance(r, Random) else np.float32)
+                                      b.arith("Sub", end, start), dtype)
             return _with_fixed(b, top, stream, (n, start, end, k), cut.tag)
         if padding is not None:
-            first = np.array(np.inf, np.float64 if isinstance(r, Random) else np.float32)
-            scores = b.op("Where", [padding, b.const(first, "padding"), scores])
+            scores = b.op("Where", [padding, b.const(np.array(np.inf, dtype), "padding"), scores])
             k = _count_with_padding(b, r.rule, b.slice(padding, start, end), b.arith("Sub", end, start))
         span = scores if (not isinstance(start, ir.Value) and start == 0 and end is n) else b.slice(scores, start, end)
         _, top = b.op("TopK", [span, b.num(k, "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)

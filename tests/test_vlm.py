@@ -97,3 +97,20 @@ def test_the_runnable_example_and_the_cli_on_the_two_files(llava, tmp_path, caps
                  "-o", str(pruned)]) == 0
     assert main(["generate", str(pruned), "--ids", "1,2,3", "--max-new-tokens", "2"]) == 2
     assert "image_features" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, options", [("cls-attn", {"keep": 0.5, "score_layer": SCORE_LAYER}),
+                                           ("visionzip", {"dominant": 4, "contextual": 2, "layer": "output"}),
+                                           ("divprune", {"keep": 0.5})])
+def test_vision_output_declares_the_shape_it_returns(llava, name, options):
+    """The tower's output drops CLS after the cut ([:, 1:] of the reduced tokens: N - 1 is not in the
+    token class), so its declared size must come from the rewritten graph, not from the input's 16
+    (onnx.checker refused VisionZip's for it); each declared number is what ONNX Runtime returns."""
+    _, vision, _, _ = llava
+    out = prunec.passes.get(name)(**options)(vision)
+    declared = next(o.shape for o in out.model.graph.outputs if o.name == "image_features")
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    got = out.run({"pixel_values": pixels})[0].shape
+    assert got[1] < 16 and len(declared) == len(got)
+    assert all(d == g for d, g in zip(declared, got) if isinstance(d, int)), (declared, got)
+    assert declared[1] in (got[1], None) or not isinstance(declared[1], int)

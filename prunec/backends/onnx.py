@@ -303,7 +303,7 @@ def _diverse(b: _Builder, x: ir.Value, lo, hi, k) -> ir.Value:
     # Loop body: (iteration, cond, mind) -> (cond, mind', pick)
     it = ir.Value(name=f"{b.prefix}/body_iter", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
     cond_in = ir.Value(name=f"{b.prefix}/body_cond", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
-    mind_in = ir.Value(name=f"{b.prefix}/body_mind", type=ir.TensorType(ir.DataType.FLOAT))
+    mind_in = ir.Value(name=f"{b.prefix}/body_mind", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([None, None]))
     body_nodes = []
 
     def node(op_type, inputs, attrs=None, name=""):
@@ -320,6 +320,7 @@ def _diverse(b: _Builder, x: ir.Value, lo, hi, k) -> ir.Value:
     new_mind = node("ScatterElements", [new_mind, nxt, ninf], {"axis": 1})
     cond_out = node("Identity", [cond_in])
     pick = node("Identity", [nxt])
+    pick.type, pick.shape = ir.TensorType(ir.DataType.INT64), ir.Shape([None, 1])  # typed: inference follows the picks
     body = ir.Graph([it, cond_in, mind_in], [cond_out, new_mind, pick], nodes=body_nodes,
                     name=f"{b.prefix}/divprune_body")
     steps = b.arith("Max", b.arith("Sub", k, 1), 1) if dynamic else k - 1
@@ -513,7 +514,46 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
         lowered[cut.tag] = _lower_cut(ctx, cut, lowered[cut.parent.tag] if cut.parent is not None else None)
     for fix in ctx.fixes.values():  # the last cut's fix of each node
         fix()
+    _declare_outputs(model, ctx.output_tokens)
     return model
+
+
+def _declare_outputs(model: ir.Model, output_tokens: dict[str, dict]) -> None:
+    """Declare the shapes of the graph outputs computed after a cut (``output_tokens``: output name
+    -> {token axis: its count, a number or a dimension name}). A token axis gets the cut's count;
+    every other dimension is what ONNX shape inference now infers there (a number), else the name
+    the output declared (a symbolic dimension), else it is left open: a dimension derived from the
+    token count outside the token class (a CLS slice's N - 1, say) must not keep the probe's size."""
+    import onnx
+
+    from ..ir.session import graph_only_proto
+
+    outputs = {v.name: v for v in model.graph.outputs}
+    declared = {name: outputs[name].shape for name in output_tokens}
+    for name in output_tokens:
+        outputs[name].shape = None
+    try:
+        proto = onnx.shape_inference.infer_shapes(graph_only_proto(model, as_inputs=True), data_prop=True)
+        inferred = {o.name: o.type.tensor_type.shape for o in proto.graph.output if o.type.tensor_type.HasField("shape")}
+    except Exception:  # noqa: BLE001  (an op inference does not know stops it: dimensions stay open)
+        inferred = {}
+    for name, tokens in output_tokens.items():
+        old = declared[name]
+        if old is None:
+            continue
+        new = inferred.get(name)
+        dims = []
+        for j, d in enumerate(old):
+            got = new.dim[j] if new is not None and len(new.dim) == len(old) else None
+            if j in tokens:
+                dims.append(tokens[j])
+            elif got is not None and got.HasField("dim_value"):
+                dims.append(got.dim_value)
+            elif isinstance(d, ir.SymbolicDim) and d.value is not None:
+                dims.append(d.value)
+            else:
+                dims.append(None)
+        outputs[name].shape = ir.Shape(dims)
 
 
 @dataclass
@@ -528,6 +568,7 @@ class _Context:
     fixes: dict  # (what, node name, slot) -> a function writing that fix (later cuts overwrite)
     positions: bool  # whether cuts track the original positions of their kept tokens
     site_bias: dict = field(default_factory=dict)  # site node name -> the log-size bias the latest cut adds
+    output_tokens: dict = field(default_factory=dict)  # graph output after a cut -> {token axis: count}
 
 
 def _lower_cut(ctx: _Context, cut: Cut, parent: _Lowered | None) -> _Lowered:
@@ -590,7 +631,7 @@ def _lower_cut(ctx: _Context, cut: Cut, parent: _Lowered | None) -> _Lowered:
     if cut.recovery is not None:
         _recover(graph, cut, values, stream, idx, dest, reduced, post_names, order, counter, kept)
     _register_fixes(ctx, cut, sizes, idx if out.positions is None else out.positions, kept)
-    _clear_shapes(cut, post_names, nodes)
+    ctx.output_tokens.update(_clear_shapes(cut, post_names, nodes))
     return out
 
 
@@ -735,17 +776,18 @@ def _fix_lengths(graph, node: ir.Node, lm, lengths: ir.Value, positions: ir.Valu
     node.replace_input_with(lm.input_index, new)
 
 
-def _clear_shapes(cut: Cut, post_names: set, nodes: dict) -> None:
-    """Shapes after the cut are stale: dropped; graph outputs get the cut's token count."""
+def _clear_shapes(cut: Cut, post_names: set, nodes: dict) -> dict[str, dict]:
+    """Shapes after the cut are stale: dropped from inner values. Returns the graph outputs the cut
+    reaches, {name: {token axis: the cut's count}}, for :func:`_declare_outputs`."""
+    m = f"{cut.tag}_tokens" if _dynamic(cut) else cut.kept
+    outputs = {}
     for name in post_names:
         for o in nodes[name].outputs:
-            if o.is_graph_output() and o.shape is not None:
-                dims = list(o.shape)
-                for j in cut.output_axes.get(o.name, []):
-                    dims[j] = f"{cut.tag}_tokens" if _dynamic(cut) else cut.kept
-                o.shape = ir.Shape(dims)
-            elif not o.is_graph_output():
+            if o.is_graph_output():
+                outputs[o.name] = {j: m for j in cut.output_axes.get(o.name, [])}
+            else:
                 o.shape = None
+    return outputs
 
 
 EXPOSED = {"sizes": "sizes", "indices": "kept_indices"}  # --expose name -> output suffix

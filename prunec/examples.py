@@ -122,6 +122,19 @@ def _cache_example(config, batch: int = 2, length: int = 12, past: int = 5):
     return (ids, mask, positions, cached), shapes
 
 
+def load_cached_decoder(model, batch: int = 2, length: int = 29, past: int = 5):
+    """An HF causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``) on prunec's torch path with its
+    KV cache: :class:`CachedDecoder` exported by torch.export with a dynamic batch, sequence and
+    cache length (example inputs of ``batch`` rows, ``length`` new tokens after ``past`` cached
+    ones; the model is analysed as a prefill). Passes (FastV, cls-attn, random) rewrite it;
+    ``prunec.generate`` decodes with it."""
+    import prunec
+
+    args, shapes = _cache_example(model.config, batch, length, past)
+    ids, mask, positions, cached = args
+    return prunec.load(CachedDecoder(model), (ids, mask, positions, *cached), dynamic_shapes=shapes)
+
+
 def _onnx_export(module, args: tuple, path: Path, shapes, inputs: list[str], outputs: list[str], opset: int = 18):
     """torch.onnx.export by dynamo, weights inline, warnings silenced."""
     import warnings
@@ -196,20 +209,39 @@ class _VlmDecoder(torch.nn.Module):
         return (self.model.lm_head(out.last_hidden_state), *_presents(out.cache))
 
 
+def _llava_examples(model, length: int = 12) -> tuple:
+    """Example inputs and dynamic shapes of the two parts: ((pixels,), vision shapes), ((ids,
+    features, mask, positions, *past), decoder shapes); four image tokens, four features."""
+    text = model.config.text_config
+    (ids, mask, positions, past), shapes = _cache_example(text, length=length)
+    ids[:, 3:7] = IMAGE_ID  # four image tokens, four features
+    features = torch.randn(ids.shape[0], 4, text.hidden_size)
+    images = torch.export.Dim("images", min=0, max=4096)
+    shapes = (shapes[0], {0: shapes[0][0], 1: images}, *shapes[1:])
+    return ((torch.randn(2, 3, 32, 32),), ({0: shapes[0][0]},)), ((ids, features, mask, positions, *past), shapes)
+
+
 def export_llava(model, folder) -> tuple[Path, Path]:
     """(vision.onnx, decoder.onnx) as VLMs are deployed: the vision encoder with a dynamic batch; the
     decoder with a KV cache taking ``image_features`` [B, n, C] beside the ids (n = 0 in decode
     steps), dynamic batch, sequence, image tokens and past."""
     folder = Path(folder)
-    text = model.config.text_config
-    (ids, mask, positions, past), shapes = _cache_example(text)
-    ids[:, 3:7] = IMAGE_ID  # four image tokens, four features
-    features = torch.randn(ids.shape[0], 4, text.hidden_size)
-    images = torch.export.Dim("images", min=0, max=4096)
-    shapes = (shapes[0], {0: shapes[0][0], 1: images}, *shapes[1:])
-    inputs, outputs = cache_io_names(text.num_hidden_layers)
-    vision = _onnx_export(_Vision(model), (torch.randn(2, 3, 32, 32),), folder / "vision.onnx",
-                          ({0: shapes[0][0]},), ["pixel_values"], ["image_features"])
-    decoder = _onnx_export(_VlmDecoder(model), (ids, features, mask, positions, *past), folder / "decoder.onnx",
-                           shapes, [inputs[0], "image_features", *inputs[1:]], outputs)
+    (pixels, vision_shapes), (args, shapes) = _llava_examples(model)
+    inputs, outputs = cache_io_names(model.config.text_config.num_hidden_layers)
+    vision = _onnx_export(_Vision(model), pixels, folder / "vision.onnx", vision_shapes, ["pixel_values"],
+                          ["image_features"])
+    decoder = _onnx_export(_VlmDecoder(model), args, folder / "decoder.onnx", shapes,
+                           [inputs[0], "image_features", *inputs[1:]], outputs)
     return vision, decoder
+
+
+def load_llava(model) -> tuple:
+    """The two parts of :func:`export_llava` on prunec's torch path (torch.export, the same inputs,
+    outputs and dynamic dims; the decoder analysed at 29 new tokens): (vision, decoder) prunec torch
+    models. Vision-side passes rewrite the first, FastV the second; ``prunec.generate`` decodes with
+    it (``prompt_inputs={"image_features": ...}``)."""
+    import prunec
+
+    (pixels, vision_shapes), (args, shapes) = _llava_examples(model, length=29)
+    return (prunec.load(_Vision(model), pixels, dynamic_shapes=vision_shapes),
+            prunec.load(_VlmDecoder(model), args, dynamic_shapes=shapes))

@@ -36,8 +36,50 @@ def _session(model, device: str):
         return make_session(str(path), providers(device))
     if getattr(model, "kind", None) == "onnx":
         return model.session(device)
-    raise PruneError(f"generate takes an ONNX decoder (a path, a prunec ONNX model or an ORT session), "
-                     f"not {type(model).__name__}")
+    if getattr(model, "kind", None) == "torch" and getattr(model, "cached", False):
+        return _TorchSession(model, device)
+    raise PruneError(f"generate takes a decoder with a KV cache: ONNX (a path, a prunec ONNX model or an ORT "
+                     f"session) or a prunec torch model (prunec.examples.load_cached_decoder), not "
+                     f"{type(model).__name__}")
+
+
+class _Port:
+    """An input or output as ORT describes it: name, shape (ints, names for dynamic dims), type."""
+
+    def __init__(self, name: str, shape: list, dtype: str):
+        self.name, self.shape, self.type = name, shape, dtype
+
+
+class _TorchSession:
+    """What :func:`generate` needs of an ORT session, over a prunec torch decoder with a KV cache
+    (its GraphModule returns (logits, *present) in the cache inputs' order): inputs named as the
+    forward's arguments, outputs ``logits`` and ``present.{i}``."""
+
+    def __init__(self, model, device: str):
+        import torch
+
+        self.model, self.device = model, torch.device("cuda" if device == "cuda" else "cpu")
+        vals = [n.meta.get("val") for n in model.gm.graph.nodes if n.op == "placeholder"]
+        self._inputs = [_Port(name, [d if isinstance(d, int) else "dyn" for d in v.shape],
+                              "tensor(float16)" if v.dtype == torch.float16 else "tensor(float)")
+                        for name, v in zip(model.input_names, vals)]
+        pasts = sum(1 for i in self._inputs if "past" in i.name and len(i.shape) == 4)
+        self._outputs = [_Port("logits", [], "tensor(float)")] + [_Port(f"present.{i}", [], "") for i in range(pasts)]
+
+    def get_inputs(self):
+        return self._inputs
+
+    def get_outputs(self):
+        return self._outputs
+
+    def run(self, wanted, feeds: dict):
+        import torch
+
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[i.name])).to(self.device) for i in self._inputs]
+        outs = self.model.run(*args)
+        by_name = {o.name: t.detach().float().cpu().numpy() if o.name == "logits" else t.detach().cpu().numpy()
+                   for o, t in zip(self._outputs, outs)}
+        return [by_name[w] for w in (wanted or by_name)]
 
 
 def _cache_layout(sess) -> list[tuple[str, str, tuple, Any]]:

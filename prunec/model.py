@@ -195,7 +195,7 @@ class OnnxModel(Model):
         out = OnnxModel(self.model.clone(), self.feeds, self.probe_batch, check=self.check,
                         light=self.light)
         out.cuts, out.static_dests, out.exposed = self.cuts, self.static_dests, self.exposed
-        out.reducing = self.reducing
+        out.reducing, out.no_pt2 = self.reducing, self.no_pt2
         return out
 
     def proto(self):
@@ -402,6 +402,12 @@ class TorchModel(Model):
         self.dims = [(index[name], axis, sym, kind, *_sym_range(gm, name, axis))
                      for name, axis, sym, kind in dynamic_dims(gm)]
         self.dynamic_tokens = any(d[3] == "sequence" for d in self.dims)
+        self.input_names = list(index)
+        self.cached = any(d[3] == "past" for d in self.dims)  # a decoder with a KV cache
+        self.no_pt2: tuple = ()  # (tag, why) of cuts whose run-time counts torch.export cannot trace yet
+        if self.cached and not self.dynamic_tokens:
+            raise PruneError("a decoder with a KV cache needs a dynamic sequence (a prefill and one-token decode steps "
+                             "run through the same graph): give input_ids a Dim on axis 1")
 
     @classmethod
     def export(cls, module, args: tuple, kwargs: dict | None = None, dynamic_shapes=None) -> "TorchModel":
@@ -413,9 +419,8 @@ class TorchModel(Model):
                                      dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"torch.export failed: {_first_line(e)}") from None
-        gm = ep.module()
-        gm.graph.eliminate_dead_code()  # e.g. an unused pooler: analysis must see what the outputs use
-        gm.recompile()
+        gm = _module_of(ep)
+        _eliminate_dead_code(gm)  # e.g. an unused pooler: analysis must see what the outputs use
         return cls(gm, args, kwargs)
 
     def flat_args(self) -> list:
@@ -433,18 +438,98 @@ class TorchModel(Model):
                     refresh_symbolic_meta(gm)
                 else:
                     refresh_meta(gm, tuple(self.flat_args()))  # a rewritten graph: shapes changed
-            g = from_fx(gm, self.flat_args())
-            probe_fx(g, gm, tuple(self.flat_args()))
+            args = self.flat_args()
+            if self.cached:  # a decoder with a KV cache is analysed as a prefill: its cache empty
+                args = self._flat(*self.cache_inputs_at(past=0))
+            g = from_fx(gm, args)
+            probe_fx(g, gm, tuple(args))
+            if self.cached:
+                g.cache_inputs = [self.input_names[d[0]] for d in self.dims if d[3] == "past"]
+                g.decode_shapes = self._decode_shapes()
             self._graph = g
         return self._graph
+
+    @staticmethod
+    def _flat(args, kwargs) -> list:
+        import torch.utils._pytree as pytree
+
+        return pytree.tree_flatten((args, kwargs))[0]
+
+    def cache_inputs_at(self, batch: int | None = None, length: int | None = None, past: int = 0) -> tuple[tuple, dict]:
+        """A decoder with a KV cache: inputs of ``length`` new tokens (default: the example's) after
+        ``past`` cached entries, at ``batch`` rows (default: the example's): ids cycled from the
+        example's, the cache (``past`` axes) seeded random, the mask (``total`` axis) all ones
+        [B, past + length], positions (an int input named ``*position*``) past .. past + length - 1."""
+        import torch
+        import torch.utils._pytree as pytree
+
+        flat, spec = pytree.tree_flatten((self.args, self.kwargs))
+        flat = list(flat)
+        gen = torch.Generator().manual_seed(past)
+        seq = self._range("sequence")
+        length = seq[2] if length is None else length
+        for i, t in enumerate(flat):
+            axes = {axis: kind for j, axis, _, kind, *_ in self.dims if j == i}
+            if not axes or not isinstance(t, torch.Tensor):
+                continue
+            if batch is not None and 0 in axes:
+                t = t.index_select(0, torch.arange(batch) % t.shape[0])
+            rows = t.shape[0]
+            if "past" in axes.values():
+                shape = list(t.shape)
+                shape[2] = past
+                t = torch.randn(shape, generator=gen).to(t.dtype)
+            elif "total" in axes.values():
+                t = torch.ones(rows, past + length, dtype=t.dtype)
+            elif "sequence" in axes.values() and "position" in self.input_names[i]:
+                t = torch.arange(past, past + length).expand(rows, length).to(t.dtype).contiguous()
+            elif "sequence" in axes.values():
+                t = t.index_select(1, torch.arange(length) % t.shape[1])
+            flat[i] = t
+        return pytree.tree_unflatten(flat, spec)
+
+    def _decode_shapes(self) -> dict:
+        """Every value's shape (and a small integer tensor's value) with entries in the cache: a
+        run at :data:`~prunec.ir.from_onnx.CACHE_PROBE_PAST` cached entries (as the ONNX frontend's
+        second probe)."""
+        import numpy as np
+        import torch
+
+        from .ir.from_onnx import CACHE_PROBE_PAST
+
+        shapes = {}
+
+        class Record(torch.fx.Interpreter):
+            def run_node(self, n):
+                result = super().run_node(n)
+                if isinstance(result, torch.Tensor):
+                    small = not result.is_floating_point() and result.numel() <= 64 and result.dtype != torch.bool
+                    shapes[n.name] = (tuple(result.shape), result.detach().cpu().numpy() if small else None)
+                elif isinstance(result, int) and not isinstance(result, bool):  # a size (SymInt) entry
+                    shapes[n.name] = ((), np.array(result))
+                elif isinstance(result, (list, tuple)) and n.op != "output":
+                    small = [int(x) for x in result if isinstance(x, int)]
+                    if len(small) == len(result) and small:
+                        shapes[n.name] = ((len(small),), np.array(small))
+                return result
+
+        with torch.no_grad():
+            Record(self.gm).run(*self._flat(*self.cache_inputs_at(past=CACHE_PROBE_PAST)))
+        return shapes
 
     def lower(self, plan) -> "TorchModel":
         from .backends.fx import lower_fx
 
         self._check_not_exposed()
         self._unique_tags(plan)
+        from .passes.base import Adaptive, Bipartite, Contextual, PageRank
+
         gm = lower_fx(self.gm, plan)
         out = TorchModel(gm, self.args, self.kwargs)
+        out.no_pt2 = self.no_pt2 + tuple(
+            (c.tag, "counts per row of a padded batch" if c.pad_last else
+             f"{type(c.reduce).__name__}: counts in Python over the dynamic length") for c in plan.cuts
+            if c.dynamic and (c.pad_last or isinstance(c.reduce, (Bipartite, Adaptive, Contextual, PageRank))))
         out.validate()
         return self._after_cuts(out, plan)
 
@@ -457,6 +542,9 @@ class TorchModel(Model):
             self.run(*self.args, **self.kwargs)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten torch graph does not run: {_first_line(e)}") from None
+        if self.cached:
+            self._validate_cache()
+            return
         for batch, length in self.other_shapes():
             args, kwargs = self.inputs_at(batch, length)
             try:
@@ -465,6 +553,21 @@ class TorchModel(Model):
                 example = (self._range("batch") or [None] * 3)[2], (self._range("sequence") or [None] * 3)[2]
                 raise PruneError(f"rewritten torch graph does not run at {_shape_text(batch, length)} (it was "
                                  f"analysed at {_shape_text(*example)}): {_first_line(e)}") from None
+
+    def _validate_cache(self) -> None:
+        """A decoder with a KV cache: a prefill at batch 1 and 3 and two lengths, a decode step and a
+        prefill after cached entries."""
+        from .ir.from_onnx import CACHE_PROBE_PAST
+
+        seq = self._range("sequence")
+        for batch, length, past in ((1, seq[2], 0), (3, max(2, seq[2] - 5), 0), (3, 1, CACHE_PROBE_PAST),
+                                    (1, 4, CACHE_PROBE_PAST + 2)):
+            args, kwargs = self.cache_inputs_at(batch, length, past)
+            try:
+                self.run(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001
+                raise PruneError(f"rewritten torch graph does not run at batch {batch}, {length} new tokens after "
+                                 f"{past} cached: {_first_line(e)}") from None
 
     def _range(self, kind: str) -> tuple[int, int | None, int] | None:
         """(min, max, example size) of the dynamic dim of ``kind`` ("batch", "sequence"), or None
@@ -559,7 +662,7 @@ class TorchModel(Model):
         shared = {id(t): t for t in [*self.gm.parameters(), *self.gm.buffers()]}  # weights shared, graph new
         out = TorchModel(copy.deepcopy(self.gm, shared), self.args, self.kwargs)
         out.cuts, out.static_dests, out.exposed = self.cuts, self.static_dests, self.exposed
-        out.reducing = self.reducing
+        out.reducing, out.no_pt2 = self.reducing, self.no_pt2
         return out
 
     def reexported(self) -> "TorchModel":
@@ -570,9 +673,8 @@ class TorchModel(Model):
                 ep = self.export_program()
             except Exception as e:  # noqa: BLE001
                 raise PruneError(f"torch.export failed: {_first_line(e)}") from None
-            gm = ep.module()
-            gm.graph.eliminate_dead_code()
-            gm.recompile()
+            gm = _module_of(ep)
+            _eliminate_dead_code(gm)
             self._reexported = TorchModel(gm, self.args, self.kwargs)
         return self._reexported
 
@@ -609,6 +711,15 @@ class TorchModel(Model):
 
         import torch
 
+        if self.no_pt2:
+            tag, why = self.no_pt2[0]
+            raise PruneError(f"cut '{tag}' ({why}) is not written as .pt2: torch.export cannot trace it yet; the "
+                             f"rewritten GraphModule runs at every length in this process; for a file, rewrite the "
+                             f"model's ONNX export")
+        if self.cached and self.cuts:
+            raise PruneError("a rewritten decoder with a KV cache is not written as .pt2 yet (torch.export would "
+                             "specialise its test of the cache length to the example's); run it in this process "
+                             "(prunec.generate) or rewrite the decoder's ONNX export")
         try:
             ep = self.export_program()
         except Exception as e:  # noqa: BLE001
@@ -625,6 +736,38 @@ def _shape_text(batch: int | None, length: int | None) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _eliminate_dead_code(gm) -> None:
+    """Drop what the outputs do not use (an unused pooler, the last layer of a tower whose
+    penultimate hidden states are the output): analysis must see only what matters. fx keeps an
+    unused sdpa (an op with dropout counts as impure): dropped too (prunec's graphs run in eval)."""
+    def impure(node) -> bool:
+        return "scaled_dot_product" not in str(node.target) and node.is_impure()
+
+    gm.graph.eliminate_dead_code(is_impure_node=impure)
+    gm.recompile()
+
+
+def _module_of(ep):
+    """``ep.module()``; for a decoder with a KV cache without the input guards: the exporter assumes
+    sizes >= 2 (so past + S >= 4), while a prefill has past 0 and a prompt may be 1 token, and the
+    graph runs there (as its ONNX export does)."""
+    gm = ep.module()
+    if _has_cache(gm):
+        gm = ep.module(check_guards=False)
+        gm._forward_pre_hooks.clear()  # the input range checks
+    return gm
+
+
+def _has_cache(gm) -> bool:
+    """Whether an exported GraphModule is a decoder with a KV cache (see ``from_fx.dynamic_dims``)."""
+    from .ir.from_fx import dynamic_dims
+
+    try:
+        return any(kind == "past" for *_, kind in dynamic_dims(gm))
+    except PruneError:
+        return False
 
 
 def _sym_range(gm, name: str, axis: int) -> tuple[int, int | None]:
@@ -652,7 +795,7 @@ def load_pt2(path: Path) -> TorchModel:
     if ep.example_inputs is None:
         raise PruneError(f"{path} was saved without example inputs; prunec needs them to analyse shapes")
     a, kw = ep.example_inputs
-    return TorchModel(ep.module(), a, kw)
+    return TorchModel(_module_of(ep), a, kw)
 
 
 # contrib ops ORT registers in the ONNX domain, which onnx.checker does not know (checked as custom ops)

@@ -119,6 +119,113 @@ def greedy_reference(model, ids: list[int], max_new_tokens: int) -> list[int]:
     return greedy_trace(model, ids, max_new_tokens)[0]
 
 
+# -- LLaVA: a vision-side reduction at the tower's select layer, then FastV with a cache ----------
+#
+# A vision-side method is a callable (hidden, attentions, keys) -> patches, one image at a time:
+#   hidden      [1+n, D]  the tower's hidden states at LLaVA's select layer (-2), CLS first;
+#   attentions  per tower layer, [heads, 1+n, 1+n] probabilities (eager attention);
+#   keys        per tower layer, [1+n, D] the output of its ``self_attn.k_proj`` (a forward hook);
+#   patches     [m, D]    what goes to the projector: the reduced tokens with CLS dropped.
+# hidden_states[-2] is the output of layer -2, so attentions[-2] / keys[-2] are that same layer's.
+
+
+def no_vision_reduction(hidden, attentions, keys):
+    """LLaVA's own features: every patch, CLS dropped. [1+n, D] -> [n, D]."""
+    return hidden[1:]
+
+
+def cls_attn_vision(keep: float, score_layer: int):
+    """FasterVLM: the top round(keep·n) patches (ties to the lower index) by the [CLS] row of
+    layer ``score_layer``'s attention, averaged over heads, in original order. -> [k, D]."""
+    def vision(hidden, attentions, keys):
+        patches = hidden[1:]
+        n = patches.shape[0]
+        scores = attentions[score_layer][:, 0, 1:].mean(0).tolist()
+        k = max(1, round(keep * n))
+        return patches[sorted(sorted(range(n), key=lambda j: (-scores[j], j))[:k])]
+    return vision
+
+
+def visionzip_vision(dominant: int, contextual: int, score_layer: int = -2):
+    """VisionZip (dvlab-research/VisionZip) on the 1+n select-layer tokens, CLS included, with
+    layer ``score_layer``'s attention and keys (the official code: -2, the layer whose output is taken):
+    dominant = CLS + the top (dominant - 1) patches by the CLS row summed over heads, original order;
+    the R other tokens (original order) give ``contextual`` targets at stride max(1, R // contextual);
+    every other joins the target whose head-averaged key is most cosine-similar; a contextual token
+    is target + mean(joined). [dominant, contextual] with CLS dropped -> [dominant - 1 + contextual, D]."""
+    def vision(hidden, attentions, keys):
+        probs = attentions[score_layer]
+        n1, heads = hidden.shape[0], probs.shape[0]
+        top = probs[:, 0, 1:].sum(0).topk(dominant - 1).indices + 1
+        dom = [0, *sorted(top.tolist())]
+        rest = [t for t in range(n1) if t not in dom]
+        metric = keys[score_layer].reshape(n1, heads, -1).mean(1)  # [1+n, D/heads]
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        targets = rest[::max(1, len(rest) // contextual)][:contextual] if contextual else []
+        joined = {t: [] for t in targets}
+        for o in (t for t in rest if t not in targets):
+            joined[targets[int((metric[targets] @ metric[o]).argmax())]].append(o)
+        merged = [hidden[t] + (hidden[joined[t]].mean(0) if joined[t] else 0) for t in targets]
+        return torch.cat([hidden[dom], *[m[None] for m in merged]])[1:]
+    return vision
+
+
+def divprune_vision(keep: float):
+    """DivPrune (vbdi/divprune) on the n select-layer patches (CLS dropped), i.e. the tower's
+    features before the projector: D = 1 - cos; first the patch farthest from its nearest other
+    patch, then repeatedly the one farthest from the chosen set (its min distance to it), ties to the
+    lower index, until round(keep·n); original order. -> [round(keep·n), D]."""
+    def vision(hidden, attentions, keys):
+        x = hidden[1:] / hidden[1:].norm(dim=-1, keepdim=True)
+        d = 1 - x @ x.T  # [n, n]
+        n = d.shape[0]
+        chosen = [int((d + torch.diag(torch.full((n,), float("inf")))).min(1).values.argmax())]
+        while len(chosen) < round(keep * n):
+            to_set = d[:, chosen].min(1).values
+            to_set[chosen] = float("-inf")
+            chosen.append(int(to_set.argmax()))
+        return hidden[1:][sorted(chosen)]
+    return vision
+
+
+@torch.no_grad()
+def llava_image_features(model, pixel_values: torch.Tensor, vision=no_vision_reduction) -> torch.Tensor:
+    """One image [1, 3, H, W] through the unmodified HF LLaVA's tower (an eager deepcopy), ``vision``
+    on its select layer's tokens, then the projector: image features [m, C]."""
+    tower = copy.deepcopy(model.model.vision_tower).eval()
+    tower.set_attn_implementation("eager")
+    keys = {}
+    for i, block in enumerate(tower.encoder.layers):
+        block.self_attn.k_proj.register_forward_hook(lambda mod, a, out, i=i: keys.update({i: out[0]}))
+    out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
+    patches = vision(out.hidden_states[-2][0], [p[0] for p in out.attentions], [keys[i] for i in sorted(keys)])
+    return model.model.multi_modal_projector(patches[None])[0]
+
+
+@torch.no_grad()
+def llava_generate_reference(model, pixel_values: torch.Tensor, ids: list[int], *, layer: int, keep: float,
+                             max_new_tokens: int, vision=None, vision_keep: float = 1.0,
+                             vision_score_layer: int = -2) -> list[int]:
+    """One sample through the unmodified HF LLaVA: the image features of ``llava_image_features``
+    (``vision``; None: FasterVLM with ``vision_keep`` / ``vision_score_layer``, or every patch at
+    vision_keep=1), then FastV with a cache on the language model over the image tokens (``ids``
+    holds one image token per feature). pixel_values [1, 3, H, W]; returns [max_new_tokens] ids."""
+    import transformers
+
+    if vision is None:
+        vision = cls_attn_vision(vision_keep, vision_score_layer) if vision_keep < 1 else no_vision_reduction
+    features = llava_image_features(model, pixel_values, vision)  # [m, C]
+    image = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
+    assert len(image) == features.shape[0] and image == list(range(image[0], image[0] + len(image)))
+    embeds = model.model.get_input_embeddings()(torch.tensor([ids])).clone()
+    embeds[0, image] = features
+    lm = transformers.LlamaForCausalLM(model.config.text_config)
+    lm.model, lm.lm_head = model.model.language_model, model.lm_head
+    tokens, _, _ = fastv_trace(lm.eval(), ids, layer=layer, keep=keep, span=(image[0], image[-1] + 1),
+                               max_new_tokens=max_new_tokens, embeds=embeds)
+    return tokens
+
+
 if __name__ == "__main__":
     from kv_models import tiny_llama, tiny_qwen2
 
@@ -155,33 +262,3 @@ if __name__ == "__main__":
         assert model.config._attn_implementation != "eager"
     print("ok")
 
-
-@torch.no_grad()
-def llava_generate_reference(model, pixel_values: torch.Tensor, ids: list[int], *, vision_keep: float,
-                             vision_score_layer: int, layer: int, keep: float, max_new_tokens: int) -> list[int]:
-    """One sample through the unmodified HF LLaVA: FasterVLM on the vision side ([CLS] attention of
-    tower layer ``vision_score_layer``, averaged over heads, keeps the top round(vision_keep · n)
-    patches' features, in order), then FastV with a cache on the language model over the image
-    tokens (``ids`` holds one image token per kept feature). pixel_values [1, 3, H, W]."""
-    import transformers
-
-    tower = copy.deepcopy(model.model.vision_tower).eval()
-    tower.set_attn_implementation("eager")
-    out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
-    patches = out.hidden_states[-2][:, 1:]  # [1, n, D]: LLaVA's features, CLS dropped
-    n = patches.shape[1]
-    if vision_keep < 1.0:
-        scores = out.attentions[vision_score_layer][0, :, 0, 1:].mean(0).tolist()
-        k = max(1, round(vision_keep * n))
-        kept = sorted(sorted(range(n), key=lambda j: (-scores[j], j))[:k])
-        patches = patches[:, kept]
-    features = model.model.multi_modal_projector(patches)[0]  # [k, C]
-    image = [i for i, t in enumerate(ids) if t == model.config.image_token_id]
-    assert len(image) == features.shape[0] and image == list(range(image[0], image[0] + len(image)))
-    embeds = model.model.get_input_embeddings()(torch.tensor([ids])).clone()
-    embeds[0, image] = features
-    lm = transformers.LlamaForCausalLM(model.config.text_config)
-    lm.model, lm.lm_head = model.model.language_model, model.lm_head
-    tokens, _, _ = fastv_trace(lm.eval(), ids, layer=layer, keep=keep, span=(image[0], image[-1] + 1),
-                               max_new_tokens=max_new_tokens, embeds=embeds)
-    return tokens

@@ -1,11 +1,13 @@
 """Dynamic shapes on the torch path: ``prunec.load(module, example, dynamic_shapes=...)`` keeps
 torch.export's Dims. A dynamic batch stays dynamic; a dynamic sequence makes the token count
-dynamic, as for an ONNX model with a dynamic sequence (tests/test_dynamic.py): FastV and
-cls-attn compute span, k and the kept count M at run time, every size after the cut that spells
-the token symbol N becomes M, and the rewritten GraphModule runs at every (batch, length), where it
-equals the plain-PyTorch FastV reference (hooks on the unmodified module) run at that shape and
-picks the kept indices the ONNX backend picks on a dynamic export of the same module. keep=1 is
-the identity, and the saved ``.pt2`` re-exports with the Dims (it loads back dynamic)."""
+dynamic, as for an ONNX model with a dynamic sequence (tests/test_dynamic.py): every pass but pool
+computes span, k, r and the kept count M at run time, every size after the cut that spells the
+token symbol N becomes M, and the rewritten GraphModule runs at every (batch, length), where it
+equals the plain-PyTorch reference of the method (hooks on the unmodified module) run at that shape
+and picks the kept indices the ONNX backend picks on a dynamic export of the same module. keep=1 is
+the identity, and the saved ``.pt2`` re-exports with the Dims (it loads back dynamic) where the
+counts are traceable (FastV, cls-attn, DivPrune, random, EViT); ToMe, PPT, VisionZip and Zero-TPrune
+are refused as .pt2."""
 import random
 from functools import lru_cache
 
@@ -15,7 +17,9 @@ import torch
 
 import prunec
 from fastv_reference import fastv_reference
-from test_dynamic import SHAPES, exported, inputs, model
+from merge_reference import reference_merge, visionzip_choice
+from reference import reference_run
+from test_dynamic import EVERY_PASS, MERGES, SELECTIONS, SHAPES, _last_hidden, exported, inputs, model
 
 EXAMPLE = (2, 29)  # the example inputs: analysis runs at their length (a prime, unlike any width)
 EXPORTER = {"bert": "torchscript17", "llama": "dynamo18"}  # the ONNX export compared against
@@ -107,12 +111,81 @@ def test_cls_attention_on_a_dynamic_torch_encoder():
         np.testing.assert_array_equal(onnx.kept_indices({k: v.numpy() for k, v in feeds.items()})["cls_attn_out"], idx)
 
 
-def test_other_passes_and_dims_are_refused_in_one_line():
+@pytest.mark.parametrize("pname", sorted(SELECTIONS))
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_selections_follow_the_length_in_torch(name, pname):
+    """DivPrune, random and Zero-TPrune on the torch path with a dynamic sequence: span and k at each
+    length at run time, the plain-PyTorch reference's kept indices (hooks on the unmodified module)
+    and its output."""
+    m, _, field = model(name)
+    opts, choice = SELECTIONS[pname]
+    pruned = prunec.passes.get(pname)(**opts)(loaded(name))
+    for batch, n in SHAPES:
+        feeds = inputs(name, batch, n, seed=1)
+        ref, ref_idx = reference_run(m, feeds, 2, choice(n, name != "bert"))
+        np.testing.assert_array_equal(pruned.kept_indices(**feeds)[f"{pname.replace('-', '_')}_l2"], ref_idx.numpy())
+        np.testing.assert_allclose(pruned.run(**feeds).numpy(), _last_hidden(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("what", sorted(MERGES))
+def test_merges_follow_the_length_in_torch(what):
+    """ToMe (r capped at run time), EViT, PPT (both branches) and VisionZip on the torch path with a
+    dynamic sequence equal their plain-PyTorch references at each length, and the ONNX backend's
+    rewrite of a dynamic export of the same module, kept slots included."""
+    m, _, _ = model("bert")
+    (pname, opts), reductions = MERGES[what]
+    merged = prunec.passes.get(pname)(**opts)(loaded("bert"))
+    onnx = prunec.passes.get(pname)(**opts)(prunec.load(exported("bert", "torchscript17")))
+    for batch, n in SHAPES:
+        feeds = inputs("bert", batch, n, seed=1)
+        if reductions is None:
+            ref, _ = reference_run(m, feeds, 2, visionzip_choice(1, 4, 2, 4, 1))
+        else:
+            per_block, prop_attn = reductions()
+            ref, _ = reference_merge(m, feeds, per_block, prop_attn=prop_attn)
+        got = merged.run(**feeds).numpy()
+        np.testing.assert_allclose(got, _last_hidden(ref), rtol=1e-4, atol=1e-4)
+        np_feeds = {k: v.numpy() for k, v in feeds.items()}
+        kept_torch, kept_onnx = merged.kept_indices(**feeds), onnx.kept_indices(np_feeds)
+        assert kept_torch.keys() == kept_onnx.keys() and kept_torch
+        for tag in kept_torch:
+            np.testing.assert_array_equal(kept_torch[tag], kept_onnx[tag])
+
+
+def test_every_pass_is_the_identity_at_keep_one_and_runs_on_short_inputs():
+    """keep=1 / r=0 equals the unmodified module at each length; on 3 to 5 tokens (the Dim's least;
+    empty spans, counts capped) every rewritten torch model runs and never returns more tokens than
+    it got."""
     base = loaded("bert")
-    for pname, opts in (("tome", dict(r="2")), ("divprune", dict(keep="0.5")), ("random", dict(keep="0.5"))):
-        with pytest.raises(prunec.PruneError, match="dynamic") as e:
-            prunec.passes.get(pname)(**opts)(base)
-        assert "\n" not in str(e.value)
+    for pname, opts in (("fastv", dict(keep="1.0", layer="2")), ("divprune", dict(keep="1.0", layer="2")),
+                        ("random", dict(keep="1.0", layer="2")), ("zero-tprune", dict(keep="1.0", layer="2")),
+                        ("tome", dict(r="0", prefix=1)), ("evit", dict(keep="1.0", layers="0/1", prefix=1, fuse=False))):
+        same = prunec.passes.get(pname)(**opts)(base)
+        for batch, n in SHAPES:
+            feeds = inputs("bert", batch, n, seed=4)
+            np.testing.assert_allclose(same.run(**feeds).numpy(), base.run(**feeds).numpy(), rtol=1e-5, atol=1e-5,
+                                       err_msg=pname)
+    for pname, opts in EVERY_PASS:
+        model_ = prunec.passes.get(pname)(**opts)(base)
+        for n in range(3, 6):
+            out = model_.run(**inputs("bert", 2, n))
+            assert out.shape[0] == 2 and 1 <= out.shape[1] <= n, (pname, n, out.shape)
+
+
+def test_a_pt2_of_run_time_counts_reloads_or_is_refused_in_one_line(tmp_path):
+    """DivPrune's counts re-export with the Dims (the .pt2 reloads and runs at a new length with the
+    same output); ToMe's (Python over the token count) are refused in one line, nothing written."""
+    divprune = prunec.passes.get("divprune")(count=1, layer="2")(loaded("bert"))
+    back = prunec.load(divprune.save(tmp_path / "divprune.pt2"))
+    feeds = inputs("bert", 3, 41, seed=5)
+    np.testing.assert_allclose(back.run(**feeds).detach().numpy(), divprune.run(**feeds).numpy(), rtol=1e-5, atol=1e-5)
+    tome = prunec.passes.get("tome")(r="2")(loaded("bert"))
+    with pytest.raises(prunec.PruneError, match="not written as .pt2") as e:
+        tome.save(tmp_path / "tome.pt2")
+    assert "\n" not in str(e.value) and not (tmp_path / "tome.pt2").exists()
+
+
+def test_other_dims_and_expose_are_refused_in_one_line():
     with pytest.raises(prunec.PruneError, match="dynamic") as e:
         fastv("bert", "0.5").expose("indices")
     assert "\n" not in str(e.value)

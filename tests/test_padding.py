@@ -3,7 +3,8 @@ per row. Each row keeps k of its real span tokens by the rule on its own real sp
 padding token over a real one; the batch keeps the largest count and a row with fewer fills up
 with its padding (masked: inert). So each row keeps the tokens, and gives the outputs, of its text
 run alone without padding. BERT exported with a dynamic batch and sequence by the TorchScript and
-dynamo exporters; the texts are right-padded (30, 21 and 9 tokens of 30)."""
+dynamo exporters (and the torch path, which counts as the ONNX rewrite does); the texts are right-padded
+(30, 21 and 9 tokens of 30)."""
 from __future__ import annotations
 
 import numpy as np
@@ -67,3 +68,25 @@ def test_a_batch_without_padding_is_unchanged():
     kept = _kept(model, ids, full)
     n = ids.shape[1]
     assert kept.shape == (3, round(0.5 * n))
+
+
+@pytest.mark.parametrize("spec", ["fastv:keep=0.5", "fastv:keep=0.3,query=cls", "cls-attn:keep=0.5,cls=0,span=1:",
+                                  "random:keep=0.4"])
+def test_the_torch_path_counts_per_row_as_onnx(spec):
+    """The same BERT loaded on the torch path with a dynamic batch and sequence: the padded batch
+    keeps, row by row, the ONNX rewrite's tokens (themselves each text's alone) with its outputs."""
+    import torch
+
+    from prunec.cli import parse_pass_spec
+    from test_dynamic_torch import loaded
+
+    name, opts = parse_pass_spec(spec)
+    torch_model = prunec.passes.get(name)(**opts)(loaded("bert"))
+    onnx_model = prunec.passes.get(name)(**opts)(prunec.load(exported("bert", "torchscript17")))
+    ids, mask = _batch(seed=2)
+    feeds = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+    kept = next(iter(torch_model.kept_indices(**feeds).values()))
+    np.testing.assert_array_equal(kept, _kept(onnx_model, ids, mask))
+    assert kept.shape[1] < ids.shape[1]
+    np.testing.assert_allclose(torch_model.run(**feeds).numpy(), onnx_model.run({"input_ids": ids, "attention_mask": mask})[0],
+                               rtol=1e-4, atol=1e-4)

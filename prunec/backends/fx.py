@@ -28,12 +28,14 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut, biases: dict):
     r = cut.reduce
     if isinstance(r, GridPool):  # side inputs follow each window's first token
         return graph.call_function(ops.select_fixed, (by_name[cut.stream.ref.name], r.representatives(), cut.tag))
+    rule = _rule_args(r)  # a dynamic token count: the kernels compute span and k at run time
     if isinstance(r, Diverse):
         return graph.call_function(ops.select_diverse, (by_name[r.features.ref.name], r.k, r.span_start, r.span_end,
-                                                         cut.tag))
+                                                         cut.tag, rule))
+    padded = by_name[cut.padding] if cut.padding is not None and cut.pad_last else None  # a padded encoder
     if isinstance(r, Random):
         return graph.call_function(ops.select_random, (by_name[cut.stream.ref.name], r.k, r.span_start, r.span_end,
-                                                        r.seed, cut.tag))
+                                                        r.seed, cut.tag, rule, padded))
     if isinstance(r, PageRank):
         site = r.site
         if site.probs is not None:
@@ -47,16 +49,39 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut, biases: dict):
             keys = graph.call_function(torch.ops.aten.permute.default, (k, [0, 2, 1, 3]))
         keys = graph.call_function(torch.ops.aten.flatten.using_ints, (keys, 2))
         return graph.call_function(ops.select_zero_tprune, (probs, keys, r.k, r.span_start, r.span_end, r.iters,
-                                                            r.drop_similar, r.cls, cut.tag))
+                                                            r.drop_similar, r.cls, cut.tag, rule, r.similar))
     if not isinstance(r, TopK):
         raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
     site = r.score.site
-    scores = _site_scores(graph, by_name, site, r.score.query, biases.get(site.node.ref.name))
+    scores = _site_scores(graph, by_name, site, r.score.query, biases.get(site.node.ref.name), padded)
+    if padded is not None:
+        if cut.parent is not None:
+            raise PruneError(f"cut '{cut.tag}' follows another cut, and the torch backend counts a padded batch "
+                             f"per row at the first cut only")
+        return graph.call_function(ops.tokens.select_padded, (scores, padded, *rule, cut.tag))
+    rule = r.rule
+    if cut.past is not None or cut.padding is not None or cut.ids:  # a decoder's prompt (see select_topk_cached)
+        if cut.parent is not None:
+            raise PruneError(f"cut '{cut.tag}' follows another cut, and the torch backend ranks a cached decoder's "
+                             f"padding or a token span at the first cut only")
+        mask = by_name[cut.padding] if cut.padding is not None else None
+        past = by_name[cut.past] if cut.past is not None else None
+        ids = by_name[cut.ids] if cut.ids else None
+        return graph.call_function(ops.tokens.select_topk_cached, (
+            scores, by_name[cut.stream.ref.name], past, mask, ids, rule.token_id, rule.start, rule.start_from_end,
+            rule.end, rule.end_from_end, rule.keep, rule.count, cut.tag))
     if r.rule is not None:  # a dynamic token count: span, k and M follow N at run time
-        rule = r.rule
         return graph.call_function(ops.tokens.select_topk_rule, (scores, rule.start, rule.start_from_end, rule.end,
                                                           rule.end_from_end, rule.keep, rule.count, cut.tag))
     return graph.call_function(ops.select_topk, (scores, r.k, r.span_start, r.span_end, cut.tag))
+
+
+def _rule_args(r) -> tuple | None:
+    """The :func:`prunec.ops.tokens.rule_counts` arguments after N of a selection's count rule."""
+    rule = getattr(r, "rule", None)
+    if rule is None:
+        return None
+    return (rule.start, rule.start_from_end, rule.end, rule.end_from_end, rule.keep, rule.count)
 
 
 def _site_keys(graph, by_name, site):
@@ -79,18 +104,19 @@ def _mask_with_bias(graph, by_name, site, bias):
     return graph.call_function(aten.add.Tensor, (mask, bias))
 
 
-def _site_scores(graph, by_name, site, query, bias=None):
+def _site_scores(graph, by_name, site, query, bias=None, real=None):
     """Attention each token receives in ``site`` from ``query`` (a row index or "mean"), mean over
     heads: [B, N]. Fused attention: only the needed softmax rows, from q and k (with ``bias``, see
-    :func:`_mask_with_bias`; an eager site's probabilities include it already)."""
+    :func:`_mask_with_bias`; an eager site's probabilities include it already). ``real``: a padding
+    mask [B, N] whose real rows alone are averaged (query "mean")."""
     if site.probs is not None:
         if len(site.probs.shape) != 4:
             raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
-        return graph.call_function(ops.scores_from_probs, (by_name[site.probs.ref.name], query))
+        return graph.call_function(ops.scores_from_probs, (by_name[site.probs.ref.name], query, real))
     q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
     mask = _mask_with_bias(graph, by_name, site, bias)
     return graph.call_function(ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")),
-                                                    query))
+                                                    query, real))
 
 
 def _merge(graph, by_name, cut, size_in, biases: dict):
@@ -106,7 +132,8 @@ def _merge(graph, by_name, cut, size_in, biases: dict):
         weight = size_in
     elif isinstance(r, Fuse):
         scores = _site_scores(graph, by_name, r.site, 0, bias)
-        res = graph.call_function(ops.merge.evit_assign, (scores, r.k, r.prefix, r.fuse, cut.tag))
+        res = graph.call_function(ops.merge.evit_assign, (scores, r.k, r.prefix, r.fuse, cut.tag,
+                                                          r.keep if r.dynamic else None))
         weight = graph.call_function(operator.getitem, (res, 1))
     elif isinstance(r, Contextual):
         scores = _site_scores(graph, by_name, r.site, 0, bias)
@@ -123,6 +150,8 @@ def _merge(graph, by_name, cut, size_in, biases: dict):
         raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
     dest = graph.call_function(operator.getitem, (res, 0))
     rep = graph.call_function(operator.getitem, (res, -1))
+    if r.dynamic:  # M follows N (the kernels cap their counts at run time)
+        m = graph.call_function(aten.sym_size.int, (rep, 1))
     merged = graph.call_function(ops.merge.merge_tokens, (x, dest, weight, m, r.normalize))
     return merged, dest, rep
 
@@ -131,11 +160,11 @@ def _named(graph, target, args, name):
     return graph.create_node("call_function", target, args, name=name)
 
 
-def _size_state(graph, cut, size_in, x, idx, dest):
-    """Token sizes after the cut [B, M, 1] (named ``<tag>_prunec_size``) and the tensors derived
-    from them, built on demand: {role: node}."""
+def _size_state(graph, cut, size_in, x, idx, dest, m):
+    """Token sizes after the cut [B, M, 1] (named ``<tag>_prunec_size``; ``m``: M, a number or a
+    run-time size) and the tensors derived from them, built on demand: {role: node}."""
     if isinstance(cut.reduce, Merge):
-        size = _named(graph, ops.merge.merge_sizes, (size_in, x, dest, cut.kept), f"{cut.tag}_{SIZE_TAG}")
+        size = _named(graph, ops.merge.merge_sizes, (size_in, x, dest, m), f"{cut.tag}_{SIZE_TAG}")
     else:
         size = _named(graph, ops.gather_tokens, (size_in, idx, 1, 0), f"{cut.tag}_{SIZE_TAG}")
     made = {SIZE_TAG: size}
@@ -216,8 +245,6 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     ``plan`` lowered, in order. A cut reads what its parent left (gathered crossings, token
     sizes); where several cuts fix the same node (a log-size bias, a size weight, a token count,
     a shape literal), the last cut's fix is the one written."""
-    for cut in plan.cuts:
-        _check_dynamic_fx(cut)
     shared = {id(t): t for t in [*gm.parameters(), *gm.buffers()]}
     gm = copy.deepcopy(gm, shared)
     graph = gm.graph
@@ -234,19 +261,6 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
-
-
-def _check_dynamic_fx(cut) -> None:
-    """On a dynamic token count the torch lowering computes the counts at run time for the attention
-    top-k selections (FastV, cls-attn) only; any other reduction planned with run-time counts is
-    refused."""
-    r = cut.reduce
-    if getattr(r, "rule", None) is None and not getattr(r, "dynamic", False):
-        return
-    if isinstance(r, TopK) and r.rule is not None:
-        return
-    raise PruneError(f"cut '{cut.tag}' ({type(r).__name__}) on a torch model whose sequence length is dynamic is not "
-                     f"supported yet (FastV and cls-attn are): load it without a Dim on the sequence axis")
 
 
 def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases: dict):
@@ -267,8 +281,12 @@ def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases
             idx = _selection(graph, by_name, cut, biases)
         idx._rename(f"{cut.tag}_keep_idx")  # found by name again by expose_fx
         # the kept count M: a number, or read off the kept indices at run time when it follows N
-        kept = graph.call_function(aten.sym_size.int, (idx, 1)) if getattr(cut.reduce, "rule", None) else cut.kept
-        sizes = _size_state(graph, cut, size_in, stream, idx, dest) if cut.sizes_out else None
+        kept = graph.call_function(aten.sym_size.int, (idx, 1)) if cut.dynamic else cut.kept
+        keys = None  # P + M: the key length of the layers after the cut in a decoder with a KV cache
+        if cut.past is not None:
+            keys = graph.call_function(operator.add, (graph.call_function(aten.sym_size.int, (by_name[cut.past], 2)),
+                                                      kept))
+        sizes = _size_state(graph, cut, size_in, stream, idx, dest, kept) if cut.sizes_out else None
         for role in cut.size_roles():  # before the first post-cut node: every later use sees them
             sizes(role)
     reduced = merged
@@ -288,7 +306,11 @@ def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases
             else:
                 g = src
                 for axis in c.token_axes:
-                    g = graph.call_function(ops.gather_tokens, (g, idx, axis, c.batch_axis))
+                    if axis in c.key_axes:  # a decoder's keys: the cached entries, then the kept new ones
+                        g = graph.call_function(ops.tokens.gather_keys, (g, idx, axis, c.batch_axis, stream,
+                                                                          by_name[cut.past]))
+                    else:
+                        g = graph.call_function(ops.gather_tokens, (g, idx, axis, c.batch_axis))
         for u in users:
             u.replace_input_with(src, g)
         by_name[c.value.ref.name] = g
@@ -305,7 +327,7 @@ def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases
     for fix in cut.count_fixes:  # x.sum(1) / N -> / M
         fixes[("count", fix.node.ref.name, fix.slot)] = functools.partial(_fix_count, nodes[fix.node.ref.name], fix)
     for fix in cut.shape_fixes:
-        fixes[("shape", fix.node.ref.name)] = functools.partial(_fix_shape, nodes[fix.node.ref.name], fix, kept)
+        fixes[("shape", fix.node.ref.name)] = functools.partial(_fix_shape, nodes[fix.node.ref.name], fix, kept, keys)
     return by_name, (sizes(SIZE_TAG) if sizes is not None else None)
 
 
@@ -323,20 +345,23 @@ def _fix_count(node, fix) -> None:
     node.args = tuple(args)
 
 
-def _fix_shape(node, fix, m) -> None:
+def _fix_shape(node, fix, m, keys=None) -> None:
     """The size argument's entries that spell N become M (a number, or the node reading M off the
-    kept indices at run time)."""
+    kept indices at run time); in a decoder with a KV cache those that spell past + N (the keys,
+    ``fix.key_positions``) become ``keys`` = P + M."""
+    def value(j):
+        return keys if j in getattr(fix, "key_positions", ()) and keys is not None else m
     if "size" in node.kwargs:
         size = list(node.kwargs["size"])
         for j in fix.positions:
-            size[j] = m
+            size[j] = value(j)
         node.kwargs = {**node.kwargs, "size": _static_inferred(node, size, m)}
         return
     args = list(node.args)
     pos_arg = 0 if fix.node.op == "create" and not str(node.target).startswith("aten.new_") else 1
     size = list(args[pos_arg])
     for j in fix.positions:
-        size[j] = m
+        size[j] = value(j)
     args[pos_arg] = _static_inferred(node, size, m)
     node.args = tuple(args)
 

@@ -106,11 +106,17 @@ def sym_expr(x):
 def dynamic_dims(gm: torch.fx.GraphModule) -> list[tuple[str, int, object, str]]:
     """(input name, axis, sympy symbol, kind) of every symbolic dimension of the graph's inputs,
     kind "batch" (axis 0) or "sequence" (axis 1 of a rank-2 or rank-3 input, as the ONNX
-    frontend reads a dynamic sequence). Any other symbolic dimension, or one that is an
-    expression rather than a symbol, is refused in one line naming the input."""
+    frontend reads a dynamic sequence). A decoder with a KV cache (rank-4 inputs named ``*past*``
+    with a dynamic axis 2: [B, kv_heads, past, head_dim]) adds kind "past" there and "total" for an axis 1 of
+    its own symbol on a rank-2 input named ``*mask*`` (the attention mask [B, past + S]). Any other
+    symbolic dimension, or one that is an expression rather than a symbol, is refused in one line
+    naming the input."""
     out = []
-    for n in gm.graph.nodes:
-        val = n.meta.get("val") if n.op == "placeholder" else None
+    placeholders = [(n, n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+    cached = any(_cache_input(n.name, v) for n, v in placeholders)
+    seq = {v.shape[1].node.expr for n, v in placeholders if isinstance(v, torch.Tensor) and v.dim() in (2, 3)
+           and _is_symbol(v.shape[1]) and "mask" not in n.name}
+    for n, val in placeholders:
         if not isinstance(val, torch.Tensor):
             continue
         for axis, d in enumerate(val.shape):
@@ -121,12 +127,17 @@ def dynamic_dims(gm: torch.fx.GraphModule) -> list[tuple[str, int, object, str]]
                 continue
             if axis == 0:
                 kind = "batch"
+            elif axis == 2 and _cache_input(n.name, val):
+                kind = "past"
+            elif cached and axis == 1 and val.dim() == 2 and "mask" in n.name and expr not in seq:
+                kind = "total"
             elif axis == 1 and val.dim() in (2, 3):
                 kind = "sequence"
             else:
                 raise PruneError(f"input '{n.name}' has a dynamic dimension '{expr}' at axis {axis} (shape "
                                  f"{list(val.shape)}): prunec handles a dynamic batch (axis 0) and sequence (axis 1 "
-                                 f"of [B, S] / [B, S, C] inputs) only; give that dimension no Dim")
+                                 f"of [B, S] / [B, S, C] inputs) only, and a KV cache's length (axis 2 of "
+                                 f"[B, heads, past, D]); give that dimension no Dim")
             if not expr.is_Symbol:
                 raise PruneError(f"input '{n.name}' has the dimension '{expr}' at axis {axis}, an expression of "
                                  f"other dims; give it a Dim of its own or none")
@@ -134,9 +145,18 @@ def dynamic_dims(gm: torch.fx.GraphModule) -> list[tuple[str, int, object, str]]
     kinds = {}
     for name, axis, sym, kind in out:
         if kinds.setdefault(sym, kind) != kind:
-            raise PruneError(f"input '{name}' uses the dynamic dimension '{sym}' both as a batch and as a sequence "
-                             f"length; give them separate Dims")
+            raise PruneError(f"input '{name}' uses the dynamic dimension '{sym}' both as a {kinds[sym]} and as a "
+                             f"{kind} length; give them separate Dims")
     return out
+
+
+def _cache_input(name: str, val) -> bool:
+    """A KV-cache input: named ``*past*``, [B, kv_heads, past, head_dim] with a dynamic past."""
+    return "past" in name and isinstance(val, torch.Tensor) and val.dim() == 4 and _is_symbol(val.shape[2])
+
+
+def _is_symbol(d) -> bool:
+    return isinstance(d, torch.SymInt) and d.node.expr.is_Symbol
 
 
 def sym_env(gm: torch.fx.GraphModule, args) -> dict:

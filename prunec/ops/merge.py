@@ -13,6 +13,11 @@ from ..schedules import tome_order
 from .tokens import _record
 
 
+def _cap(count: int, most):
+    """min(count, most), symbolic on a size under torch.export."""
+    return torch.sym_min(count, most) if isinstance(most, torch.SymInt) else min(count, most)
+
+
 def _normalized(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
@@ -32,10 +37,11 @@ def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = ""):
     a distillation token in B's columns). Output order as ToMe: the unmerged A tokens
     (sorted by index when there are prefix tokens, else by edge strength), then every B
     token; prefix tokens first, in their original order.
-    Returns dest [B, N], rep [B, N - r].
+    ``r`` is capped at (N − prefix) // 2. Returns dest [B, N], rep [B, N - r].
     """
     b, n, _ = metric.shape
     dev = metric.device
+    r = _cap(r, (n - prefix) // 2)  # half the mergeable tokens (a dynamic token count meets it at short inputs)
     m = _normalized(metric)
     a, bb = m[:, ::2], m[:, 1::2]
     na, nb = a.shape[1], bb.shape[1]
@@ -97,13 +103,20 @@ def merge_sizes(size: torch.Tensor | None, like: torch.Tensor, dest: torch.Tenso
     return _scatter_rows(size, dest, m)[:, :m]
 
 
-def evit_assign(scores: torch.Tensor, k: int, prefix: int, fuse: bool = True, tag: str = ""):
+def evit_assign(scores: torch.Tensor, k: int, prefix: int, fuse: bool = True, tag: str = "",
+                keep: float | None = None):
     """EViT: keep the top-``k`` non-prefix tokens by CLS attention ``scores`` [B, N] (in
     descending score order, as EViT's topk), fuse the rest into one last token weighted by
-    their attention (an unnormalized sum, as EViT; without ``fuse`` they are dropped). Returns dest [B, N], weight [B, N],
-    rep [B, prefix + k + 1] (the fused slot takes its most attended token's masks)."""
+    their attention (an unnormalized sum, as EViT; without ``fuse`` they are dropped). ``keep``
+    (a dynamic token count): k = min(max(1, ceil(keep · (N − prefix))), N − prefix) at this N.
+    Returns dest [B, N], weight [B, N], rep [B, prefix + k + 1] (the fused slot takes its most
+    attended token's masks)."""
     b, n = scores.shape
     dev = scores.device
+    if keep is not None:  # ceil(keep · rest) in integers (keep = p / q exactly), which torch.export can trace
+        p, q = keep.as_integer_ratio()
+        rest = n - prefix
+        k = _cap(torch.sym_max(-((-p * rest) // q), 1), rest)
     cand = scores[:, prefix:]
     order = torch.sort(cand, dim=1, descending=True, stable=True).indices + prefix  # [B, N - prefix]
     top, rest = order[:, :k], order[:, k:]
@@ -135,6 +148,7 @@ def visionzip_assign(scores: torch.Tensor, metric: torch.Tensor, dominant: int, 
     normalization)."""
     b, n = scores.shape
     dev = scores.device
+    dominant = min(dominant, n)  # fewer tokens than dominant ones (a dynamic token count): all kept
     top = torch.sort(scores[:, prefix:], dim=1, descending=True, stable=True).indices[:, :dominant - prefix] + prefix
     keep = torch.zeros(b, n, dtype=torch.bool, device=dev)
     keep[:, :prefix] = True
@@ -183,6 +197,7 @@ def ppt_assign(scores: torch.Tensor, metric: torch.Tensor, r: int, prefix: int, 
     Returns dest [B, N], rep [B, N - r]."""
     b, n = scores.shape
     dev = scores.device
+    r = _cap(r, (n - prefix) // 2)  # as ToMe's
     pool = (scores[:, prefix:].var(dim=1) < threshold)[:, None]  # [B, 1]
     dest_m, rep_m = tome_assign(metric, r, prefix)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices

@@ -11,7 +11,7 @@ import math
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from ..schedules import random_scores, wpr_start
+from ..schedules import HASH_MULTIPLIER, MERSENNE31, PARK_MILLER, hash_offset, random_scores, wpr_start
 
 _RECORDING: list[dict] = []
 
@@ -34,18 +34,29 @@ def _query_rows(p: torch.Tensor, query) -> torch.Tensor:
     return p[:, :, int(query), :]
 
 
-def scores_from_probs(probs: torch.Tensor, query) -> torch.Tensor:
-    """Attention received by each key token. probs: [B, H, N, N] -> [B, N] (mean over heads)."""
+def _real_rows_mean(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """p [B, H, Nq, Nk] -> [B, Nk]: the mean over heads, then over the query rows that are real tokens
+    (``mask`` [B, Nq] nonzero; padding queries left out), as the ONNX lowering's ``site_scores``."""
+    w = (mask != 0).to(p.dtype)[:, :, None]  # [B, Nq, 1]
+    return (p.mean(dim=1) * w).sum(dim=1) / w.sum(dim=1)
+
+
+def scores_from_probs(probs: torch.Tensor, query, real: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention received by each key token. probs: [B, H, N, N] -> [B, N] (mean over heads).
+    ``real`` [B, N] (a padding mask, 0 = padding): with query "mean", only real rows are averaged."""
+    if real is not None and query == "mean":
+        return _real_rows_mean(probs, real)
     return _query_rows(probs, query).mean(dim=1)
 
 
 def scores_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: torch.Tensor | None,
-                   causal: bool, query) -> torch.Tensor:
+                   causal: bool, query, real: torch.Tensor | None = None) -> torch.Tensor:
     """Same as :func:`scores_from_probs` for a fused attention, from q and k only.
 
     q: [B, H, N, D]; k: [B, Hkv, N, D] (GQA: H a multiple of Hkv); mask: additive or
     boolean, broadcastable to [B, H, N, N]. For one query row this costs O(N·D) per
-    head and never builds the N×N matrix; ``query="mean"`` needs every row (O(N²)).
+    head and never builds the N×N matrix; ``query="mean"`` needs every row (O(N²)). ``real``:
+    as for :func:`scores_from_probs`.
     """
     n, d = q.shape[-2], q.shape[-1]
     if k.shape[1] != q.shape[1]:
@@ -67,6 +78,8 @@ def scores_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: 
             future = (torch.arange(n, device=q.device) > (n + i if i < 0 else i))[None, :]
         logits = logits.masked_fill(future, float("-inf"))
     p = torch.softmax(logits, dim=-1)
+    if real is not None and query == "mean":
+        return _real_rows_mean(p, real)
     return p.mean(dim=2).mean(dim=1)
 
 
@@ -146,15 +159,111 @@ def select_topk_rule(scores: torch.Tensor, start: int, start_from_end: bool, end
     time (a ``CountRule``, see :func:`rule_counts`): the top-k span tokens per sample plus every
     token outside the span, ascending. scores: [B, N] -> [B, s + k + (N - e)]. Plain torch with
     sizes from N only (no data-dependent shape), so torch.export keeps N symbolic through it."""
-    n, b = scores.shape[1], scores.shape[0]
+    n = scores.shape[1]
     s, e, k = rule_counts(n, start, start_from_end, end, end_from_end, keep, count)
     order = torch.sort(scores.narrow(1, s, e - s), dim=1, descending=True, stable=True).indices
     top = order.narrow(1, 0, k) + s  # ties to the lower index, as in select_topk and ONNX TopK
-    positions = torch.arange(n, device=scores.device)
-    idx = torch.cat([positions.narrow(0, 0, s).expand(b, s), top, positions.narrow(0, e, n - e).expand(b, n - e)], 1)
-    idx = torch.sort(idx, dim=1).values
+    idx = _with_fixed_sizes(top, s, e, n)
     _record(tag, idx)
     return idx
+
+
+def _with_fixed_sizes(top: torch.Tensor, s, e, n) -> torch.Tensor:
+    """:func:`_with_fixed` without branches on the sizes (they may be symbolic): [B, k] -> [B, M]."""
+    b = top.shape[0]
+    positions = torch.arange(n, device=top.device)
+    idx = torch.cat([positions.narrow(0, 0, s).expand(b, s), top, positions.narrow(0, e, n - e).expand(b, n - e)], 1)
+    return torch.sort(idx, dim=1).values
+
+
+def select_topk_cached(scores: torch.Tensor, stream: torch.Tensor, past: torch.Tensor | None,
+                       mask: torch.Tensor | None, ids: torch.Tensor | None, token_id: int | None, start: int,
+                       start_from_end: bool, end: int, end_from_end: bool, keep: float | None, count: int | None,
+                       tag: str = "") -> torch.Tensor:
+    """:func:`select_topk_rule` with what a decoder's prompt brings (as the ONNX lowering):
+    ``scores`` [B, T] over the cached and the N new tokens of ``stream`` [B, N, C] (the last N
+    columns are the new ones'); ``past`` [B, H, P, D] the cache of the layers after the cut: when it
+    holds entries (a decode step, a chunked prefill) every new token is kept. ``mask`` [B, P' + N]
+    (the caller's 0/1 attention mask): padding is never pruned; each row keeps its padding in the
+    span and k of its real span tokens by the rule on their number. ``ids`` [B, N] with
+    ``token_id`` (``span=token:ID``): a row's span is where its ids equal ID within the span (never
+    padding); it keeps k of those by the rule on their number and every other token. The batch
+    keeps the largest row count (a row with fewer keeps more of its best span tokens). Returns the
+    kept indices [B, M], ascending. Eager only: M is data-dependent with a mask or ids, and the
+    test of the cache length is a branch (torch.export would specialise it)."""
+    b, n = stream.shape[0], stream.shape[1]
+    positions = torch.arange(n, device=scores.device)
+    if past is not None and past.shape[2] > 0:
+        idx = positions.expand(b, n)
+        _record(tag, idx)
+        return idx
+    scores = scores.narrow(1, scores.shape[1] - n, n)
+    s, e, k = rule_counts(n, start, start_from_end, end, end_from_end, keep, count)
+    pad = mask.narrow(1, mask.shape[1] - n, n) == 0 if mask is not None else None  # [B, N]
+    if ids is not None:
+        in_span = (ids == token_id) & (positions >= s) & (positions < e)
+        if pad is not None:
+            in_span &= ~pad
+        length = in_span.sum(1)
+        m = int((n - length + _rule_count(length, keep, count)).max())
+        ranked = scores.masked_fill(~in_span, float("inf"))  # the rest: always kept
+        idx = torch.sort(torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, :m], dim=1).values
+        _record(tag, idx)
+        return idx
+    span = scores.narrow(1, s, e - s)
+    if pad is not None:
+        pad = pad.narrow(1, s, e - s)
+        span = span.masked_fill(pad, float("inf"))
+        p = pad.sum(1)
+        k = int((p + _rule_count((e - s) - p, keep, count)).max())
+    order = torch.sort(span, dim=1, descending=True, stable=True).indices
+    idx = _with_fixed(order[:, :k] + s, s, e, n)
+    _record(tag, idx)
+    return idx
+
+
+def _rule_count(length: torch.Tensor, keep: float | None, count: int | None) -> torch.Tensor:
+    """k of spans of ``length`` tokens (int64, any shape) by the rule: ``count`` capped at the length,
+    or max(1, round(keep · length)) capped at it (0 for an empty span)."""
+    if count is not None:
+        return torch.clamp(length, max=int(count))
+    rounded = torch.round(length.double() * float(keep)).long()  # in double, half to even (as ONNX Round)
+    return torch.minimum(torch.clamp(rounded, min=1), length)
+
+
+def select_padded(scores: torch.Tensor, mask: torch.Tensor, start: int, start_from_end: bool, end: int,
+                  end_from_end: bool, keep: float | None, count: int | None, tag: str = "") -> torch.Tensor:
+    """A ranked selection on a padded encoder batch (as the ONNX lowering's ``_real_tokens_top``):
+    ``scores`` [B, N] (higher first), ``mask`` [B, N] (0 = padding). Each row picks the top k_b of
+    its real span tokens, k_b by the rule on its real span length; the batch keeps k = max k_b, a
+    row with fewer filling up with its padding (inert: masked), then its next best tokens; tokens
+    outside the span are kept. Returns the kept indices [B, M], ascending (M data-dependent: eager)."""
+    n = scores.shape[1]
+    s, e, _ = rule_counts(n, start, start_from_end, end, end_from_end, keep, count)
+    length = e - s
+    pad = mask.narrow(1, 0, n).narrow(1, s, length) == 0  # [B, L]
+    real = length - pad.sum(1)
+    own = _rule_count(real, keep, count)
+    k = int(own.max()) if own.numel() else 0
+    order = torch.sort(scores.narrow(1, s, length).masked_fill(pad, float("-inf")), dim=1, descending=True,
+                       stable=True).indices  # real tokens best first, then padding
+    rank = torch.arange(length, device=scores.device)[None, :]
+    key = torch.where(rank < own[:, None], -rank,  # its own k best, then its padding, then the rest
+                      torch.where(rank < real[:, None], -rank - 2 * length, -rank - length))
+    slots = torch.sort(key, dim=1, descending=True).indices[:, :k]
+    idx = _with_fixed_sizes(order.gather(1, slots) + s, s, e, n)
+    _record(tag, idx)
+    return idx
+
+
+def gather_keys(x: torch.Tensor, idx: torch.Tensor, axis: int, batch_axis: int, stream: torch.Tensor,
+                past: torch.Tensor) -> torch.Tensor:
+    """Gather a key axis of ``x`` (its T entries: the caller's cached tokens, then the N new ones of
+    ``stream`` [B, N, C]) for layers that cache only kept tokens: their first P entries (``past``
+    [B, H, P, D]: what those layers hold), then the kept new tokens ``idx`` [B, M]. -> [.., P + M, ..]."""
+    b = idx.shape[0]
+    cached = torch.arange(past.shape[2], device=idx.device).expand(b, past.shape[2])
+    return gather_tokens(x, torch.cat([cached, idx + (x.shape[axis] - stream.shape[1])], 1), axis, batch_axis)
 
 
 def select_topk(scores: torch.Tensor, k: int, span_start: int, span_end: int, tag: str = "") -> torch.Tensor:
@@ -206,15 +315,19 @@ def _record(tag: str, idx: torch.Tensor) -> None:
         rec[tag] = idx.detach().cpu().numpy()
 
 
-def select_diverse(x: torch.Tensor, k: int, span_start: int, span_end: int, tag: str = "") -> torch.Tensor:
+def select_diverse(x: torch.Tensor, k: int, span_start: int, span_end: int, tag: str = "",
+                   rule: tuple | None = None) -> torch.Tensor:
     """DivPrune's greedy max-min diversity selection, per sample.
 
     x: token features [B, N, C]. Over the span tokens, D = 1 − cos(x_i, x_j); the first pick
     is the token farthest from its nearest other token (diagonal excluded); then, k−1
     times, the token whose distance to the chosen set (min over chosen) is largest.
-    Ties go to the lowest index. Returns kept indices [B, M], ascending.
+    Ties go to the lowest index. ``rule`` (a dynamic token count): the :func:`rule_counts`
+    arguments after N, which give span and k at this N. Returns kept indices [B, M], ascending.
     """
     n = x.shape[1]
+    if rule is not None:
+        span_start, span_end, k = rule_counts(n, *rule)
     s = x[:, span_start:span_end].float()
     s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     dist = 1.0 - s @ s.transpose(1, 2)  # [B, S, S]
@@ -235,10 +348,23 @@ def select_diverse(x: torch.Tensor, k: int, span_start: int, span_end: int, tag:
     return idx
 
 
-def select_random(x: torch.Tensor, k: int, span_start: int, span_end: int, seed: int, tag: str = "") -> torch.Tensor:
+def select_random(x: torch.Tensor, k: int, span_start: int, span_end: int, seed: int, tag: str = "",
+                  rule: tuple | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Keep k span tokens chosen by a seeded pseudo-random order (the same for every sample).
-    x: [B, N, ...] (only its shape is used). Returns [B, M]."""
+    x: [B, N, ...] (only its shape is used); ``rule`` as for :func:`select_diverse`; ``mask`` [B, N]
+    (a padded encoder batch, 0 = padding): counted per row by :func:`select_padded`. Returns [B, M]."""
     b, n = x.shape[0], x.shape[1]
+    if rule is not None:  # the hashes themselves (the same order as their ranks), computed for this N
+        h = ((torch.arange(n, device=x.device) + 1) * HASH_MULTIPLIER + hash_offset(seed)) % MERSENNE31
+        for _ in range(3):
+            h = (h * PARK_MILLER) % MERSENNE31
+        if mask is not None:
+            return select_padded(h.double().expand(b, n), mask, *rule, tag=tag)
+        span_start, span_end, k = rule_counts(n, *rule)
+        top = torch.topk(h.narrow(0, span_start, span_end - span_start).double(), k).indices + span_start
+        idx = _with_fixed_sizes(top.expand(b, k), span_start, span_end, n)
+        _record(tag, idx)
+        return idx
     scores = torch.tensor(random_scores(n, seed)[span_start:span_end], dtype=torch.float32, device=x.device)
     top = torch.topk(scores, k).indices + span_start
     idx = _with_fixed(top.expand(b, k), span_start, span_end, n)
@@ -293,16 +419,22 @@ def eir(s: torch.Tensor) -> torch.Tensor:
 
 
 def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_start: int, span_end: int,
-                       iters: int, drop_similar: int, cls: int | None, tag: str = "") -> torch.Tensor:
+                       iters: int, drop_similar: int, cls: int | None, tag: str = "", rule: tuple | None = None,
+                       similar: float = 0.0) -> torch.Tensor:
     """Zero-TPrune's I′ -> S -> I selection over the span.
 
     probs: [B, H, N, N] attention of the scoring layer; keys: [B, N, Dk] its key vectors.
     I′: one WPR step ranks the span; S: the less important half A is compared with the
     more important half B by cosine similarity of keys and the ``drop_similar`` A tokens
     most similar to some B token are dropped; I: ``iters`` WPR steps, top-k of the rest.
-    Ties go to the lower index. Returns kept indices [B, M].
+    Ties go to the lower index. ``rule`` as for :func:`select_diverse`; then ``drop_similar`` is
+    min(round(``similar`` · (L − k)), L // 2) at this N (L: the span length). Returns kept indices [B, M].
     """
     n = probs.shape[-1]
+    if rule is not None:
+        span_start, span_end, k = rule_counts(n, *rule)
+        size = span_end - span_start
+        drop_similar = min(round(similar * (size - k)), size // 2)
     s0 = torch.tensor(wpr_start(n, cls), dtype=probs.dtype, device=probs.device)[None, :]
     s1 = wpr(probs, s0, 1)
     span = span_end - span_start

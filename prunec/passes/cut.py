@@ -9,8 +9,9 @@ from .base import (RECOVER_MODES, Bipartite, CountFix, Crossing, Cut, GridPool, 
 _SIZED = ("reshape", "expand", "create")
 
 
-def _size_operand(node, n: int | None = None, token=None, post=()):
+def _size_operand(node, n: int | None = None, token=None, post=(), past: frozenset = frozenset()):
     """The entries of a node's size operand (a literal list in fx, a probed int tensor in ONNX).
+    ``past``: a cached decoder's cache length symbols (an entry past + N counts as N here).
     ``token``: on an fx graph with a dynamic sequence, the symbolic token count N at the cut (a
     sympy expression; ``n`` its value at the example inputs): an entry is N when it is a SymInt
     spelling N computed before the cut (``post``: the nodes after it; a size read there is the
@@ -26,8 +27,8 @@ def _size_operand(node, n: int | None = None, token=None, post=()):
         for s, v in zip(size, node.attrs.get("size_values") or [None] * len(size)):
             if v is None or v.producer in post:
                 out.append(None)
-            elif _same_size(v.sym, token):
-                out.append(n)
+            elif _same_size(v.sym, token) or _token_plus_past(v.sym, token, past):
+                out.append(n)  # N, or (a decoder with a KV cache) past + N: the keys, P + M after the cut
             elif _reads_symbols(v.sym, token):
                 raise PruneError(f"node '{node.name}' sizes a tensor with '{v.name}' = {v.sym}, computed from the "
                                  f"token count {token}; prunec cannot rewrite it for the kept tokens")
@@ -66,6 +67,22 @@ def _same_size(expr, token) -> bool:
         if not (getattr(a, "is_number", False) and getattr(b, "is_number", False)) or a != b:
             return False
     return True
+
+
+def _token_plus_past(expr, token, past: frozenset) -> bool:
+    """Whether the symbolic size ``expr`` is the token count plus one of the ``past`` symbols (a
+    decoder's cache lengths): the length of the keys, cached and new."""
+    if not past or expr is None or token is None or isinstance(expr, int):
+        return False
+    rest = expr - token
+    return getattr(rest, "is_Symbol", False) and rest in past
+
+
+def _past_symbols(g) -> frozenset:
+    """The symbolic cache lengths (axis 2 of a decoder's cache inputs) of an fx graph."""
+    inputs = {v.name: v for v in g.inputs}
+    syms = (getattr(inputs[n], "sym", None) for n in getattr(g, "cache_inputs", ()) if n in inputs)
+    return frozenset(s[2] for s in syms if isinstance(s, tuple) and len(s) == 4 and not isinstance(s[2], int))
 
 
 def _reads_symbols(expr, token) -> bool:
@@ -166,11 +183,12 @@ def plan_cut(facts: Facts | PlannedFacts, layer: int, reduce, tag: str, mid: boo
               graph_tokens=n)
     _check_scored_tokens(planned, cut)
     token = _token_symbol(facts, stream)  # fx, dynamic sequence: N is a symbol, no literal spells it
+    past = _past_symbols(g) if token is not None else frozenset()
     for node in sorted(post, key=lambda x: x.index):
         if node.op == "range" and node.outputs[0].shape and facts.token_axes(node.outputs[0], cls_layer):
             raise PruneError(f"node '{node.name}' builds a range over the tokens after the cut; "
                              f"pruned tokens would get wrong positions")
-        size = _size_operand(node, n, token, post)
+        size = _size_operand(node, n, token, post, past)
         if size is not None:
             pos = [j for j in facts.token_axes(node.outputs[0], cls_layer) if j < len(size) and size[j] == n]
             if token is not None and any(s == n and j not in pos for j, s in enumerate(size)):
@@ -265,10 +283,23 @@ def _plan_padding(g, cut: Cut) -> None:
     keeps k of its real span tokens by the rule on its real span length, never padding over a real
     token; the batch keeps the largest count, the other rows filling up with padding (``cut.padding``,
     ``cut.pad_last``)."""
-    if g.frontend == "onnx" and g.dynamic_tokens and isinstance(cut.reduce, (TopK, Random)) \
+    if g.dynamic_tokens and isinstance(cut.reduce, (TopK, Random)) \
             and getattr(cut.reduce, "rule", None) is not None and cut.reduce.rule.token_id is None:
         cut.padding = _padding_input(g)
         cut.pad_last = cut.padding is not None
+
+
+def _first_read(v, post: set) -> int | None:
+    """The index of the first node after the cut (in ``post``) that reads the cache input ``v``,
+    directly or through concatenations (an fx graph appends the cache to an empty one first)."""
+    found, front = [], [v]
+    while front:
+        for u, _ in front.pop().uses:
+            if u in post:
+                found.append(u.index)
+            elif u.op == "concat":
+                front.extend(u.outputs)
+    return min(found) if found else None
 
 
 def _plan_cache(facts: Facts, cut: Cut) -> None:
@@ -290,10 +321,11 @@ def _plan_cache(facts: Facts, cut: Cut) -> None:
                          f"cache only the kept tokens); use recover=none")
     by_name = {v.name: v for v in g.inputs}
     cut.padding = _padding_input(g, floats=True)
-    read = [by_name[n] for n in g.cache_inputs if any(u in cut.post for u, _ in by_name[n].uses)]
+    first = {n: _first_read(by_name[n], cut.post) for n in g.cache_inputs}
+    read = [n for n in g.cache_inputs if first[n] is not None]
     if not read:
         return
-    cut.past = min(read, key=lambda v: min(u.index for u, _ in v.uses if u in cut.post)).name
+    cut.past = min(read, key=first.__getitem__)
     keys = g.decode_shapes[cut.past][0][2] + cut.graph_tokens  # past + N at the second probe
     for c in cut.crossings:
         shape = g.decode_shapes.get(c.value.name, (None,))[0]
@@ -301,6 +333,11 @@ def _plan_cache(facts: Facts, cut: Cut) -> None:
             raise PruneError(f"'{c.value.name}' crosses the cut and prunec could not see its shape with a cache")
         c.key_axes = [a for a in c.token_axes if shape[a] == keys]
     for fix in cut.shape_fixes:
+        if g.frontend == "fx":  # the size's entries are SymInt values, each probed on its own
+            entries = fix.node.attrs.get("size_values") or []
+            at = [g.decode_shapes.get(v.name, (None, None))[1] if v is not None else None for v in entries]
+            fix.key_positions = [j for j in fix.positions if j < len(at) and at[j] is not None and int(at[j]) == keys]
+            continue
         size = fix.node.inputs[0 if fix.node.ref.op_type == "ConstantOfShape" else 1]
         value = g.decode_shapes.get(size.name, (None, None))[1]
         if value is not None:

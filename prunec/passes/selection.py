@@ -121,9 +121,8 @@ def _token_span(span, graph, dynamic: bool) -> tuple[int | None, str | None]:
         raise PruneError(f"span '{span}' needs a model whose sequence length is dynamic (the span is found in "
                          f"each sample's ids at run time); give START:END for a fixed length")
     ids = [v for v in graph.inputs if v.name == "input_ids" and v.shape is not None and len(v.shape) == 2]
-    if graph.frontend != "onnx" or not ids:
-        raise PruneError(f"span '{span}' reads the ids of an ONNX model's 'input_ids' input [B, S]; this model "
-                         f"has none" + ("" if graph.frontend == "onnx" else " (the torch path does not take it yet)"))
+    if not ids:
+        raise PruneError(f"span '{span}' reads the ids of the model's 'input_ids' input [B, S]; this model has none")
     return token_id, ids[0].name
 
 

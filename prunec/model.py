@@ -195,7 +195,7 @@ class OnnxModel(Model):
         out = OnnxModel(self.model.clone(), self.feeds, self.probe_batch, check=self.check,
                         light=self.light)
         out.cuts, out.static_dests, out.exposed = self.cuts, self.static_dests, self.exposed
-        out.reducing, out.no_pt2 = self.reducing, self.no_pt2
+        out.reducing = self.reducing
         return out
 
     def proto(self):

@@ -90,3 +90,41 @@ def test_the_torch_path_counts_per_row_as_onnx(spec):
     assert kept.shape[1] < ids.shape[1]
     np.testing.assert_allclose(torch_model.run(**feeds).numpy(), onnx_model.run({"input_ids": ids, "attention_mask": mask})[0],
                                rtol=1e-4, atol=1e-4)
+
+
+def _mixed_slots(maps: dict, reps: dict, mask) -> int:
+    """Slots (over every ToMe cut, composed) whose sources are padding and real tokens together."""
+    pad, mixed = mask == 0, 0
+    for tag in maps:
+        dest, rep = maps[tag], reps[tag]
+        for row in range(dest.shape[0]):
+            mixed += sum(len(set(pad[row][dest[row] == slot].tolist())) > 1 for slot in range(rep.shape[1]))
+        pad = np.take_along_axis(pad, rep, 1)
+    return mixed
+
+
+@pytest.mark.parametrize("spec", ["tome:r=4,prefix=1", "ppt:r=3,layers=0/1,prefix=1,threshold=1.0"])
+def test_tome_and_ppt_pooling_never_merge_padding_into_a_real_token(spec):
+    """ToMe r=4 at every layer (and PPT's ToMe pooling) on a padded BERT batch: padding matches
+    padding only (a padding and a real token score below any cosine), on ONNX from both exporters
+    and on the torch path, with the same slots; the unpadded row equals its text alone."""
+    import torch
+
+    from prunec.cli import parse_pass_spec
+    from test_dynamic_torch import loaded
+
+    name, opts = parse_pass_spec(spec)
+    ids, mask = _batch(seed=2)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    models = [prunec.passes.get(name)(**opts)(prunec.load(exported("bert", e))) for e in ("torchscript17", "dynamo18")]
+    torch_model = prunec.passes.get(name)(**opts)(loaded("bert"))
+    tfeeds = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    for maps, reps in [(m.merge_maps(feeds), m.kept_indices(feeds)) for m in models] + [
+            (torch_model.merge_maps(**tfeeds), torch_model.kept_indices(**tfeeds))]:
+        assert len(maps) >= 2 and _mixed_slots(maps, reps, mask) == 0
+        for tag in maps:
+            np.testing.assert_array_equal(maps[tag], models[0].merge_maps(feeds)[tag])
+    out = models[0].run(feeds)[0]
+    alone = models[0].run({"input_ids": ids[:1], "attention_mask": mask[:1]})[0]
+    np.testing.assert_allclose(out[:1], alone, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(torch_model.run(**tfeeds).numpy(), out, rtol=1e-4, atol=1e-4)

@@ -119,16 +119,22 @@ def _site_scores(graph, by_name, site, query, bias=None, real=None):
                                                     query, real))
 
 
-def _merge(graph, by_name, cut, size_in, biases: dict):
+def _merge(graph, by_name, cut, size_in, biases: dict, positions=None):
     """Insert a merge: returns (merged stream [B, M, C], dest [B, N], rep [B, M]). ``biases``: as
-    for :func:`_selection`."""
+    for :func:`_selection`; ``positions``: the original positions [B, N] of the tokens entering the
+    cut (None at a first cut), for which of them are padding."""
     r = cut.reduce
     bias = biases.get(r.site.node.ref.name)
     x = by_name[cut.stream.ref.name]
     m = cut.kept
     weight = None
+    padding = None  # ToMe's and PPT's matching: padding with padding only
+    if cut.padding is not None:
+        padding = graph.call_function(ops.merge.padding_of, (by_name[cut.padding], positions,
+                                                             graph.call_function(aten.sym_size.int, (x, 1))))
     if isinstance(r, Bipartite):
-        res = graph.call_function(ops.merge.tome_assign, (_site_keys(graph, by_name, r.site), r.r, r.prefix, cut.tag))
+        res = graph.call_function(ops.merge.tome_assign, (_site_keys(graph, by_name, r.site), r.r, r.prefix, cut.tag,
+                                                          padding))
         weight = size_in
     elif isinstance(r, Fuse):
         scores = _site_scores(graph, by_name, r.site, 0, bias)
@@ -144,7 +150,7 @@ def _merge(graph, by_name, cut, size_in, biases: dict):
         cls = _site_scores(graph, by_name, r.site, 0, bias)
         scores = graph.call_function(ops.merge.ppt_scores, (cls, by_name[r.site.v.ref.name], r.prefix))
         res = graph.call_function(ops.merge.ppt_assign, (scores, _site_keys(graph, by_name, r.site), r.r, r.prefix,
-                                                         r.threshold, cut.tag))
+                                                         r.threshold, cut.tag, padding))
         weight = size_in
     else:
         raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
@@ -252,10 +258,11 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     order = {n: i for i, n in enumerate(graph.nodes)}
     fixes: dict = {}  # (what, node name[, slot]) -> a function writing that fix (later cuts overwrite)
     biases: dict = {}  # site node name -> the log-size bias the latest cut adds to it
-    lowered: dict = {}  # cut tag -> (node names -> the nodes its children read, token sizes node or None)
+    lowered: dict = {}  # cut tag -> (node names -> the nodes its children read, token sizes node or None, positions)
+    track = any(c.padding is not None for c in plan.cuts)  # cuts read a padding mask at their tokens' positions
     for cut in plan.cuts:
         parent = lowered[cut.parent.tag] if cut.parent is not None else None
-        lowered[cut.tag] = _lower_cut(graph, cut, by_name, order, parent, fixes, biases)
+        lowered[cut.tag] = _lower_cut(graph, cut, by_name, order, parent, fixes, biases, track)
     for fix in fixes.values():  # the last cut's fix of each node
         fix()
     graph.lint()
@@ -263,8 +270,9 @@ def lower_fx(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
     return gm
 
 
-def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases: dict):
-    """Lower one cut; returns what its children read: (name -> node map, token sizes node)."""
+def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases: dict, track: bool = False):
+    """Lower one cut; returns what its children read: (name -> node map, token sizes node, original
+    positions of the kept tokens [B, M], tracked when ``track``, else None)."""
     by_name = dict(parent[0] if parent is not None else nodes)
     post = {nodes[n.ref.name] for n in cut.post}
     first_post = (min(post, key=order.__getitem__) if post  # no post-cut node: the stream is an output
@@ -275,7 +283,7 @@ def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases
     merged = dest = None
     with graph.inserting_before(first_post):
         if isinstance(cut.reduce, Merge):
-            merged, dest, idx = _merge(graph, by_name, cut, size_in, biases)
+            merged, dest, idx = _merge(graph, by_name, cut, size_in, biases, parent[2] if parent is not None else None)
             dest._rename(f"{cut.tag}_dest")
         else:
             idx = _selection(graph, by_name, cut, biases)
@@ -328,7 +336,12 @@ def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases
         fixes[("count", fix.node.ref.name, fix.slot)] = functools.partial(_fix_count, nodes[fix.node.ref.name], fix)
     for fix in cut.shape_fixes:
         fixes[("shape", fix.node.ref.name)] = functools.partial(_fix_shape, nodes[fix.node.ref.name], fix, kept, keys)
-    return by_name, (sizes(SIZE_TAG) if sizes is not None else None)
+    positions = None  # the kept tokens' original positions [B, M], where a padding mask is read
+    if track:
+        with graph.inserting_before(first_post):
+            positions = idx if parent is None or parent[2] is None else graph.call_function(
+                aten.gather.default, (parent[2], 1, idx))
+    return by_name, (sizes(SIZE_TAG) if sizes is not None else None), positions
 
 
 def _reweigh(graph, node, weight) -> None:

@@ -583,13 +583,13 @@ def _lower_cut(ctx: _Context, cut: Cut, parent: _Lowered | None) -> _Lowered:
         values[cut.size_in.name] if cut.size_in is not None else None)
     stream = values[cut.stream.name]  # the tokens entering the cut [B, N, C]
     merged = dest = None
+    root = (cut.ancestors() or [cut])[-1]  # the first cut of the chain: the tokens the model was given
+    tokens, positions = ctx.values[root.stream.name], parent.positions if parent is not None else None
+    padding = _padding(b, cut, values, positions, tokens)
     if isinstance(cut.reduce, Merge):
-        merged, dest, idx = lower_merge(b, cut, values, size_in, ctx.site_bias)
+        merged, dest, idx = lower_merge(b, cut, values, size_in, ctx.site_bias, padding)
     else:
-        root = (cut.ancestors() or [cut])[-1]  # the first cut of the chain: the tokens the model was given
-        tokens, positions = ctx.values[root.stream.name], parent.positions if parent is not None else None
         ids = _per_token(b, values[cut.ids], tokens, positions) if cut.ids else None
-        padding = _padding(b, cut, values, positions, tokens)
         idx = _selection(b, cut, values, ctx.site_bias, padding, ids)
     kept = b.dim(idx, 1) if _dynamic(cut) else cut.kept  # M: a run-time value when N is dynamic
     out = _Lowered(values)

@@ -27,10 +27,15 @@ def _normalize(b, x: ir.Value, axis: int = -1) -> ir.Value:
     return b.op("Div", [x, b.op("Max", [norm, b.floats(1e-12, "eps")])])
 
 
-def tome_assign(b, metric: ir.Value, n, r, prefix: int):
+CROSS = -2.0  # ToMe's score of a padding token against a real one: below any cosine similarity
+
+
+def tome_assign(b, metric: ir.Value, n, r, prefix: int, padding: ir.Value | None = None):
     """ToMe bipartite soft matching (as ``prunec.ops.merge.tome_assign``): dest [B, N], rep [B, N-r].
     ``n``, ``r``: counts (numbers, or run-time values when the token count is dynamic; r is then
-    capped at run time at half the mergeable tokens, (N − prefix) // 2, as ToMe caps it)."""
+    capped at run time at half the mergeable tokens, (N − prefix) // 2, as ToMe caps it).
+    ``padding`` [B, N] bool: a padding token and a real one score ``CROSS`` (below any cosine), so
+    each matches its own kind and such pairs merge last (only when r leaves no other pair)."""
     if isinstance(n, ir.Value):
         r = b.arith("Min", r, b.arith("Div", b.arith("Sub", n, prefix), 2))
     na, nb = b.arith("Div", b.arith("Add", n, 1), 2), b.arith("Div", n, 2)
@@ -38,6 +43,10 @@ def tome_assign(b, metric: ir.Value, n, r, prefix: int):
     big = np.iinfo(np.int64).max
     a, bb = b.slice(m, 0, big, step=2), b.slice(m, 1, big, step=2)  # even / odd tokens
     scores = b.op("MatMul", [a, b.op("Transpose", [bb], {"perm": [0, 2, 1]})])  # [B, Na, Nb]
+    if padding is not None:
+        pad_a = b.op("Unsqueeze", [b.slice(padding, 0, big, step=2), b.ints([2], "axes")])  # [B, Na, 1]
+        pad_b = b.op("Unsqueeze", [b.slice(padding, 1, big, step=2), b.ints([1], "axes")])  # [B, 1, Nb]
+        scores = b.op("Where", [b.op("Xor", [pad_a, pad_b]), b.floats(CROSS, "cross"), scores])
     pa, pb = (prefix + 1) // 2, prefix // 2
     if prefix:  # A's first pa rows and B's first pb columns never merge
         rows = b.op("Less", [b.op("Unsqueeze", [b.arange(0, na), b.ints([1], "axes")]), b.ints(pa, "pa")])
@@ -208,9 +217,11 @@ def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n, dominant: int, co
     return dest, b.op("Unsqueeze", [weight, axes2]), rep
 
 
-def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n, r, prefix: int, threshold: float):
+def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n, r, prefix: int, threshold: float,
+               padding: ir.Value | None = None):
     """PPT (as ``prunec.ops.merge.ppt_scores`` + ``ppt_assign``): dest [B, N], rep [B, N - r]. ``n``, ``r``:
-    counts (a run-time N caps r at run time at (N − prefix) // 2, as ToMe)."""
+    counts (a run-time N caps r at run time at (N − prefix) // 2, as ToMe); ``padding``: as for
+    :func:`tome_assign` (its pooling)."""
     if isinstance(n, ir.Value):
         r = b.arith("Min", r, b.arith("Div", b.arith("Sub", n, prefix), 2))
     if site.probs is not None:
@@ -230,7 +241,7 @@ def ppt_assign(b, site, values, cls_scores: ir.Value, metric: ir.Value, n, r, pr
     dof = b.op("Cast", [dof], {"to": ir.DataType.FLOAT}) if isinstance(dof, ir.Value) else b.floats(float(dof), "dof")
     var = b.op("Div", [b.reduce_sum(b.op("Mul", [centered, centered]), [1], keepdims=1), dof])
     pool = b.op("Less", [var, b.floats(float(threshold), "threshold")])  # [B, 1]
-    dest_m, rep_m = tome_assign(b, metric, n, r, prefix)
+    dest_m, rep_m = tome_assign(b, metric, n, r, prefix, padding)
     _, order = b.op("TopK", [scores, b.num(n, "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
     m = b.arith("Sub", n, r)
     kept = b.slice(order, 0, m)
@@ -291,10 +302,11 @@ def merge_sizes(b, size: ir.Value | None, stream: ir.Value, dest: ir.Value, m: i
     return scatter_sum(b, size, dest, m, 1)
 
 
-def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict):
+def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict, padding: ir.Value | None = None):
     """The merged stream [B, M, C] (in the stream's float type; merged in float32), dest [B, N]
     and rep [B, M] of a merge cut. ``biases``: site node name -> the log-size bias an earlier cut
-    of the plan adds to it (read by the scores of a fused site)."""
+    of the plan adds to it (read by the scores of a fused site). ``padding`` [B, N] bool: which
+    tokens entering the cut are padding (ToMe matches them with padding only)."""
     r = cut.reduce
     bias = biases.get(r.site.node.ref.name)
     n = b.dim(values[cut.stream.name], 1) if r.dynamic else cut.num_tokens
@@ -305,7 +317,7 @@ def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict):
     c = cut.stream.shape[-1]
     weight = None
     if isinstance(r, Bipartite):
-        dest, rep = tome_assign(b, site_keys(b, r.site, values), n, r.r, r.prefix)
+        dest, rep = tome_assign(b, site_keys(b, r.site, values), n, r.r, r.prefix, padding)
         weight = size_in
     elif isinstance(r, Fuse):
         k = r.k
@@ -320,7 +332,7 @@ def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict):
                                              r.dominant, r.contextual, r.prefix)
     elif isinstance(r, Adaptive):
         dest, rep = ppt_assign(b, r.site, values, site_scores(b, r.site, 0, values, n, bias), site_keys(b, r.site, values), n,
-                               r.r, r.prefix, r.threshold)
+                               r.r, r.prefix, r.threshold, padding)
         weight = size_in
     else:
         raise PruneError(f"the ONNX backend cannot lower {type(r).__name__}")

@@ -28,7 +28,18 @@ def keys_metric(k: torch.Tensor, layout: str) -> torch.Tensor:
     return m.transpose(1, 2) if layout == "bhdn" else m
 
 
-def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = ""):
+CROSS = -2.0  # ToMe's score of a padding token against a real one: below any cosine similarity
+
+
+def padding_of(mask: torch.Tensor, positions: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Which of the N tokens entering a cut are padding [B, N] bool: ``mask`` [B, S] (0 = padding)
+    at the tokens' original ``positions`` [B, N] (what earlier cuts kept; None: the first cut,
+    whose tokens are the mask's last N)."""
+    own = mask.narrow(1, mask.shape[1] - n, n) if positions is None else mask.gather(1, positions)
+    return own == 0
+
+
+def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = "", padding: torch.Tensor | None = None):
     """ToMe's bipartite soft matching, per sample.
 
     metric [B, N, D]: tokens alternate into A (even) and B (odd); each A token's most
@@ -37,7 +48,9 @@ def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = ""):
     a distillation token in B's columns). Output order as ToMe: the unmerged A tokens
     (sorted by index when there are prefix tokens, else by edge strength), then every B
     token; prefix tokens first, in their original order.
-    ``r`` is capped at (N − prefix) // 2. Returns dest [B, N], rep [B, N - r].
+    ``r`` is capped at (N − prefix) // 2. ``padding`` [B, N] bool: a padding token and a real one
+    score ``CROSS``, so each matches its own kind and such pairs merge last (only when r leaves no
+    other pair). Returns dest [B, N], rep [B, N - r].
     """
     b, n, _ = metric.shape
     dev = metric.device
@@ -46,6 +59,8 @@ def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = ""):
     a, bb = m[:, ::2], m[:, 1::2]
     na, nb = a.shape[1], bb.shape[1]
     scores = a @ bb.transpose(1, 2)  # [B, Na, Nb]
+    if padding is not None:
+        scores = scores.masked_fill(padding[:, ::2, None] ^ padding[:, None, 1::2], CROSS)
     pa, pb = (prefix + 1) // 2, prefix // 2
     if pa:
         scores[:, :pa, :] = float("-inf")
@@ -190,7 +205,8 @@ def ppt_scores(probs_cls: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.T
     return torch.cat([torch.full_like(probs_cls[:, :prefix], 2.0), s], dim=1)
 
 
-def ppt_assign(scores: torch.Tensor, metric: torch.Tensor, r: int, prefix: int, threshold: float, tag: str = ""):
+def ppt_assign(scores: torch.Tensor, metric: torch.Tensor, r: int, prefix: int, threshold: float, tag: str = "",
+               padding: torch.Tensor | None = None):
     """PPT, per sample: when the (unbiased) variance of the non-prefix importance ``scores``
     [B, N] is below ``threshold``, pool (ToMe's matching on ``metric``); otherwise prune the
     ``r`` least important tokens (kept tokens in descending importance, as PPT).
@@ -199,7 +215,7 @@ def ppt_assign(scores: torch.Tensor, metric: torch.Tensor, r: int, prefix: int, 
     dev = scores.device
     r = _cap(r, (n - prefix) // 2)  # as ToMe's
     pool = (scores[:, prefix:].var(dim=1) < threshold)[:, None]  # [B, 1]
-    dest_m, rep_m = tome_assign(metric, r, prefix)
+    dest_m, rep_m = tome_assign(metric, r, prefix, padding=padding)  # ``padding``: as for tome_assign
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     dest_p = torch.full((b, n), n - r, dtype=torch.long, device=dev)
     dest_p.scatter_(1, order[:, :n - r], torch.arange(n - r, device=dev).expand(b, n - r))

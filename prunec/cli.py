@@ -50,10 +50,12 @@ def _load_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--probe-length", dest="probe_length", type=int, metavar="N",
                     help="analyse a dynamic sequence at N tokens (default 29; a span with absolute ends needs "
                          "N beyond its end, e.g. 612 for --span 35:611)")
-    ap.add_argument("--check", choices=("auto", "full", "none"), default="auto",
+    ap.add_argument("--check", choices=("auto", "full", "fast", "none"), default="auto",
                     help="check the written ONNX model: full (onnx.checker and ONNX Runtime runs at several "
-                         "shapes), none (onnx.checker only), auto (default: full, onnx.checker only for a "
-                         "model over 1 GiB of weights, which is also analysed without reading them)")
+                         "shapes), fast (onnx.checker, and those runs on the graph up to two layers after the "
+                         "last cut: only those layers' weights are read), none (onnx.checker only), auto "
+                         "(default: full, onnx.checker only for a model over 1 GiB of weights, which is also "
+                         "analysed without reading them)")
 
 
 def _pass_args(ap: argparse.ArgumentParser) -> None:
@@ -307,7 +309,9 @@ def _print_written(console, model, out: Path, passes: list, idle: list, before: 
         tokens = (f"a dynamic sequence (probed at {before} tokens): counts follow the length at run time"
                   if getattr(model, "dynamic_tokens", False) else f"{before} tokens in")
         checked = ""
-        if getattr(model, "check_mode", "full") == "structure":
+        if getattr(model, "checked_layers", None):
+            checked = f"; checked by ONNX Runtime on its first {model.checked_layers} layers (--check fast)"
+        elif getattr(model, "check_mode", "full") == "structure":
             why = "--check none" if model.check == "none" else "over 1 GiB of weights: analysed without reading them"
             checked = f"; checked by onnx.checker only ({why}; --check full also runs it)"
         console.print(f"[green]wrote[/green] {written}  ({', '.join(repr(p) for p in passes)}; "

@@ -134,6 +134,7 @@ class OnnxModel(Model):
         # a dynamic sequence axis or image size: token counts follow it at run time
         self.dynamic_tokens = bool(sequence_dims(model) or image_dims(model))
         self._session = None
+        self.checked_layers: int | None = None  # check "fast": the layers ORT ran
 
     def graph(self):
         if self._graph is None:
@@ -180,8 +181,17 @@ class OnnxModel(Model):
         self._unique_tags(plan)
         out = OnnxModel(lower_onnx(self.model, plan), self.feeds, self.probe_batch, check=self.check,
                         light=self.light)
-        out.validate(original=self.model)
+        out.validate(original=self.model, upto=self._fast_check_output(plan) if out.check_mode == "fast" else None)
         return self._after_cuts(out, plan)
+
+    def _fast_check_output(self, plan) -> tuple[str, int] | None:
+        """``--check fast``: (the stream leaving layer K + 2, the layers that makes) for the latest cut
+        K of ``plan`` (its name is the same in the rewritten graph); None when that is the whole model."""
+        facts = self.facts()
+        layer = max(c.layer for c in plan.cuts) + 2
+        if layer >= facts.depth:
+            return None
+        return facts.block_output(layer).name, layer + 1
 
     def _exposed(self, outputs: list[str], steps: list, what: list[str]) -> "OnnxModel":
         from .backends.onnx import expose_onnx
@@ -205,17 +215,21 @@ class OnnxModel(Model):
 
     @property
     def check_mode(self) -> str:
-        """What :meth:`validate` does: ``full`` (onnx.checker and ORT runs) or ``structure``
-        (onnx.checker only: ``check="none"``, or ``auto`` on a model over
+        """What :meth:`validate` does: ``full`` (onnx.checker and ORT runs), ``fast`` (onnx.checker,
+        and ORT runs of the graph up to two layers after the latest cut: the weights of those layers
+        only) or ``structure`` (onnx.checker only: ``check="none"``, or ``auto`` on a model over
         :data:`LIGHT_PROBE_BYTES` of weights, which an ORT run would have to read)."""
+        if self.check == "fast":
+            return "fast"
         return "structure" if self.check == "none" or (self.check == "auto" and self.light) else "full"
 
-    def validate(self, original=None) -> None:
+    def validate(self, original=None, upto: tuple[str, int] | None = None) -> None:
         """Full onnx.checker check and ORT runs on the probe inputs and, when the graph's batch is
         dynamic, at batch sizes 1 and 3 — with a shorter and a longer input (or image) there when its
         token count is dynamic (:meth:`_other_shapes`) — in one session; the checker only when
         :attr:`check_mode` is ``structure``. ``original``: the onnx-ir model it was rewritten from; a
-        shape that one does not run at either is skipped."""
+        shape that one does not run at either is skipped. ``upto`` (``fast``): (the value, the layers)
+        where the graph run is cut short."""
         import onnx
 
         from .ir.session import graph_only_proto
@@ -235,8 +249,9 @@ class OnnxModel(Model):
         from .ir.from_onnx import example_inputs
         from .ir.session import make_session
 
+        self.checked_layers = upto[1] if upto is not None else None
         try:
-            sess = make_session(self.model, quick=True)
+            sess = make_session(self.model if upto is None else _truncated(self.model, upto[0]), quick=True)
             sess.run(None, self.feeds)
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph does not run in ONNX Runtime: {str(e).splitlines()[0]}") from None
@@ -760,6 +775,19 @@ def _module_of(ep):
     return gm
 
 
+def _truncated(model, output: str):
+    """A copy of ``model`` (weights shared) whose one output is the value ``output``: the nodes and
+    weights after it dropped, the inputs kept (so the same feeds run it)."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    out = model.clone()
+    value = next(o for node in out.graph for o in node.outputs if o.name == output)
+    out.graph.outputs.clear()
+    out.graph.outputs.append(value)
+    RemoveUnusedNodesPass()(out)
+    return out
+
+
 def _has_cache(gm) -> bool:
     """Whether an exported GraphModule is a decoder with a KV cache (see ``from_fx.dynamic_dims``)."""
     from .ir.from_fx import dynamic_dims
@@ -848,7 +876,7 @@ def refresh_symbolic_meta(gm) -> None:
 
 
 LIGHT_PROBE_BYTES = 1 << 30  # weights above which a model is analysed without running them (and checked structurally)
-CHECKS = ("auto", "full", "none")  # load(check=): validation of written ONNX models
+CHECKS = ("auto", "full", "fast", "none")
 INLINE_LIMIT = 1_900_000_000  # bytes of weights above which a model is saved with external data (protobuf: 2 GiB)
 
 
@@ -1035,7 +1063,8 @@ def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dic
     analysed at (default 29); spans with absolute ends need it at least that long
     (``span=35:611``: 612). ``check`` (ONNX): how a rewritten model is checked before a pass
     returns it: ``full`` (onnx.checker and ONNX Runtime runs at the probe's and other shapes),
-    ``none`` (onnx.checker only), ``auto`` (full, or onnx.checker only for a model over 1 GiB of
+    ``fast`` (onnx.checker, and those runs on the graph up to two layers after the last cut: only
+    those layers' weights are read), ``none`` (onnx.checker only), ``auto`` (full, or onnx.checker only for a model over 1 GiB of
     weights: such a model is also analysed without reading its weights).
 
     ``dynamic_shapes`` (torch module): torch.export's ``dynamic_shapes`` spec, passed through,

@@ -245,3 +245,35 @@ def test_every_command_takes_the_loading_options():
     assert r.returncode == 0, r.stderr
     r = prunec("bench", path, "--pass", "fastv", "--span", "1:35", "--repeat", "1")
     assert r.returncode != 0 and "--probe-length" in r.stderr
+
+
+def test_check_fast_runs_the_graph_up_to_two_layers_after_the_cut(tmp_path, monkeypatch):
+    """``--check fast``: onnx.checker on the written model, ONNX Runtime on the graph up to the stream
+    leaving layer K + 2 (4 of 6 layers for a cut before layer 1): fewer nodes, that one output; the
+    output line says so."""
+    import onnx
+
+    import prunec as pc
+    import prunec.ir.session as session
+    from prunec.cli import main
+    from tiny_models import tiny, tiny_inputs
+
+    path = tmp_path / "tiny6.onnx"
+    with torch.no_grad():
+        torch.onnx.export(tiny(depth=6).eval(), (tiny_inputs()["x"],), str(path), dynamo=True, external_data=False,
+                          input_names=["x"], verbose=False)
+    ran = []
+    real = session.make_session
+    monkeypatch.setattr(session, "make_session",
+                        lambda model, *a, **k: ran.append(model) or real(model, *a, **k))
+    out = pc.passes.FastV(keep=0.5, layer="1")(pc.load(path, check="fast"))
+    assert out.checked_layers == 4
+    checked = ran[-1]
+    assert len(checked.graph.outputs) == 1 and len(list(checked.graph)) < len(list(out.model.graph))
+    full = pc.passes.FastV(keep=0.5, layer="1")(pc.load(path))
+    assert full.checked_layers is None and len(list(ran[-1].graph)) == len(list(full.model.graph))
+    dst = tmp_path / "out.onnx"
+    r = prunec(path, "--pass", "fastv", "--layer", "1", "--check", "fast", "-o", dst, cwd=Path(__file__).parent)
+    assert r.returncode == 0, r.stderr
+    assert "first 4 layers (--check fast)" in " ".join((r.stdout + r.stderr).split())
+    onnx.checker.check_model(str(dst), full_check=True)

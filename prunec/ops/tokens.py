@@ -191,6 +191,9 @@ def select_topk_cached(scores: torch.Tensor, stream: torch.Tensor, past: torch.T
     keeps the largest row count (a row with fewer keeps more of its best span tokens). Returns the
     kept indices [B, M], ascending. Eager only: M is data-dependent with a mask or ids, and the
     test of the cache length is a branch (torch.export would specialise it)."""
+    if _fake(scores):  # symbolic shapes for analysis: the count the rule gives the whole span
+        return select_topk_rule(scores.narrow(1, scores.shape[1] - stream.shape[1], stream.shape[1]), start,
+                                start_from_end, end, end_from_end, keep, count)
     b, n = stream.shape[0], stream.shape[1]
     positions = torch.arange(n, device=scores.device)
     if past is not None and past.shape[2] > 0:
@@ -231,6 +234,14 @@ def _rule_count(length: torch.Tensor, keep: float | None, count: int | None) -> 
     return torch.minimum(torch.clamp(rounded, min=1), length)
 
 
+def _fake(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a fake tensor (symbolic shape propagation for a later analysis): a count read
+    off data has no value there."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
+
+
 def select_padded(scores: torch.Tensor, mask: torch.Tensor, start: int, start_from_end: bool, end: int,
                   end_from_end: bool, keep: float | None, count: int | None, tag: str = "") -> torch.Tensor:
     """A ranked selection on a padded encoder batch (as the ONNX lowering's ``_real_tokens_top``):
@@ -238,6 +249,8 @@ def select_padded(scores: torch.Tensor, mask: torch.Tensor, start: int, start_fr
     its real span tokens, k_b by the rule on its real span length; the batch keeps k = max k_b, a
     row with fewer filling up with its padding (inert: masked), then its next best tokens; tokens
     outside the span are kept. Returns the kept indices [B, M], ascending (M data-dependent: eager)."""
+    if _fake(scores):  # symbolic shapes for analysis: the count the rule gives the whole span
+        return select_topk_rule(scores, start, start_from_end, end, end_from_end, keep, count)
     n = scores.shape[1]
     s, e, _ = rule_counts(n, start, start_from_end, end, end_from_end, keep, count)
     length = e - s

@@ -201,6 +201,7 @@ def plan_cut(facts: Facts | PlannedFacts, layer: int, reduce, tag: str, mid: boo
             _check_sym_reads(node, token, post)
     _plan_crossings(facts, cut, cls_layer)
     _plan_cache(facts, cut)
+    _refuse_per_token_after_earlier_pass(g, cut)
     _plan_length_masks(facts, cut)
     for v in g.outputs:
         if v.producer is not None and v.producer in post:
@@ -219,6 +220,20 @@ def _refuse_upstream_of_earlier_cut(post: set, layer: int) -> None:
                 tag = o.name[: -len("/keep_idx")]
                 raise PruneError(f"this cut (layer {layer}) comes before the cut '{tag}' of a pass applied earlier, "
                                  f"which was planned for the tokens entering it; apply the passes in layer order")
+
+
+def _refuse_per_token_after_earlier_pass(g, cut: Cut) -> None:
+    """A cut that reads a per-token input (the padding mask, input ids) finds its tokens' entries by
+    their original positions, which it knows only for the cuts of its own plan: on a graph an
+    earlier pass already cut (its kept indices are in the graph) it would read the wrong entries."""
+    if cut.parent is not None or (cut.padding is None and not cut.ids):
+        return
+    earlier = next((v.name for v in g.values() if v.name.endswith(("/keep_idx", "_keep_idx"))), None)
+    if earlier is not None:
+        what = f"the padding mask '{cut.padding}'" if cut.padding is not None else f"the ids '{cut.ids}'"
+        raise PruneError(f"'{cut.tag}' reads {what} per token, and an earlier pass already reduced this model's "
+                         f"tokens ('{earlier}'); apply the passes together (prunec.Pipeline, or several --pass in "
+                         f"one command) so each cut finds its tokens' entries")
 
 
 def _stop_at_recovery(facts: Facts, post: set, recovery: Recovery, layer: int) -> None:

@@ -145,17 +145,24 @@ def _carry(state, rep, groups=None):
 
 # -- ToMe ---------------------------------------------------------------------------------
 
-def bipartite_groups(metric, r: int, prefix: int) -> list[list[int]]:
+def bipartite_groups(metric, r: int, prefix: int, pad=None) -> list[list[int]]:
     """ToMe's bipartite soft matching on one sample's metric [N, D], from the paper: tokens
     alternate into A (even) and B (odd); each A token's edge is its most cosine-similar B
     token; the r strongest edges merge A into B. Prefix tokens (CLS, distillation, registers)
     neither merge (in A) nor take merges (in B). Returns the output tokens, each as the
     list of source tokens it stands for, in ToMe's order: unmerged A (by index when there is a
-    CLS token, else by edge strength), then B; with two or more prefix tokens, the prefix tokens first in order."""
+    CLS token, else by edge strength), then B; with two or more prefix tokens, the prefix tokens first in order.
+    ``pad`` [N] (1 = real token, 0 = padding; prunec's documented deviation for padded batches): a
+    padding token and a real one have similarity -2, below any cosine."""
     n = metric.shape[0]
     m = metric / metric.norm(dim=-1, keepdim=True)
     a_idx, b_idx = list(range(0, n, 2)), list(range(1, n, 2))
     sim = m[a_idx] @ m[b_idx].T
+    if pad is not None:
+        for i, a in enumerate(a_idx):
+            for j, bt in enumerate(b_idx):
+                if bool(pad[a] == 0) != bool(pad[bt] == 0):
+                    sim[i, j] = -2.0
     sim[:(prefix + 1) // 2, :] = -math.inf  # prefix tokens in A never merge
     sim[:, :prefix // 2] = -math.inf  # prefix tokens in B take no merges
     best, match = sim.max(dim=1)
@@ -198,7 +205,8 @@ def tome_reduce(r: int, prefix: int):
             return x
         size = state["size"] if state["size"] is not None else torch.ones_like(x[..., :1])
         metric = k.mean(dim=1)
-        groups = [bipartite_groups(metric[i], rr, prefix) for i in range(x.shape[0])]
+        pad = state.get("pad")
+        groups = [bipartite_groups(metric[i], rr, prefix, None if pad is None else pad[i]) for i in range(x.shape[0])]
         x, state["size"] = _apply_groups(x, size, groups)
         _carry(state, _rep_of(groups, pick=lambda g: g[0]))
         return x
@@ -256,7 +264,7 @@ def ppt_reduce(r: int, threshold: float, prefix: int = 1, record: list | None = 
         groups = []
         for i in range(b):
             if float(var[i]) < threshold:  # pool
-                groups.append(bipartite_groups(metric[i], rr, prefix))
+                groups.append(bipartite_groups(metric[i], rr, prefix, None if state.get("pad") is None else state["pad"][i]))
             else:  # prune: keep the N - r most important, in descending importance
                 order = sorted(range(n), key=lambda t: (-float(scores[i, t]), t))
                 groups.append([[t] for t in order[:n - rr]])

@@ -63,7 +63,8 @@ def tome_merged(embed, blocks, inputs, r: dict[int, int], prefix: int, prop_attn
                 return x
             size = state["size"] if state["size"] is not None else torch.ones_like(x[..., :1])
             metric = k.mean(dim=1)
-            groups = [bipartite_groups(metric[i], rr, prefix) for i in range(x.shape[0])]
+            pad = state.get("pad")
+            groups = [bipartite_groups(metric[i], rr, prefix, None if pad is None else pad[i]) for i in range(x.shape[0])]
             dest = torch.empty(x.shape[0], n, dtype=torch.long)
             for i, gs in enumerate(groups):
                 for j, g in enumerate(gs):

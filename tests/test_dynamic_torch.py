@@ -174,15 +174,18 @@ def test_every_pass_is_the_identity_at_keep_one_and_runs_on_short_inputs():
 
 def test_a_pt2_of_run_time_counts_reloads_or_is_refused_in_one_line(tmp_path):
     """DivPrune's counts re-export with the Dims (the .pt2 reloads and runs at a new length with the
-    same output); ToMe's (Python over the token count) are refused in one line, nothing written."""
-    divprune = prunec.passes.get("divprune")(count=1, layer="2")(loaded("bert"))
+    same output); ToMe's (Python over the token count) and per-row counts of a padded batch (BERT's
+    mask) are refused in one line, nothing written."""
+    divprune = prunec.passes.get("divprune")(count=1, layer="2")(loaded("llama"))
     back = prunec.load(divprune.save(tmp_path / "divprune.pt2"))
-    feeds = inputs("bert", 3, 41, seed=5)
+    feeds = inputs("llama", 3, 41, seed=5)
     np.testing.assert_allclose(back.run(**feeds).detach().numpy(), divprune.run(**feeds).numpy(), rtol=1e-5, atol=1e-5)
     tome = prunec.passes.get("tome")(r="2")(loaded("bert"))
     with pytest.raises(prunec.PruneError, match="not written as .pt2") as e:
         tome.save(tmp_path / "tome.pt2")
     assert "\n" not in str(e.value) and not (tmp_path / "tome.pt2").exists()
+    with pytest.raises(prunec.PruneError, match="padded batch"):
+        fastv("bert", "0.5").save(tmp_path / "fastv.pt2")
 
 
 def test_other_dims_and_expose_are_refused_in_one_line():

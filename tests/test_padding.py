@@ -1,5 +1,5 @@
-"""Padded batches on a dynamic sequence (issue 11): a ranked selection (fastv, cls-attn, random) counts
-per row. Each row keeps k of its real span tokens by the rule on its own real span length, never a
+"""Padded batches on a dynamic sequence (issue 11): a ranked selection (fastv, cls-attn, random) and
+DivPrune count per row. Each row keeps k of its real span tokens by the rule on its own real span length, never a
 padding token over a real one; the batch keeps the largest count and a row with fewer fills up
 with its padding (masked: inert). So each row keeps the tokens, and gives the outputs, of its text
 run alone without padding. BERT exported with a dynamic batch and sequence by the TorchScript and
@@ -31,7 +31,8 @@ def _kept(model, ids, mask):
 
 @pytest.mark.parametrize("exporter", ["torchscript17", "dynamo18"])
 @pytest.mark.parametrize("spec", ["fastv:keep=0.5", "fastv:keep=0.3,query=cls", "cls-attn:keep=0.5,cls=0,span=1:",
-                                  "random:keep=0.4", "fastv:count=6,span=1:"])
+                                  "random:keep=0.4", "fastv:count=6,span=1:", "divprune:keep=0.5,layer=2",
+                                  "divprune:count=5,layer=1"])
 def test_each_padded_row_keeps_and_gives_what_its_text_alone_does(exporter, spec):
     from prunec.cli import parse_pass_spec
 
@@ -71,7 +72,7 @@ def test_a_batch_without_padding_is_unchanged():
 
 
 @pytest.mark.parametrize("spec", ["fastv:keep=0.5", "fastv:keep=0.3,query=cls", "cls-attn:keep=0.5,cls=0,span=1:",
-                                  "random:keep=0.4"])
+                                  "random:keep=0.4", "divprune:keep=0.5,layer=2", "random:keep=0.6,layer=1/2"])
 def test_the_torch_path_counts_per_row_as_onnx(spec):
     """The same BERT loaded on the torch path with a dynamic batch and sequence: the padded batch
     keeps, row by row, the ONNX rewrite's tokens (themselves each text's alone) with its outputs."""
@@ -85,9 +86,12 @@ def test_the_torch_path_counts_per_row_as_onnx(spec):
     onnx_model = prunec.passes.get(name)(**opts)(prunec.load(exported("bert", "torchscript17")))
     ids, mask = _batch(seed=2)
     feeds = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
-    kept = next(iter(torch_model.kept_indices(**feeds).values()))
-    np.testing.assert_array_equal(kept, _kept(onnx_model, ids, mask))
-    assert kept.shape[1] < ids.shape[1]
+    kept_torch, kept_onnx = torch_model.kept_indices(**feeds), onnx_model.kept_indices({"input_ids": ids,
+                                                                                       "attention_mask": mask})
+    assert kept_torch.keys() == kept_onnx.keys()
+    for tag in kept_torch:  # a second cut reads the mask at the tokens the first kept
+        np.testing.assert_array_equal(kept_torch[tag], kept_onnx[tag])
+    assert next(iter(kept_torch.values())).shape[1] < ids.shape[1]
     np.testing.assert_allclose(torch_model.run(**feeds).numpy(), onnx_model.run({"input_ids": ids, "attention_mask": mask})[0],
                                rtol=1e-4, atol=1e-4)
 

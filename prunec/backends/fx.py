@@ -22,17 +22,20 @@ from ..passes.base import Adaptive, Bipartite, Contextual, Diverse, Fuse, GridPo
 aten = torch.ops.aten
 
 
-def _selection(graph: torch.fx.Graph, by_name: dict, cut, biases: dict):
+def _selection(graph: torch.fx.Graph, by_name: dict, cut, biases: dict, positions=None):
     """Insert the nodes computing the kept indices [B, M] of ``cut``. ``biases``: site node name ->
-    the log-size bias an earlier cut of the plan adds to it."""
+    the log-size bias an earlier cut of the plan adds to it; ``positions``: the original positions
+    [B, N] of the tokens entering the cut (after earlier cuts of the plan), where it reads a mask."""
     r = cut.reduce
     if isinstance(r, GridPool):  # side inputs follow each window's first token
         return graph.call_function(ops.select_fixed, (by_name[cut.stream.ref.name], r.representatives(), cut.tag))
     rule = _rule_args(r)  # a dynamic token count: the kernels compute span and k at run time
+    padded = by_name[cut.padding] if cut.padding is not None and cut.pad_last else None  # a padded encoder
+    if padded is not None and positions is not None:  # the mask at the tokens an earlier cut kept
+        padded = graph.call_function(aten.gather.default, (padded, 1, positions))
     if isinstance(r, Diverse):
         return graph.call_function(ops.select_diverse, (by_name[r.features.ref.name], r.k, r.span_start, r.span_end,
-                                                         cut.tag, rule))
-    padded = by_name[cut.padding] if cut.padding is not None and cut.pad_last else None  # a padded encoder
+                                                         cut.tag, rule, padded))
     if isinstance(r, Random):
         return graph.call_function(ops.select_random, (by_name[cut.stream.ref.name], r.k, r.span_start, r.span_end,
                                                         r.seed, cut.tag, rule, padded))
@@ -55,9 +58,6 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut, biases: dict):
     site = r.score.site
     scores = _site_scores(graph, by_name, site, r.score.query, biases.get(site.node.ref.name), padded)
     if padded is not None:
-        if cut.parent is not None:
-            raise PruneError(f"cut '{cut.tag}' follows another cut, and the torch backend counts a padded batch "
-                             f"per row at the first cut only")
         return graph.call_function(ops.tokens.select_padded, (scores, padded, *rule, cut.tag))
     rule = r.rule
     if cut.past is not None or cut.padding is not None or cut.ids:  # a decoder's prompt (see select_topk_cached)
@@ -286,7 +286,7 @@ def _lower_cut(graph, cut, nodes: dict, order: dict, parent, fixes: dict, biases
             merged, dest, idx = _merge(graph, by_name, cut, size_in, biases, parent[2] if parent is not None else None)
             dest._rename(f"{cut.tag}_dest")
         else:
-            idx = _selection(graph, by_name, cut, biases)
+            idx = _selection(graph, by_name, cut, biases, parent[2] if parent is not None else None)
         idx._rename(f"{cut.tag}_keep_idx")  # found by name again by expose_fx
         # the kept count M: a number, or read off the kept indices at run time when it follows N
         kept = graph.call_function(aten.sym_size.int, (idx, 1)) if cut.dynamic else cut.kept

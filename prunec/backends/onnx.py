@@ -238,7 +238,8 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict,
     n = b.dim(stream, 1) if r.rule is not None else cut.num_tokens
     start, end, k = _span_counts(b, cut, n, b.dim(values[cut.past], 2) if cut.past else None)
     if isinstance(r, Diverse):
-        top = _diverse(b, b.as_f32(values[r.features.name], r.features.dtype), start, end, k)
+        top, k = _diverse(b, b.as_f32(values[r.features.name], r.features.dtype), start, end, k,
+                          padding if cut.pad_last else None, r.rule)
     elif isinstance(r, PageRank):
         top = _zero_tprune(b, r, values, (n, start, end, k), biases.get(r.site.node.ref.name))
     else:
@@ -271,15 +272,23 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict,
     return _with_fixed(b, top, stream, (n, start, end, k), cut.tag)
 
 
-def _diverse(b: _Builder, x: ir.Value, lo, hi, k) -> ir.Value:
-    """DivPrune's greedy max-min selection over the span [lo, hi) of x [B, N, C] -> span picks [B, k]
-    (same algorithm as ``prunec.ops.select_diverse``; the k−1 greedy steps run in a Loop). With run-time
-    counts a short input's empty span is widened to one token and the loop runs at least once, so no op
-    sees an empty axis; the picks are then cut back to k."""
+def _diverse(b: _Builder, x: ir.Value, lo, hi, k, padding: ir.Value | None = None, rule=None) -> tuple:
+    """DivPrune's greedy max-min selection over the span [lo, hi) of x [B, N, C] -> (span picks [B, k],
+    k) (same algorithm as ``prunec.ops.select_diverse``; the k−1 greedy steps run in a Loop). With
+    run-time counts a short input's empty span is widened to one token and the loop runs at least
+    once, so no op sees an empty axis; the picks are then cut back to k. ``padding`` [B, N] bool (a
+    padded encoder batch; with the count ``rule``): padding is at infinite distance from every token,
+    each row picks its own k_b (the rule on its real span tokens) real tokens as it would alone, then
+    its padding, then its next real ones; k = max k_b."""
     dynamic = isinstance(k, ir.Value)
     if dynamic:
         lo = b.arith("Min", lo, b.arith("Sub", b.dim(x, 1), 1))
         hi = b.arith("Max", hi, b.arith("Add", lo, 1))
+    pad = own = None
+    if padding is not None:
+        pad = b.slice(padding, lo, hi)  # [B, S]
+        _, _, own = _real_counts(b, rule, pad, b.arith("Sub", hi, lo))
+        k = b.reduce("ReduceMax", own, [0], keepdims=1)
     s = b.slice(x, lo, hi)
     sq = b.op("Mul", [s, s])
     norm = b.op("Sqrt", [b.reduce_sum(sq, [2], keepdims=1)])
@@ -293,13 +302,20 @@ def _diverse(b: _Builder, x: ir.Value, lo, hi, k) -> ir.Value:
         diag = b.op("Where", [eye, b.floats(np.inf, "inf"), b.floats(0.0, "zero")])
     else:
         diag = b.const(np.where(np.eye(size, dtype=bool), np.inf, 0.0).astype(np.float32), "diag")
+    if pad is not None:  # padding is infinitely far: never a real token's nearest, never nearer a chosen one
+        cross = b.op("Or", [b.op("Unsqueeze", [pad, b.ints([2], "axes")]), b.op("Unsqueeze", [pad, b.ints([1], "axes")])])
+        dist = b.op("Where", [cross, b.floats(np.inf, "inf"), dist])
     nearest = b.reduce_min(b.op("Add", [dist, diag]), [2])
-    first = b.op("ArgMax", [nearest], {"axis": 1, "keepdims": 1})  # [B, 1]
+    if pad is not None:
+        first = _diverse_tier_pick(b, b.op("Not", [pad]), pad, b.op("Greater", [own, b.ints([0], "zero")]), nearest,
+                                   b.arange(0, b.dim(pad, 1)))
+    else:
+        first = b.op("ArgMax", [nearest], {"axis": 1, "keepdims": 1})  # [B, 1]
     mind = b.op("GatherND", [dist, first], {"batch_dims": 1})  # [B, S]
     ninf = b.op("Expand", [b.floats([[-np.inf]], "ninf"), b.op("Shape", [first])])
     mind = b.op("ScatterElements", [mind, first, ninf], {"axis": 1})
     if not isinstance(k, ir.Value) and k == 1:
-        return first
+        return first, k
     # Loop body: (iteration, cond, mind) -> (cond, mind', pick)
     it = ir.Value(name=f"{b.prefix}/body_iter", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
     cond_in = ir.Value(name=f"{b.prefix}/body_cond", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
@@ -314,7 +330,13 @@ def _diverse(b: _Builder, x: ir.Value, lo, hi, k) -> ir.Value:
         body_nodes.append(n)
         return n.outputs[0]
 
-    nxt = node("ArgMax", [mind_in], {"axis": 1, "keepdims": 1})
+    if pad is None:
+        nxt = node("ArgMax", [mind_in], {"axis": 1, "keepdims": 1})
+    else:  # the tiers of _diverse_tier_pick at step it + 1, built in the body
+        unchosen = node("Greater", [mind_in, ninf])
+        step = node("Add", [it, b.ints(1, "one")])
+        nxt = _diverse_tier_pick(b, node("And", [unchosen, node("Not", [pad])]), node("And", [unchosen, pad]),
+                                 node("Less", [step, own]), mind_in, b.arange(0, b.dim(pad, 1)), node)
     row = node("GatherND", [dist, nxt], {"batch_dims": 1})
     new_mind = node("Min", [mind_in, row])
     new_mind = node("ScatterElements", [new_mind, nxt, ninf], {"axis": 1})
@@ -329,7 +351,26 @@ def _diverse(b: _Builder, x: ir.Value, lo, hi, k) -> ir.Value:
                     {"body": body}, outputs=2)  # picks: [k-1, B, 1]
     rest = b.op("Squeeze", [b.op("Transpose", [picks], {"perm": [1, 0, 2]}), b.ints([2], "axes")])
     picks = b.op("Concat", [first, rest], {"axis": 1})
-    return b.slice(picks, 0, k) if dynamic else picks
+    return (b.slice(picks, 0, k) if dynamic else picks), k
+
+
+def _diverse_tier_pick(b: _Builder, real: ir.Value, pad: ir.Value, before: ir.Value, score: ir.Value,
+                       positions: ir.Value, node=None) -> ir.Value:
+    """One pick [B, 1] of DivPrune on a padded row: among ``real`` [B, S] candidates while the row
+    has picks of its own left (``before`` [B]), the largest ``score``; else its first ``pad``
+    candidate; else the real one with the largest ``score``. ``node``: how to add an op (a Loop
+    body's builder), else ``b.op``."""
+    op = node or (lambda t, i, a=None: b.op(t, i, a))
+    ninf = b.floats(-np.inf, "ninf")
+
+    def best(mask, values):  # (argmax [B, 1] over ``mask`` of ``values`` (never -inf), whether any [B, 1])
+        ranked = op("Where", [mask, values, ninf])
+        at = op("ArgMax", [ranked], {"axis": 1, "keepdims": 1})
+        return at, op("Greater", [op("GatherElements", [ranked, at], {"axis": 1}), ninf])
+    mine, has_mine = best(op("And", [real, op("Unsqueeze", [before, b.ints([1], "axes")])]), score)
+    first_pad, has_pad = best(pad, op("Neg", [op("Cast", [positions], {"to": ir.DataType.FLOAT})]))
+    rest, _ = best(real, score)
+    return op("Where", [has_mine, mine, op("Where", [has_pad, first_pad, rest])])
 
 
 def _pool(b: _Builder, x: ir.Value, r: GridPool) -> ir.Value:

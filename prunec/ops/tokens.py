@@ -328,19 +328,58 @@ def _record(tag: str, idx: torch.Tensor) -> None:
         rec[tag] = idx.detach().cpu().numpy()
 
 
+def _diverse_padded(x: torch.Tensor, pad: torch.Tensor, keep: float | None, count: int | None) -> torch.Tensor:
+    """DivPrune on span tokens x [B, L, C] of which ``pad`` [B, L] are padding: padding is at infinite
+    distance from every token; each row picks k_b (the rule on its real tokens) real tokens as the
+    greedy does on its text alone, then its padding (lowest index first), then its next real ones;
+    the batch picks k = max k_b. -> span picks [B, k]."""
+    b, length = pad.shape
+    s = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    dist = (1.0 - s @ s.transpose(1, 2)).masked_fill(pad[:, :, None] | pad[:, None, :], float("inf"))
+    own = _rule_count((~pad).sum(1), keep, count)
+    k = int(own.max()) if b else 0
+    eye = torch.eye(length, dtype=torch.bool, device=x.device)
+    score = dist.masked_fill(eye, float("inf")).amin(dim=2)  # the first pick: farthest from its nearest
+    chosen = torch.zeros_like(pad)
+    rows, positions = torch.arange(b, device=x.device), torch.arange(length, device=x.device)
+    mind = torch.full_like(score, float("inf"))
+    picks = []
+    for t in range(k):
+        real, padding = ~pad & ~chosen, pad & ~chosen
+
+        def best(mask, values):
+            ranked = values.masked_fill(~mask, float("-inf"))
+            at = ranked.argmax(dim=1)
+            return at, ranked[rows, at] > float("-inf")
+        mine, has_mine = best(real & (t < own)[:, None], score if t == 0 else mind)
+        first_pad, has_pad = best(padding, -positions.float().expand(b, length))
+        rest, _ = best(real, score if t == 0 else mind)
+        pick = torch.where(has_mine, mine, torch.where(has_pad, first_pad, rest))
+        chosen[rows, pick] = True
+        mind = torch.minimum(mind, dist[rows, pick])
+        picks.append(pick)
+    return torch.stack(picks, dim=1) if picks else torch.zeros(b, 0, dtype=torch.long, device=x.device)
+
+
 def select_diverse(x: torch.Tensor, k: int, span_start: int, span_end: int, tag: str = "",
-                   rule: tuple | None = None) -> torch.Tensor:
+                   rule: tuple | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """DivPrune's greedy max-min diversity selection, per sample.
 
     x: token features [B, N, C]. Over the span tokens, D = 1 − cos(x_i, x_j); the first pick
     is the token farthest from its nearest other token (diagonal excluded); then, k−1
     times, the token whose distance to the chosen set (min over chosen) is largest.
     Ties go to the lowest index. ``rule`` (a dynamic token count): the :func:`rule_counts`
-    arguments after N, which give span and k at this N. Returns kept indices [B, M], ascending.
+    arguments after N, which give span and k at this N; with ``mask`` [B, N] (a padded batch, 0 =
+    padding) k is counted per row (:func:`_diverse_padded`). Returns kept indices [B, M], ascending.
     """
     n = x.shape[1]
     if rule is not None:
         span_start, span_end, k = rule_counts(n, *rule)
+    if mask is not None:  # a padded encoder batch
+        idx = _with_fixed(_diverse_padded(x[:, span_start:span_end].float(), mask[:, span_start:span_end] == 0,
+                                          rule[4], rule[5]) + span_start, span_start, span_end, n)
+        _record(tag, idx)
+        return idx
     s = x[:, span_start:span_end].float()
     s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     dist = 1.0 - s @ s.transpose(1, 2)  # [B, S, S]

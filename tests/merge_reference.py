@@ -307,8 +307,10 @@ def visionzip_choice(score_layer: int, dominant: int, contextual: int, heads: in
                 others = [t for t in rest if t not in set(targets)]
                 mn = metric[i] / metric[i].norm(dim=-1, keepdim=True)
                 joined = {t: [] for t in targets}
+                pad = probs.get("mask")  # prunec's documented rule on padded batches: a token joins its own kind
                 for o in others:
-                    sims = torch.stack([mn[o] @ mn[t] for t in targets])
+                    sims = torch.stack([mn[o] @ mn[t] if pad is None or bool(pad[i, o] == 0) == bool(pad[i, t] == 0)
+                                        else torch.tensor(-2.0) for t in targets])
                     joined[targets[int(sims.argmax())]].append(o)
                 for t in targets:
                     extra = torch.stack([hidden[i, o] for o in joined[t]]).mean(0) if joined[t] else 0.0

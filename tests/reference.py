@@ -64,7 +64,8 @@ def reference_run(model, inputs: dict, layer, choose: Callable[[torch.Tensor, di
                 mod.config._attn_implementation = "eager"  # the official codes read eager probabilities
     layers = layers_of(model)
     is_timm = hasattr(layers[0], "attn") and hasattr(layers[0], "norm1")
-    state: dict = {"probs": {"keys": {}}}  # probs[i]: [B, H, N, N]; probs["keys"][i]: keys [B, N, Dk]
+    # probs[i]: [B, H, N, N]; probs["keys"][i]: keys [B, N, Dk]; probs["mask"]: the padding mask [B, N] or None
+    state: dict = {"probs": {"keys": {}, "mask": inputs.get("attention_mask")}}
     hooks = []
 
     def probs_hook(i):

@@ -144,7 +144,7 @@ def _merge(graph, by_name, cut, size_in, biases: dict, positions=None):
     elif isinstance(r, Contextual):
         scores = _site_scores(graph, by_name, r.site, 0, bias)
         res = graph.call_function(ops.merge.visionzip_assign, (scores, _site_keys(graph, by_name, r.site), r.dominant,
-                                                               r.contextual, r.prefix, cut.tag))
+                                                               r.contextual, r.prefix, cut.tag, padding))
         weight = graph.call_function(operator.getitem, (res, 1))
     elif isinstance(r, Adaptive):
         cls = _site_scores(graph, by_name, r.site, 0, bias)

@@ -167,10 +167,12 @@ def _contextual_targets(b, n_rest, contextual: int) -> tuple[ir.Value, ir.Value,
     return targets, others, count
 
 
-def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n, dominant: int, contextual: int, prefix: int):
+def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n, dominant: int, contextual: int, prefix: int,
+                     padding: ir.Value | None = None):
     """VisionZip (as ``prunec.ops.merge.visionzip_assign``): dest [B, N], weight [B, N, 1], rep [B, M].
     ``n``: a count (a run-time value on a dynamic token count: ``dominant`` is then capped at N and the
-    contextual targets are as many as the rest tokens give, :meth:`Contextual.counts`)."""
+    contextual targets are as many as the rest tokens give, :meth:`Contextual.counts`). ``padding``
+    [B, N] bool: a token joins a target of its own kind (padding or real) when there is one."""
     dominant = b.arith("Min", dominant, n)
     _, top = b.op("TopK", [b.slice(scores, prefix, n), b.num(b.arith("Sub", dominant, prefix), "d")],
                   {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
@@ -205,7 +207,14 @@ def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n, dominant: int, co
     axes2 = b.ints([2], "axes")
     mt = b.op("GatherND", [m, b.op("Unsqueeze", [t_idx, axes2])], {"batch_dims": 1})
     mo = b.op("GatherND", [m, b.op("Unsqueeze", [o_idx, axes2])], {"batch_dims": 1})
-    choice = b.op("ArgMax", [b.op("MatMul", [mo, b.op("Transpose", [mt], {"perm": [0, 2, 1]})])], {"axis": 2, "keepdims": 0})
+    sim = b.op("MatMul", [mo, b.op("Transpose", [mt], {"perm": [0, 2, 1]})])  # [B, R - T, T]
+    if padding is not None:
+        flags = b.op("Cast", [padding, ], {"to": ir.DataType.FLOAT})
+        pad_o = b.op("Greater", [b.op("GatherElements", [flags, o_idx], {"axis": 1}), b.floats(0.5, "half")])
+        pad_t = b.op("Greater", [b.op("GatherElements", [flags, t_idx], {"axis": 1}), b.floats(0.5, "half")])
+        cross = b.op("Xor", [b.op("Unsqueeze", [pad_o, axes2]), b.op("Unsqueeze", [pad_t, b.ints([1], "axes")])])
+        sim = b.op("Where", [cross, b.floats(CROSS, "cross"), sim])
+    choice = b.op("ArgMax", [sim], {"axis": 2, "keepdims": 0})
     ones_o = b.ones_like(b.op("Cast", [choice], {"to": ir.DataType.FLOAT}))
     counts = scatter_sum(b, b.op("Unsqueeze", [ones_o, axes2]), choice, t, 1)  # [B, T, 1]
     counts = b.op("Max", [b.op("Squeeze", [counts, axes2]), b.floats(1.0, "one")])
@@ -329,7 +338,7 @@ def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict, padding:
         dest, weight, rep = evit_assign(b, site_scores(b, r.site, 0, values, n, bias), n, k, r.prefix, r.fuse)
     elif isinstance(r, Contextual):
         dest, weight, rep = visionzip_assign(b, site_scores(b, r.site, 0, values, n, bias), site_keys(b, r.site, values), n,
-                                             r.dominant, r.contextual, r.prefix)
+                                             r.dominant, r.contextual, r.prefix, padding)
     elif isinstance(r, Adaptive):
         dest, rep = ppt_assign(b, r.site, values, site_scores(b, r.site, 0, values, n, bias), site_keys(b, r.site, values), n,
                                r.r, r.prefix, r.threshold, padding)

@@ -153,12 +153,13 @@ def evit_assign(scores: torch.Tensor, k: int, prefix: int, fuse: bool = True, ta
 
 
 def visionzip_assign(scores: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int, prefix: int,
-                     tag: str = ""):
+                     tag: str = "", padding: torch.Tensor | None = None):
     """VisionZip: ``dominant`` tokens (the prefix tokens plus the top non-prefix tokens by CLS
     attention ``scores`` [B, N]) kept in original order; the remaining R tokens (original
     order) give ``contextual`` targets at stride max(1, R // contextual); every other remaining
     token joins its most cosine-similar target by keys ``metric`` [B, N, D]; a contextual
-    token is target + mean(joined). Returns dest [B, N], weight [B, N], rep [B, dominant +
+    token is target + mean(joined); with ``padding`` [B, N] bool a token joins a target of its own
+    kind when there is one. Returns dest [B, N], weight [B, N], rep [B, dominant +
     contextual] (weights: 1 for dominant and targets, 1/count for joined tokens; no
     normalization)."""
     b, n = scores.shape
@@ -183,7 +184,10 @@ def visionzip_assign(scores: torch.Tensor, metric: torch.Tensor, dominant: int, 
         m = _normalized(metric)
         mt = m.gather(1, t_idx[..., None].expand(-1, -1, m.shape[-1]))
         mo = m.gather(1, o_idx[..., None].expand(-1, -1, m.shape[-1]))
-        choice = (mo @ mt.transpose(1, 2)).argmax(dim=2)  # [B, R - c]
+        sim = mo @ mt.transpose(1, 2)  # [B, R - c, c]
+        if padding is not None:  # a token joins a target of its own kind when there is one
+            sim = sim.masked_fill(padding.gather(1, o_idx)[:, :, None] ^ padding.gather(1, t_idx)[:, None, :], CROSS)
+        choice = sim.argmax(dim=2)
         counts = torch.zeros(b, len(targets), dtype=scores.dtype, device=dev).scatter_add(
             1, choice, torch.ones_like(choice, dtype=scores.dtype)).clamp_min(1.0)
         dest.scatter_(1, t_idx, (dominant + torch.arange(len(targets), device=dev)).expand(b, len(targets)))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role, skip_role
-from .base import (RECOVER_MODES, Adaptive, Bipartite, Diverse, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, PlannedFacts, Recovery,
+from .base import (RECOVER_MODES, Adaptive, Bipartite, Contextual, Diverse, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, PlannedFacts, Recovery,
                    Random, Reweigh, ShapeFix, TopK)
 
 _SIZED = ("reshape", "expand", "create")
@@ -297,12 +297,14 @@ def _plan_padding(g, cut: Cut) -> None:
     """A ranked selection or DivPrune on a dynamic sequence with a padding mask input counts per row: each row
     keeps k of its real span tokens by the rule on its real span length, never padding over a real
     token; the batch keeps the largest count, the other rows filling up with padding (``cut.padding``,
-    ``cut.pad_last``). ToMe and PPT (any sequence) read the mask too: padding and real tokens do not match."""
+    ``cut.pad_last``). ToMe, PPT and VisionZip (any sequence) read the mask too: padding and real tokens do
+    not match."""
     if g.dynamic_tokens and isinstance(cut.reduce, (TopK, Random, Diverse)) \
             and getattr(cut.reduce, "rule", None) is not None and cut.reduce.rule.token_id is None:
         cut.padding = _padding_input(g)
         cut.pad_last = cut.padding is not None
-    elif isinstance(cut.reduce, (Bipartite, Adaptive)):  # ToMe's (PPT's pooling) matching: padding with padding
+    elif isinstance(cut.reduce, (Bipartite, Adaptive, Contextual)):  # ToMe's, PPT's pooling, VisionZip's joins:
+        # padding with padding
         cut.padding = _padding_input(g)
 
 

@@ -567,8 +567,6 @@ def _declare_outputs(model: ir.Model, output_tokens: dict[str, dict]) -> None:
     token count outside the token class (a CLS slice's N - 1, say) must not keep the probe's size."""
     import onnx
 
-    from ..ir.session import graph_only_proto
-
     outputs = {v.name: v for v in model.graph.outputs}
     declared = {name: outputs[name].shape for name in output_tokens}
     for name in output_tokens:

@@ -439,9 +439,7 @@ class TorchModel(Model):
         return cls(gm, args, kwargs)
 
     def flat_args(self) -> list:
-        import torch.utils._pytree as pytree
-
-        return pytree.tree_flatten((self.args, self.kwargs))[0]
+        return self._flat(self.args, self.kwargs)
 
     def graph(self):
         if self._graph is None:
@@ -768,9 +766,9 @@ def _module_of(ep):
     """``ep.module()``; for a decoder with a KV cache without the input guards: the exporter assumes
     sizes >= 2 (so past + S >= 4), while a prefill has past 0 and a prompt may be 1 token, and the
     graph runs there (as its ONNX export does)."""
-    gm = ep.module()
-    if _has_cache(gm):
-        gm = ep.module(check_guards=False)
+    cached = _has_cache(ep.graph_module)
+    gm = ep.module(check_guards=not cached)
+    if cached:
         gm._forward_pre_hooks.clear()  # the input range checks
     return gm
 
@@ -789,7 +787,7 @@ def _truncated(model, output: str):
 
 
 def _has_cache(gm) -> bool:
-    """Whether an exported GraphModule is a decoder with a KV cache (see ``from_fx.dynamic_dims``)."""
+    """Whether an exported graph is a decoder with a KV cache (see ``from_fx.dynamic_dims``)."""
     from .ir.from_fx import dynamic_dims
 
     try:
@@ -876,7 +874,7 @@ def refresh_symbolic_meta(gm) -> None:
 
 
 LIGHT_PROBE_BYTES = 1 << 30  # weights above which a model is analysed without running them (and checked structurally)
-CHECKS = ("auto", "full", "fast", "none")
+CHECKS = ("auto", "full", "fast", "none")  # load(check=): validation of written ONNX models
 INLINE_LIMIT = 1_900_000_000  # bytes of weights above which a model is saved with external data (protobuf: 2 GiB)
 
 

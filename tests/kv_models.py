@@ -40,6 +40,26 @@ def io_names(config) -> tuple[list[str], list[str]]:
     return cache_io_names(config.num_hidden_layers)
 
 
+IMAGE = 99  # the image placeholder id of the token-span tests (the tiny decoders' vocabulary is 100)
+
+
+def random_prompts(lengths, seed=0) -> list[list[int]]:
+    """Prompts of the given lengths, ids in 1..99."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, 100, n).tolist() for n in lengths]
+
+
+def with_image(rng, before, image, after) -> list[int]:
+    """``before`` text ids, ``image`` IMAGE tokens, ``after`` text ids."""
+    return rng.integers(1, IMAGE, before).tolist() + [IMAGE] * image + rng.integers(1, IMAGE, after).tolist()
+
+
+def token_span_case(seed=4) -> list[list[int]]:
+    """Three prompts with their 12 image tokens at different offsets and texts of different lengths."""
+    rng = np.random.default_rng(seed)
+    return [with_image(rng, 3, 12, 10), with_image(rng, 9, 12, 2), with_image(rng, 1, 12, 17)]
+
+
 def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Left-pads to the longest prompt: (input_ids [B,S] int64, attention_mask [B,S] int64)."""
     S = max(len(p) for p in prompts)

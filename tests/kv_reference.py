@@ -226,6 +226,20 @@ def llava_generate_reference(model, pixel_values: torch.Tensor, ids: list[int], 
     return tokens
 
 
+def assert_rows_keep_and_generate_as_alone(hf, prompts, ids, got, kept, *, layer: int, keep: float,
+                                          max_new_tokens: int, image: int) -> None:
+    """Each row of a left-padded batch (``ids`` [B, S]; ``got`` the generated ids [B, S + new],
+    ``kept`` the prefill's kept indices [B, M]) generates and keeps what the FastV reference does for
+    its prompt alone with the span at its own 12 ``image`` tokens."""
+    for row, p in enumerate(prompts):
+        start = p.index(image)
+        want, want_kept = fastv_generate_reference(hf, p, layer=layer, keep=keep, span=(start, start + 12),
+                                                   max_new_tokens=max_new_tokens)
+        assert got[row, ids.shape[1]:].tolist() == want, f"row {row}"
+        pad = ids.shape[1] - len(p)
+        assert [i - pad for i in kept[row].tolist() if i >= pad] == want_kept, f"row {row}"
+
+
 if __name__ == "__main__":
     from kv_models import tiny_llama, tiny_qwen2
 

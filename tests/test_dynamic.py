@@ -165,23 +165,30 @@ MERGES = {  # pass and options -> the reference's reductions per block (or a cho
 }
 
 
+def merge_reference_output(what: str, feeds: dict) -> np.ndarray:
+    """The plain-PyTorch reference of the merge ``what`` (a MERGES key) on the unmodified BERT at
+    ``feeds``: its last hidden state."""
+    m, _, _ = model("bert")
+    reductions = MERGES[what][1]
+    if reductions is None:
+        ref, _ = reference_run(m, feeds, 2, visionzip_choice(1, 4, 2, 4, 1))
+    else:
+        per_block, prop_attn = reductions()
+        ref, _ = reference_merge(m, feeds, per_block, prop_attn=prop_attn)
+    return _last_hidden(ref)
+
+
 @pytest.mark.parametrize("what", sorted(MERGES))
 @pytest.mark.parametrize("exporter", ("torchscript17", "dynamo18"))
 def test_merges_follow_the_length_at_run_time(exporter, what):
     """ToMe (r capped at run time at (N − prefix) // 2), EViT, PPT (both branches) and VisionZip on a
     dynamic BERT equal their plain-PyTorch references on the unmodified module at each length."""
-    m, _, _ = model("bert")
-    (pname, opts), reductions = MERGES[what]
+    pname, opts = MERGES[what][0]
     merged = prunec.passes.get(pname)(**opts)(prunec.load(exported("bert", exporter)))
     for batch, n in SHAPES:
         feeds = inputs("bert", batch, n, seed=1)
-        if reductions is None:
-            ref, _ = reference_run(m, feeds, 2, visionzip_choice(1, 4, 2, 4, 1))
-        else:
-            per_block, prop_attn = reductions()
-            ref, _ = reference_merge(m, feeds, per_block, prop_attn=prop_attn)
         got = merged.run({k: v.numpy() for k, v in feeds.items()})[0]
-        want = _last_hidden(ref)
+        want = merge_reference_output(what, feeds)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 

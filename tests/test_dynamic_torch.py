@@ -17,9 +17,9 @@ import torch
 
 import prunec
 from fastv_reference import fastv_reference
-from merge_reference import reference_merge, visionzip_choice
 from reference import reference_run
-from test_dynamic import EVERY_PASS, MERGES, SELECTIONS, SHAPES, _last_hidden, exported, inputs, model
+from test_dynamic import (EVERY_PASS, MERGES, SELECTIONS, SHAPES, _last_hidden, exported, inputs, merge_reference_output,
+                          model)
 
 EXAMPLE = (2, 29)  # the example inputs: analysis runs at their length (a prime, unlike any width)
 EXPORTER = {"bert": "torchscript17", "llama": "dynamo18"}  # the ONNX export compared against
@@ -132,19 +132,13 @@ def test_merges_follow_the_length_in_torch(what):
     """ToMe (r capped at run time), EViT, PPT (both branches) and VisionZip on the torch path with a
     dynamic sequence equal their plain-PyTorch references at each length, and the ONNX backend's
     rewrite of a dynamic export of the same module, kept slots included."""
-    m, _, _ = model("bert")
-    (pname, opts), reductions = MERGES[what]
+    pname, opts = MERGES[what][0]
     merged = prunec.passes.get(pname)(**opts)(loaded("bert"))
     onnx = prunec.passes.get(pname)(**opts)(prunec.load(exported("bert", "torchscript17")))
     for batch, n in SHAPES:
         feeds = inputs("bert", batch, n, seed=1)
-        if reductions is None:
-            ref, _ = reference_run(m, feeds, 2, visionzip_choice(1, 4, 2, 4, 1))
-        else:
-            per_block, prop_attn = reductions()
-            ref, _ = reference_merge(m, feeds, per_block, prop_attn=prop_attn)
         got = merged.run(**feeds).numpy()
-        np.testing.assert_allclose(got, _last_hidden(ref), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got, merge_reference_output(what, feeds), rtol=1e-4, atol=1e-4)
         np_feeds = {k: v.numpy() for k, v in feeds.items()}
         kept_torch, kept_onnx = merged.kept_indices(**feeds), onnx.kept_indices(np_feeds)
         assert kept_torch.keys() == kept_onnx.keys() and kept_torch

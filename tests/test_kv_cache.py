@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import prunec
-from kv_models import export_cached_decoder, left_pad, tiny_llama, tiny_qwen2
-from kv_reference import fastv_generate_reference, greedy_reference
+from kv_models import (IMAGE, export_cached_decoder, left_pad, random_prompts, tiny_llama, tiny_qwen2, token_span_case,
+                       with_image)
+from kv_reference import assert_rows_keep_and_generate_as_alone, fastv_generate_reference, greedy_reference
 
 NEW = 8
 
@@ -22,11 +23,6 @@ def decoder(request, tmp_path_factory):
     model = tiny_llama() if family == "llama" else tiny_qwen2()
     path = export_cached_decoder(model, tmp_path_factory.mktemp("kv") / f"{request.param}.onnx", opset=int(opset))
     return model, path, prunec.load(path)
-
-
-def _prompts(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, 100, n).tolist() for n in lengths]
 
 
 def _fastv(model, keep, **kw):
@@ -42,14 +38,14 @@ def test_the_export_and_the_reference_are_the_hf_model(decoder):
 
     hf, path, _ = decoder
     assert _check(hf, path) < 1e-4
-    ids = _prompts([13], seed=1)[0]
+    ids = random_prompts([13], seed=1)[0]
     want = hf.generate(torch.tensor([ids]), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
     assert greedy_reference(hf, ids, NEW) == want[0, len(ids):].tolist()
 
 
 def test_keep_one_generates_as_the_unpruned_model(decoder):
     hf, path, model = decoder
-    ids = _prompts([21])[0]
+    ids = random_prompts([21])[0]
     same = _fastv(model, 1.0, layer="2")
     want = greedy_reference(hf, ids, NEW)
     assert prunec.generate(path, [ids], max_new_tokens=NEW)[0, len(ids):].tolist() == want
@@ -59,7 +55,7 @@ def test_keep_one_generates_as_the_unpruned_model(decoder):
 @pytest.mark.parametrize("layer", [1, 2])
 def test_fastv_prefill_then_decode_equals_the_reference(decoder, layer):
     hf, _, model = decoder
-    ids = _prompts([25], seed=layer)[0]
+    ids = random_prompts([25], seed=layer)[0]
     pruned = _fastv(model, 0.5, layer=str(layer))
     want, kept = fastv_generate_reference(hf, ids, layer=layer, keep=0.5, span=None, max_new_tokens=NEW)
     assert len(kept) < len(ids)
@@ -73,7 +69,7 @@ def test_left_padded_batch_rows_equal_each_prompt_alone(decoder):
     """Prompts of 30, 22 and 17 tokens in one left-padded batch; the span counted from the end
     (``-14:-2``) picks the same tokens of each prompt padded or alone."""
     hf, _, model = decoder
-    prompts = _prompts([30, 22, 17], seed=7)
+    prompts = random_prompts([30, 22, 17], seed=7)
     pruned = _fastv(model, 0.5, layer="2", span="-14:-2")
     ids, mask = left_pad(prompts)
     got = prunec.generate(pruned, ids, mask, max_new_tokens=NEW)
@@ -87,7 +83,7 @@ def test_padding_is_never_pruned(decoder):
     """With the default span (all but the first and last token) padding lies inside it: it is kept
     (a decode step must still find it masked), so the written cache holds every padding entry."""
     _, _, model = decoder
-    prompts = _prompts([24, 12], seed=3)
+    prompts = random_prompts([24, 12], seed=3)
     pruned = _fastv(model, 0.25, layer="2")
     ids, mask = left_pad(prompts)
     kept = next(iter(pruned.kept_indices(_prefill_feeds(model, ids, mask)).values()))
@@ -101,7 +97,7 @@ def test_a_prefill_after_cached_tokens_keeps_every_token(decoder):
     """Pruning happens in the first prefill only: a second chunk (past > 0) runs as in the original."""
     _, path, model = decoder
     pruned = _fastv(model, 0.5, layer="2")
-    first, second = _prompts([16, 9], seed=11)
+    first, second = random_prompts([16, 9], seed=11)
     feeds = _prefill_feeds(model, np.array([first]), np.ones((1, 16), np.int64))
     original = prunec.load(path)
     presents = [o.name for o in original.model.graph.outputs if o.name.startswith("present")]
@@ -133,7 +129,7 @@ def test_generate_refuses_right_padding_and_a_model_without_cache(decoder, tmp_p
 def test_generate_stops_at_eos(decoder):
     _, path, _ = decoder
     for seed in range(20):  # a prompt whose greedy continuation produces a new token at some step j >= 1
-        ids = _prompts([10], seed=seed)[0]
+        ids = random_prompts([10], seed=seed)[0]
         free = prunec.generate(path, [ids], max_new_tokens=6)[0, 10:]
         j = next((j for j in range(1, 6) if free[j] not in free[:j]), None)
         if j is not None:
@@ -164,7 +160,7 @@ def test_cli_generate_with_a_tokenizer_and_with_ids(decoder, tmp_path):
     tok.save(str(tmp_path / "tokenizer.json"))
     pruned = tmp_path / "pruned.onnx"
     assert main([str(path), "--pass", "fastv", "--keep", "0.5", "-o", str(pruned)]) == 0
-    prompt = _prompts([20], seed=2)[0]
+    prompt = random_prompts([20], seed=2)[0]
     text = " ".join(f"w{i}" for i in prompt)
     want, _ = fastv_generate_reference(hf, prompt, layer=2, keep=0.5, span=None, max_new_tokens=5)
     import contextlib
@@ -181,31 +177,18 @@ def test_cli_generate_with_a_tokenizer_and_with_ids(decoder, tmp_path):
     assert main(["generate", str(pruned), "--prompt", text]) == 2  # no tokenizer: one-line error
 
 
-IMAGE = 99  # the image placeholder id of the token-span tests
-
-
-def _with_image(rng, before, image, after):
-    return rng.integers(1, IMAGE, before).tolist() + [IMAGE] * image + rng.integers(1, IMAGE, after).tolist()
-
-
 def test_token_span_finds_each_samples_image(decoder):
     """``span=token:ID``: samples with their 12 image tokens at different offsets and different text
     lengths, in one left-padded batch, each generate what the reference generates for that prompt
     alone with the span at its own image."""
     hf, _, model = decoder
-    rng = np.random.default_rng(4)
-    prompts = [_with_image(rng, 3, 12, 10), _with_image(rng, 9, 12, 2), _with_image(rng, 1, 12, 17)]
+    prompts = token_span_case()
     pruned = _fastv(model, 0.5, layer="2", span=f"token:{IMAGE}")
     ids, mask = left_pad(prompts)
     got = prunec.generate(pruned, ids, mask, max_new_tokens=NEW)
     kept = next(iter(pruned.kept_indices(_prefill_feeds(model, ids, mask)).values()))
-    for row, p in enumerate(prompts):
-        start = p.index(IMAGE)
-        want, want_kept = fastv_generate_reference(hf, p, layer=2, keep=0.5, span=(start, start + 12),
-                                                   max_new_tokens=NEW)
-        assert got[row, ids.shape[1]:].tolist() == want, f"row {row}"
-        pad = ids.shape[1] - len(p)
-        assert [i - pad for i in kept[row].tolist() if i >= pad] == want_kept, f"row {row}"
+    assert_rows_keep_and_generate_as_alone(hf, prompts, ids, got, kept, layer=2, keep=0.5, max_new_tokens=NEW,
+                                           image=IMAGE)
 
 
 def test_token_spans_of_different_lengths_keep_the_batch_largest_count(decoder):
@@ -213,7 +196,7 @@ def test_token_spans_of_different_lengths_keep_the_batch_largest_count(decoder):
     so a sample with a shorter image keeps more of it, and every text token stays."""
     _, _, model = decoder
     rng = np.random.default_rng(5)
-    prompts = [_with_image(rng, 2, 12, 6), _with_image(rng, 2, 8, 10)]  # both 20 tokens
+    prompts = [with_image(rng, 2, 12, 6), with_image(rng, 2, 8, 10)]  # both 20 tokens
     pruned = _fastv(model, 0.5, layer="2", span=f"token:{IMAGE}")
     ids, mask = left_pad(prompts)
     kept = next(iter(pruned.kept_indices(_prefill_feeds(model, ids, mask)).values()))
@@ -241,7 +224,7 @@ def test_fp16_cached_decoder(decoder, tmp_path):
     half = tmp_path / "fp16.onnx"
     onnx.save(convert_float_to_float16(onnx.load(path), keep_io_types=False), half)
     model = prunec.load(half)
-    ids, mask = left_pad(_prompts([26, 15], seed=9))
+    ids, mask = left_pad(random_prompts([26, 15], seed=9))
     want = prunec.generate(half, ids, mask, max_new_tokens=5)
     assert (prunec.generate(_fastv(model, 1.0), ids, mask, max_new_tokens=5) == want).all()
     pruned = _fastv(model, 0.5, span="-12:-2")

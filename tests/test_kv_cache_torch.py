@@ -12,12 +12,11 @@ import pytest
 import torch
 
 import prunec
-from kv_models import left_pad, tiny_llama, tiny_qwen2
-from kv_reference import fastv_generate_reference, greedy_reference
+from kv_models import IMAGE, left_pad, random_prompts, tiny_llama, tiny_qwen2, token_span_case
+from kv_reference import assert_rows_keep_and_generate_as_alone, fastv_generate_reference, greedy_reference
 from prunec.examples import load_cached_decoder
 
 NEW = 8
-IMAGE = 99
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -25,11 +24,6 @@ def decoder(request):
     """(HF model, the prunec torch model of it with a KV cache)."""
     hf = tiny_llama() if request.param == "llama" else tiny_qwen2()
     return hf, load_cached_decoder(hf)
-
-
-def _prompts(lengths, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, 100, n).tolist() for n in lengths]
 
 
 def _prefill(hf, ids, mask) -> tuple:
@@ -47,7 +41,7 @@ def _kept(model, hf, ids, mask) -> np.ndarray:
 
 def test_keep_one_generates_as_the_unpruned_model(decoder):
     hf, model = decoder
-    ids = _prompts([21])[0]
+    ids = random_prompts([21])[0]
     want = greedy_reference(hf, ids, NEW)
     assert prunec.generate(model, [ids], max_new_tokens=NEW)[0, 21:].tolist() == want
     same = prunec.passes.FastV(keep=1.0, layer=2)(model)
@@ -57,7 +51,7 @@ def test_keep_one_generates_as_the_unpruned_model(decoder):
 @pytest.mark.parametrize("layer", [1, 2])
 def test_fastv_prefill_then_decode_equals_the_reference(decoder, layer):
     hf, model = decoder
-    ids = _prompts([25], seed=layer)[0]
+    ids = random_prompts([25], seed=layer)[0]
     pruned = prunec.passes.FastV(keep=0.5, layer=layer)(model)
     want, kept = fastv_generate_reference(hf, ids, layer=layer, keep=0.5, span=None, max_new_tokens=NEW)
     assert len(kept) < len(ids)
@@ -68,7 +62,7 @@ def test_fastv_prefill_then_decode_equals_the_reference(decoder, layer):
 def test_left_padded_batch_rows_equal_each_prompt_alone(decoder):
     """Prompts of 30, 22 and 17 tokens in one left-padded batch, the span counted from the end."""
     hf, model = decoder
-    prompts = _prompts([30, 22, 17], seed=7)
+    prompts = random_prompts([30, 22, 17], seed=7)
     pruned = prunec.passes.FastV(keep=0.5, layer=2, span="-14:-2")(model)
     ids, mask = left_pad(prompts)
     got = prunec.generate(pruned, ids, mask, max_new_tokens=NEW)
@@ -80,7 +74,7 @@ def test_left_padded_batch_rows_equal_each_prompt_alone(decoder):
 
 def test_padding_is_never_pruned_and_the_later_caches_are_shorter(decoder):
     hf, model = decoder
-    prompts = _prompts([24, 12], seed=3)
+    prompts = random_prompts([24, 12], seed=3)
     pruned = prunec.passes.FastV(keep=0.25, layer=2)(model)
     ids, mask = left_pad(prompts)
     kept = _kept(pruned, hf, ids, mask)
@@ -95,7 +89,7 @@ def test_a_prefill_after_cached_tokens_keeps_every_token(decoder):
     """Pruning happens in the first prefill only: a second chunk (past > 0) keeps all its tokens."""
     hf, model = decoder
     pruned = prunec.passes.FastV(keep=0.5, layer=2)(model)
-    first, second = _prompts([16, 9], seed=11)
+    first, second = random_prompts([16, 9], seed=11)
     with torch.no_grad():
         cache = pruned.run(*_prefill(hf, [first], [[1] * 16]))[1:]
         assert cache[-1].shape[2] < 16
@@ -104,26 +98,16 @@ def test_a_prefill_after_cached_tokens_keeps_every_token(decoder):
     assert out[0].shape == (1, 9, 100) and out[-1].shape[2] == cache[-1].shape[2] + 9
 
 
-def _with_image(rng, before, image, after):
-    return rng.integers(1, IMAGE, before).tolist() + [IMAGE] * image + rng.integers(1, IMAGE, after).tolist()
-
-
 def test_token_span_finds_each_samples_image(decoder):
     """``span=token:ID`` on the torch path: images at different offsets, texts of different lengths."""
     hf, model = decoder
-    rng = np.random.default_rng(4)
-    prompts = [_with_image(rng, 3, 12, 10), _with_image(rng, 9, 12, 2), _with_image(rng, 1, 12, 17)]
+    prompts = token_span_case()
     pruned = prunec.passes.FastV(keep=0.5, layer=2, span=f"token:{IMAGE}")(model)
     ids, mask = left_pad(prompts)
     got = prunec.generate(pruned, ids, mask, max_new_tokens=NEW)
     kept = _kept(pruned, hf, ids, mask)
-    for row, p in enumerate(prompts):
-        start = p.index(IMAGE)
-        want, want_kept = fastv_generate_reference(hf, p, layer=2, keep=0.5, span=(start, start + 12),
-                                                   max_new_tokens=NEW)
-        assert got[row, ids.shape[1]:].tolist() == want, f"row {row}"
-        pad = ids.shape[1] - len(p)
-        assert [i - pad for i in kept[row].tolist() if i >= pad] == want_kept, f"row {row}"
+    assert_rows_keep_and_generate_as_alone(hf, prompts, ids, got, kept, layer=2, keep=0.5, max_new_tokens=NEW,
+                                           image=IMAGE)
 
 
 def test_refusals(decoder):
@@ -140,7 +124,7 @@ def test_pt2_of_the_original_reloads_and_of_a_rewrite_is_refused(decoder, tmp_pa
     not written."""
     hf, model = decoder
     back = prunec.load(model.save(tmp_path / "orig.pt2"))
-    ids = _prompts([1, 9], seed=6)
+    ids = random_prompts([1, 9], seed=6)
     want = prunec.generate(model, [ids[1]], max_new_tokens=3)
     assert (prunec.generate(back, [ids[1]], max_new_tokens=3) == want).all()
     assert prunec.generate(back, [ids[0]], max_new_tokens=2).shape == (1, 3)

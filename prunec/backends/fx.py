@@ -30,9 +30,7 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut, biases: dict, position
     if isinstance(r, GridPool):  # side inputs follow each window's first token
         return graph.call_function(ops.select_fixed, (by_name[cut.stream.ref.name], r.representatives(), cut.tag))
     rule = _rule_args(r)  # a dynamic token count: the kernels compute span and k at run time
-    padded = by_name[cut.padding] if cut.padding is not None and cut.pad_last else None  # a padded encoder
-    if padded is not None and positions is not None:  # the mask at the tokens an earlier cut kept
-        padded = graph.call_function(aten.gather.default, (padded, 1, positions))
+    padded = _padding(graph, by_name, cut, positions) if cut.pad_last else None  # a padded encoder batch
     if isinstance(r, Diverse):
         return graph.call_function(ops.select_diverse, (by_name[r.features.ref.name], r.k, r.span_start, r.span_end,
                                                          cut.tag, rule, padded))
@@ -76,6 +74,15 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut, biases: dict, position
     return graph.call_function(ops.select_topk, (scores, r.k, r.span_start, r.span_end, cut.tag))
 
 
+def _padding(graph, by_name, cut, positions):
+    """Which tokens entering ``cut`` are padding, [B, N] bool (``ops.tokens.padding_of``: the mask
+    input at their original ``positions``), or None when the cut reads no mask."""
+    if cut.padding is None:
+        return None
+    n = graph.call_function(aten.sym_size.int, (by_name[cut.stream.ref.name], 1))
+    return graph.call_function(ops.tokens.padding_of, (by_name[cut.padding], positions, n))
+
+
 def _rule_args(r) -> tuple | None:
     """The :func:`prunec.ops.tokens.rule_counts` arguments after N of a selection's count rule."""
     rule = getattr(r, "rule", None)
@@ -104,19 +111,19 @@ def _mask_with_bias(graph, by_name, site, bias):
     return graph.call_function(aten.add.Tensor, (mask, bias))
 
 
-def _site_scores(graph, by_name, site, query, bias=None, real=None):
+def _site_scores(graph, by_name, site, query, bias=None, padding=None):
     """Attention each token receives in ``site`` from ``query`` (a row index or "mean"), mean over
     heads: [B, N]. Fused attention: only the needed softmax rows, from q and k (with ``bias``, see
-    :func:`_mask_with_bias`; an eager site's probabilities include it already). ``real``: a padding
-    mask [B, N] whose real rows alone are averaged (query "mean")."""
+    :func:`_mask_with_bias`; an eager site's probabilities include it already). ``padding``: which
+    tokens are padding [B, N] bool; the real rows alone are averaged (query "mean")."""
     if site.probs is not None:
         if len(site.probs.shape) != 4:
             raise PruneError(f"attention probabilities '{site.probs.name}' are not [B, H, N, N]")
-        return graph.call_function(ops.scores_from_probs, (by_name[site.probs.ref.name], query, real))
+        return graph.call_function(ops.scores_from_probs, (by_name[site.probs.ref.name], query, padding))
     q, k = by_name[site.q.ref.name], by_name[site.k.ref.name]
     mask = _mask_with_bias(graph, by_name, site, bias)
     return graph.call_function(ops.scores_from_qk, (q, k, site.scale, mask, bool(site.node.attrs.get("is_causal")),
-                                                    query, real))
+                                                    query, padding))
 
 
 def _merge(graph, by_name, cut, size_in, biases: dict, positions=None):
@@ -128,10 +135,7 @@ def _merge(graph, by_name, cut, size_in, biases: dict, positions=None):
     x = by_name[cut.stream.ref.name]
     m = cut.kept
     weight = None
-    padding = None  # ToMe's and PPT's matching: padding with padding only
-    if cut.padding is not None:
-        padding = graph.call_function(ops.merge.padding_of, (by_name[cut.padding], positions,
-                                                             graph.call_function(aten.sym_size.int, (x, 1))))
+    padding = _padding(graph, by_name, cut, positions)  # ToMe's, PPT's and VisionZip's matching: kind with kind
     if isinstance(r, Bipartite):
         res = graph.call_function(ops.merge.tome_assign, (_site_keys(graph, by_name, r.site), r.r, r.prefix, cut.tag,
                                                           padding))

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from ..errors import PruneError
 from ..passes.base import Adaptive, Bipartite, Contextual, Fuse
-from ..schedules import tome_order
+from ..schedules import PADDING_CROSS as CROSS, tome_order
 from .onnx_build import site_scores, site_tensor
 
 
@@ -25,9 +25,6 @@ def site_keys(b, site, values) -> ir.Value:
 def _normalize(b, x: ir.Value, axis: int = -1) -> ir.Value:
     norm = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [x, x]), [axis], keepdims=1)])
     return b.op("Div", [x, b.op("Max", [norm, b.floats(1e-12, "eps")])])
-
-
-CROSS = -2.0  # ToMe's score of a padding token against a real one: below any cosine similarity
 
 
 def tome_assign(b, metric: ir.Value, n, r, prefix: int, padding: ir.Value | None = None):

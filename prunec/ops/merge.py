@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..schedules import tome_order
+from ..schedules import PADDING_CROSS as CROSS, tome_order
 from .tokens import _record
 
 
@@ -26,17 +26,6 @@ def keys_metric(k: torch.Tensor, layout: str) -> torch.Tensor:
     """Keys averaged over heads: [B, H, N, D] ("bhnd") or kᵀ [B, H, D, N] ("bhdn") -> [B, N, D]."""
     m = k.mean(dim=1)
     return m.transpose(1, 2) if layout == "bhdn" else m
-
-
-CROSS = -2.0  # ToMe's score of a padding token against a real one: below any cosine similarity
-
-
-def padding_of(mask: torch.Tensor, positions: torch.Tensor | None, n: int) -> torch.Tensor:
-    """Which of the N tokens entering a cut are padding [B, N] bool: ``mask`` [B, S] (0 = padding)
-    at the tokens' original ``positions`` [B, N] (what earlier cuts kept; None: the first cut,
-    whose tokens are the mask's last N)."""
-    own = mask.narrow(1, mask.shape[1] - n, n) if positions is None else mask.gather(1, positions)
-    return own == 0
 
 
 def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = "", padding: torch.Tensor | None = None):

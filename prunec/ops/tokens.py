@@ -34,28 +34,28 @@ def _query_rows(p: torch.Tensor, query) -> torch.Tensor:
     return p[:, :, int(query), :]
 
 
-def _real_rows_mean(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _real_rows_mean(p: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
     """p [B, H, Nq, Nk] -> [B, Nk]: the mean over heads, then over the query rows that are real tokens
-    (``mask`` [B, Nq] nonzero; padding queries left out), as the ONNX lowering's ``site_scores``."""
-    w = (mask != 0).to(p.dtype)[:, :, None]  # [B, Nq, 1]
+    (``padding`` [B, Nq] bool; padding queries left out), as the ONNX lowering's ``site_scores``."""
+    w = (~padding).to(p.dtype)[:, :, None]  # [B, Nq, 1]
     return (p.mean(dim=1) * w).sum(dim=1) / w.sum(dim=1)
 
 
-def scores_from_probs(probs: torch.Tensor, query, real: torch.Tensor | None = None) -> torch.Tensor:
+def scores_from_probs(probs: torch.Tensor, query, padding: torch.Tensor | None = None) -> torch.Tensor:
     """Attention received by each key token. probs: [B, H, N, N] -> [B, N] (mean over heads).
-    ``real`` [B, N] (a padding mask, 0 = padding): with query "mean", only real rows are averaged."""
-    if real is not None and query == "mean":
-        return _real_rows_mean(probs, real)
+    ``padding`` [B, N] bool (:func:`padding_of`): with query "mean", only real rows are averaged."""
+    if padding is not None and query == "mean":
+        return _real_rows_mean(probs, padding)
     return _query_rows(probs, query).mean(dim=1)
 
 
 def scores_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: torch.Tensor | None,
-                   causal: bool, query, real: torch.Tensor | None = None) -> torch.Tensor:
+                   causal: bool, query, padding: torch.Tensor | None = None) -> torch.Tensor:
     """Same as :func:`scores_from_probs` for a fused attention, from q and k only.
 
     q: [B, H, N, D]; k: [B, Hkv, N, D] (GQA: H a multiple of Hkv); mask: additive or
     boolean, broadcastable to [B, H, N, N]. For one query row this costs O(N·D) per
-    head and never builds the N×N matrix; ``query="mean"`` needs every row (O(N²)). ``real``:
+    head and never builds the N×N matrix; ``query="mean"`` needs every row (O(N²)). ``padding``:
     as for :func:`scores_from_probs`.
     """
     n, d = q.shape[-2], q.shape[-1]
@@ -78,8 +78,8 @@ def scores_from_qk(q: torch.Tensor, k: torch.Tensor, scale: float | None, mask: 
             future = (torch.arange(n, device=q.device) > (n + i if i < 0 else i))[None, :]
         logits = logits.masked_fill(future, float("-inf"))
     p = torch.softmax(logits, dim=-1)
-    if real is not None and query == "mean":
-        return _real_rows_mean(p, real)
+    if padding is not None and query == "mean":
+        return _real_rows_mean(p, padding)
     return p.mean(dim=2).mean(dim=1)
 
 
@@ -163,17 +163,9 @@ def select_topk_rule(scores: torch.Tensor, start: int, start_from_end: bool, end
     s, e, k = rule_counts(n, start, start_from_end, end, end_from_end, keep, count)
     order = torch.sort(scores.narrow(1, s, e - s), dim=1, descending=True, stable=True).indices
     top = order.narrow(1, 0, k) + s  # ties to the lower index, as in select_topk and ONNX TopK
-    idx = _with_fixed_sizes(top, s, e, n)
+    idx = _with_fixed(top, s, e, n)
     _record(tag, idx)
     return idx
-
-
-def _with_fixed_sizes(top: torch.Tensor, s, e, n) -> torch.Tensor:
-    """:func:`_with_fixed` without branches on the sizes (they may be symbolic): [B, k] -> [B, M]."""
-    b = top.shape[0]
-    positions = torch.arange(n, device=top.device)
-    idx = torch.cat([positions.narrow(0, 0, s).expand(b, s), top, positions.narrow(0, e, n - e).expand(b, n - e)], 1)
-    return torch.sort(idx, dim=1).values
 
 
 def select_topk_cached(scores: torch.Tensor, stream: torch.Tensor, past: torch.Tensor | None,
@@ -202,7 +194,7 @@ def select_topk_cached(scores: torch.Tensor, stream: torch.Tensor, past: torch.T
         return idx
     scores = scores.narrow(1, scores.shape[1] - n, n)
     s, e, k = rule_counts(n, start, start_from_end, end, end_from_end, keep, count)
-    pad = mask.narrow(1, mask.shape[1] - n, n) == 0 if mask is not None else None  # [B, N]
+    pad = padding_of(mask, None, n) if mask is not None else None  # [B, N]
     if ids is not None:
         in_span = (ids == token_id) & (positions >= s) & (positions < e)
         if pad is not None:
@@ -242,10 +234,18 @@ def _fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
-def select_padded(scores: torch.Tensor, mask: torch.Tensor, start: int, start_from_end: bool, end: int,
+def padding_of(mask: torch.Tensor, positions: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Which of the N tokens entering a cut are padding [B, N] bool: ``mask`` [B, S] (0 = padding)
+    at the tokens' original ``positions`` [B, N] (what earlier cuts kept; None: the first cut,
+    whose tokens are the mask's last N)."""
+    own = mask.narrow(1, mask.shape[1] - n, n) if positions is None else mask.gather(1, positions)
+    return own == 0
+
+
+def select_padded(scores: torch.Tensor, padding: torch.Tensor, start: int, start_from_end: bool, end: int,
                   end_from_end: bool, keep: float | None, count: int | None, tag: str = "") -> torch.Tensor:
     """A ranked selection on a padded encoder batch (as the ONNX lowering's ``_real_tokens_top``):
-    ``scores`` [B, N] (higher first), ``mask`` [B, N] (0 = padding). Each row picks the top k_b of
+    ``scores`` [B, N] (higher first), ``padding`` [B, N] bool (:func:`padding_of`). Each row picks the top k_b of
     its real span tokens, k_b by the rule on its real span length; the batch keeps k = max k_b, a
     row with fewer filling up with its padding (inert: masked), then its next best tokens; tokens
     outside the span are kept. Returns the kept indices [B, M], ascending (M data-dependent: eager)."""
@@ -254,7 +254,7 @@ def select_padded(scores: torch.Tensor, mask: torch.Tensor, start: int, start_fr
     n = scores.shape[1]
     s, e, _ = rule_counts(n, start, start_from_end, end, end_from_end, keep, count)
     length = e - s
-    pad = mask.narrow(1, 0, n).narrow(1, s, length) == 0  # [B, L]
+    pad = padding.narrow(1, s, length)  # [B, L]
     real = length - pad.sum(1)
     own = _rule_count(real, keep, count)
     k = int(own.max()) if own.numel() else 0
@@ -264,7 +264,7 @@ def select_padded(scores: torch.Tensor, mask: torch.Tensor, start: int, start_fr
     key = torch.where(rank < own[:, None], -rank,  # its own k best, then its padding, then the rest
                       torch.where(rank < real[:, None], -rank - 2 * length, -rank - length))
     slots = torch.sort(key, dim=1, descending=True).indices[:, :k]
-    idx = _with_fixed_sizes(order.gather(1, slots) + s, s, e, n)
+    idx = _with_fixed(order.gather(1, slots) + s, s, e, n)
     _record(tag, idx)
     return idx
 
@@ -309,15 +309,13 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, axis: int, batch_axis: int
     return out.movedim((0, 1), (batch_axis, axis))
 
 
-def _with_fixed(top: torch.Tensor, span_start: int, span_end: int, n: int) -> torch.Tensor:
-    """Add the tokens outside the span to span picks ``top`` [B, k] and sort: [B, M]."""
+def _with_fixed(top: torch.Tensor, span_start, span_end, n) -> torch.Tensor:
+    """Add the tokens outside the span to span picks ``top`` [B, k] and sort: [B, M]. No branch on
+    the sizes, which may be symbolic (a dynamic token count under torch.export)."""
     b = top.shape[0]
-    parts = [top]
-    if span_start > 0:
-        parts.insert(0, torch.arange(span_start, device=top.device).expand(b, span_start))
-    if span_end < n:
-        parts.append(torch.arange(span_end, n, device=top.device).expand(b, n - span_end))
-    idx = torch.cat(parts, dim=1) if len(parts) > 1 else top
+    positions = torch.arange(n, device=top.device)
+    idx = torch.cat([positions.narrow(0, 0, span_start).expand(b, span_start), top,
+                     positions.narrow(0, span_end, n - span_end).expand(b, n - span_end)], 1)
     return torch.sort(idx, dim=1).values
 
 
@@ -343,14 +341,14 @@ def _diverse_padded(x: torch.Tensor, pad: torch.Tensor, keep: float | None, coun
     chosen = torch.zeros_like(pad)
     rows, positions = torch.arange(b, device=x.device), torch.arange(length, device=x.device)
     mind = torch.full_like(score, float("inf"))
+
+    def best(mask, values):  # (argmax [B] over ``mask`` of ``values`` (never -inf), whether any [B])
+        ranked = values.masked_fill(~mask, float("-inf"))
+        at = ranked.argmax(dim=1)
+        return at, ranked[rows, at] > float("-inf")
     picks = []
     for t in range(k):
         real, padding = ~pad & ~chosen, pad & ~chosen
-
-        def best(mask, values):
-            ranked = values.masked_fill(~mask, float("-inf"))
-            at = ranked.argmax(dim=1)
-            return at, ranked[rows, at] > float("-inf")
         mine, has_mine = best(real & (t < own)[:, None], score if t == 0 else mind)
         first_pad, has_pad = best(padding, -positions.float().expand(b, length))
         rest, _ = best(real, score if t == 0 else mind)
@@ -362,22 +360,23 @@ def _diverse_padded(x: torch.Tensor, pad: torch.Tensor, keep: float | None, coun
 
 
 def select_diverse(x: torch.Tensor, k: int, span_start: int, span_end: int, tag: str = "",
-                   rule: tuple | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                   rule: tuple | None = None, padding: torch.Tensor | None = None) -> torch.Tensor:
     """DivPrune's greedy max-min diversity selection, per sample.
 
     x: token features [B, N, C]. Over the span tokens, D = 1 − cos(x_i, x_j); the first pick
     is the token farthest from its nearest other token (diagonal excluded); then, k−1
     times, the token whose distance to the chosen set (min over chosen) is largest.
     Ties go to the lowest index. ``rule`` (a dynamic token count): the :func:`rule_counts`
-    arguments after N, which give span and k at this N; with ``mask`` [B, N] (a padded batch, 0 =
-    padding) k is counted per row (:func:`_diverse_padded`). Returns kept indices [B, M], ascending.
+    arguments after N, which give span and k at this N; with ``padding`` [B, N] bool (a padded batch)
+    k is counted per row (:func:`_diverse_padded`). Returns kept indices [B, M], ascending.
     """
     n = x.shape[1]
     if rule is not None:
         span_start, span_end, k = rule_counts(n, *rule)
-    if mask is not None:  # a padded encoder batch
-        idx = _with_fixed(_diverse_padded(x[:, span_start:span_end].float(), mask[:, span_start:span_end] == 0,
-                                          rule[4], rule[5]) + span_start, span_start, span_end, n)
+    if padding is not None:  # a padded encoder batch (the rule's keep and count: per row)
+        keep, count = rule[4], rule[5]
+        idx = _with_fixed(_diverse_padded(x[:, span_start:span_end].float(), padding[:, span_start:span_end], keep,
+                                          count) + span_start, span_start, span_end, n)
         _record(tag, idx)
         return idx
     s = x[:, span_start:span_end].float()
@@ -401,20 +400,20 @@ def select_diverse(x: torch.Tensor, k: int, span_start: int, span_end: int, tag:
 
 
 def select_random(x: torch.Tensor, k: int, span_start: int, span_end: int, seed: int, tag: str = "",
-                  rule: tuple | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                  rule: tuple | None = None, padding: torch.Tensor | None = None) -> torch.Tensor:
     """Keep k span tokens chosen by a seeded pseudo-random order (the same for every sample).
-    x: [B, N, ...] (only its shape is used); ``rule`` as for :func:`select_diverse`; ``mask`` [B, N]
-    (a padded encoder batch, 0 = padding): counted per row by :func:`select_padded`. Returns [B, M]."""
+    x: [B, N, ...] (only its shape is used); ``rule`` as for :func:`select_diverse`; ``padding``
+    [B, N] bool (a padded encoder batch): counted per row by :func:`select_padded`. Returns [B, M]."""
     b, n = x.shape[0], x.shape[1]
     if rule is not None:  # the hashes themselves (the same order as their ranks), computed for this N
         h = ((torch.arange(n, device=x.device) + 1) * HASH_MULTIPLIER + hash_offset(seed)) % MERSENNE31
         for _ in range(3):
             h = (h * PARK_MILLER) % MERSENNE31
-        if mask is not None:
-            return select_padded(h.double().expand(b, n), mask, *rule, tag=tag)
+        if padding is not None:
+            return select_padded(h.double().expand(b, n), padding, *rule, tag=tag)
         span_start, span_end, k = rule_counts(n, *rule)
         top = torch.topk(h.narrow(0, span_start, span_end - span_start).double(), k).indices + span_start
-        idx = _with_fixed_sizes(top.expand(b, k), span_start, span_end, n)
+        idx = _with_fixed(top.expand(b, k), span_start, span_end, n)
         _record(tag, idx)
         return idx
     scores = torch.tensor(random_scores(n, seed)[span_start:span_end], dtype=torch.float32, device=x.device)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role, skip_role
-from .base import (RECOVER_MODES, Adaptive, Bipartite, Contextual, Diverse, CountFix, Crossing, Cut, GridPool, LengthMask, Merge, PlannedFacts, Recovery,
-                   Random, Reweigh, ShapeFix, TopK)
+from .base import (RECOVER_MODES, Adaptive, Bipartite, Contextual, CountFix, Crossing, Cut, Diverse, GridPool,
+                   LengthMask, Merge, PlannedFacts, Random, Recovery, Reweigh, ShapeFix, TopK)
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -216,10 +216,16 @@ def _refuse_upstream_of_earlier_cut(post: set, layer: int) -> None:
     its counts were planned for: refused (apply the passes in layer order, or as one pass)."""
     for node in post:
         for o in node.outputs:
-            if o.name.endswith("/keep_idx") or o.name.endswith("_keep_idx"):
+            if _is_kept_indices(o.name):
                 tag = o.name[: -len("/keep_idx")]
                 raise PruneError(f"this cut (layer {layer}) comes before the cut '{tag}' of a pass applied earlier, "
                                  f"which was planned for the tokens entering it; apply the passes in layer order")
+
+
+def _is_kept_indices(name: str) -> bool:
+    """Whether a graph value is the kept indices of a cut an earlier pass made (``<tag>/keep_idx``
+    in ONNX, ``<tag>_keep_idx`` in fx)."""
+    return name.endswith(("/keep_idx", "_keep_idx"))
 
 
 def _refuse_per_token_after_earlier_pass(g, cut: Cut) -> None:
@@ -228,7 +234,7 @@ def _refuse_per_token_after_earlier_pass(g, cut: Cut) -> None:
     earlier pass already cut (its kept indices are in the graph) it would read the wrong entries."""
     if cut.parent is not None or (cut.padding is None and not cut.ids):
         return
-    earlier = next((v.name for v in g.values() if v.name.endswith(("/keep_idx", "_keep_idx"))), None)
+    earlier = next((v.name for v in g.values() if _is_kept_indices(v.name)), None)
     if earlier is not None:
         what = f"the padding mask '{cut.padding}'" if cut.padding is not None else f"the ids '{cut.ids}'"
         raise PruneError(f"'{cut.tag}' reads {what} per token, and an earlier pass already reduced this model's "

@@ -146,6 +146,26 @@ def test_merges_follow_the_length_in_torch(what):
             np.testing.assert_array_equal(kept_torch[tag], kept_onnx[tag])
 
 
+def test_evit_keeps_a_short_input_in_order_as_the_reference_and_onnx():
+    """EViT keep 0.7 on 3 and 4 tokens (prefix 1) keeps every token: in their original order, as the
+    reference (no reduction) and the ONNX rewrite do, not in attention order (the torch kernel did)."""
+    from merge_reference import evit_reduce, reference_merge
+
+    opts = dict(keep="0.7", layers="0/1", prefix=1)
+    merged = prunec.passes.EViT(**opts)(loaded("bert"))
+    onnx = prunec.passes.EViT(**opts)(prunec.load(exported("bert", "torchscript17")))
+    m, _, _ = model("bert")
+    for n in (3, 4):
+        feeds = inputs("bert", 2, n, seed=5)
+        ref, _ = reference_merge(m, feeds, {0: evit_reduce(0.7, 1), 1: evit_reduce(0.7, 1)})
+        np.testing.assert_allclose(merged.run(**feeds).numpy(), _last_hidden(ref), rtol=1e-4, atol=1e-4)
+        kept = merged.kept_indices(**feeds)
+        assert all(v.tolist() == [list(range(n))] * 2 for v in kept.values()), kept
+        np_feeds = {k: v.numpy() for k, v in feeds.items()}
+        for tag, idx in onnx.kept_indices(np_feeds).items():
+            np.testing.assert_array_equal(kept[tag], idx)
+
+
 def test_every_pass_is_the_identity_at_keep_one_and_runs_on_short_inputs():
     """keep=1 / r=0 equals the unmodified module at each length; on 3 to 5 tokens (the Dim's least;
     empty spans, counts capped) every rewritten torch model runs and never returns more tokens than

@@ -1,5 +1,5 @@
-"""Padded batches on a dynamic sequence (issue 11): a ranked selection (fastv, cls-attn, random) and
-DivPrune count per row. Each row keeps k of its real span tokens by the rule on its own real span length, never a
+"""Padded batches on a dynamic sequence (issue 11): a ranked selection (fastv, cls-attn, random),
+DivPrune, Zero-TPrune and EViT count per row. Each row keeps k of its real span tokens by the rule on its own real span length, never a
 padding token over a real one; the batch keeps the largest count and a row with fewer fills up
 with its padding (masked: inert). So each row keeps the tokens, and gives the outputs, of its text
 run alone without padding. BERT exported with a dynamic batch and sequence by the TorchScript and
@@ -26,13 +26,20 @@ def _batch(seed=0):
 
 
 def _kept(model, ids, mask):
-    return next(iter(model.kept_indices({"input_ids": ids, "attention_mask": mask}).values()))
+    """The input positions [B, M] of the output tokens, through every cut (in order)."""
+    steps = iter(model.kept_indices({"input_ids": ids, "attention_mask": mask}).values())
+    kept = next(steps)
+    for idx in steps:
+        kept = np.take_along_axis(kept, idx, 1)
+    return kept
 
 
 @pytest.mark.parametrize("exporter", ["torchscript17", "dynamo18"])
 @pytest.mark.parametrize("spec", ["fastv:keep=0.5", "fastv:keep=0.3,query=cls", "cls-attn:keep=0.5,cls=0,span=1:",
                                   "random:keep=0.4", "fastv:count=6,span=1:", "divprune:keep=0.5,layer=2",
-                                  "divprune:count=5,layer=1"])
+                                  "divprune:count=5,layer=1", "zero-tprune:keep=0.5",
+                                  "zero-tprune:keep=0.4,cls=none,similar=1.0,iters=5",
+                                  "evit:keep=0.5,layers=1,prefix=1", "evit:keep=0.6,layers=0/2,prefix=1,fuse=false"])
 def test_each_padded_row_keeps_and_gives_what_its_text_alone_does(exporter, spec):
     from prunec.cli import parse_pass_spec
 
@@ -72,7 +79,8 @@ def test_a_batch_without_padding_is_unchanged():
 
 
 @pytest.mark.parametrize("spec", ["fastv:keep=0.5", "fastv:keep=0.3,query=cls", "cls-attn:keep=0.5,cls=0,span=1:",
-                                  "random:keep=0.4", "divprune:keep=0.5,layer=2", "random:keep=0.6,layer=1/2"])
+                                  "random:keep=0.4", "divprune:keep=0.5,layer=2", "random:keep=0.6,layer=1/2",
+                                  "zero-tprune:keep=0.4,similar=1.0,iters=5", "evit:keep=0.6,layers=0/2,prefix=1"])
 def test_the_torch_path_counts_per_row_as_onnx(spec):
     """The same BERT loaded on the torch path with a dynamic batch and sequence: the padded batch
     keeps, row by row, the ONNX rewrite's tokens (themselves each text's alone) with its outputs."""

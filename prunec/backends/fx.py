@@ -50,7 +50,7 @@ def _selection(graph: torch.fx.Graph, by_name: dict, cut, biases: dict, position
             keys = graph.call_function(torch.ops.aten.permute.default, (k, [0, 2, 1, 3]))
         keys = graph.call_function(torch.ops.aten.flatten.using_ints, (keys, 2))
         return graph.call_function(ops.select_zero_tprune, (probs, keys, r.k, r.span_start, r.span_end, r.iters,
-                                                            r.drop_similar, r.cls, cut.tag, rule, r.similar))
+                                                            r.drop_similar, r.cls, cut.tag, rule, r.similar, padded))
     if not isinstance(r, TopK):
         raise PruneError(f"the torch backend cannot lower {type(r).__name__}")
     site = r.score.site
@@ -143,7 +143,7 @@ def _merge(graph, by_name, cut, size_in, biases: dict, positions=None):
     elif isinstance(r, Fuse):
         scores = _site_scores(graph, by_name, r.site, 0, bias)
         res = graph.call_function(ops.merge.evit_assign, (scores, r.k, r.prefix, r.fuse, cut.tag,
-                                                          r.keep if r.dynamic else None))
+                                                          r.keep if r.dynamic else None, padding))
         weight = graph.call_function(operator.getitem, (res, 1))
     elif isinstance(r, Contextual):
         scores = _site_scores(graph, by_name, r.site, 0, bias)

@@ -27,10 +27,10 @@ from .onnx_build import _attention_rows, _Builder, _same_dtype, length_valid, si
 from .onnx_merge import lower_merge, merge_sizes, scatter_sum
 
 
-def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], counts, bias=None):
-    """Zero-TPrune's I′ -> S -> I selection (as ``prunec.ops.select_zero_tprune``) -> span picks
-    [B, k]. ``counts``: (N, start, end, k) of the span (numbers, or run-time values on a dynamic
-    token count)."""
+def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], counts, bias=None, padding=None):
+    """Zero-TPrune's I′ -> S -> I selection (as ``prunec.ops.select_zero_tprune``) -> (span picks
+    [B, k], k). ``counts``: (N, start, end, k) of the span (numbers, or run-time values on a dynamic
+    token count). ``padding`` [B, N] bool (a padded batch): counted per row (:func:`_zero_tprune_padded`)."""
     n, lo, hi, k = counts
     site = r.site
     if site.probs is not None:
@@ -41,22 +41,21 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], counts, 
         k4, _ = site_tensor(b, site, values, "k")
         keys = b.op("Transpose", [k4], {"perm": [0, 2, 1, 3]})
     keys = b.op("Reshape", [keys, b.ints([0, 0, -1], "keys")])  # [B, N, Dk]
+    if padding is not None:
+        return _zero_tprune_padded(b, r, probs, keys, padding, counts)
     # s <- Aᵀ s as the row vector sᵀ A: [B, H, 1, N]
     s = b.op("MatMul", [_wpr_start(b, n, r.cls), probs])
     s1 = s
     for _ in range(r.iters - 1):
         s = b.op("MatMul", [s, probs])
 
-    def eir(x):  # root-mean-square over heads: [B, H, 1, N] -> [B, N]
-        return b.op("Squeeze", [b.op("Sqrt", [b.reduce_mean(b.op("Mul", [x, x]), [1])]), b.ints([1], "axes")])
-
-    imp = b.slice(eir(s), lo, hi)
+    imp = b.slice(_eir(b, s), lo, hi)
     size = b.arith("Sub", hi, lo)
     drop = r.drop_similar
     if r.rule is not None:  # min(round(similar · (L − k)), L // 2), Python's rounding (half to even)
         drop = b.arith("Min", _round_times(b, b.arith("Sub", size, k), r.similar), b.arith("Div", size, 2))
     if isinstance(drop, ir.Value) or drop > 0:
-        rank = b.slice(eir(s1), lo, hi)
+        rank = b.slice(_eir(b, s1), lo, hi)
         _, order = b.op("TopK", [rank, b.num(size, "all")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
         nb = b.arith("Sub", size, b.arith("Div", size, 2))
         b_idx = b.slice(order, 0, nb)
@@ -73,7 +72,67 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], counts, 
         ninf = b.op("Expand", [b.floats([[-np.inf]], "ninf"), b.op("Shape", [drop])])
         imp = b.op("ScatterElements", [imp, drop, ninf], {"axis": 1})
     _, top = b.op("TopK", [imp, b.num(k, "k")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
-    return top
+    return top, k
+
+
+def _eir(b: _Builder, x: ir.Value) -> ir.Value:
+    """Root-mean-square over heads: [B, H, 1, N] -> [B, N]."""
+    return b.op("Squeeze", [b.op("Sqrt", [b.reduce_mean(b.op("Mul", [x, x]), [1])]), b.ints([1], "axes")])
+
+
+def _zero_tprune_padded(b: _Builder, r: PageRank, probs: ir.Value, keys: ir.Value, padding: ir.Value, counts) -> tuple:
+    """Zero-TPrune on a padded batch (as ``prunec.ops.tokens._zero_tprune_padded``): each row's WPR start is
+    uniform over its real tokens (CLS weighted √n_b), its S-stage halves, drop_b and k_b are counted on its
+    real span tokens; the top k_b real tokens, the batch keeping k = max k_b (:func:`_real_tokens_top`).
+    probs [B, H, N, N], keys [B, N, Dk] -> (span picks [B, k], k [1])."""
+    n, lo, hi, _ = counts
+    real_all = b.op("Not", [padding])
+    as_double = {"to": ir.DataType.DOUBLE}
+    count = b.reduce_sum(b.op("Cast", [real_all], as_double), [1], keepdims=1)  # n_b [B, 1]
+    start, total = b.op("Cast", [real_all], as_double), count
+    if r.cls is not None:
+        at_cls = b.op("And", [b.op("Equal", [b.arange(0, n), b.ints(r.cls, "cls")]), real_all])
+        root = b.op("Sqrt", [count])
+        start = b.op("Where", [at_cls, root, start])
+        cls_real = b.op("Greater", [b.reduce_sum(b.op("Cast", [at_cls], as_double), [1], keepdims=1),
+                                    b.const(np.array(0.0), "zero")])
+        total = b.op("Where", [cls_real, b.op("Add", [b.op("Sub", [count, b.const(np.array(1.0), "one")]), root]), count])
+    s0 = b.op("Cast", [b.op("Div", [start, total])], {"to": ir.DataType.FLOAT})
+    s1 = b.op("MatMul", [b.op("Unsqueeze", [s0, b.ints([1, 2], "axes")]), probs])  # [B, H, 1, N]
+    s = s1
+    for _ in range(r.iters - 1):
+        s = b.op("MatMul", [s, probs])
+    imp = b.slice(_eir(b, s), lo, hi)
+    pad = b.slice(padding, lo, hi)
+    length = b.arith("Sub", hi, lo)
+    _, real, own = _real_counts(b, r.rule, pad, length)
+    drop = b.op("Min", [b.op("Cast", [b.op("Round", [b.op("Mul", [b.op("Cast", [b.op("Sub", [real, own])], as_double),
+                                                                 b.const(np.array(r.similar), "similar")])])],
+                             {"to": ir.DataType.INT64}), b.op("Div", [real, b.ints(2, "two")])])
+    ninf = b.floats(-np.inf, "ninf")
+    _, order = b.op("TopK", [b.op("Where", [pad, ninf, b.slice(_eir(b, s1), lo, hi)]), b.num(length, "l")],
+                    {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)  # real tokens by rank, then padding
+    rank = b.arange(0, length)
+    axes = b.ints([1], "axes")
+    real1 = b.op("Unsqueeze", [real, axes])
+    nb = b.op("Sub", [real1, b.op("Div", [real1, b.ints(2, "two")])])
+    in_b = b.op("Less", [rank, nb])
+    in_a = b.op("And", [b.op("Not", [in_b]), b.op("Less", [rank, real1])])
+    kf = b.slice(keys, lo, hi)
+    kf = b.op("Div", [kf, b.op("Max", [b.op("Sqrt", [b.reduce_sum(b.op("Mul", [kf, kf]), [2], keepdims=1)]),
+                                       b.floats(1e-12, "eps")])])
+    ko = b.op("GatherND", [kf, b.op("Unsqueeze", [order, b.ints([2], "axes")])], {"batch_dims": 1})  # rank order
+    sim = b.op("MatMul", [ko, b.op("Transpose", [ko], {"perm": [0, 2, 1]})])
+    best = b.reduce("ReduceMax", b.op("Where", [b.op("Unsqueeze", [in_b, axes]), sim, ninf]), [2])
+    best = b.op("Where", [in_a, best, ninf])  # [B, L]: A's tokens' best match in B
+    _, worst = b.op("TopK", [best, b.num(length, "l")], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    chosen = b.op("Cast", [b.op("Less", [rank, b.op("Unsqueeze", [drop, axes])])], {"to": ir.DataType.INT64})
+    zeros = b.op("Mul", [order, b.ints(0, "zero")])
+    dropped = b.op("ScatterElements", [zeros, worst, chosen], {"axis": 1})  # rank space
+    dropped = b.op("ScatterElements", [zeros, order, dropped], {"axis": 1})  # token space
+    imp = b.op("Where", [b.op("Cast", [dropped], {"to": ir.DataType.BOOL}),
+                         b.floats(np.finfo(np.float32).min, "dropped"), imp])  # below kept ones, above padding
+    return _real_tokens_top(b, r.rule, imp, pad, length, np.float32)
 
 
 def _wpr_start(b: _Builder, n, cls: int | None) -> ir.Value:
@@ -241,7 +300,8 @@ def _selection(b: _Builder, cut: Cut, values: dict[str, ir.Value], biases: dict,
         top, k = _diverse(b, b.as_f32(values[r.features.name], r.features.dtype), start, end, k,
                           padding if cut.pad_last else None, r.rule)
     elif isinstance(r, PageRank):
-        top = _zero_tprune(b, r, values, (n, start, end, k), biases.get(r.site.node.ref.name))
+        top, k = _zero_tprune(b, r, values, (n, start, end, k), biases.get(r.site.node.ref.name),
+                              padding if cut.pad_last else None)
     else:
         if isinstance(r, Random):
             scores = _random_scores(b, n, r.seed, stream)

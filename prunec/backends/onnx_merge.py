@@ -144,6 +144,63 @@ def evit_assign(b, scores: ir.Value, n, k, prefix: int, fuse: bool = True):
     return dest, b.op("Unsqueeze", [weight, b.ints([2], "axes")]), rep
 
 
+def evit_count(b, keep: float, rest):
+    """max(1, ceil(keep · rest)) in double, at most ``rest`` (int64 values of any shape)."""
+    k = b.op("Cast", [b.op("Ceil", [b.op("Mul", [b.op("Cast", [rest], {"to": ir.DataType.DOUBLE}),
+                                                 b.const(np.array([keep]), "keep")])])], {"to": ir.DataType.INT64})
+    return b.op("Min", [b.op("Max", [k, b.ints([1], "one")]), rest])
+
+
+def evit_padded(b, scores: ir.Value, padding: ir.Value, n: ir.Value, prefix: int, fuse: bool, keep: float):
+    """EViT on a padded batch (as ``prunec.ops.merge._evit_padded``; ``padding`` [B, N] bool): row b
+    keeps k_b of its real non-prefix tokens by ``keep`` on their count, fuses its other real ones into
+    the slot right after them; the batch keeps k = max k_b, a row with fewer filling the slots after
+    its fused one with its padding, then its next best. -> dest [B, N], weight [B, N, 1], rep [B, M]."""
+    length = b.arith("Sub", n, prefix)
+    pad = b.slice(padding, prefix, n)
+    real = b.op("Sub", [length, b.reduce_sum(b.op("Cast", [pad], {"to": ir.DataType.INT64}), [1])])  # [B]
+    own = evit_count(b, keep, real)
+    k = b.reduce("ReduceMax", own, [0], keepdims=1)
+    ninf = b.const(np.array(-np.inf, np.float32), "padding")
+    _, order = b.op("TopK", [b.op("Where", [pad, ninf, b.slice(scores, prefix, n)]), length],
+                    {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)  # real tokens best first, then padding
+    rank = b.arange(0, length)
+    axes = b.ints([1], "axes")
+    own1, real1 = b.op("Unsqueeze", [own, axes]), b.op("Unsqueeze", [real, axes])
+    neg = b.op("Neg", [rank])
+    first = b.op("Where", [b.op("Equal", [own1, real1]), b.op("Neg", [order]), neg])  # all real kept: in order
+    key = b.op("Where", [b.op("Less", [rank, own1]), first,
+                         b.op("Where", [b.op("Less", [rank, real1]), b.op("Sub", [neg, b.arith("Mul", length, 3)]),
+                                        b.op("Sub", [neg, b.arith("Mul", length, 2)])])])
+    _, slots = b.op("TopK", [b.op("Cast", [key], {"to": ir.DataType.FLOAT}), length],
+                    {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)
+    ranked = b.op("Add", [b.op("GatherElements", [order, slots], {"axis": 1}), b.ints(prefix, "prefix")])
+    top, rest = b.slice(ranked, 0, k), b.slice(ranked, k, length)
+    if fuse:  # a fused slot when some token is not kept
+        fused = b.op("Cast", [b.op("Greater", [length, k])], {"to": ir.DataType.INT64})  # [1]: 0 or 1
+    else:
+        fused = b.ints([0], "fused")
+    slot = b.op("Add", [b.op("Add", [b.arange(0, k), b.ints(prefix, "prefix")]),
+                        b.op("Mul", [b.op("Cast", [b.op("GreaterOrEqual", [b.arange(0, k), own1])],
+                                          {"to": ir.DataType.INT64}), fused])])  # [B, k]: skips the fused slot
+    fused_slot = b.op("Add", [b.op("Where", [b.op("Cast", [fused], {"to": ir.DataType.BOOL}), own1, k]),
+                              b.ints(prefix, "prefix")])  # [B, 1]; slot M (dropped) without a fused slot
+    pos = b.batch_row(b.arange(0, n), scores)
+    dest = b.op("Where", [b.op("Less", [pos, b.ints(prefix, "prefix")]), pos, fused_slot])
+    dest = b.op("ScatterElements", [dest, top, slot], {"axis": 1})
+    zero = b.floats(0.0, "zero")
+    rest_weight = b.op("Where", [b.op("GatherElements", [padding, rest], {"axis": 1}), zero,
+                                 b.op("GatherElements", [scores, rest], {"axis": 1})])
+    weight = b.op("ScatterElements", [b.ones_like(scores), rest, rest_weight], {"axis": 1})
+    m = b.arith("Add", b.arith("Add", prefix, k), fused)
+    rep = b.batch_range(0, b.arith("Add", m, 1), scores)  # the prefix tokens: themselves
+    rep = b.op("ScatterElements", [rep, slot, top], {"axis": 1})
+    spare = b.op("Concat", [order, b.op("Mul", [b.slice(pos, 0, 1), b.ints(0, "zero")])], {"axis": 1})  # L may be 0
+    best_rest = b.op("GatherElements", [spare, own1], {"axis": 1})
+    rep = b.op("ScatterElements", [rep, fused_slot, b.op("Add", [best_rest, b.ints(prefix, "prefix")])], {"axis": 1})
+    return dest, b.op("Unsqueeze", [weight, b.ints([2], "axes")]), b.slice(rep, 0, m)
+
+
 def _contextual_targets(b, n_rest, contextual: int) -> tuple[ir.Value, ir.Value, object]:
     """VisionZip's targets among the R rest tokens: positions 0, s, 2s, ... (stride s = max(1, R //
     contextual)), at most ``contextual`` of them; and the other positions. -> (targets [T], others
@@ -326,13 +383,12 @@ def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict, padding:
         dest, rep = tome_assign(b, site_keys(b, r.site, values), n, r.r, r.prefix, padding)
         weight = size_in
     elif isinstance(r, Fuse):
-        k = r.k
-        if r.keep is not None:  # a dynamic token count: min(max(1, ceil(keep · (N − prefix))), N − prefix)
-            rest = b.op("Cast", [b.arith("Sub", n, r.prefix)], {"to": ir.DataType.DOUBLE})
-            k = b.op("Cast", [b.op("Ceil", [b.op("Mul", [rest, b.const(np.array([r.keep]), "keep")])])],
-                     {"to": ir.DataType.INT64})
-            k = b.arith("Min", b.arith("Max", k, 1), b.arith("Sub", n, r.prefix))
-        dest, weight, rep = evit_assign(b, site_scores(b, r.site, 0, values, n, bias), n, k, r.prefix, r.fuse)
+        scores = site_scores(b, r.site, 0, values, n, bias)
+        if padding is not None and r.keep is not None:  # counted per row
+            dest, weight, rep = evit_padded(b, scores, padding, n, r.prefix, r.fuse, r.keep)
+        else:  # on a dynamic token count: min(max(1, ceil(keep · (N − prefix))), N − prefix)
+            k = r.k if r.keep is None else evit_count(b, r.keep, b.arith("Sub", n, r.prefix))
+            dest, weight, rep = evit_assign(b, scores, n, k, r.prefix, r.fuse)
     elif isinstance(r, Contextual):
         dest, weight, rep = visionzip_assign(b, site_scores(b, r.site, 0, values, n, bias), site_keys(b, r.site, values), n,
                                              r.dominant, r.contextual, r.prefix, padding)

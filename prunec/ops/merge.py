@@ -108,22 +108,30 @@ def merge_sizes(size: torch.Tensor | None, like: torch.Tensor, dest: torch.Tenso
 
 
 def evit_assign(scores: torch.Tensor, k: int, prefix: int, fuse: bool = True, tag: str = "",
-                keep: float | None = None):
+                keep: float | None = None, padding: torch.Tensor | None = None):
     """EViT: keep the top-``k`` non-prefix tokens by CLS attention ``scores`` [B, N] (in
-    descending score order, as EViT's topk), fuse the rest into one last token weighted by
-    their attention (an unnormalized sum, as EViT; without ``fuse`` they are dropped). ``keep``
-    (a dynamic token count): k = min(max(1, ceil(keep · (N − prefix))), N − prefix) at this N.
+    descending score order, as EViT's topk; in their original order when every token is kept,
+    as no cut would), fuse the rest into one last token weighted by their attention (an
+    unnormalized sum, as EViT; without ``fuse`` they are dropped). ``keep`` (a dynamic token
+    count): k = min(max(1, ceil(keep · (N − prefix))), N − prefix) at this N; with ``padding``
+    [B, N] bool (a padded batch, see :func:`_evit_padded`) k is counted per row.
     Returns dest [B, N], weight [B, N], rep [B, prefix + k + 1] (the fused slot takes its most
     attended token's masks)."""
+    if padding is not None and keep is not None:
+        dest, weight, rep = _evit_padded(scores, padding, prefix, fuse, keep)
+        _record(tag, rep)
+        _record(f"{tag}/dest" if tag else "", dest)
+        return dest, weight, rep
     b, n = scores.shape
     dev = scores.device
-    if keep is not None:  # ceil(keep · rest) in integers (keep = p / q exactly), which torch.export can trace
-        p, q = keep.as_integer_ratio()
-        rest = n - prefix
-        k = _cap(torch.sym_max(-((-p * rest) // q), 1), rest)
+    rest = n - prefix
+    if keep is not None:
+        k = _cap(_evit_count(keep, rest), rest)
     cand = scores[:, prefix:]
     order = torch.sort(cand, dim=1, descending=True, stable=True).indices + prefix  # [B, N - prefix]
     top, rest = order[:, :k], order[:, k:]
+    every = (torch.arange(cand.shape[1], device=dev) < k).all()  # a short input keeps every token: in order
+    top = torch.where(every, torch.sort(top, dim=1).values, top)
     fused = prefix + k
     dest = torch.full((b, n), fused, dtype=torch.long, device=dev)
     if prefix:
@@ -139,6 +147,53 @@ def evit_assign(scores: torch.Tensor, k: int, prefix: int, fuse: bool = True, ta
     _record(f"{tag}/dest" if tag else "", dest)
     return dest, weight, rep
 
+
+def _evit_count(keep: float, rest):
+    """max(1, ceil(keep · rest)) in integers (keep = p / q exactly): ``rest`` an int, a SymInt
+    (torch.export traces it) or an int64 tensor."""
+    p, q = keep.as_integer_ratio()
+    k = -((-p * rest) // q)
+    return torch.clamp(k, min=1) if isinstance(k, torch.Tensor) else torch.sym_max(k, 1)
+
+
+def _evit_padded(scores: torch.Tensor, padding: torch.Tensor, prefix: int, fuse: bool, keep: float):
+    """EViT on a padded batch (``padding`` [B, N] bool; the prefix tokens real): row b keeps
+    k_b = min(max(1, ceil(keep · R_b)), R_b) of its R_b real non-prefix tokens, as its text alone
+    does, and fuses its other real ones (padding weighs 0) into the slot right after them; the
+    batch keeps k = max k_b, a row with fewer filling the slots after its fused one with its
+    padding (masked: inert), then its next best tokens. So a row's first prefix + k_b + 1 slots
+    are those of its text alone. -> (dest [B, N], weight [B, N], rep [B, M])."""
+    b, n = scores.shape
+    dev = scores.device
+    length = n - prefix
+    pad = padding[:, prefix:]
+    real = length - pad.sum(1)
+    own = torch.minimum(_evit_count(keep, real), real)  # [B]
+    k = int(own.max()) if b else 0
+    order = torch.sort(scores[:, prefix:].masked_fill(pad, float("-inf")), dim=1, descending=True,
+                       stable=True).indices  # real tokens best first, then padding
+    rank = torch.arange(length, device=dev)[None, :]
+    every = (own == real)[:, None]  # a row keeping each real token keeps them in order, as alone
+    key = torch.where(rank < own[:, None], torch.where(every, -order, -rank),
+                      torch.where(rank < real[:, None], -rank - 3 * length, -rank - 2 * length))
+    ranked = order.gather(1, torch.sort(key, dim=1, descending=True, stable=True).indices) + prefix
+    top, rest = ranked[:, :k], ranked[:, k:]
+    has_fused = fuse and length > k
+    slot = prefix + rank[:, :k].expand(b, k) + ((rank[:, :k] >= own[:, None]).long() if has_fused else 0)
+    fused_slot = prefix + (own if has_fused else torch.full_like(own, k))  # [B]; past M without a fused slot
+    m = prefix + k + int(has_fused)
+    dest = fused_slot[:, None].expand(b, n).clone()  # the rest (dropped when there is no fused slot: slot M)
+    if prefix:
+        dest[:, :prefix] = torch.arange(prefix, device=dev)
+    dest.scatter_(1, top, slot)
+    weight = torch.ones(b, n, dtype=scores.dtype, device=dev)
+    weight.scatter_(1, rest, scores.gather(1, rest).masked_fill(padding.gather(1, rest), 0.0))
+    rep = torch.zeros(b, m, dtype=torch.long, device=dev)
+    rep[:, :prefix] = torch.arange(prefix, device=dev)
+    rep.scatter_(1, slot, top)
+    if has_fused:  # its most attended real token (alone, the first of the rest), or a padding one
+        rep.scatter_(1, fused_slot[:, None], order.gather(1, own.clamp_max(length - 1)[:, None]) + prefix)
+    return dest, weight, rep[:, :m]
 
 
 def visionzip_assign(scores: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int, prefix: int,

@@ -471,7 +471,7 @@ def eir(s: torch.Tensor) -> torch.Tensor:
 
 def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_start: int, span_end: int,
                        iters: int, drop_similar: int, cls: int | None, tag: str = "", rule: tuple | None = None,
-                       similar: float = 0.0) -> torch.Tensor:
+                       similar: float = 0.0, padding: torch.Tensor | None = None) -> torch.Tensor:
     """Zero-TPrune's I′ -> S -> I selection over the span.
 
     probs: [B, H, N, N] attention of the scoring layer; keys: [B, N, Dk] its key vectors.
@@ -479,9 +479,16 @@ def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_sta
     more important half B by cosine similarity of keys and the ``drop_similar`` A tokens
     most similar to some B token are dropped; I: ``iters`` WPR steps, top-k of the rest.
     Ties go to the lower index. ``rule`` as for :func:`select_diverse`; then ``drop_similar`` is
-    min(round(``similar`` · (L − k)), L // 2) at this N (L: the span length). Returns kept indices [B, M].
+    min(round(``similar`` · (L − k)), L // 2) at this N (L: the span length). ``padding`` [B, N] bool (a
+    padded batch, with the ``rule``): counted per row (:func:`_zero_tprune_padded`). Returns kept indices [B, M].
     """
     n = probs.shape[-1]
+    if padding is not None and not _fake(probs):
+        span_start, span_end, _ = rule_counts(n, *rule)
+        top = _zero_tprune_padded(probs, keys, padding, span_start, span_end, iters, cls, rule[4], rule[5], similar)
+        idx = _with_fixed(top + span_start, span_start, span_end, n)
+        _record(tag, idx)
+        return idx
     if rule is not None:
         span_start, span_end, k = rule_counts(n, *rule)
         size = span_end - span_start
@@ -507,6 +514,47 @@ def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_sta
     idx = _with_fixed(top, span_start, span_end, n)
     _record(tag, idx)
     return idx
+
+
+def _zero_tprune_padded(probs, keys, pad, lo: int, hi: int, iters: int, cls: int | None, keep: float | None,
+                        count: int | None, similar: float) -> torch.Tensor:
+    """Zero-TPrune on a padded batch (``pad`` [B, N] bool; probs [B, H, N, N], keys [B, N, Dk]), each row
+    as its text alone: the WPR start is uniform over its n_b real tokens (the CLS token weighted √n_b),
+    so padding (a query row there, a masked key column) weighs nothing; over its L_b real span tokens
+    k_b (the rule) and the S-stage's halves and drop_b = min(round(similar · (L_b − k_b)), L_b // 2)
+    are its own. Then the top k_b real tokens, the batch keeping k = max k_b (:func:`select_padded`'s
+    fill: padding, then the next best). -> span picks [B, k], span-relative."""
+    b, n = pad.shape
+    real_all = ~pad
+    count_all = real_all.sum(1, keepdim=True).double()  # n_b [B, 1]
+    start = real_all.double()
+    total = count_all
+    if cls is not None:
+        at_cls = (torch.arange(n, device=pad.device) == cls)[None, :] & real_all
+        start = torch.where(at_cls, count_all.sqrt(), start)
+        total = torch.where(at_cls.any(1, keepdim=True), count_all - 1 + count_all.sqrt(), count_all)
+    s1 = wpr(probs, (start / total).to(probs.dtype)[:, None, None, :], 1)
+    imp = eir(wpr(probs, s1, iters - 1))[:, lo:hi]
+    span_pad = pad[:, lo:hi]
+    length = hi - lo
+    real = length - span_pad.sum(1)  # L_b
+    own = _rule_count(real, keep, count)
+    drop = torch.minimum(torch.round((real - own).double() * similar).long(), real // 2)  # half to even, as Python
+    order = torch.sort(eir(s1)[:, lo:hi].masked_fill(span_pad, float("-inf")), dim=1, descending=True,
+                       stable=True).indices  # real tokens by rank, then padding
+    rank = torch.arange(length, device=pad.device)[None, :]
+    nb = (real - real // 2)[:, None]
+    in_b, in_a = rank < nb, (rank >= nb) & (rank < real[:, None])
+    kf = keys[:, lo:hi].float()
+    kf = kf / kf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    ko = kf.gather(1, order[..., None].expand(-1, -1, kf.shape[-1]))  # in rank order
+    best = (ko @ ko.transpose(1, 2)).masked_fill(~in_b[:, None, :], float("-inf")).amax(dim=2)
+    best = best.masked_fill(~in_a, float("-inf"))  # [B, L]: A's tokens' best match in B
+    worst = torch.sort(best, dim=1, descending=True, stable=True).indices
+    dropped = torch.zeros_like(span_pad).scatter(1, worst, rank.expand(b, length) < drop[:, None])  # rank space
+    dropped = torch.zeros_like(span_pad).scatter(1, order, dropped)
+    imp = imp.masked_fill(dropped, torch.finfo(imp.dtype).min)  # below every kept token, above padding
+    return select_padded(imp, span_pad, 0, False, 0, True, keep, count)
 
 
 def compose_cuts(steps: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..errors import PruneError
 from .analysis.blocks import BIAS_TAG, REWEIGH_TAG, LOGSIZE_TAG, MEANW_TAG, SIZE_TAG, Facts, size_role, skip_role
-from .base import (RECOVER_MODES, Adaptive, Bipartite, Contextual, CountFix, Crossing, Cut, Diverse, GridPool,
-                   LengthMask, Merge, PlannedFacts, Random, Recovery, Reweigh, ShapeFix, TopK)
+from .base import (RECOVER_MODES, Adaptive, Bipartite, Contextual, CountFix, Crossing, Cut, Diverse, Fuse, GridPool,
+                   LengthMask, Merge, PageRank, PlannedFacts, Random, Recovery, Reweigh, ShapeFix, TopK)
 
 _SIZED = ("reshape", "expand", "create")
 
@@ -300,16 +300,17 @@ def _padding_input(g, floats: bool = False) -> str | None:
 
 
 def _plan_padding(g, cut: Cut) -> None:
-    """A ranked selection or DivPrune on a dynamic sequence with a padding mask input counts per row: each row
-    keeps k of its real span tokens by the rule on its real span length, never padding over a real
-    token; the batch keeps the largest count, the other rows filling up with padding (``cut.padding``,
-    ``cut.pad_last``). ToMe, PPT and VisionZip (any sequence) read the mask too: padding and real tokens do
-    not match."""
-    if g.dynamic_tokens and isinstance(cut.reduce, (TopK, Random, Diverse)) \
-            and getattr(cut.reduce, "rule", None) is not None and cut.reduce.rule.token_id is None:
+    """A ranked selection, DivPrune, Zero-TPrune or EViT on a dynamic sequence with a padding mask input
+    counts per row: each row keeps k of its real tokens by the rule on its real length, never padding
+    over a real token; the batch keeps the largest count, the other rows filling up with padding
+    (``cut.padding``, ``cut.pad_last``). ToMe, PPT and VisionZip (any sequence) read the mask too:
+    padding and real tokens do not match."""
+    r = cut.reduce
+    if g.dynamic_tokens and (isinstance(r, (TopK, Random, Diverse, PageRank)) and getattr(r, "rule", None) is not None
+                             and r.rule.token_id is None or isinstance(r, Fuse) and r.keep is not None):
         cut.padding = _padding_input(g)
         cut.pad_last = cut.padding is not None
-    elif isinstance(cut.reduce, (Bipartite, Adaptive, Contextual)):  # ToMe's, PPT's pooling, VisionZip's joins:
+    elif isinstance(r, (Bipartite, Adaptive, Contextual)):  # ToMe's, PPT's pooling, VisionZip's joins:
         # padding with padding
         cut.padding = _padding_input(g)
 

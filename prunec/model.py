@@ -181,7 +181,9 @@ class OnnxModel(Model):
         self._unique_tags(plan)
         out = OnnxModel(lower_onnx(self.model, plan), self.feeds, self.probe_batch, check=self.check,
                         light=self.light)
-        out.validate(original=self.model, upto=self._fast_check_output(plan) if out.check_mode == "fast" else None)
+        same = plan.identity() if out.check_mode == "full" and self.dynamic_tokens else None
+        out.validate(original=self.model, upto=self._fast_check_output(plan) if out.check_mode == "fast" else None,
+                     identity=lower_onnx(self.model, same) if same is not None else None)
         return self._after_cuts(out, plan)
 
     def _fast_check_output(self, plan) -> tuple[str, int] | None:
@@ -223,13 +225,15 @@ class OnnxModel(Model):
             return "fast"
         return "structure" if self.check == "none" or (self.check == "auto" and self.light) else "full"
 
-    def validate(self, original=None, upto: tuple[str, int] | None = None) -> None:
+    def validate(self, original=None, upto: tuple[str, int] | None = None, identity=None) -> None:
         """Full onnx.checker check and ORT runs on the probe inputs and, when the graph's batch is
         dynamic, at batch sizes 1 and 3 — with a shorter and a longer input (or image) there when its
         token count is dynamic (:meth:`_other_shapes`) — in one session; the checker only when
         :attr:`check_mode` is ``structure``. ``original``: the onnx-ir model it was rewritten from; a
         shape that one does not run at either is skipped. ``upto`` (``fast``): (the value, the layers)
-        where the graph run is cut short."""
+        where the graph run is cut short. ``identity``: the same plan lowered at keep=1 / r=0
+        (:meth:`~prunec.passes.base.Plan.identity`), which must equal ``original`` at each of those
+        shapes (:func:`_check_identity`)."""
         import onnx
 
         from .ir.session import graph_only_proto
@@ -262,6 +266,7 @@ class OnnxModel(Model):
             except Exception as e:  # noqa: BLE001
                 raise PruneError(f"rewritten graph does not run at batch size {batch} (the probe ran at "
                                  f"{self.probe_batch}): {str(e).splitlines()[0]}") from None
+        checked = [(f"the probe's shape (batch {self.probe_batch})", self.feeds)]
         for batch, size in shapes:  # so is a token count baked in
             what = f"length {size['length']}" if "length" in size else f"image size {size['side']}x{size['side']}"
             if size.get("past"):
@@ -275,6 +280,9 @@ class OnnxModel(Model):
                     # position table, an image size it cannot patch): not the rewrite's fault
                 raise PruneError(f"rewritten graph does not run at batch {batch}, {what} (the probe ran at "
                                  f"{self._probe_length() or self._probe_side()}): {str(e).splitlines()[0]}") from None
+            checked.append((f"batch {batch}, {what}", feeds))
+        if identity is not None and original is not None:
+            _check_identity(identity, original, checked)
 
     def _probe_length(self) -> int | None:
         from .ir.from_onnx import sequence_dims
@@ -373,6 +381,42 @@ class OnnxModel(Model):
         from .backends.torch_ort import OrtModule
 
         return OrtModule(self)
+
+
+def _check_identity(identity, original, cases: list) -> None:
+    """Refuse a rewrite whose lowering at keep=1 / r=0 (``identity``, an onnx-ir model) does not compute
+    what the model it was given (``original``) does, on each of ``cases`` [(what, feeds)] that the
+    original runs: every output within 1e-3 of the original's largest magnitude (1e-2 in 16-bit floats:
+    only the inserted ops differ), integer outputs equal."""
+    from .ir.session import make_session
+
+    same, given = make_session(identity, quick=True), make_session(original, quick=True)
+    names = [o.name for o in given.get_outputs()]
+    for what, feeds in cases:
+        try:
+            want = given.run(None, feeds)
+        except Exception:  # noqa: BLE001
+            continue
+        try:
+            got = dict(zip([o.name for o in same.get_outputs()], same.run(names, feeds)))
+        except Exception as e:  # noqa: BLE001
+            raise PruneError(f"the rewrite at keep=1 / r=0 does not run at {what}: {str(e).splitlines()[0]}") from None
+        for name, w in zip(names, want):
+            g = got[name]
+            if g.shape != w.shape:
+                raise PruneError(f"the rewrite at keep=1 / r=0 changes output '{name}' from {list(w.shape)} to "
+                                 f"{list(g.shape)} at {what}; refusing a rewrite that is wrong there")
+            if w.dtype.kind not in "fc":
+                bad = not np.array_equal(g, w)
+                diff = "differs"
+            else:
+                scale = max(1.0, float(np.abs(w.astype(np.float64)).max(initial=0.0)))
+                err = float(np.abs(g.astype(np.float64) - w.astype(np.float64)).max(initial=0.0))
+                bad = not err <= (1e-2 if w.dtype.itemsize <= 2 else 1e-3) * scale
+                diff = f"differs by {err:.3g} (largest magnitude {scale:.3g})"
+            if bad:
+                raise PruneError(f"the rewrite at keep=1 / r=0 does not equal the model it was given at {what}: output "
+                                 f"'{name}' {diff}; refusing a rewrite that is wrong there")
 
 
 def _runs(model, feeds: dict) -> bool:
@@ -544,7 +588,33 @@ class TorchModel(Model):
              f"{type(c.reduce).__name__}: counts in Python over the dynamic length") for c in plan.cuts
             if c.dynamic and (c.pad_last or isinstance(c.reduce, (Bipartite, Adaptive, Contextual, PageRank))))
         out.validate()
+        same = plan.identity() if self.other_shapes() and not self.cached else None
+        if same is not None:
+            self._check_identity(TorchModel(lower_fx(self.gm, same), self.args, self.kwargs))
         return self._after_cuts(out, plan)
+
+    def _check_identity(self, identity: "TorchModel") -> None:
+        """Refuse a rewrite whose plan lowered at keep=1 (``identity``) does not compute what this model
+        does at the example inputs and the other shapes of :meth:`validate` (within 1e-4 of the largest
+        magnitude, 1e-2 in 16-bit floats: only the inserted ops differ)."""
+        import torch
+
+        for batch, length in ((None, None), *self.other_shapes()):
+            args, kwargs = (self.args, self.kwargs) if batch is None and length is None else self.inputs_at(batch, length)
+            want, got = (torch.utils._pytree.tree_leaves(m.run(*args, **kwargs)) for m in (self, identity))
+            what = "the example inputs" if batch is None and length is None else _shape_text(batch, length)
+            for i, (w, g) in enumerate(zip(want, got)):
+                if not isinstance(w, torch.Tensor):
+                    continue
+                if g.shape != w.shape:
+                    raise PruneError(f"the rewrite at keep=1 / r=0 changes output {i} from {list(w.shape)} to "
+                                     f"{list(g.shape)} at {what}; refusing a rewrite that is wrong there")
+                scale = max(1.0, float(w.detach().abs().max())) if w.is_floating_point() and w.numel() else 1.0
+                err = float((g.double() - w.double()).abs().max()) if w.numel() else 0.0
+                if err > (1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4) * scale:
+                    raise PruneError(f"the rewrite at keep=1 / r=0 does not equal the model it was given at {what}: "
+                                     f"output {i} differs by {err:.3g} (largest magnitude {scale:.3g}); refusing a "
+                                     f"rewrite that is wrong there")
 
     def validate(self) -> None:
         """Run the graph at the example inputs and, where its dims are dynamic, at other shapes: batch

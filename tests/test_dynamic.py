@@ -318,3 +318,33 @@ def test_the_same_pass_twice_at_one_layer_gets_tags_of_its_own():
     assert out.run({k: v.numpy() for k, v in inputs("llama", 1, 40).items()})[0].shape == (1, 12, 100)
     with pytest.raises(prunec.PruneError, match="earlier pass already reduced"):
         prunec.Pipeline([p, p])(prunec.load(exported("bert", "torchscript17")))
+
+
+@pytest.mark.parametrize("pname,opts", [("fastv", dict(keep="0.5")), ("evit", dict(keep="0.5", layers="1", prefix=1))])
+def test_a_rewrite_that_is_wrong_at_keep_one_is_refused_in_one_line(monkeypatch, pname, opts):
+    """Validation lowers the same plan at keep=1 and compares it with the model it was given at the
+    probe's and two other shapes: a lowering that runs but reverses the kept tokens' order (so would
+    write a wrong model) is refused, naming the output; the correct one passes."""
+    import prunec.backends.onnx as lowering
+
+    model = prunec.load(exported("bert", "dynamo18"))
+    prunec.passes.get(pname)(**opts)(model)  # the real lowering passes the check
+    if pname == "fastv":
+        real = lowering._with_fixed
+
+        def reversed_order(b, top, batch_of, counts, tag):
+            return b.slice(real(b, top, batch_of, counts, tag), -1, np.iinfo(np.int64).min, step=-1)
+        monkeypatch.setattr(lowering, "_with_fixed", reversed_order)
+    else:
+        import prunec.backends.onnx_merge as merging
+        real = merging.evit_padded
+
+        def reversed_slots(b, scores, padding, n, prefix, fuse, keep):
+            dest, weight, rep = real(b, scores, padding, n, prefix, fuse, keep)
+            m = b.dim(rep, 1)  # slot j -> M - 1 - j (the dropped slot M stays)
+            dest = b.op("Where", [b.op("Less", [dest, m]), b.op("Sub", [b.op("Sub", [m, b.ints(1, "one")]), dest]), dest])
+            return dest, weight, b.slice(rep, -1, np.iinfo(np.int64).min, step=-1)
+        monkeypatch.setattr(merging, "evit_padded", reversed_slots)
+    with pytest.raises(prunec.PruneError, match="keep=1 / r=0 does not equal the model it was given") as e:
+        prunec.passes.get(pname)(**opts)(model)
+    assert "\n" not in str(e.value)

@@ -255,3 +255,15 @@ def test_the_kernel_counts_as_the_count_rule():
         n = rnd.randint(0, 300)
         got = rule_counts(n, rule.start, rule.start_from_end, rule.end, rule.end_from_end, rule.keep, rule.count)
         assert tuple(got) == rule.resolve(n), (rule, n)
+
+
+def test_a_torch_rewrite_that_is_wrong_at_keep_one_is_refused_in_one_line(monkeypatch):
+    """As on ONNX: the plan lowered at keep=1 must equal the module at the example and the other shapes;
+    a kernel that runs but reverses the kept tokens' order is refused."""
+    base = loaded("bert")
+    prunec.passes.FastV(keep="0.5")(base)  # the real kernel passes
+    real = prunec.ops.tokens.select_padded
+    monkeypatch.setattr(prunec.ops.tokens, "select_padded", lambda *a, **k: real(*a, **k).flip(1))
+    with pytest.raises(prunec.PruneError, match="keep=1 / r=0 does not equal the model it was given") as e:
+        prunec.passes.FastV(keep="0.5")(base)
+    assert "\n" not in str(e.value)

@@ -13,9 +13,10 @@ token sizes the parent's, and where both cuts fix the same node the later one wi
 """
 from __future__ import annotations
 
+import copy
 import math
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from ..errors import PruneError
@@ -460,6 +461,35 @@ class Plan:
     graph they were planned on (see :class:`PlannedFacts`); the backends lower them in one go."""
 
     cuts: list[Cut]
+
+    def identity(self) -> "Plan | None":
+        """The same cuts reducing nothing (keep=1, r=0; spans, crossings, fixes and recoveries
+        unchanged), whose lowering must compute what the graph it was planned on computes: validation
+        compares the two at shapes other than the probe's. None where that does not hold or cannot be
+        said: a cut with counts fixed at the probe's length (a static token count), an attention
+        recovery (its tokens attend over the kept ones: not the identity), ToMe's and PPT's matching
+        (at r=0 their output is the tokens in ToMe's A/B order, a permutation)."""
+        if not all(c.dynamic and not isinstance(c.reduce, (Bipartite, Adaptive)) for c in self.cuts) \
+                or any(c.recovery and c.recovery.mode == "attn" for c in self.cuts):
+            return None
+        copies: dict[int, Cut] = {}
+        for c in self.cuts:
+            new = copy.copy(c)
+            new.reduce = _reducing_nothing(c.reduce)
+            new.parent = copies[id(c.parent)] if c.parent is not None else None
+            copies[id(c)] = new
+        return Plan(list(copies.values()))
+
+
+def _reducing_nothing(r):
+    """A dynamic selection, EViT or VisionZip at keep=1: every token kept, in order."""
+    if getattr(r, "rule", None) is not None:
+        return replace(r, rule=replace(r.rule, keep=1.0, count=None))
+    if isinstance(r, Fuse):
+        return replace(r, keep=1.0)
+    if isinstance(r, Contextual):
+        return replace(r, dominant=1 << 30, contextual=0)
+    raise PruneError(f"no identity for {type(r).__name__}")
 
 
 class PlannedFacts:

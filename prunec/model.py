@@ -281,8 +281,8 @@ class OnnxModel(Model):
                 raise PruneError(f"rewritten graph does not run at batch {batch}, {what} (the probe ran at "
                                  f"{self._probe_length() or self._probe_side()}): {str(e).splitlines()[0]}") from None
             checked.append((f"batch {batch}, {what}", feeds))
-        if identity is not None and original is not None:
-            _check_identity(identity, original, checked)
+        if identity is not None and original is not None:  # (the plan at keep=1 keeps no padding over a real token)
+            _check_identity(identity, original, [(what, _without_padding(feeds)) for what, feeds in checked])
 
     def _probe_length(self) -> int | None:
         from .ir.from_onnx import sequence_dims
@@ -381,6 +381,11 @@ class OnnxModel(Model):
         from .backends.torch_ort import OrtModule
 
         return OrtModule(self)
+
+
+def _without_padding(feeds: dict) -> dict:
+    """``feeds`` with every integer or boolean mask input all ones (no padding)."""
+    return {k: np.ones_like(v) if "mask" in k and v.dtype.kind in "iub" else v for k, v in feeds.items()}
 
 
 def _check_identity(identity, original, cases: list) -> None:
@@ -599,8 +604,14 @@ class TorchModel(Model):
         magnitude, 1e-2 in 16-bit floats: only the inserted ops differ)."""
         import torch
 
+        names = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]  # the flat inputs, in order
         for batch, length in ((None, None), *self.other_shapes()):
             args, kwargs = (self.args, self.kwargs) if batch is None and length is None else self.inputs_at(batch, length)
+            flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+            if len(names) == len(flat):  # no padding (the plan at keep=1 keeps none over a real token)
+                flat = [torch.ones_like(t) if "mask" in name and isinstance(t, torch.Tensor) and not t.is_floating_point()
+                        else t for name, t in zip(names, flat)]
+            args, kwargs = torch.utils._pytree.tree_unflatten(flat, spec)
             want, got = (torch.utils._pytree.tree_leaves(m.run(*args, **kwargs)) for m in (self, identity))
             what = "the example inputs" if batch is None and length is None else _shape_text(batch, length)
             for i, (w, g) in enumerate(zip(want, got)):
@@ -1141,8 +1152,7 @@ def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dic
     max=512)``. Without it the export is static (the model runs only at the example's shapes).
     A dynamic batch (axis 0) stays dynamic. A dynamic sequence (axis 1 of [B, S] / [B, S, C]
     inputs, one Dim shared by every such input) makes the model's token count dynamic, as for an
-    ONNX model with a dynamic sequence: FastV and cls-attn compute span, k and the kept count at
-    run time; the other passes refuse it. The model is analysed at the example inputs' sizes, so
+    ONNX model with a dynamic sequence: every pass but ``pool`` computes its counts at run time. The model is analysed at the example inputs' sizes, so
     give an example length unlike any other width of the model (a prime such as 29) and within
     the Dim's range. Any other dynamic dimension is refused. The rewritten model runs at every
     batch and length in the Dims' ranges and ``save`` writes a ``.pt2`` that keeps them.

@@ -142,3 +142,23 @@ def test_merges_never_merge_padding_into_a_real_token(spec):
     alone = models[0].run({"input_ids": ids[:1], "attention_mask": mask[:1]})[0]
     np.testing.assert_allclose(out[:1], alone, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(torch_model.run(**tfeeds).numpy(), out, rtol=1e-4, atol=1e-4)
+
+
+def test_padded_example_inputs_on_the_torch_path_are_validated_without_their_padding():
+    """Example inputs whose every row is padded (a tokenizer's padding="max_length") load and rewrite:
+    the keep=1 comparison of validation runs without padding (with it, keep=1 would still drop the
+    trailing padding no row needs, so it could not equal the module)."""
+    import torch
+
+    from test_dynamic import inputs, model
+    from test_dynamic_torch import _dims, _Named
+
+    m, names, field = model("bert")
+    example = inputs("bert", *_batch()[0].shape)
+    example["attention_mask"] = torch.from_numpy(_batch()[1][:, :example["input_ids"].shape[1]])
+    example["attention_mask"][:, -1] = 0  # every row ends in padding
+    batch, seq = _dims()
+    base = prunec.load(_Named(m, field).eval(), example, dynamic_shapes={k: {0: batch, 1: seq} for k in names})
+    for spec in (prunec.passes.FastV(keep="0.5"), prunec.passes.EViT(keep="0.5", layers="1", prefix=1)):
+        out = spec(base).run(**example)
+        assert out.shape[1] < example["input_ids"].shape[1]

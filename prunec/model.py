@@ -181,10 +181,19 @@ class OnnxModel(Model):
         self._unique_tags(plan)
         out = OnnxModel(lower_onnx(self.model, plan), self.feeds, self.probe_batch, check=self.check,
                         light=self.light)
-        same = plan.identity() if out.check_mode == "full" and self.dynamic_tokens else None
+        same = plan.identity() if self._compares_identity() else None
         out.validate(original=self.model, upto=self._fast_check_output(plan) if out.check_mode == "fast" else None,
                      identity=lower_onnx(self.model, same) if same is not None else None)
         return self._after_cuts(out, plan)
+
+    def _compares_identity(self) -> bool:
+        """Whether validation also compares the plan lowered at keep=1 with this model (a dynamic token
+        count, check ``full``; with ``auto`` only up to :data:`IDENTITY_CHECK_BYTES` of weights, as it
+        costs two more sessions and runs)."""
+        from .ir.from_onnx import weight_bytes
+
+        return self.dynamic_tokens and (self.check == "full" or self.check == "auto" and not self.light
+                                        and weight_bytes(self.model) <= IDENTITY_CHECK_BYTES)
 
     def _fast_check_output(self, plan) -> tuple[str, int] | None:
         """``--check fast``: (the stream leaving layer K + 2, the layers that makes) for the latest cut
@@ -281,8 +290,9 @@ class OnnxModel(Model):
                 raise PruneError(f"rewritten graph does not run at batch {batch}, {what} (the probe ran at "
                                  f"{self._probe_length() or self._probe_side()}): {str(e).splitlines()[0]}") from None
             checked.append((f"batch {batch}, {what}", feeds))
-        if identity is not None and original is not None:  # (the plan at keep=1 keeps no padding over a real token)
-            _check_identity(identity, original, [(what, _without_padding(feeds)) for what, feeds in checked])
+        if identity is not None and original is not None:  # at the shapes other than the probe's (the plan at
+            # keep=1 keeps no padding over a real token)
+            _check_identity(identity, original, [(what, _without_padding(feeds)) for what, feeds in checked[1:]])
 
     def _probe_length(self) -> int | None:
         from .ir.from_onnx import sequence_dims
@@ -600,20 +610,20 @@ class TorchModel(Model):
 
     def _check_identity(self, identity: "TorchModel") -> None:
         """Refuse a rewrite whose plan lowered at keep=1 (``identity``) does not compute what this model
-        does at the example inputs and the other shapes of :meth:`validate` (within 1e-4 of the largest
+        does at the shapes other than the example's that :meth:`validate` runs (within 1e-4 of the largest
         magnitude, 1e-2 in 16-bit floats: only the inserted ops differ)."""
         import torch
 
         names = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]  # the flat inputs, in order
-        for batch, length in ((None, None), *self.other_shapes()):
-            args, kwargs = (self.args, self.kwargs) if batch is None and length is None else self.inputs_at(batch, length)
+        for batch, length in self.other_shapes():
+            args, kwargs = self.inputs_at(batch, length)
             flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
             if len(names) == len(flat):  # no padding (the plan at keep=1 keeps none over a real token)
                 flat = [torch.ones_like(t) if "mask" in name and isinstance(t, torch.Tensor) and not t.is_floating_point()
                         else t for name, t in zip(names, flat)]
             args, kwargs = torch.utils._pytree.tree_unflatten(flat, spec)
             want, got = (torch.utils._pytree.tree_leaves(m.run(*args, **kwargs)) for m in (self, identity))
-            what = "the example inputs" if batch is None and length is None else _shape_text(batch, length)
+            what = _shape_text(batch, length)
             for i, (w, g) in enumerate(zip(want, got)):
                 if not isinstance(w, torch.Tensor):
                     continue
@@ -954,6 +964,7 @@ def refresh_symbolic_meta(gm) -> None:
         raise PruneError(f"cannot propagate the symbolic shapes of the rewritten torch graph: {_first_line(e)}") from None
 
 
+IDENTITY_CHECK_BYTES = 256 << 20  # weights up to which check "auto" compares the plan at keep=1 with the model
 LIGHT_PROBE_BYTES = 1 << 30  # weights above which a model is analysed without running them (and checked structurally)
 CHECKS = ("auto", "full", "fast", "none")  # load(check=): validation of written ONNX models
 INLINE_LIMIT = 1_900_000_000  # bytes of weights above which a model is saved with external data (protobuf: 2 GiB)

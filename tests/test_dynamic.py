@@ -348,3 +348,18 @@ def test_a_rewrite_that_is_wrong_at_keep_one_is_refused_in_one_line(monkeypatch,
     with pytest.raises(prunec.PruneError, match="keep=1 / r=0 does not equal the model it was given") as e:
         prunec.passes.get(pname)(**opts)(model)
     assert "\n" not in str(e.value)
+
+
+def test_check_auto_compares_keep_one_on_models_up_to_its_size_and_full_always(monkeypatch):
+    """Check ``auto`` makes the keep=1 comparison on models up to IDENTITY_CHECK_BYTES of weights (it costs
+    two more sessions and runs); ``full`` makes it on any model."""
+    import prunec.backends.onnx as lowering
+    import prunec.model
+
+    real = lowering._with_fixed
+    monkeypatch.setattr(lowering, "_with_fixed", lambda b, top, batch_of, counts, tag: b.slice(
+        real(b, top, batch_of, counts, tag), -1, np.iinfo(np.int64).min, step=-1))
+    monkeypatch.setattr(prunec.model, "IDENTITY_CHECK_BYTES", 0)
+    prunec.passes.FastV(keep="0.5")(prunec.load(exported("bert", "dynamo18")))  # auto: not compared, so not seen
+    with pytest.raises(prunec.PruneError, match="keep=1 / r=0 does not equal"):
+        prunec.passes.FastV(keep="0.5")(prunec.load(exported("bert", "dynamo18"), check="full"))

@@ -187,13 +187,17 @@ def test_every_pass_is_the_identity_at_keep_one_and_runs_on_short_inputs():
 
 
 def test_a_pt2_of_run_time_counts_reloads_or_is_refused_in_one_line(tmp_path):
-    """DivPrune's counts re-export with the Dims (the .pt2 reloads and runs at a new length with the
-    same output); ToMe's (Python over the token count) and per-row counts of a padded batch (BERT's
+    """DivPrune's and Zero-TPrune's counts re-export with the Dims (the .pt2 reloads and runs at new
+    lengths with the same output); ToMe's (Python over the token count) and per-row counts of a padded batch (BERT's
     mask) are refused in one line, nothing written."""
-    divprune = prunec.passes.get("divprune")(count=1, layer="2")(loaded("llama"))
-    back = prunec.load(divprune.save(tmp_path / "divprune.pt2"))
-    feeds = inputs("llama", 3, 41, seed=5)
-    np.testing.assert_allclose(back.run(**feeds).detach().numpy(), divprune.run(**feeds).numpy(), rtol=1e-5, atol=1e-5)
+    for pname, opts in (("divprune", dict(count=1, layer="2")),
+                        ("zero-tprune", dict(keep="0.4", layer="2", similar="1.0", iters="5"))):
+        rewritten = prunec.passes.get(pname)(**opts)(loaded("llama"))
+        back = prunec.load(rewritten.save(tmp_path / f"{pname}.pt2"))
+        for batch, n in ((3, 41), (1, 7)):
+            feeds = inputs("llama", batch, n, seed=5)
+            np.testing.assert_allclose(back.run(**feeds).detach().numpy(), rewritten.run(**feeds).numpy(), rtol=1e-5,
+                                       atol=1e-5, err_msg=pname)
     tome = prunec.passes.get("tome")(r="2")(loaded("bert"))
     with pytest.raises(prunec.PruneError, match="not written as .pt2") as e:
         tome.save(tmp_path / "tome.pt2")

@@ -469,6 +469,18 @@ def eir(s: torch.Tensor) -> torch.Tensor:
     return (s * s).mean(dim=1).sqrt()[:, 0, :]
 
 
+def _wpr_start_at(n, cls: int | None, like: torch.Tensor) -> torch.Tensor:
+    """Zero-TPrune's start [1, N] (``schedules.wpr_start``) from N as a tensor, in double as the ONNX
+    lowering computes it: uniform, the CLS token weighted √N, summing to 1; in ``like``'s type."""
+    ones = torch.ones(n, dtype=torch.float64, device=like.device)
+    count = ones.sum()
+    if cls is None:
+        return (ones / count).to(like.dtype)[None, :]
+    root = count.sqrt()
+    start = torch.where(torch.arange(n, device=like.device) == cls, root, ones)
+    return (start / (count - 1 + root)).to(like.dtype)[None, :]
+
+
 def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_start: int, span_end: int,
                        iters: int, drop_similar: int, cls: int | None, tag: str = "", rule: tuple | None = None,
                        similar: float = 0.0, padding: torch.Tensor | None = None) -> torch.Tensor:
@@ -489,15 +501,17 @@ def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_sta
         idx = _with_fixed(top + span_start, span_start, span_end, n)
         _record(tag, idx)
         return idx
-    if rule is not None:
+    if rule is not None:  # counts and start from N as tensor and symbolic ops (torch.export traces them)
         span_start, span_end, k = rule_counts(n, *rule)
         size = span_end - span_start
-        drop_similar = min(round(similar * (size - k)), size // 2)
-    s0 = torch.tensor(wpr_start(n, cls), dtype=probs.dtype, device=probs.device)[None, :]
+        drop_similar = torch.sym_min(round_keep(similar, size - k), size // 2)
+        s0 = _wpr_start_at(n, cls, probs)
+    else:
+        s0 = torch.tensor(wpr_start(n, cls), dtype=probs.dtype, device=probs.device)[None, :]
     s1 = wpr(probs, s0, 1)
     span = span_end - span_start
     imp = eir(wpr(probs, s1, iters - 1))[:, span_start:span_end]
-    if drop_similar > 0:
+    if similar > 0 if rule is not None else drop_similar > 0:  # (no branch on the run-time count)
         rank = eir(s1)[:, span_start:span_end]
         order = torch.sort(rank, dim=1, descending=True, stable=True).indices
         nb = span - span // 2

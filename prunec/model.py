@@ -1121,8 +1121,8 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
     import onnx_ir as ir
 
     path = Path(path)
-    if not _needs_external(model):  # one protobuf (serialised directly: ir.save takes 1.6x as long)
-        return atomic_write(path, ir.serde.serialize_model(model).SerializeToString())
+    if not _needs_external(model):  # one protobuf, its weights streamed (:func:`_write_embedded`)
+        return atomic_write(path, lambda tmp: _write_embedded(model, tmp))
     data = path.with_name(path.name + ".data")
     if os.path.realpath(data) in _external_files(model):
         raise PruneError(f"{data} holds the input model's weights; write the output under another name")
@@ -1139,6 +1139,42 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _write_embedded(model, path: str) -> None:
+    """Write the onnx-ir ``model`` as one ModelProto without building it in memory: the model with its
+    large weights left out (``graph_only_proto``), then each weight as a ``graph`` field holding one
+    ``initializer`` with its bytes as ``raw_data``, written from the tensor. Protobuf merges repeated
+    occurrences of a message field (the initializers append), so every reader (onnx.load, ORT) sees
+    one graph; a weight is copied once (not into a proto and again into its serialisation)."""
+    import onnx
+
+    from .ir.session import graph_only_proto
+
+    big = {n: v.const_value for n, v in model.graph.initializers.items()
+           if v.const_value is not None and v.const_value.nbytes > 1024}
+    proto = graph_only_proto(model)
+    keep = [t for t in proto.graph.initializer if t.name not in big]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+        for name, tensor in big.items():
+            head = onnx.TensorProto(name=name, data_type=int(tensor.dtype), dims=list(tensor.shape)).SerializeToString()
+            data = tensor.tobytes()
+            body = len(head) + 1 + len(_varint(len(data))) + len(data)  # TensorProto: its header, raw_data (field 9)
+            entry = 1 + len(_varint(body)) + body  # GraphProto.initializer (field 5)
+            f.write(b"\x3a" + _varint(entry) + b"\x2a" + _varint(body) + head + b"\x4a" + _varint(len(data)))
+            f.write(data)  # ModelProto.graph is field 7 (0x3a: length-delimited)
 
 
 def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dict | None = None,

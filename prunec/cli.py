@@ -52,10 +52,11 @@ def _load_args(ap: argparse.ArgumentParser) -> None:
                          "N beyond its end, e.g. 612 for --span 35:611)")
     ap.add_argument("--check", choices=("auto", "full", "fast", "none"), default="auto",
                     help="check the written ONNX model: full (onnx.checker and ONNX Runtime runs at several "
-                         "shapes), fast (onnx.checker, and those runs on the graph up to two layers after the "
-                         "last cut: only those layers' weights are read), none (onnx.checker only), auto "
-                         "(default: full, onnx.checker only for a model over 1 GiB of weights, which is also "
-                         "analysed without reading them)")
+                         "shapes; on a dynamic sequence the same passes at keep=1 must also equal the input "
+                         "model at two shapes), fast (onnx.checker, and those runs on the graph up to two layers "
+                         "after the last cut: only those layers' weights are read), none (onnx.checker only), "
+                         "auto (default: full, without the keep=1 comparison over 256 MiB of weights, "
+                         "onnx.checker only over 1 GiB, where the model is also analysed without reading them)")
 
 
 def _pass_args(ap: argparse.ArgumentParser) -> None:

@@ -1188,10 +1188,12 @@ def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dic
     keeps a dimension). ``probe_length`` (ONNX with a dynamic sequence): the length the model is
     analysed at (default 29); spans with absolute ends need it at least that long
     (``span=35:611``: 612). ``check`` (ONNX): how a rewritten model is checked before a pass
-    returns it: ``full`` (onnx.checker and ONNX Runtime runs at the probe's and other shapes),
+    returns it: ``full`` (onnx.checker and ONNX Runtime runs at the probe's and other shapes; on a
+    dynamic token count the plan lowered at keep=1 must equal the input model at two of them),
     ``fast`` (onnx.checker, and those runs on the graph up to two layers after the last cut: only
-    those layers' weights are read), ``none`` (onnx.checker only), ``auto`` (full, or onnx.checker only for a model over 1 GiB of
-    weights: such a model is also analysed without reading its weights).
+    those layers' weights are read), ``none`` (onnx.checker only), ``auto`` (full, without the keep=1
+    comparison over 256 MiB of weights, or onnx.checker only for a model over 1 GiB of weights: such a
+    model is also analysed without reading its weights).
 
     ``dynamic_shapes`` (torch module): torch.export's ``dynamic_shapes`` spec, passed through,
     e.g. ``{"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}`` with

@@ -124,9 +124,8 @@ def evit_assign(scores: torch.Tensor, k: int, prefix: int, fuse: bool = True, ta
         return dest, weight, rep
     b, n = scores.shape
     dev = scores.device
-    rest = n - prefix
     if keep is not None:
-        k = _cap(_evit_count(keep, rest), rest)
+        k = _cap(_evit_count(keep, n - prefix), n - prefix)
     cand = scores[:, prefix:]
     order = torch.sort(cand, dim=1, descending=True, stable=True).indices + prefix  # [B, N - prefix]
     top, rest = order[:, :k], order[:, k:]
@@ -193,7 +192,7 @@ def _evit_padded(scores: torch.Tensor, padding: torch.Tensor, prefix: int, fuse:
     rep.scatter_(1, slot, top)
     if has_fused:  # its most attended real token (alone, the first of the rest), or a padding one
         rep.scatter_(1, fused_slot[:, None], order.gather(1, own.clamp_max(length - 1)[:, None]) + prefix)
-    return dest, weight, rep[:, :m]
+    return dest, weight, rep
 
 
 def visionzip_assign(scores: torch.Tensor, metric: torch.Tensor, dominant: int, contextual: int, prefix: int,

@@ -594,14 +594,14 @@ class TorchModel(Model):
 
         self._check_not_exposed()
         self._unique_tags(plan)
-        from .passes.base import Adaptive, Bipartite, Contextual
+        from .passes.base import Adaptive, Bipartite
 
         gm = lower_fx(self.gm, plan)
         out = TorchModel(gm, self.args, self.kwargs)
         out.no_pt2 = self.no_pt2 + tuple(
             (c.tag, "counts per row of a padded batch" if c.pad_last else
              f"{type(c.reduce).__name__}: counts in Python over the dynamic length") for c in plan.cuts
-            if c.dynamic and (c.pad_last or isinstance(c.reduce, (Bipartite, Adaptive, Contextual))))
+            if c.dynamic and (c.pad_last or isinstance(c.reduce, (Bipartite, Adaptive))))
         out.validate()
         same = plan.identity() if self.other_shapes() and not self.cached else None
         if same is not None:

@@ -207,36 +207,44 @@ def visionzip_assign(scores: torch.Tensor, metric: torch.Tensor, dominant: int, 
     normalization)."""
     b, n = scores.shape
     dev = scores.device
-    dominant = min(dominant, n)  # fewer tokens than dominant ones (a dynamic token count): all kept
+    dominant = _cap(dominant, n)  # fewer tokens than dominant ones (a dynamic token count): all kept
     top = torch.sort(scores[:, prefix:], dim=1, descending=True, stable=True).indices[:, :dominant - prefix] + prefix
     keep = torch.zeros(b, n, dtype=torch.bool, device=dev)
     keep[:, :prefix] = True
     keep.scatter_(1, top, True)
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices  # kept first, each part in original order
     dom, rest = order[:, :dominant], order[:, dominant:]
-    n_rest = n - dominant
-    dest = torch.full((b, n), dominant + contextual, dtype=torch.long, device=dev)
-    dest.scatter_(1, dom, torch.arange(dominant, device=dev).expand(b, dominant))
     weight = torch.ones(b, n, dtype=scores.dtype, device=dev)
-    rep = dom
-    if contextual and n_rest:
-        step = max(1, n_rest // contextual)
-        targets = list(range(0, n_rest, step))[:contextual]
-        others = [i for i in range(n_rest) if i not in set(targets)]
-        t_idx, o_idx = rest[:, targets], rest[:, others]
-        m = _normalized(metric)
-        mt = m.gather(1, t_idx[..., None].expand(-1, -1, m.shape[-1]))
-        mo = m.gather(1, o_idx[..., None].expand(-1, -1, m.shape[-1]))
-        sim = mo @ mt.transpose(1, 2)  # [B, R - c, c]
-        if padding is not None:  # a token joins a target of its own kind when there is one
-            sim = sim.masked_fill(padding.gather(1, o_idx)[:, :, None] ^ padding.gather(1, t_idx)[:, None, :], CROSS)
-        choice = sim.argmax(dim=2)
-        counts = torch.zeros(b, len(targets), dtype=scores.dtype, device=dev).scatter_add(
-            1, choice, torch.ones_like(choice, dtype=scores.dtype)).clamp_min(1.0)
-        dest.scatter_(1, t_idx, (dominant + torch.arange(len(targets), device=dev)).expand(b, len(targets)))
-        dest.scatter_(1, o_idx, dominant + choice)
-        weight.scatter_(1, o_idx, 1.0 / counts.gather(1, choice))
-        rep = torch.cat([dom, t_idx], dim=1)
+    if not contextual:
+        dest = torch.full((b, n), dominant, dtype=torch.long, device=dev)  # the rest: dropped
+        dest.scatter_(1, dom, torch.arange(dominant, device=dev).expand(b, dominant))
+        _record(tag, dom)
+        _record(f"{tag}/dest" if tag else "", dest)
+        return dest, weight, dom
+    # the T targets among the R rest tokens: positions 0, s, 2s, ... (at most ``contextual``), in sizes and
+    # tensor ops only (no branch, no list over R: torch.export traces it for every length)
+    n_rest = n - dominant
+    step = torch.sym_max(1, n_rest // contextual)
+    t = torch.sym_min(contextual, (n_rest + step - 1) // step)
+    pos = torch.arange(n_rest, device=dev)
+    targets_first = torch.sort((~((pos % step == 0) & (pos < step * contextual))).to(torch.int8), stable=True).indices
+    t_idx, o_idx = rest[:, targets_first[:t]], rest[:, targets_first[t:]]
+    m = _normalized(metric)
+    mt = m.gather(1, t_idx[..., None].expand(-1, -1, m.shape[-1]))
+    mo = m.gather(1, o_idx[..., None].expand(-1, -1, m.shape[-1]))
+    sim = mo @ mt.transpose(1, 2)  # [B, R - T, T]
+    if padding is not None:  # a token joins a target of its own kind when there is one
+        sim = sim.masked_fill(padding.gather(1, o_idx)[:, :, None] ^ padding.gather(1, t_idx)[:, None, :], CROSS)
+    # a last column no token picks (T >= 1 whenever a token is left to join): argmax over T = 0 targets
+    choice = torch.cat([sim, sim.new_full((b, sim.shape[1], 1), float("-inf"))], 2).argmax(dim=2)
+    counts = torch.zeros(b, t + 1, dtype=scores.dtype, device=dev).scatter_add(
+        1, choice, torch.ones_like(choice, dtype=scores.dtype)).clamp_min(1.0)
+    dest = torch.empty(b, n, dtype=torch.long, device=dev)  # every token gets its slot below
+    dest.scatter_(1, dom, torch.arange(dominant, device=dev).expand(b, dominant))
+    dest.scatter_(1, t_idx, (dominant + torch.arange(t, device=dev)).expand(b, t))
+    dest.scatter_(1, o_idx, dominant + choice)
+    weight.scatter_(1, o_idx, 1.0 / counts.gather(1, choice))
+    rep = torch.cat([dom, t_idx], dim=1)
     _record(tag, rep)
     _record(f"{tag}/dest" if tag else "", dest)
     return dest, weight, rep

@@ -417,21 +417,25 @@ def _check_identity(identity, original, cases: list) -> None:
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"the rewrite at keep=1 / r=0 does not run at {what}: {str(e).splitlines()[0]}") from None
         for name, w in zip(names, want):
-            g = got[name]
-            if g.shape != w.shape:
-                raise PruneError(f"the rewrite at keep=1 / r=0 changes output '{name}' from {list(w.shape)} to "
-                                 f"{list(g.shape)} at {what}; refusing a rewrite that is wrong there")
-            if w.dtype.kind not in "fc":
-                bad = not np.array_equal(g, w)
-                diff = "differs"
-            else:
-                scale = max(1.0, float(np.abs(w.astype(np.float64)).max(initial=0.0)))
-                err = float(np.abs(g.astype(np.float64) - w.astype(np.float64)).max(initial=0.0))
-                bad = not err <= (1e-2 if w.dtype.itemsize <= 2 else 1e-3) * scale
-                diff = f"differs by {err:.3g} (largest magnitude {scale:.3g})"
-            if bad:
-                raise PruneError(f"the rewrite at keep=1 / r=0 does not equal the model it was given at {what}: output "
-                                 f"'{name}' {diff}; refusing a rewrite that is wrong there")
+            _refuse_unless_equal(f"'{name}'", w, got[name], what, 1e-2 if w.dtype.itemsize <= 2 else 1e-3)
+
+
+def _refuse_unless_equal(output: str, want: np.ndarray, got: np.ndarray, what: str, tol: float) -> None:
+    """Refuse the rewrite (PruneError naming ``output`` and ``what`` shape) unless its keep=1 lowering's
+    output ``got`` equals the given model's ``want``: the same shape; floats within ``tol`` of the
+    largest magnitude (at least 1), other types exactly."""
+    if got.shape != want.shape:
+        raise PruneError(f"the rewrite at keep=1 / r=0 changes output {output} from {list(want.shape)} to "
+                         f"{list(got.shape)} at {what}; refusing a rewrite that is wrong there")
+    if want.dtype.kind not in "fc":
+        bad, diff = not np.array_equal(got, want), "differs"
+    else:
+        scale = max(1.0, float(np.abs(want.astype(np.float64)).max(initial=0.0)))
+        err = float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max(initial=0.0))
+        bad, diff = not err <= tol * scale, f"differs by {err:.3g} (largest magnitude {scale:.3g})"
+    if bad:
+        raise PruneError(f"the rewrite at keep=1 / r=0 does not equal the model it was given at {what}: output "
+                         f"{output} {diff}; refusing a rewrite that is wrong there")
 
 
 def _runs(model, feeds: dict) -> bool:
@@ -610,8 +614,8 @@ class TorchModel(Model):
 
     def _check_identity(self, identity: "TorchModel") -> None:
         """Refuse a rewrite whose plan lowered at keep=1 (``identity``) does not compute what this model
-        does at the shapes other than the example's that :meth:`validate` runs (within 1e-4 of the largest
-        magnitude, 1e-2 in 16-bit floats: only the inserted ops differ)."""
+        does at the shapes other than the example's that :meth:`validate` runs (:func:`_refuse_unless_equal`:
+        within 1e-4 of the largest magnitude, 1e-2 in 16-bit floats: only the inserted ops differ)."""
         import torch
 
         names = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]  # the flat inputs, in order
@@ -625,17 +629,11 @@ class TorchModel(Model):
             want, got = (torch.utils._pytree.tree_leaves(m.run(*args, **kwargs)) for m in (self, identity))
             what = _shape_text(batch, length)
             for i, (w, g) in enumerate(zip(want, got)):
-                if not isinstance(w, torch.Tensor):
-                    continue
-                if g.shape != w.shape:
-                    raise PruneError(f"the rewrite at keep=1 / r=0 changes output {i} from {list(w.shape)} to "
-                                     f"{list(g.shape)} at {what}; refusing a rewrite that is wrong there")
-                scale = max(1.0, float(w.detach().abs().max())) if w.is_floating_point() and w.numel() else 1.0
-                err = float((g.double() - w.double()).abs().max()) if w.numel() else 0.0
-                if err > (1e-2 if w.dtype in (torch.float16, torch.bfloat16) else 1e-4) * scale:
-                    raise PruneError(f"the rewrite at keep=1 / r=0 does not equal the model it was given at {what}: "
-                                     f"output {i} differs by {err:.3g} (largest magnitude {scale:.3g}); refusing a "
-                                     f"rewrite that is wrong there")
+                if isinstance(w, torch.Tensor):  # (in double: numpy has no bfloat16)
+                    as_np = [t.detach().cpu().double().numpy() if t.is_floating_point() else t.detach().cpu().numpy()
+                             for t in (w, g)]
+                    _refuse_unless_equal(str(i), *as_np, what, 1e-2 if w.dtype in (torch.float16, torch.bfloat16)
+                                         else 1e-4)
 
     def validate(self) -> None:
         """Run the graph at the example inputs and, where its dims are dynamic, at other shapes: batch
@@ -1158,10 +1156,9 @@ def _write_embedded(model, path: str) -> None:
     one graph; a weight is copied once (not into a proto and again into its serialisation)."""
     import onnx
 
-    from .ir.session import graph_only_proto
+    from .ir.session import graph_only_proto, large_weights
 
-    big = {n: v.const_value for n, v in model.graph.initializers.items()
-           if v.const_value is not None and v.const_value.nbytes > 1024}
+    big = large_weights(model)
     proto = graph_only_proto(model)
     keep = [t for t in proto.graph.initializer if t.name not in big]
     del proto.graph.initializer[:]

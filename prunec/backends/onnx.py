@@ -24,7 +24,7 @@ from ..passes.analysis.blocks import BIAS_TAG, RECOVER_TAG, RECOVERED_TAG, REWEI
 from ..passes.base import Cut, Diverse, GridPool, Merge, PageRank, Plan, Random, TopK
 from ..schedules import HASH_MULTIPLIER, MERSENNE31, PARK_MILLER, hash_offset, random_scores, wpr_start
 from .onnx_build import _attention_rows, _Builder, _same_dtype, length_valid, site_scores, site_tensor
-from .onnx_merge import lower_merge, merge_sizes, scatter_sum
+from .onnx_merge import lower_merge, merge_sizes, scatter_sum, unit_rows
 
 
 def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], counts, bias=None, padding=None):
@@ -60,9 +60,7 @@ def _zero_tprune(b: _Builder, r: PageRank, values: dict[str, ir.Value], counts, 
         nb = b.arith("Sub", size, b.arith("Div", size, 2))
         b_idx = b.slice(order, 0, nb)
         a_idx = b.slice(order, nb, size)
-        kf = b.slice(keys, lo, hi)
-        norm = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [kf, kf]), [2], keepdims=1)])
-        kf = b.op("Div", [kf, b.op("Max", [norm, b.floats(1e-12, "eps")])])
+        kf = unit_rows(b, b.slice(keys, lo, hi))
         axes2 = b.ints([2], "axes")
         ka = b.op("GatherND", [kf, b.op("Unsqueeze", [a_idx, axes2])], {"batch_dims": 1})
         kb = b.op("GatherND", [kf, b.op("Unsqueeze", [b_idx, axes2])], {"batch_dims": 1})
@@ -86,18 +84,7 @@ def _zero_tprune_padded(b: _Builder, r: PageRank, probs: ir.Value, keys: ir.Valu
     real span tokens; the top k_b real tokens, the batch keeping k = max k_b (:func:`_real_tokens_top`).
     probs [B, H, N, N], keys [B, N, Dk] -> (span picks [B, k], k [1])."""
     n, lo, hi, _ = counts
-    real_all = b.op("Not", [padding])
-    as_double = {"to": ir.DataType.DOUBLE}
-    count = b.reduce_sum(b.op("Cast", [real_all], as_double), [1], keepdims=1)  # n_b [B, 1]
-    start, total = b.op("Cast", [real_all], as_double), count
-    if r.cls is not None:
-        at_cls = b.op("And", [b.op("Equal", [b.arange(0, n), b.ints(r.cls, "cls")]), real_all])
-        root = b.op("Sqrt", [count])
-        start = b.op("Where", [at_cls, root, start])
-        cls_real = b.op("Greater", [b.reduce_sum(b.op("Cast", [at_cls], as_double), [1], keepdims=1),
-                                    b.const(np.array(0.0), "zero")])
-        total = b.op("Where", [cls_real, b.op("Add", [b.op("Sub", [count, b.const(np.array(1.0), "one")]), root]), count])
-    s0 = b.op("Cast", [b.op("Div", [start, total])], {"to": ir.DataType.FLOAT})
+    s0 = _wpr_start(b, n, r.cls, b.op("Not", [padding]))  # [B, N]
     s1 = b.op("MatMul", [b.op("Unsqueeze", [s0, b.ints([1, 2], "axes")]), probs])  # [B, H, 1, N]
     s = s1
     for _ in range(r.iters - 1):
@@ -106,9 +93,7 @@ def _zero_tprune_padded(b: _Builder, r: PageRank, probs: ir.Value, keys: ir.Valu
     pad = b.slice(padding, lo, hi)
     length = b.arith("Sub", hi, lo)
     _, real, own = _real_counts(b, r.rule, pad, length)
-    drop = b.op("Min", [b.op("Cast", [b.op("Round", [b.op("Mul", [b.op("Cast", [b.op("Sub", [real, own])], as_double),
-                                                                 b.const(np.array(r.similar), "similar")])])],
-                             {"to": ir.DataType.INT64}), b.op("Div", [real, b.ints(2, "two")])])
+    drop = b.op("Min", [_round_times(b, b.op("Sub", [real, own]), r.similar), b.op("Div", [real, b.ints(2, "two")])])
     ninf = b.floats(-np.inf, "ninf")
     _, order = b.op("TopK", [b.op("Where", [pad, ninf, b.slice(_eir(b, s1), lo, hi)]), b.num(length, "l")],
                     {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)  # real tokens by rank, then padding
@@ -118,9 +103,7 @@ def _zero_tprune_padded(b: _Builder, r: PageRank, probs: ir.Value, keys: ir.Valu
     nb = b.op("Sub", [real1, b.op("Div", [real1, b.ints(2, "two")])])
     in_b = b.op("Less", [rank, nb])
     in_a = b.op("And", [b.op("Not", [in_b]), b.op("Less", [rank, real1])])
-    kf = b.slice(keys, lo, hi)
-    kf = b.op("Div", [kf, b.op("Max", [b.op("Sqrt", [b.reduce_sum(b.op("Mul", [kf, kf]), [2], keepdims=1)]),
-                                       b.floats(1e-12, "eps")])])
+    kf = unit_rows(b, b.slice(keys, lo, hi))
     ko = b.op("GatherND", [kf, b.op("Unsqueeze", [order, b.ints([2], "axes")])], {"batch_dims": 1})  # rank order
     sim = b.op("MatMul", [ko, b.op("Transpose", [ko], {"perm": [0, 2, 1]})])
     best = b.reduce("ReduceMax", b.op("Where", [b.op("Unsqueeze", [in_b, axes]), sim, ninf]), [2])
@@ -135,19 +118,31 @@ def _zero_tprune_padded(b: _Builder, r: PageRank, probs: ir.Value, keys: ir.Valu
     return _real_tokens_top(b, r.rule, imp, pad, length, np.float32)
 
 
-def _wpr_start(b: _Builder, n, cls: int | None) -> ir.Value:
+def _wpr_start(b: _Builder, n, cls: int | None, real: ir.Value | None = None) -> ir.Value:
     """Zero-TPrune's initial importance [1, N] float32 (``schedules.wpr_start``): uniform, the CLS
-    token weighted √N, summing to 1; on a run-time N computed in double as Python does."""
-    if not isinstance(n, ir.Value):
+    token weighted √N, summing to 1; on a run-time N computed in double as Python does. ``real``
+    [B, N] bool (a padded batch) -> [B, N]: per row over its n_b real tokens (√n_b for the CLS token
+    when it is real), padding 0."""
+    if real is None and not isinstance(n, ir.Value):
         return b.floats(np.array(wpr_start(n, cls), np.float32)[None, :], "s0")
-    nd = b.op("Cast", [n], {"to": ir.DataType.DOUBLE})
     positions = b.op("Unsqueeze", [b.arange(0, n), b.ints([0], "axes")])  # [1, N]
-    ones = b.op("Expand", [b.const(np.array([[1.0]]), "one"), b.op("Shape", [positions])])
+    if real is None:
+        count = b.op("Cast", [n], {"to": ir.DataType.DOUBLE})
+        ones = b.op("Expand", [b.const(np.array([[1.0]]), "one"), b.op("Shape", [positions])])
+    else:
+        ones = b.op("Cast", [real], {"to": ir.DataType.DOUBLE})
+        count = b.reduce_sum(ones, [1], keepdims=1)  # n_b [B, 1]
     if cls is None:
-        return b.op("Cast", [b.op("Div", [ones, nd])], {"to": ir.DataType.FLOAT})
-    root = b.op("Sqrt", [nd])
-    start = b.op("Where", [b.op("Equal", [positions, b.ints(cls, "cls")]), root, ones])
-    total = b.op("Add", [b.op("Sub", [nd, b.const(np.array([1.0]), "one")]), root])
+        return b.op("Cast", [b.op("Div", [ones, count])], {"to": ir.DataType.FLOAT})
+    at_cls = b.op("Equal", [positions, b.ints(cls, "cls")])
+    root = b.op("Sqrt", [count])
+    total = b.op("Add", [b.op("Sub", [count, b.const(np.array([1.0]), "one")]), root])
+    if real is not None:  # a CLS token that is padding weighs nothing
+        at_cls = b.op("And", [at_cls, real])
+        cls_real = b.op("Greater", [b.reduce_sum(b.op("Cast", [at_cls], {"to": ir.DataType.DOUBLE}), [1], keepdims=1),
+                                    b.const(np.array(0.0), "zero")])
+        total = b.op("Where", [cls_real, total, count])
+    start = b.op("Where", [at_cls, root, ones])
     return b.op("Cast", [b.op("Div", [start, total])], {"to": ir.DataType.FLOAT})
 
 
@@ -349,10 +344,7 @@ def _diverse(b: _Builder, x: ir.Value, lo, hi, k, padding: ir.Value | None = Non
         pad = b.slice(padding, lo, hi)  # [B, S]
         _, _, own = _real_counts(b, rule, pad, b.arith("Sub", hi, lo))
         k = b.reduce("ReduceMax", own, [0], keepdims=1)
-    s = b.slice(x, lo, hi)
-    sq = b.op("Mul", [s, s])
-    norm = b.op("Sqrt", [b.reduce_sum(sq, [2], keepdims=1)])
-    s = b.op("Div", [s, b.op("Max", [norm, b.floats(1e-12, "eps")])])
+    s = unit_rows(b, b.slice(x, lo, hi))
     sim = b.op("MatMul", [s, b.op("Transpose", [s], {"perm": [0, 2, 1]})])
     dist = b.op("Sub", [b.floats(1.0, "one"), sim])  # [B, S, S]
     size = b.arith("Sub", hi, lo)

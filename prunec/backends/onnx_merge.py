@@ -22,7 +22,8 @@ def site_keys(b, site, values) -> ir.Value:
     return b.reduce_mean(site_tensor(b, site, values, "k")[0], [1])
 
 
-def _normalize(b, x: ir.Value, axis: int = -1) -> ir.Value:
+def unit_rows(b, x: ir.Value, axis: int = -1) -> ir.Value:
+    """x scaled to unit L2 norm along ``axis`` (norms below 1e-12 count as 1e-12)."""
     norm = b.op("Sqrt", [b.reduce_sum(b.op("Mul", [x, x]), [axis], keepdims=1)])
     return b.op("Div", [x, b.op("Max", [norm, b.floats(1e-12, "eps")])])
 
@@ -36,7 +37,7 @@ def tome_assign(b, metric: ir.Value, n, r, prefix: int, padding: ir.Value | None
     if isinstance(n, ir.Value):
         r = b.arith("Min", r, b.arith("Div", b.arith("Sub", n, prefix), 2))
     na, nb = b.arith("Div", b.arith("Add", n, 1), 2), b.arith("Div", n, 2)
-    m = _normalize(b, metric)
+    m = unit_rows(b, metric)
     big = np.iinfo(np.int64).max
     a, bb = b.slice(m, 0, big, step=2), b.slice(m, 1, big, step=2)  # even / odd tokens
     scores = b.op("MatMul", [a, b.op("Transpose", [bb], {"perm": [0, 2, 1]})])  # [B, Na, Nb]
@@ -257,7 +258,7 @@ def visionzip_assign(b, scores: ir.Value, metric: ir.Value, n, dominant: int, co
                                     b.batch_range(0, dominant, scores)], {"axis": 1})
     t_idx = b.op("Gather", [rest, targets], {"axis": 1})
     o_idx = b.op("Gather", [rest, others], {"axis": 1})
-    m = _normalize(b, metric)
+    m = unit_rows(b, metric)
     axes2 = b.ints([2], "axes")
     mt = b.op("GatherND", [m, b.op("Unsqueeze", [t_idx, axes2])], {"batch_dims": 1})
     mo = b.op("GatherND", [m, b.op("Unsqueeze", [o_idx, axes2])], {"batch_dims": 1})

@@ -76,15 +76,20 @@ def make_session(model, providers: list[str] | None = None, threads: int | None 
 _IN_MEMORY = "__prunec_in_memory__"
 
 
+def large_weights(model: ir.Model) -> dict:
+    """The initializers over 1 KiB, name -> tensor: what :func:`graph_only_proto` leaves out."""
+    return {n: v.const_value for n, v in model.graph.initializers.items()
+            if v.const_value is not None and v.const_value.nbytes > 1024}
+
+
 def graph_only_proto(model: ir.Model, so=None, as_inputs: bool = False, keepalive: list | None = None) -> onnx.ModelProto:
     """The model as a proto without its large weights (cheap to serialize).
 
     With ``so`` (ORT SessionOptions) the weights are registered as in-memory external
     initializers; with ``as_inputs`` they become typed graph inputs (for onnx.checker).
     """
-    big = {n: v for n, v in model.graph.initializers.items()
-           if v.const_value is not None and v.const_value.nbytes > 1024}
-    saved = {n: v.const_value for n, v in big.items()}
+    saved = large_weights(model)
+    big = {n: model.graph.initializers[n] for n in saved}
     try:
         for n, v in big.items():
             c = saved[n]

@@ -469,16 +469,19 @@ def eir(s: torch.Tensor) -> torch.Tensor:
     return (s * s).mean(dim=1).sqrt()[:, 0, :]
 
 
-def _wpr_start_at(n, cls: int | None, like: torch.Tensor) -> torch.Tensor:
-    """Zero-TPrune's start [1, N] (``schedules.wpr_start``) from N as a tensor, in double as the ONNX
-    lowering computes it: uniform, the CLS token weighted √N, summing to 1; in ``like``'s type."""
-    ones = torch.ones(n, dtype=torch.float64, device=like.device)
-    count = ones.sum()
+def _wpr_start_at(real: torch.Tensor, cls: int | None, like: torch.Tensor) -> torch.Tensor:
+    """Zero-TPrune's start (``schedules.wpr_start``) from the tokens as tensors, in double as the ONNX
+    lowering computes it: uniform over each row's real tokens, the CLS token (when real) weighted √n,
+    summing to 1. ``real`` [R, N] bool (one row of N trues, or a padded batch's real tokens) -> [R, N]
+    in ``like``'s type; padding 0."""
+    ones = real.double()
+    count = ones.sum(1, keepdim=True)
     if cls is None:
-        return (ones / count).to(like.dtype)[None, :]
+        return (ones / count).to(like.dtype)
+    at_cls = (torch.arange(real.shape[1], device=real.device) == cls)[None, :] & real
     root = count.sqrt()
-    start = torch.where(torch.arange(n, device=like.device) == cls, root, ones)
-    return (start / (count - 1 + root)).to(like.dtype)[None, :]
+    total = torch.where(at_cls.any(1, keepdim=True), count - 1 + root, count)
+    return (torch.where(at_cls, root, ones) / total).to(like.dtype)
 
 
 def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_start: int, span_end: int,
@@ -505,7 +508,7 @@ def select_zero_tprune(probs: torch.Tensor, keys: torch.Tensor, k: int, span_sta
         span_start, span_end, k = rule_counts(n, *rule)
         size = span_end - span_start
         drop_similar = torch.sym_min(round_keep(similar, size - k), size // 2)
-        s0 = _wpr_start_at(n, cls, probs)
+        s0 = _wpr_start_at(torch.ones(1, n, dtype=torch.bool, device=probs.device), cls, probs)
     else:
         s0 = torch.tensor(wpr_start(n, cls), dtype=probs.dtype, device=probs.device)[None, :]
     s1 = wpr(probs, s0, 1)
@@ -538,16 +541,8 @@ def _zero_tprune_padded(probs, keys, pad, lo: int, hi: int, iters: int, cls: int
     k_b (the rule) and the S-stage's halves and drop_b = min(round(similar · (L_b − k_b)), L_b // 2)
     are its own. Then the top k_b real tokens, the batch keeping k = max k_b (:func:`select_padded`'s
     fill: padding, then the next best). -> span picks [B, k], span-relative."""
-    b, n = pad.shape
-    real_all = ~pad
-    count_all = real_all.sum(1, keepdim=True).double()  # n_b [B, 1]
-    start = real_all.double()
-    total = count_all
-    if cls is not None:
-        at_cls = (torch.arange(n, device=pad.device) == cls)[None, :] & real_all
-        start = torch.where(at_cls, count_all.sqrt(), start)
-        total = torch.where(at_cls.any(1, keepdim=True), count_all - 1 + count_all.sqrt(), count_all)
-    s1 = wpr(probs, (start / total).to(probs.dtype)[:, None, None, :], 1)
+    b = pad.shape[0]
+    s1 = wpr(probs, _wpr_start_at(~pad, cls, probs)[:, None, None, :], 1)
     imp = eir(wpr(probs, s1, iters - 1))[:, lo:hi]
     span_pad = pad[:, lo:hi]
     length = hi - lo

@@ -38,7 +38,10 @@ in; if ``/usr/bin/time`` is missing: the VmHWM of /proc/PID/status, sampled ever
 Every subprocess runs under a watchdog that samples its process tree every 50 ms and kills
 the group past ``--rss-limit-gb`` of RSS, ``--write-limit-gb`` written to storage
 (/proc/PID/io ``write_bytes``: a sparse copy counts nothing) or ``--timeout``; the row then
-reports ``fails: <reason>`` and the phase the run was in, and the script goes on.
+reports ``fails: <reason>`` and the phase the run was in, and the script goes on. Each subprocess
+starts after ``os.sync()``: on this kind of machine the kernel's writeback of the hundreds of MiB an
+earlier run wrote otherwise slows the next run's write by seconds (measured: the same 330 MiB write
+took 0.1 to 1.2 s depending on what was written before it).
 
 Rows (``--only`` takes a row name or its model part, e.g. ``vit-b`` or ``depth``):
 
@@ -550,6 +553,7 @@ def run_limited(cmd: list[str], *, timeout: float, rss_limit_kib: int, write_lim
 
     out = tempfile.TemporaryFile()
     err = tempfile.TemporaryFile()
+    os.sync()  # the files earlier runs wrote reach the disk first: their writeback does not slow this run's write
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, env=env, start_new_session=True)
     killed, hwm, peak_sampled, written = None, 0, 0, 0

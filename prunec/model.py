@@ -243,29 +243,20 @@ class OnnxModel(Model):
         where the graph run is cut short. ``identity``: the same plan lowered at keep=1 / r=0
         (:meth:`~prunec.passes.base.Plan.identity`), which must equal ``original`` at each of those
         shapes (:func:`_check_identity`)."""
-        import onnx
-
-        from .ir.session import graph_only_proto
-
-        proto = graph_only_proto(self.model, as_inputs=True)  # weights as typed inputs: same check, no copy
-        ort_ops = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS]
-        for node in ort_ops:  # ORT's own ops in the ONNX domain (its optimizer writes them): checked as custom ops
-            node.domain = "com.microsoft"
-        if ort_ops and not any(o.domain == "com.microsoft" for o in proto.opset_import):
-            proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except Exception as e:  # noqa: BLE001
-            raise PruneError(f"rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from None
-        if self.check_mode == "structure":
-            return
         from .ir.from_onnx import example_inputs
-        from .ir.session import make_session
+        from .ir.session import graph_only_proto, make_session
 
+        if self.check_mode == "structure" or upto is not None:
+            _check_structure(graph_only_proto(self.model, as_inputs=True))
+            if self.check_mode == "structure":
+                return
         self.checked_layers = upto[1] if upto is not None else None
-        try:
-            sess = make_session(self.model if upto is None else _truncated(self.model, upto[0]), quick=True)
+        try:  # the checker reads the same serialisation the session is built from
+            sess = make_session(self.model if upto is None else _truncated(self.model, upto[0]), quick=True,
+                                inspect=_check_structure if upto is None else None)
             sess.run(None, self.feeds)
+        except PruneError:
+            raise
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph does not run in ONNX Runtime: {str(e).splitlines()[0]}") from None
         shapes = self._other_shapes()  # (at batch 1 and 3 already, when the batch is dynamic)
@@ -862,6 +853,22 @@ def _module_of(ep):
     return gm
 
 
+def _check_structure(proto) -> None:
+    """onnx.checker (full check: with shape inference) on a weight-free proto (weights as typed
+    inputs); ORT's contrib ops that its optimizer writes in the ONNX domain are checked as custom ops."""
+    import onnx
+
+    ort_ops = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS]
+    for node in ort_ops:
+        node.domain = "com.microsoft"
+    if ort_ops and not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as e:  # noqa: BLE001
+        raise PruneError(f"rewritten graph fails onnx.checker: {str(e).splitlines()[0]}") from None
+
+
 def _truncated(model, output: str):
     """A copy of ``model`` (weights shared) whose one output is the value ``output``: the nodes and
     weights after it dropped, the inputs kept (so the same feeds run it)."""
@@ -989,8 +996,11 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 
 def atomic_write(path: str | os.PathLike, data) -> Path:
-    """Write ``data`` (bytes, or a function that writes a given path) via a temporary file in
-    the same folder and rename: never a partial file at ``path``, also on Ctrl-C."""
+    """Write ``data`` (bytes, or a function that writes to a given binary file object) via a
+    temporary file in the same folder and rename: never a partial file at ``path``, also on
+    Ctrl-C. The temporary file is written through the descriptor that created it: reopening it
+    with truncation would make ext4 write it back to the disk when it is closed (its
+    ``auto_da_alloc``), which costs seconds for a model of some hundred MiB."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
@@ -1000,8 +1010,8 @@ def atomic_write(path: str | os.PathLike, data) -> Path:
         with os.fdopen(fd, "wb") as f:
             if isinstance(data, (bytes, bytearray)):
                 f.write(data)
-        if not isinstance(data, (bytes, bytearray)):
-            data(tmp)
+            else:
+                data(f)
         _publish([(tmp, path)])
     except OSError as e:
         raise PruneError(f"cannot write {path}: {e.strerror or e}") from None
@@ -1120,7 +1130,7 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     if not _needs_external(model):  # one protobuf, its weights streamed (:func:`_write_embedded`)
-        return atomic_write(path, lambda tmp: _write_embedded(model, tmp))
+        return atomic_write(path, lambda f: _write_embedded(model, f))
     data = path.with_name(path.name + ".data")
     if os.path.realpath(data) in _external_files(model):
         raise PruneError(f"{data} holds the input model's weights; write the output under another name")
@@ -1148,9 +1158,9 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _write_embedded(model, path: str) -> None:
-    """Write the onnx-ir ``model`` as one ModelProto without building it in memory: the model with its
-    large weights left out (``graph_only_proto``), then each weight as a ``graph`` field holding one
+def _write_embedded(model, f) -> None:
+    """Write the onnx-ir ``model`` to the binary file ``f`` as one ModelProto without building it in
+    memory: the model with its large weights left out (``graph_only_proto``), then each weight as a ``graph`` field holding one
     ``initializer`` with its bytes as ``raw_data``, written from the tensor. Protobuf merges repeated
     occurrences of a message field (the initializers append), so every reader (onnx.load, ORT) sees
     one graph; a weight is copied once (not into a proto and again into its serialisation)."""
@@ -1163,15 +1173,26 @@ def _write_embedded(model, path: str) -> None:
     keep = [t for t in proto.graph.initializer if t.name not in big]
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(keep)
-    with open(path, "wb") as f:
-        f.write(proto.SerializeToString())
-        for name, tensor in big.items():
-            head = onnx.TensorProto(name=name, data_type=int(tensor.dtype), dims=list(tensor.shape)).SerializeToString()
-            data = tensor.tobytes()
-            body = len(head) + 1 + len(_varint(len(data))) + len(data)  # TensorProto: its header, raw_data (field 9)
-            entry = 1 + len(_varint(body)) + body  # GraphProto.initializer (field 5)
-            f.write(b"\x3a" + _varint(entry) + b"\x2a" + _varint(body) + head + b"\x4a" + _varint(len(data)))
-            f.write(data)  # ModelProto.graph is field 7 (0x3a: length-delimited)
+    f.write(proto.SerializeToString())
+    for name, tensor in big.items():
+        head = onnx.TensorProto(name=name, data_type=int(tensor.dtype), dims=list(tensor.shape)).SerializeToString()
+        data = _raw_bytes(tensor)
+        body = len(head) + 1 + len(_varint(len(data))) + len(data)  # TensorProto: its header, raw_data (field 9)
+        entry = 1 + len(_varint(body)) + body  # GraphProto.initializer (field 5)
+        f.write(b"\x3a" + _varint(entry) + b"\x2a" + _varint(body) + head + b"\x4a" + _varint(len(data)))
+        f.write(data)  # ModelProto.graph is field 7 (0x3a: length-delimited)
+
+
+def _raw_bytes(tensor):
+    """A weight's raw_data: its array's own memory where that is the same bytes (a numpy-backed
+    tensor of a whole-byte type: no copy, also for a weight mapped from a file), else ``tobytes()``."""
+    import onnx_ir as ir
+
+    if isinstance(tensor, ir.Tensor) and tensor.dtype != ir.DataType.STRING and tensor.dtype.bitwidth >= 8:
+        array = tensor.numpy()
+        if array.flags.c_contiguous and array.dtype == tensor.dtype.numpy():
+            return array.reshape(-1).view(np.uint8)
+    return tensor.tobytes()
 
 
 def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dict | None = None,
@@ -1253,10 +1274,12 @@ def load(source, example_inputs=None, *, probe_batch: int = 2, input_shapes: dic
 def _read_onnx(path: Path):
     import onnx_ir as ir
 
+    from .ir.mapped import load_mapped
+
     if path.stat().st_size == 0:
         raise PruneError(f"{path} is empty")
-    try:
-        model = ir.load(path)
+    try:  # inline weights stay in the file, memory-mapped (a text format goes to onnx.load)
+        model = ir.load(path) if path.suffix.lower() in TEXT_FORMATS else load_mapped(path)
     except Exception as e:  # noqa: BLE001
         raise PruneError(f"{path} is not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
     if len(model.graph) == 0 or not model.graph.outputs or not model.opset_imports:
@@ -1272,6 +1295,9 @@ def _read_onnx(path: Path):
                 # decode each inline weight once into a numpy-backed tensor: ORT sessions and saving reuse it
                 v.const_value = ir.Tensor(t.numpy(), name=v.name)
     return model
+
+
+TEXT_FORMATS = (".json", ".textproto", ".txtpb", ".prototxt", ".pbtxt", ".onnxtxt")
 
 
 def _map_external(path: Path, name: str, t) -> None:

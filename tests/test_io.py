@@ -265,8 +265,8 @@ def test_fp16_converter_output_loads_and_rewrites(vit, tmp_path):
 def test_interrupted_writer_leaves_nothing(tmp_path):
     from prunec.model import atomic_write
 
-    def writer(tmp):
-        Path(tmp).write_bytes(b"half a model")
+    def writer(f):
+        f.write(b"half a model")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

@@ -833,7 +833,7 @@ def _fix_shape(graph, node: ir.Node, fix, m, tag: str, counter, past: ir.Value |
             keys = fb.op("Add", [fb.dim(past, 2), m])
             new = fb.op("Where", [fb.const(np.isin(fix.positions, fix.key_positions), "is_key"), keys, m])
         else:
-            new = fb.op("Expand", [m, fb.op("Shape", [pos])])
+            new = m if len(fix.positions) == 1 else fb.op("Expand", [m, fb.ints([len(fix.positions)], "n")])
         node.replace_input_with(slot, fb.op("ScatterElements", [shp, pos, new], {"axis": 0}))
         return
     new = np.array(fix.node.inputs[slot].data).reshape(-1).copy()

@@ -33,13 +33,15 @@ def _cuda_usable() -> bool:
 
 
 def make_session(model, providers: list[str] | None = None, threads: int | None = None,
-                 extra_outputs: list[str] | None = None, quick: bool = False):
+                 extra_outputs: list[str] | None = None, quick: bool = False, inspect=None):
     """An ORT session with quiet logs and explicit providers.
 
     ``model``: an onnx-ir Model (its weights are handed to ORT in memory, so only the
     graph is serialized), a ModelProto, a path or bytes. ``extra_outputs``: intermediate
     values to expose as outputs. ``quick``: basic graph optimizations only (prunec's own
-    probe and check runs: faster to build, run once).
+    probe and check runs: faster to build, run once). ``inspect`` (an onnx-ir Model): called
+    with a copy of the graph's proto, its weights as typed inputs, before the session is built
+    (onnx.checker on the same serialisation).
     """
     import onnxruntime as ort
 
@@ -53,7 +55,13 @@ def make_session(model, providers: list[str] | None = None, threads: int | None 
         so.intra_op_num_threads = threads
     keepalive: list = []
     if isinstance(model, ir.Model):
+        weights = large_weights(model) if inspect is not None else {}
         model = graph_only_proto(model, so, keepalive=keepalive)
+        if inspect is not None:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            _weights_as_inputs(copy, weights)
+            inspect(copy)
     if extra_outputs:
         if not isinstance(model, onnx.ModelProto):
             model = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
@@ -106,10 +114,17 @@ def graph_only_proto(model: ir.Model, so=None, as_inputs: bool = False, keepaliv
         so.add_external_initializers(list(big), values)
         if keepalive is not None:
             keepalive.extend(arrays + values)
-    if as_inputs and big:
-        keep = [t for t in proto.graph.initializer if t.name not in big]
-        del proto.graph.initializer[:]
-        proto.graph.initializer.extend(keep)
-        for n, c in saved.items():
-            proto.graph.input.append(onnx.helper.make_tensor_value_info(n, int(c.dtype), list(c.shape)))
+    if as_inputs:
+        _weights_as_inputs(proto, saved)
     return proto
+
+
+def _weights_as_inputs(proto: onnx.ModelProto, weights: dict) -> None:
+    """Make ``weights`` (name -> tensor) typed graph inputs of ``proto`` instead of initializers."""
+    if not weights:
+        return
+    keep = [t for t in proto.graph.initializer if t.name not in weights]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    for n, c in weights.items():
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(n, int(c.dtype), list(c.shape)))

@@ -235,9 +235,9 @@ class OnnxModel(Model):
         return "structure" if self.check == "none" or (self.check == "auto" and self.light) else "full"
 
     def validate(self, original=None, upto: tuple[str, int] | None = None, identity=None) -> None:
-        """Full onnx.checker check and ORT runs on the probe inputs and, when the graph's batch is
-        dynamic, at batch sizes 1 and 3 — with a shorter and a longer input (or image) there when its
-        token count is dynamic (:meth:`_other_shapes`) — in one session; the checker only when
+        """Full onnx.checker check and ORT runs, when the graph's batch is dynamic, at batch sizes 1
+        and 3 — with a shorter and a longer input (or image) there when its token count is dynamic
+        (:meth:`_other_shapes`) — else on the probe inputs, in one session; the checker only when
         :attr:`check_mode` is ``structure``. ``original``: the onnx-ir model it was rewritten from; a
         shape that one does not run at either is skipped. ``upto`` (``fast``): (the value, the layers)
         where the graph run is cut short. ``identity``: the same plan lowered at keep=1 / r=0
@@ -254,19 +254,20 @@ class OnnxModel(Model):
         try:  # the checker reads the same serialisation the session is built from
             sess = make_session(self.model if upto is None else _truncated(self.model, upto[0]), quick=True,
                                 inspect=_check_structure if upto is None else None)
-            sess.run(None, self.feeds)
         except PruneError:
             raise
         except Exception as e:  # noqa: BLE001
             raise PruneError(f"rewritten graph does not run in ONNX Runtime: {str(e).splitlines()[0]}") from None
         shapes = self._other_shapes()  # (at batch 1 and 3 already, when the batch is dynamic)
+        ran = 0
         for batch in () if shapes else self._other_batches():  # a batch size baked in fails here, not at the user's
             try:
                 sess.run(None, self._feeds_at(batch))
             except Exception as e:  # noqa: BLE001
                 raise PruneError(f"rewritten graph does not run at batch size {batch} (the probe ran at "
                                  f"{self.probe_batch}): {str(e).splitlines()[0]}") from None
-        checked = [(f"the probe's shape (batch {self.probe_batch})", self.feeds)]
+            ran += 1
+        checked = []
         for batch, size in shapes:  # so is a token count baked in
             what = f"length {size['length']}" if "length" in size else f"image size {size['side']}x{size['side']}"
             if size.get("past"):
@@ -281,9 +282,14 @@ class OnnxModel(Model):
                 raise PruneError(f"rewritten graph does not run at batch {batch}, {what} (the probe ran at "
                                  f"{self._probe_length() or self._probe_side()}): {str(e).splitlines()[0]}") from None
             checked.append((f"batch {batch}, {what}", feeds))
+        if not ran and not checked:  # a static graph (or no other shape the input model takes): the probe's
+            try:
+                sess.run(None, self.feeds)
+            except Exception as e:  # noqa: BLE001
+                raise PruneError(f"rewritten graph does not run in ONNX Runtime: {str(e).splitlines()[0]}") from None
         if identity is not None and original is not None:  # at the shapes other than the probe's (the plan at
             # keep=1 keeps no padding over a real token)
-            _check_identity(identity, original, [(what, _without_padding(feeds)) for what, feeds in checked[1:]])
+            _check_identity(identity, original, [(what, _without_padding(feeds)) for what, feeds in checked])
 
     def _probe_length(self) -> int | None:
         from .ir.from_onnx import sequence_dims
@@ -589,14 +595,10 @@ class TorchModel(Model):
 
         self._check_not_exposed()
         self._unique_tags(plan)
-        from .passes.base import Adaptive, Bipartite
-
         gm = lower_fx(self.gm, plan)
         out = TorchModel(gm, self.args, self.kwargs)
-        out.no_pt2 = self.no_pt2 + tuple(
-            (c.tag, "counts per row of a padded batch" if c.pad_last else
-             f"{type(c.reduce).__name__}: counts in Python over the dynamic length") for c in plan.cuts
-            if c.dynamic and (c.pad_last or isinstance(c.reduce, (Bipartite, Adaptive))))
+        out.no_pt2 = self.no_pt2 + tuple((c.tag, "counts per row of a padded batch") for c in plan.cuts
+                                         if c.dynamic and c.pad_last)
         out.validate()
         same = plan.identity() if self.other_shapes() and not self.cached else None
         if same is not None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..schedules import PADDING_CROSS as CROSS, tome_order
-from .tokens import _record
+from ..schedules import PADDING_CROSS as CROSS
+from .tokens import _at_least, _record
 
 
 def _cap(count: int, most):
@@ -39,44 +39,57 @@ def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = "", paddin
     token; prefix tokens first, in their original order.
     ``r`` is capped at (N − prefix) // 2. ``padding`` [B, N] bool: a padding token and a real one
     score ``CROSS``, so each matches its own kind and such pairs merge last (only when r leaves no
-    other pair). Returns dest [B, N], rep [B, N - r].
+    other pair). Returns dest [B, N], rep [B, M], M = N − r.
+
+    Computed on whole-sequence tensors ([B, N, N] scores with the pairs that are not A-to-B masked
+    out, [B, N] ranks), so that the only sizes are N and M, and M is written as
+    max(N − r, ⌈(N + prefix) / 2⌉) (the capped N − min(r, (N − prefix) // 2) without a Min):
+    torch.export then traces it on a dynamic N without specialising to a length.
     """
     b, n, _ = metric.shape
     dev = metric.device
-    r = _cap(r, (n - prefix) // 2)  # half the mergeable tokens (a dynamic token count meets it at short inputs)
-    m = _normalized(metric)
-    a, bb = m[:, ::2], m[:, 1::2]
-    na, nb = a.shape[1], bb.shape[1]
-    scores = a @ bb.transpose(1, 2)  # [B, Na, Nb]
+    m = _at_least(n - r, (n + prefix + 1) // 2)  # tokens out
+    r = n - m  # merged (capped: half the mergeable tokens, which a dynamic token count meets at short inputs)
+    pos = torch.arange(n, device=dev)
+    odd = pos % 2 == 1  # A: even positions, B: odd ones
+    unit = _normalized(metric)
+    scores = unit @ unit.transpose(1, 2)  # [B, N, N]
     if padding is not None:
-        scores = scores.masked_fill(padding[:, ::2, None] ^ padding[:, None, 1::2], CROSS)
-    pa, pb = (prefix + 1) // 2, prefix // 2
-    if pa:
-        scores[:, :pa, :] = float("-inf")
-    if pb:
-        scores[:, :, :pb] = float("-inf")
-    node_max, node_idx = scores.max(dim=-1)
-    edge = torch.sort(node_max, dim=1, descending=True, stable=True).indices  # [B, Na]
-    unm, src = edge[:, r:], edge[:, :r]
+        scores = scores.masked_fill(padding[:, :, None] ^ padding[:, None, :], CROSS)
+    pa, pb = (prefix + 1) // 2, prefix // 2  # prefix tokens in A and in B: no edge from or to them
+    edges = (~odd & (pos // 2 >= pa))[:, None] & (odd & (pos // 2 >= pb))[None, :]
+    node_max, node_idx = scores.masked_fill(~edges, float("-inf")).max(dim=-1)  # [B, N]: for A rows
+    by_edge = torch.sort(node_max, dim=1, descending=True, stable=True).indices  # A rows first (stable):
+    by_edge = by_edge.gather(1, torch.sort(odd[by_edge].to(torch.uint8), dim=1, stable=True).indices)
+    rank = torch.empty_like(by_edge).scatter_(1, by_edge, pos.expand(b, n))  # an A token's place in edge order
+    merged = ~odd & (rank < r)
+    u = (n + 1) // 2 - r  # unmerged A tokens: slots 0..u-1, then the B tokens
     if prefix:
-        unm = unm.sort(dim=1).values
-    u = na - r
-    slot_a = torch.empty(b, na, dtype=torch.long, device=dev)
-    slot_a.scatter_(1, unm, torch.arange(u, device=dev).expand(b, u))
-    slot_a.scatter_(1, src, u + node_idx.gather(1, src))
-    dest = torch.empty(b, n, dtype=torch.long, device=dev)
-    dest[:, 0::2] = slot_a
-    dest[:, 1::2] = u + torch.arange(nb, device=dev)
-    rep = torch.cat([2 * unm, (2 * torch.arange(nb, device=dev) + 1).expand(b, nb)], dim=1)
-    order = tome_order(prefix, u, nb)
-    if order is not None:
-        inverse = torch.empty(len(order), dtype=torch.long, device=dev)
-        inverse[torch.tensor(order, device=dev)] = torch.arange(len(order), device=dev)
-        dest = inverse[dest]
-        rep = rep[:, order]
+        unmerged_slot = torch.cumsum((~odd & ~merged).to(torch.long), dim=1) - 1  # by index
+    else:
+        unmerged_slot = rank - r  # by edge strength
+    dest = torch.where(odd, u + pos // 2, torch.where(merged, u + node_idx // 2, unmerged_slot))
+    rep = torch.zeros(b, m + 1, dtype=torch.long, device=dev).scatter_(1, dest.masked_fill(merged, m),
+                                                                       pos.expand(b, n))[:, :m]
+    if pb:  # ToMe's order with a distillation token: the prefix tokens' slots first
+        new = _prefix_slots_first(prefix, u, m, dev)
+        dest = new[dest]
+        rep = torch.empty_like(rep).scatter_(1, new.expand(b, m), rep)
     _record(tag, rep)
     _record(f"{tag}/dest" if tag else "", dest)
     return dest, rep
+
+
+def _prefix_slots_first(prefix: int, u, m, dev) -> torch.Tensor:
+    """[M]: where each of ToMe's M slots goes when the prefix tokens' slots come first, in their
+    original order (:func:`~prunec.schedules.tome_order`: ``u`` unmerged A slots, then B's), the
+    others after them in order."""
+    slots = torch.arange(m, device=dev)
+    i = torch.arange(prefix, device=dev)
+    firsts = torch.where(i % 2 == 0, i // 2, u + i // 2)  # the prefix tokens' slots
+    is_first = slots[:, None] == firsts[None, :]  # [M, prefix]
+    before = (firsts[None, :] < slots[:, None]).sum(dim=1)
+    return torch.where(is_first.any(dim=1), is_first.to(torch.long).argmax(dim=1), prefix + slots - before)
 
 
 def _scatter_rows(x: torch.Tensor, dest: torch.Tensor, m: int) -> torch.Tensor:
@@ -268,14 +281,14 @@ def ppt_assign(scores: torch.Tensor, metric: torch.Tensor, r: int, prefix: int, 
     Returns dest [B, N], rep [B, N - r]."""
     b, n = scores.shape
     dev = scores.device
-    r = _cap(r, (n - prefix) // 2)  # as ToMe's
     pool = (scores[:, prefix:].var(dim=1) < threshold)[:, None]  # [B, 1]
     dest_m, rep_m = tome_assign(metric, r, prefix, padding=padding)  # ``padding``: as for tome_assign
+    m = rep_m.shape[1]  # N − r, r capped as ToMe's
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    dest_p = torch.full((b, n), n - r, dtype=torch.long, device=dev)
-    dest_p.scatter_(1, order[:, :n - r], torch.arange(n - r, device=dev).expand(b, n - r))
+    dest_p = torch.full((b, n), m, dtype=torch.long, device=dev)
+    dest_p.scatter_(1, order[:, :m], torch.arange(m, device=dev).expand(b, m))
     dest = torch.where(pool, dest_m, dest_p)
-    rep = torch.where(pool, rep_m, order[:, :n - r])
+    rep = torch.where(pool, rep_m, order[:, :m])
     _record(tag, rep)
     _record(f"{tag}/dest" if tag else "", dest)
     return dest, rep

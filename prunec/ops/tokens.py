@@ -304,7 +304,7 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, axis: int, batch_axis: int
     if xt.shape[0] != b:
         xt = xt.expand(b, *xt.shape[1:])
     rest = xt.shape[2:]
-    index = idx.reshape(b, m, *([1] * len(rest))).expand(b, m, *rest)
+    index = idx[(...,) + (None,) * len(rest)].expand(-1, -1, *rest)  # no size compared: no 0/1 assumption on M
     out = torch.gather(xt, 1, index)
     return out.movedim((0, 1), (batch_axis, axis))
 

@@ -1151,15 +1151,6 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
     return path
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _write_embedded(model, f) -> None:
     """Write the onnx-ir ``model`` to the binary file ``f`` as one ModelProto without building it in
     memory: the model with its large weights left out (``graph_only_proto``), then each weight as a ``graph`` field holding one
@@ -1168,6 +1159,7 @@ def _write_embedded(model, f) -> None:
     one graph; a weight is copied once (not into a proto and again into its serialisation)."""
     import onnx
 
+    from .ir.mapped import encode_varint
     from .ir.session import graph_only_proto, large_weights
 
     big = large_weights(model)
@@ -1179,9 +1171,9 @@ def _write_embedded(model, f) -> None:
     for name, tensor in big.items():
         head = onnx.TensorProto(name=name, data_type=int(tensor.dtype), dims=list(tensor.shape)).SerializeToString()
         data = _raw_bytes(tensor)
-        body = len(head) + 1 + len(_varint(len(data))) + len(data)  # TensorProto: its header, raw_data (field 9)
-        entry = 1 + len(_varint(body)) + body  # GraphProto.initializer (field 5)
-        f.write(b"\x3a" + _varint(entry) + b"\x2a" + _varint(body) + head + b"\x4a" + _varint(len(data)))
+        body = len(head) + 1 + len(encode_varint(len(data))) + len(data)  # TensorProto: its header, raw_data (field 9)
+        entry = 1 + len(encode_varint(body)) + body  # GraphProto.initializer (field 5)
+        f.write(b"\x3a" + encode_varint(entry) + b"\x2a" + encode_varint(body) + head + b"\x4a" + encode_varint(len(data)))
         f.write(data)  # ModelProto.graph is field 7 (0x3a: length-delimited)
 
 

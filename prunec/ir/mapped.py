@@ -67,7 +67,7 @@ def load_mapped(path: str | os.PathLike) -> ir.Model:
     return model
 
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
     """(the varint at ``pos``, the position after it)."""
     result = shift = 0
     while True:
@@ -81,7 +81,8 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise _NotPlain
 
 
-def _encode_varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """``n`` (>= 0) as a protobuf varint."""
     out = bytearray()
     while True:
         low, n = n & 0x7F, n >> 7
@@ -96,16 +97,16 @@ def _fields(buf: memoryview, start: int, end: int):
     pos = start
     while pos < end:
         head = pos
-        key, pos = _varint(buf, pos)
+        key, pos = _read_varint(buf, pos)
         field, wire = key >> 3, key & 7
         if wire == 0:
-            _, value_end = _varint(buf, pos)
+            _, value_end = _read_varint(buf, pos)
         elif wire == 1:
             value_end = pos + 8
         elif wire == 5:
             value_end = pos + 4
         elif wire == 2:
-            size, pos = _varint(buf, pos)
+            size, pos = _read_varint(buf, pos)
             value_end = pos + size
         else:  # groups (deprecated)
             raise _NotPlain
@@ -140,6 +141,6 @@ def _strip_weights(buf: memoryview) -> tuple[bytes, list[tuple[int, int, bytes]]
                 graph += buf[g_head:g_end]
                 continue
             weights.append((raw[0], raw[1], bytes(header)))
-            graph += bytes([_INITIALIZER << 3 | 2]) + _encode_varint(len(header)) + header
-        out += bytes([_GRAPH << 3 | 2]) + _encode_varint(len(graph)) + graph
+            graph += bytes([_INITIALIZER << 3 | 2]) + encode_varint(len(header)) + header
+        out += bytes([_GRAPH << 3 | 2]) + encode_varint(len(graph)) + graph
     return bytes(out), weights

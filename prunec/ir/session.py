@@ -39,9 +39,9 @@ def make_session(model, providers: list[str] | None = None, threads: int | None 
     ``model``: an onnx-ir Model (its weights are handed to ORT in memory, so only the
     graph is serialized), a ModelProto, a path or bytes. ``extra_outputs``: intermediate
     values to expose as outputs. ``quick``: basic graph optimizations only (prunec's own
-    probe and check runs: faster to build, run once). ``inspect`` (an onnx-ir Model): called
-    with a copy of the graph's proto, its weights as typed inputs, before the session is built
-    (onnx.checker on the same serialisation).
+    probe and check runs: faster to build, run once). ``inspect`` (with an onnx-ir ``model``):
+    called with a copy of the proto the session is built from, its weights as typed inputs,
+    before the session is built (onnx.checker on the same serialisation).
     """
     import onnxruntime as ort
 

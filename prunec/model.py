@@ -1153,10 +1153,11 @@ def save_onnx(model, path: str | os.PathLike) -> Path:
 
 def _write_embedded(model, f) -> None:
     """Write the onnx-ir ``model`` to the binary file ``f`` as one ModelProto without building it in
-    memory: the model with its large weights left out (``graph_only_proto``), then each weight as a ``graph`` field holding one
-    ``initializer`` with its bytes as ``raw_data``, written from the tensor. Protobuf merges repeated
-    occurrences of a message field (the initializers append), so every reader (onnx.load, ORT) sees
-    one graph; a weight is copied once (not into a proto and again into its serialisation)."""
+    memory: the model with its large weights left out (``graph_only_proto``), then each weight as a
+    ``graph`` field holding one ``initializer`` with its bytes as ``raw_data``, written from the
+    tensor. Protobuf merges repeated occurrences of a message field (the initializers append), so
+    every reader (onnx.load, ORT) sees one graph; a weight is copied once (not into a proto and
+    again into its serialisation)."""
     import onnx
 
     from .ir.mapped import encode_varint

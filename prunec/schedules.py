@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 
-PADDING_CROSS = -2.0  # a padding token's similarity to a real one where merges match (below any cosine)
+PADDING_CROSS = -2.0  # a padding token's similarity to a real one where VisionZip joins tokens (below any cosine)
 PARK_MILLER = 48271
 MERSENNE31 = 2147483647
 HASH_MULTIPLIER = 2654435761

@@ -152,17 +152,20 @@ def bipartite_groups(metric, r: int, prefix: int, pad=None) -> list[list[int]]:
     neither merge (in A) nor take merges (in B). Returns the output tokens, each as the
     list of source tokens it stands for, in ToMe's order: unmerged A (by index when there is a
     CLS token, else by edge strength), then B; with two or more prefix tokens, the prefix tokens first in order.
-    ``pad`` [N] (1 = real token, 0 = padding; prunec's documented deviation for padded batches): a
-    padding token and a real one have similarity -2, below any cosine."""
+    ``pad`` [N] (1 = real token, 0 = padding; prunec's documented rule for padded batches): the real
+    tokens are matched as they are alone (r capped at (R - prefix) // 2 for R of them), then each
+    padding token is an output token of its own, in order, but for the last r - r_row of them, which
+    are dropped (the batch's count has no room for them)."""
+    if pad is not None and bool((pad == 0).any()):
+        real = [i for i in range(metric.shape[0]) if pad[i] != 0]
+        pads = [i for i in range(metric.shape[0]) if pad[i] == 0]
+        r_row = max(0, min(r, (len(real) - prefix) // 2))
+        alone = bipartite_groups(metric[real], r_row, prefix) if real else []
+        return [[real[j] for j in g] for g in alone] + [[p] for p in pads[:len(pads) - (r - r_row)]]
     n = metric.shape[0]
     m = metric / metric.norm(dim=-1, keepdim=True)
     a_idx, b_idx = list(range(0, n, 2)), list(range(1, n, 2))
     sim = m[a_idx] @ m[b_idx].T
-    if pad is not None:
-        for i, a in enumerate(a_idx):
-            for j, bt in enumerate(b_idx):
-                if bool(pad[a] == 0) != bool(pad[bt] == 0):
-                    sim[i, j] = -2.0
     sim[:(prefix + 1) // 2, :] = -math.inf  # prefix tokens in A never merge
     sim[:, :prefix // 2] = -math.inf  # prefix tokens in B take no merges
     best, match = sim.max(dim=1)

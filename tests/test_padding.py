@@ -1,5 +1,6 @@
 """Padded batches on a dynamic sequence (issue 11): a ranked selection (fastv, cls-attn, random),
-DivPrune, Zero-TPrune and EViT count per row. Each row keeps k of its real span tokens by the rule on its own real span length, never a
+DivPrune, Zero-TPrune, EViT and ToMe count per row (ToMe matches a row's real tokens as that text
+alone and never merges its padding). Each row keeps k of its real span tokens by the rule on its own real span length, never a
 padding token over a real one; the batch keeps the largest count and a row with fewer fills up
 with its padding (masked: inert). So each row keeps the tokens, and gives the outputs, of its text
 run alone without padding. BERT exported with a dynamic batch and sequence by the TorchScript and
@@ -39,7 +40,8 @@ def _kept(model, ids, mask):
                                   "random:keep=0.4", "fastv:count=6,span=1:", "divprune:keep=0.5,layer=2",
                                   "divprune:count=5,layer=1", "zero-tprune:keep=0.5",
                                   "zero-tprune:keep=0.4,cls=none,similar=1.0,iters=5",
-                                  "evit:keep=0.5,layers=1,prefix=1", "evit:keep=0.6,layers=0/2,prefix=1,fuse=false"])
+                                  "evit:keep=0.5,layers=1,prefix=1", "evit:keep=0.6,layers=0/2,prefix=1,fuse=false",
+                                  "tome:r=4,prefix=1", "tome:r=2", "tome:r=3,prefix=2"])
 def test_each_padded_row_keeps_and_gives_what_its_text_alone_does(exporter, spec):
     from prunec.cli import parse_pass_spec
 
@@ -80,7 +82,8 @@ def test_a_batch_without_padding_is_unchanged():
 
 @pytest.mark.parametrize("spec", ["fastv:keep=0.5", "fastv:keep=0.3,query=cls", "cls-attn:keep=0.5,cls=0,span=1:",
                                   "random:keep=0.4", "divprune:keep=0.5,layer=2", "random:keep=0.6,layer=1/2",
-                                  "zero-tprune:keep=0.4,similar=1.0,iters=5", "evit:keep=0.6,layers=0/2,prefix=1"])
+                                  "zero-tprune:keep=0.4,similar=1.0,iters=5", "evit:keep=0.6,layers=0/2,prefix=1",
+                                  "tome:r=4,prefix=1", "tome:r=3,prefix=2"])
 def test_the_torch_path_counts_per_row_as_onnx(spec):
     """The same BERT loaded on the torch path with a dynamic batch and sequence: the padded batch
     keeps, row by row, the ONNX rewrite's tokens (themselves each text's alone) with its outputs."""
@@ -119,9 +122,9 @@ def _mixed_slots(maps: dict, reps: dict, mask) -> int:
                                   "visionzip:dominant=6,contextual=3,prefix=1,layer=2"])
 def test_merges_never_merge_padding_into_a_real_token(spec):
     """ToMe r=4 at every layer, PPT's ToMe pooling and VisionZip's contextual joins on a padded BERT
-    batch: padding matches padding only (a padding and a real token score below any cosine), on
-    ONNX from both exporters and on the torch path, with the same slots; the unpadded row equals
-    its text alone."""
+    batch: no slot holds padding and real tokens together (ToMe and PPT's pooling never merge
+    padding; VisionZip's padding and real tokens score below any cosine), on ONNX from both
+    exporters and on the torch path, with the same slots; the unpadded row equals its text alone."""
     import torch
 
     from prunec.cli import parse_pass_spec

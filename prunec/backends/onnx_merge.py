@@ -32,19 +32,16 @@ def tome_assign(b, metric: ir.Value, n, r, prefix: int, padding: ir.Value | None
     """ToMe bipartite soft matching (as ``prunec.ops.merge.tome_assign``): dest [B, N], rep [B, N-r].
     ``n``, ``r``: counts (numbers, or run-time values when the token count is dynamic; r is then
     capped at run time at half the mergeable tokens, (N − prefix) // 2, as ToMe caps it).
-    ``padding`` [B, N] bool: a padding token and a real one score ``CROSS`` (below any cosine), so
-    each matches its own kind and such pairs merge last (only when r leaves no other pair)."""
+    ``padding`` [B, N] bool: each row matched as its real tokens alone (:func:`_tome_padded`)."""
     if isinstance(n, ir.Value):
         r = b.arith("Min", r, b.arith("Div", b.arith("Sub", n, prefix), 2))
+    if padding is not None:
+        return _tome_padded(b, metric, n, r, prefix, padding)
     na, nb = b.arith("Div", b.arith("Add", n, 1), 2), b.arith("Div", n, 2)
     m = unit_rows(b, metric)
     big = np.iinfo(np.int64).max
     a, bb = b.slice(m, 0, big, step=2), b.slice(m, 1, big, step=2)  # even / odd tokens
     scores = b.op("MatMul", [a, b.op("Transpose", [bb], {"perm": [0, 2, 1]})])  # [B, Na, Nb]
-    if padding is not None:
-        pad_a = b.op("Unsqueeze", [b.slice(padding, 0, big, step=2), b.ints([2], "axes")])  # [B, Na, 1]
-        pad_b = b.op("Unsqueeze", [b.slice(padding, 1, big, step=2), b.ints([1], "axes")])  # [B, 1, Nb]
-        scores = b.op("Where", [b.op("Xor", [pad_a, pad_b]), b.floats(CROSS, "cross"), scores])
     pa, pb = (prefix + 1) // 2, prefix // 2
     if prefix:  # A's first pa rows and B's first pb columns never merge
         rows = b.op("Less", [b.op("Unsqueeze", [b.arange(0, na), b.ints([1], "axes")]), b.ints(pa, "pa")])
@@ -76,6 +73,88 @@ def tome_assign(b, metric: ir.Value, n, r, prefix: int, padding: ir.Value | None
         dest = b.op("Gather", [inverse, dest], {"axis": 0})
         rep = b.op("Gather", [rep, order], {"axis": 1})
     return dest, rep
+
+
+def _tome_padded(b, metric: ir.Value, n, r, prefix: int, padding: ir.Value):
+    """ToMe on a padded batch, as ``prunec.ops.merge.tome_assign`` with ``padding``: each row is
+    matched as its R real tokens alone (A and B by a token's place among the real ones, r_row =
+    min(r, (R − prefix) // 2)), its first R − r_row slots those of its text alone; the padding fills
+    the row's last slots in order and the r − r_row padding tokens that M = N − r leaves no room for
+    are dropped. On whole-sequence tensors ([B, N, N] scores, [B, N] ranks). ``r``: the batch's count,
+    capped at (N − prefix) // 2."""
+    i64 = ir.DataType.INT64
+    one, two = b.ints(1, "one"), b.ints(2, "two")
+
+    def cumsum(mask):  # [B, N] bool -> a token's place among those the mask holds (0-based)
+        return b.op("Sub", [b.op("CumSum", [b.op("Cast", [mask], {"to": i64}), b.ints(1, "axis")]), one])
+
+    real = b.op("Not", [padding])
+    index = cumsum(real)
+    real_n = b.reduce_sum(b.op("Cast", [real], {"to": i64}), [1], keepdims=1)  # [B, 1]
+    r_row = b.op("Min", [b.op("Max", [b.op("Div", [b.op("Sub", [real_n, b.ints(prefix, "prefix")]), two]),
+                                      b.ints(0, "zero")]), b.num(r, "r")])
+    odd = b.op("Equal", [b.op("Mod", [index, two]), one])
+    in_a, in_b = b.op("And", [real, b.op("Not", [odd])]), b.op("And", [real, odd])
+    half = b.op("Div", [index, two])
+    a_ok = b.op("And", [in_a, b.op("GreaterOrEqual", [half, b.ints((prefix + 1) // 2, "pa")])])
+    b_ok = b.op("And", [in_b, b.op("GreaterOrEqual", [half, b.ints(prefix // 2, "pb")])])
+    edges = b.op("And", [b.op("Unsqueeze", [a_ok, b.ints([2], "axes")]),
+                         b.op("Unsqueeze", [b_ok, b.ints([1], "axes")])])  # [B, N, N]: A row to B column
+    unit = unit_rows(b, metric)
+    scores = b.op("MatMul", [unit, b.op("Transpose", [unit], {"perm": [0, 2, 1]})])  # [B, N, N]
+    scores = b.op("Where", [edges, scores, b.floats(-np.inf, "ninf")])
+    node_max = b.reduce("ReduceMax", scores, [2])
+    node_idx = b.op("ArgMax", [scores], {"axis": 2, "keepdims": 0})
+    all_n = b.num(n, "n")
+    _, by_max = b.op("TopK", [node_max, all_n], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)  # ties: index
+    a_first = b.op("Cast", [b.op("GatherElements", [b.op("Cast", [in_a], {"to": i64}), by_max], {"axis": 1})],
+                   {"to": ir.DataType.FLOAT})
+    _, order = b.op("TopK", [a_first, all_n], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)  # stable
+    by_edge = b.op("GatherElements", [by_max, order], {"axis": 1})
+    positions = b.batch_range(0, n, padding)
+    rank = b.op("ScatterElements", [positions, by_edge, positions], {"axis": 1})  # an A token's place
+    merged = b.op("And", [in_a, b.op("Less", [rank, r_row])])
+    u = b.op("Sub", [b.op("Div", [b.op("Add", [real_n, one]), two]), r_row])  # [B, 1]
+    if prefix:
+        unmerged_slot = cumsum(b.op("And", [in_a, b.op("Not", [merged])]))
+    else:
+        unmerged_slot = b.op("Sub", [rank, r_row])
+    match = b.op("GatherElements", [index, node_idx], {"axis": 1})
+    dest = b.op("Where", [odd, b.op("Add", [u, half]),
+                          b.op("Where", [merged, b.op("Add", [u, b.op("Div", [match, two])]), unmerged_slot])])
+    m = b.arith("Sub", n, r)
+    pad_index = cumsum(padding)
+    room = b.op("Sub", [b.op("Sub", [b.num(n, "n"), real_n]), b.op("Sub", [b.num(r, "r"), r_row])])
+    dropped = b.op("And", [padding, b.op("GreaterOrEqual", [pad_index, room])])
+    own = b.op("Sub", [real_n, r_row])  # the row's own slots
+    dest = b.op("Where", [real, dest, b.op("Where", [dropped, b.num(m, "m"), b.op("Add", [own, pad_index])])])
+    to = b.op("Where", [b.op("Or", [merged, dropped]), b.num(m, "m"), dest])
+    slots = b.op("Concat", [b.batch_size(padding), b.num(b.arith("Add", m, 1), "m1")], {"axis": 0})
+    zeros = b.op("ConstantOfShape", [slots], {"value": ir.tensor(np.zeros(1, np.int64))})
+    rep = b.slice(b.op("ScatterElements", [zeros, to, positions], {"axis": 1}), 0, m)
+    if prefix // 2:  # ToMe's order with a distillation token: the prefix tokens' slots first (per row's u)
+        new = _prefix_slots_first(b, prefix, u, m)
+        column = b.op("Concat", [b.batch_size(padding), b.ints([1], "one")], {"axis": 0})
+        trash = b.op("Expand", [b.num(m, "m"), column])  # [B, 1]: a dropped token's dest stays M
+        dest = b.op("GatherElements", [b.op("Concat", [new, trash], {"axis": 1}), dest], {"axis": 1})
+        rep = b.op("ScatterElements", [rep, new, rep], {"axis": 1})
+    return dest, rep
+
+
+def _prefix_slots_first(b, prefix: int, u: ir.Value, m) -> ir.Value:
+    """[B, M]: where each slot goes when the prefix tokens' slots come first in their original
+    order (``u`` [B, 1]: each row's unmerged A slots), the others after them in order (as
+    ``prunec.ops.merge._prefix_slots_first``)."""
+    firsts = b.op("Concat", [b.op("Add", [b.op("Mul", [u, b.ints(0, "zero")]), b.ints(i // 2, "first")]) if i % 2 == 0
+                             else b.op("Add", [u, b.ints(i // 2, "first")]) for i in range(prefix)], {"axis": 1})
+    slots = b.op("Unsqueeze", [b.arange(0, m), b.ints([0, 2], "axes")])  # [1, M, 1]
+    firsts3 = b.op("Unsqueeze", [firsts, b.ints([1], "axes")])  # [B, 1, prefix]
+    is_first = b.op("Cast", [b.op("Equal", [slots, firsts3])], {"to": ir.DataType.INT32})  # [B, M, prefix]
+    before = b.reduce_sum(b.op("Cast", [b.op("Less", [firsts3, slots])], {"to": ir.DataType.INT64}), [2])
+    rest = b.op("Sub", [b.op("Add", [b.op("Squeeze", [slots, b.ints([2], "axes")]), b.ints(prefix, "prefix")]), before])
+    place = b.op("ArgMax", [is_first], {"axis": 2, "keepdims": 0})
+    first = b.op("Greater", [b.reduce("ReduceMax", is_first, [2]), b.const(np.array(0, np.int32), "zero")])
+    return b.op("Where", [first, place, rest])
 
 
 def _interleave(b, n, na) -> ir.Value:
@@ -370,7 +449,8 @@ def lower_merge(b, cut, values, size_in: ir.Value | None, biases: dict, padding:
     """The merged stream [B, M, C] (in the stream's float type; merged in float32), dest [B, N]
     and rep [B, M] of a merge cut. ``biases``: site node name -> the log-size bias an earlier cut
     of the plan adds to it (read by the scores of a fused site). ``padding`` [B, N] bool: which
-    tokens entering the cut are padding (ToMe matches them with padding only)."""
+    tokens entering the cut are padding (ToMe matches each row as its real tokens alone; VisionZip
+    joins padding with padding)."""
     r = cut.reduce
     bias = biases.get(r.site.node.ref.name)
     n = b.dim(values[cut.stream.name], 1) if r.dynamic else cut.num_tokens

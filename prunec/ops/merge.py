@@ -37,9 +37,13 @@ def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = "", paddin
     a distillation token in B's columns). Output order as ToMe: the unmerged A tokens
     (sorted by index when there are prefix tokens, else by edge strength), then every B
     token; prefix tokens first, in their original order.
-    ``r`` is capped at (N − prefix) // 2. ``padding`` [B, N] bool: a padding token and a real one
-    score ``CROSS``, so each matches its own kind and such pairs merge last (only when r leaves no
-    other pair). Returns dest [B, N], rep [B, M], M = N − r.
+    ``r`` is capped at (N − prefix) // 2. Returns dest [B, N], rep [B, M], M = N − r.
+
+    ``padding`` [B, N] bool: each row is matched as its real tokens alone would be (A and B by a
+    token's place among the real ones, r capped at (R − prefix) // 2 for R real tokens), so its
+    first R − r_row slots are those of its text alone; padding never merges: the r − r_row padding
+    tokens the batch's M leaves no room for are dropped (dest M), the others fill the row's last
+    slots in order.
 
     Computed on whole-sequence tensors ([B, N, N] scores with the pairs that are not A-to-B masked
     out, [B, N] ranks), so that the only sizes are N and M, and M is written as
@@ -51,45 +55,59 @@ def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = "", paddin
     m = _at_least(n - r, (n + prefix + 1) // 2)  # tokens out
     r = n - m  # merged (capped: half the mergeable tokens, which a dynamic token count meets at short inputs)
     pos = torch.arange(n, device=dev)
-    odd = pos % 2 == 1  # A: even positions, B: odd ones
-    unit = _normalized(metric)
-    scores = unit @ unit.transpose(1, 2)  # [B, N, N]
-    if padding is not None:
-        scores = scores.masked_fill(padding[:, :, None] ^ padding[:, None, :], CROSS)
-    pa, pb = (prefix + 1) // 2, prefix // 2  # prefix tokens in A and in B: no edge from or to them
-    edges = (~odd & (pos // 2 >= pa))[:, None] & (odd & (pos // 2 >= pb))[None, :]
-    node_max, node_idx = scores.masked_fill(~edges, float("-inf")).max(dim=-1)  # [B, N]: for A rows
-    by_edge = torch.sort(node_max, dim=1, descending=True, stable=True).indices  # A rows first (stable):
-    by_edge = by_edge.gather(1, torch.sort(odd[by_edge].to(torch.uint8), dim=1, stable=True).indices)
-    rank = torch.empty_like(by_edge).scatter_(1, by_edge, pos.expand(b, n))  # an A token's place in edge order
-    merged = ~odd & (rank < r)
-    u = (n + 1) // 2 - r  # unmerged A tokens: slots 0..u-1, then the B tokens
-    if prefix:
-        unmerged_slot = torch.cumsum((~odd & ~merged).to(torch.long), dim=1) - 1  # by index
+    if padding is None:
+        real, index, real_n, r_row = torch.ones(n, dtype=torch.bool, device=dev), pos, n, r
     else:
-        unmerged_slot = rank - r  # by edge strength
-    dest = torch.where(odd, u + pos // 2, torch.where(merged, u + node_idx // 2, unmerged_slot))
-    rep = torch.zeros(b, m + 1, dtype=torch.long, device=dev).scatter_(1, dest.masked_fill(merged, m),
+        real = ~padding
+        index = torch.cumsum(real.to(torch.long), dim=1) - 1  # a real token's place among the real ones
+        real_n = real.sum(dim=1, keepdim=True)  # [B, 1]
+        r_row = ((real_n - prefix) // 2).clamp(min=0).clamp(max=r)  # what the row alone merges
+    odd = index % 2 == 1
+    in_a, in_b = real & ~odd, real & odd
+    pa, pb = (prefix + 1) // 2, prefix // 2  # prefix tokens in A and in B: no edge from or to them
+    edges = (in_a & (index // 2 >= pa))[..., :, None] & (in_b & (index // 2 >= pb))[..., None, :]
+    unit = _normalized(metric)
+    scores = (unit @ unit.transpose(1, 2)).masked_fill(~edges, float("-inf"))  # [B, N, N]
+    node_max, node_idx = scores.max(dim=-1)  # [B, N]: for A rows
+    by_edge = torch.sort(node_max, dim=1, descending=True, stable=True).indices  # A rows first (stable):
+    by_edge = by_edge.gather(1, torch.sort((~in_a).expand(b, n).gather(1, by_edge).to(torch.uint8), dim=1,
+                                           stable=True).indices)
+    rank = torch.empty_like(by_edge).scatter_(1, by_edge, pos.expand(b, n))  # an A token's place in edge order
+    merged = in_a & (rank < r_row)
+    u = (real_n + 1) // 2 - r_row  # unmerged A tokens: slots 0..u-1, then the B tokens
+    if prefix:
+        unmerged_slot = torch.cumsum((in_a & ~merged).to(torch.long), dim=1) - 1  # by index
+    else:
+        unmerged_slot = rank - r_row  # by edge strength
+    match = node_idx if padding is None else index.gather(1, node_idx)  # the B token's place among the real
+    dest = torch.where(odd, u + index // 2, torch.where(merged, u + match // 2, unmerged_slot))
+    gone = merged
+    if padding is not None:  # padding after the row's own slots; what M has no room for is dropped
+        pad_index = torch.cumsum(padding.to(torch.long), dim=1) - 1
+        dropped = padding & (pad_index >= (n - real_n) - (r - r_row))
+        dest = torch.where(real, dest, torch.where(dropped, m, real_n - r_row + pad_index))
+        gone = merged | dropped
+    rep = torch.zeros(b, m + 1, dtype=torch.long, device=dev).scatter_(1, dest.masked_fill(gone, m),
                                                                        pos.expand(b, n))[:, :m]
     if pb:  # ToMe's order with a distillation token: the prefix tokens' slots first
-        new = _prefix_slots_first(prefix, u, m, dev)
-        dest = new[dest]
-        rep = torch.empty_like(rep).scatter_(1, new.expand(b, m), rep)
+        new = _prefix_slots_first(prefix, u, m, dev).expand(b, m)
+        dest = torch.cat([new, torch.full((b, 1), m, dtype=torch.long, device=dev)], dim=1).gather(1, dest)
+        rep = torch.empty_like(rep).scatter_(1, new, rep)
     _record(tag, rep)
     _record(f"{tag}/dest" if tag else "", dest)
     return dest, rep
 
 
 def _prefix_slots_first(prefix: int, u, m, dev) -> torch.Tensor:
-    """[M]: where each of ToMe's M slots goes when the prefix tokens' slots come first, in their
-    original order (:func:`~prunec.schedules.tome_order`: ``u`` unmerged A slots, then B's), the
-    others after them in order."""
+    """[M] (or [B, M] for ``u`` [B, 1]): where each of ToMe's M slots goes when the prefix tokens'
+    slots come first, in their original order (:func:`~prunec.schedules.tome_order`: ``u``
+    unmerged A slots, then B's), the others after them in order."""
     slots = torch.arange(m, device=dev)
     i = torch.arange(prefix, device=dev)
-    firsts = torch.where(i % 2 == 0, i // 2, u + i // 2)  # the prefix tokens' slots
-    is_first = slots[:, None] == firsts[None, :]  # [M, prefix]
-    before = (firsts[None, :] < slots[:, None]).sum(dim=1)
-    return torch.where(is_first.any(dim=1), is_first.to(torch.long).argmax(dim=1), prefix + slots - before)
+    firsts = torch.where(i % 2 == 0, i // 2, u + i // 2)  # the prefix tokens' slots [prefix] or [B, prefix]
+    is_first = slots[:, None] == firsts[..., None, :]  # [(B,) M, prefix]
+    before = (firsts[..., None, :] < slots[:, None]).sum(dim=-1)
+    return torch.where(is_first.any(dim=-1), is_first.to(torch.long).argmax(dim=-1), prefix + slots - before)
 
 
 def _scatter_rows(x: torch.Tensor, dest: torch.Tensor, m: int) -> torch.Tensor:

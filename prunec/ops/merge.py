@@ -67,7 +67,7 @@ def tome_assign(metric: torch.Tensor, r: int, prefix: int, tag: str = "", paddin
     pa, pb = (prefix + 1) // 2, prefix // 2  # prefix tokens in A and in B: no edge from or to them
     edges = (in_a & (index // 2 >= pa))[..., :, None] & (in_b & (index // 2 >= pb))[..., None, :]
     unit = _normalized(metric)
-    scores = (unit @ unit.transpose(1, 2)).masked_fill(~edges, float("-inf"))  # [B, N, N]
+    scores = torch.bmm(unit, unit.transpose(1, 2)).masked_fill(~edges, float("-inf"))  # [B, N, N]
     node_max, node_idx = scores.max(dim=-1)  # [B, N]: for A rows
     by_edge = torch.sort(node_max, dim=1, descending=True, stable=True).indices  # A rows first (stable):
     by_edge = by_edge.gather(1, torch.sort((~in_a).expand(b, n).gather(1, by_edge).to(torch.uint8), dim=1,
@@ -263,7 +263,7 @@ def visionzip_assign(scores: torch.Tensor, metric: torch.Tensor, dominant: int, 
     m = _normalized(metric)
     mt = m.gather(1, t_idx[..., None].expand(-1, -1, m.shape[-1]))
     mo = m.gather(1, o_idx[..., None].expand(-1, -1, m.shape[-1]))
-    sim = mo @ mt.transpose(1, 2)  # [B, R - T, T]
+    sim = torch.bmm(mo, mt.transpose(1, 2))  # [B, R - T, T]
     if padding is not None:  # a token joins a target of its own kind when there is one
         sim = sim.masked_fill(padding.gather(1, o_idx)[:, :, None] ^ padding.gather(1, t_idx)[:, None, :], CROSS)
     # a last column no token picks (T >= 1 whenever a token is left to join): argmax over T = 0 targets

@@ -31,5 +31,5 @@ def recover_attn(src: torch.Tensor, keys: torch.Tensor, y: torch.Tensor) -> torc
     the cut queries the reduced tokens with its own feature there, softmax over scaled dot
     products with the reduced tokens' features at the cut (``keys`` [B, M, C]), and takes the
     weighted sum of their features at the recovery point. -> [B, N, C]."""
-    att = torch.softmax(src @ keys.transpose(1, 2) / math.sqrt(src.shape[-1]), dim=-1)
-    return att @ y
+    att = torch.softmax(torch.bmm(src, keys.transpose(1, 2)) / math.sqrt(src.shape[-1]), dim=-1)
+    return torch.bmm(att, y)

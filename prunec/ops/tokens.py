@@ -333,7 +333,7 @@ def _diverse_padded(x: torch.Tensor, pad: torch.Tensor, keep: float | None, coun
     the batch picks k = max k_b. -> span picks [B, k]."""
     b, length = pad.shape
     s = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    dist = (1.0 - s @ s.transpose(1, 2)).masked_fill(pad[:, :, None] | pad[:, None, :], float("inf"))
+    dist = (1.0 - torch.bmm(s, s.transpose(1, 2))).masked_fill(pad[:, :, None] | pad[:, None, :], float("inf"))
     own = _rule_count((~pad).sum(1), keep, count)
     k = int(own.max()) if b else 0
     eye = torch.eye(length, dtype=torch.bool, device=x.device)
@@ -381,7 +381,7 @@ def select_diverse(x: torch.Tensor, k: int, span_start: int, span_end: int, tag:
         return idx
     s = x[:, span_start:span_end].float()
     s = s / s.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    dist = 1.0 - s @ s.transpose(1, 2)  # [B, S, S]
+    dist = 1.0 - torch.bmm(s, s.transpose(1, 2))  # [B, S, S]
     eye = torch.eye(dist.shape[-1], dtype=torch.bool, device=x.device)
     first = dist.masked_fill(eye, float("inf")).amin(dim=2).argmax(dim=1)  # [B]
     rows = torch.arange(dist.shape[0], device=x.device)
@@ -557,7 +557,7 @@ def _zero_tprune_padded(probs, keys, pad, lo: int, hi: int, iters: int, cls: int
     kf = keys[:, lo:hi].float()
     kf = kf / kf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     ko = kf.gather(1, order[..., None].expand(-1, -1, kf.shape[-1]))  # in rank order
-    best = (ko @ ko.transpose(1, 2)).masked_fill(~in_b[:, None, :], float("-inf")).amax(dim=2)
+    best = torch.bmm(ko, ko.transpose(1, 2)).masked_fill(~in_b[:, None, :], float("-inf")).amax(dim=2)
     best = best.masked_fill(~in_a, float("-inf"))  # [B, L]: A's tokens' best match in B
     worst = torch.sort(best, dim=1, descending=True, stable=True).indices
     dropped = torch.zeros_like(span_pad).scatter(1, worst, rank.expand(b, length) < drop[:, None])  # rank space

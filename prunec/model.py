@@ -1270,6 +1270,7 @@ def _read_onnx(path: Path):
     import onnx_ir as ir
 
     from .ir.mapped import load_mapped
+    from .ir.session import LARGE_WEIGHT_BYTES
 
     if path.stat().st_size == 0:
         raise PruneError(f"{path} is empty")
@@ -1284,7 +1285,7 @@ def _read_onnx(path: Path):
             t = v.const_value
             if isinstance(t, ir.ExternalTensor):
                 _map_external(path, v.name, t)  # memory-mapped: read lazily, never copied whole
-                if t.nbytes <= 1024:  # ORT sessions get only weights over 1 KiB from memory (graph_only_proto)
+                if t.nbytes <= LARGE_WEIGHT_BYTES:  # ORT sessions get only larger weights from memory
                     v.const_value = ir.Tensor(t.numpy().copy(), name=v.name)
             elif t is not None and not isinstance(t, ir.Tensor):
                 # decode each inline weight once into a numpy-backed tensor: ORT sessions and saving reuse it

@@ -21,19 +21,20 @@ from prunec.model import _read_onnx
 rng = np.random.default_rng(0)
 
 
-def weights_model(path, arrays: dict, raw=True):
-    """Identity-ish graph that adds each weight to itself and outputs the sum's size."""
-    inits, nodes, outs = [], [], []
-    for name, a in arrays.items():
-        t = numpy_helper.from_array(a, name)
-        if not raw:
-            t = helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape, a.reshape(-1).tolist())
-        inits.append(t)
-        nodes.append(helper.make_node("Shape", [name], [f"{name}_shape"]))
-        outs.append(helper.make_tensor_value_info(f"{name}_shape", TensorProto.INT64, [a.ndim]))
-    graph = helper.make_graph(nodes, "w", [], outs, inits)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+def shapes_model(path, tensors: list, opset: int = 17):
+    """A graph that outputs the shape of each initializer ``tensors`` (TensorProtos), saved at ``path``."""
+    nodes = [helper.make_node("Shape", [t.name], [f"{t.name}_shape"]) for t in tensors]
+    outs = [helper.make_tensor_value_info(f"{t.name}_shape", TensorProto.INT64, [len(t.dims)]) for t in tensors]
+    graph = helper.make_graph(nodes, "w", [], outs, tensors)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
     return path
+
+
+def weights_model(path, arrays: dict, raw=True):
+    """:func:`shapes_model` of ``arrays`` (name -> array), as raw_data or (``raw=False``) typed fields."""
+    return shapes_model(path, [numpy_helper.from_array(a, name) if raw else
+                               helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape,
+                                                  a.reshape(-1).tolist()) for name, a in arrays.items()])
 
 
 def same_weights(a: ir.Model, b: ir.Model):
@@ -74,10 +75,7 @@ def _over_the_mapping(array: np.ndarray) -> bool:
 def test_bfloat16_and_non_raw_weights(tmp_path):
     bf = rng.standard_normal((32, 32)).astype(ml_dtypes.bfloat16)
     t = helper.make_tensor("bf", TensorProto.BFLOAT16, bf.shape, bf.view(np.uint16).tobytes(), raw=True)
-    graph = helper.make_graph([helper.make_node("Shape", ["bf"], ["s"])], "w", [],
-                              [helper.make_tensor_value_info("s", TensorProto.INT64, [2])], [t])
-    path = tmp_path / "bf.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = shapes_model(tmp_path / "bf.onnx", [t])
     got = load_mapped(path)
     same_weights(got, ir.load(path))
     assert got.graph.initializers["bf"].const_value.dtype == ir.DataType.BFLOAT16
@@ -88,12 +86,9 @@ def test_bfloat16_and_non_raw_weights(tmp_path):
 
 def test_packed_int4_falls_back_to_onnx_load(tmp_path):
     vals = rng.integers(-8, 7, (4000,)).astype(np.int8)
-    t = helper.make_tensor("q", TensorProto.INT4, vals.shape, vals.tolist())
-    assert len(t.raw_data) > MAPPED_BYTES or t.int32_data
-    graph = helper.make_graph([helper.make_node("Shape", ["q"], ["s"])], "w", [],
-                              [helper.make_tensor_value_info("s", TensorProto.INT64, [1])], [t])
-    path = tmp_path / "q.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    t = numpy_helper.from_array(vals.astype(ml_dtypes.int4), "q")  # two values a byte, as raw_data
+    assert t.data_type == TensorProto.INT4 and len(t.raw_data) == 2000 > MAPPED_BYTES
+    path = shapes_model(tmp_path / "q.onnx", [t], opset=21)
     got = load_mapped(path)
     same_weights(got, ir.load(path))
     np.testing.assert_array_equal(got.graph.initializers["q"].const_value.numpy().astype(np.int8), vals)

@@ -84,6 +84,7 @@ def _tome_padded(b, metric: ir.Value, n, r, prefix: int, padding: ir.Value):
     capped at (N − prefix) // 2."""
     i64 = ir.DataType.INT64
     one, two = b.ints(1, "one"), b.ints(2, "two")
+    n_v, r_v = b.num(n, "n"), b.num(r, "r")  # [1] int64
 
     def cumsum(mask):  # [B, N] bool -> a token's place among those the mask holds (0-based)
         return b.op("Sub", [b.op("CumSum", [b.op("Cast", [mask], {"to": i64}), b.ints(1, "axis")]), one])
@@ -92,7 +93,7 @@ def _tome_padded(b, metric: ir.Value, n, r, prefix: int, padding: ir.Value):
     index = cumsum(real)
     real_n = b.reduce_sum(b.op("Cast", [real], {"to": i64}), [1], keepdims=1)  # [B, 1]
     r_row = b.op("Min", [b.op("Max", [b.op("Div", [b.op("Sub", [real_n, b.ints(prefix, "prefix")]), two]),
-                                      b.ints(0, "zero")]), b.num(r, "r")])
+                                      b.ints(0, "zero")]), r_v])
     odd = b.op("Equal", [b.op("Mod", [index, two]), one])
     in_a, in_b = b.op("And", [real, b.op("Not", [odd])]), b.op("And", [real, odd])
     half = b.op("Div", [index, two])
@@ -105,11 +106,10 @@ def _tome_padded(b, metric: ir.Value, n, r, prefix: int, padding: ir.Value):
     scores = b.op("Where", [edges, scores, b.floats(-np.inf, "ninf")])
     node_max = b.reduce("ReduceMax", scores, [2])
     node_idx = b.op("ArgMax", [scores], {"axis": 2, "keepdims": 0})
-    all_n = b.num(n, "n")
-    _, by_max = b.op("TopK", [node_max, all_n], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)  # ties: index
+    _, by_max = b.op("TopK", [node_max, n_v], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)  # ties: index
     a_first = b.op("Cast", [b.op("GatherElements", [b.op("Cast", [in_a], {"to": i64}), by_max], {"axis": 1})],
                    {"to": ir.DataType.FLOAT})
-    _, order = b.op("TopK", [a_first, all_n], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)  # stable
+    _, order = b.op("TopK", [a_first, n_v], {"axis": 1, "largest": 1, "sorted": 1}, outputs=2)  # stable
     by_edge = b.op("GatherElements", [by_max, order], {"axis": 1})
     positions = b.batch_range(0, n, padding)
     rank = b.op("ScatterElements", [positions, by_edge, positions], {"axis": 1})  # an A token's place
@@ -124,7 +124,7 @@ def _tome_padded(b, metric: ir.Value, n, r, prefix: int, padding: ir.Value):
                           b.op("Where", [merged, b.op("Add", [u, b.op("Div", [match, two])]), unmerged_slot])])
     m = b.arith("Sub", n, r)
     pad_index = cumsum(padding)
-    room = b.op("Sub", [b.op("Sub", [b.num(n, "n"), real_n]), b.op("Sub", [b.num(r, "r"), r_row])])
+    room = b.op("Sub", [b.op("Sub", [n_v, real_n]), b.op("Sub", [r_v, r_row])])
     dropped = b.op("And", [padding, b.op("GreaterOrEqual", [pad_index, room])])
     own = b.op("Sub", [real_n, r_row])  # the row's own slots
     dest = b.op("Where", [real, dest, b.op("Where", [dropped, b.num(m, "m"), b.op("Add", [own, pad_index])])])

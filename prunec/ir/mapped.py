@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-MAPPED_BYTES = 1024  # initializers whose raw_data is larger are mapped (ORT sessions take these in memory)
+from .session import LARGE_WEIGHT_BYTES as MAPPED_BYTES  # the weights ORT sessions take in memory are mapped
 
 _GRAPH = 7  # ModelProto.graph
 _INITIALIZER = 5  # GraphProto.initializer

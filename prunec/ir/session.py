@@ -82,12 +82,14 @@ def make_session(model, providers: list[str] | None = None, threads: int | None 
 
 
 _IN_MEMORY = "__prunec_in_memory__"
+LARGE_WEIGHT_BYTES = 1024  # initializers larger than this are handed to ORT in memory, not serialised
 
 
 def large_weights(model: ir.Model) -> dict:
-    """The initializers over 1 KiB, name -> tensor: what :func:`graph_only_proto` leaves out."""
+    """The initializers over :data:`LARGE_WEIGHT_BYTES`, name -> tensor: what :func:`graph_only_proto`
+    leaves out."""
     return {n: v.const_value for n, v in model.graph.initializers.items()
-            if v.const_value is not None and v.const_value.nbytes > 1024}
+            if v.const_value is not None and v.const_value.nbytes > LARGE_WEIGHT_BYTES}
 
 
 def graph_only_proto(model: ir.Model, so=None, as_inputs: bool = False, keepalive: list | None = None) -> onnx.ModelProto:

@@ -812,5 +812,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``prunec`` command: :func:`main`, its output flushed, then the process ends without tearing
+    the interpreter down object by object (0.3-0.4 s after rewriting a 135M model: its graphs,
+    sessions and weight mappings; every file is closed and renamed into place before main returns).
+    An uncaught exception still ends the usual way, with its traceback."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -175,15 +175,15 @@ class OnnxModel(Model):
         return names, shapes
 
     def lower(self, plan) -> "OnnxModel":
-        from .backends.onnx import lower_onnx
+        from .backends.onnx import lower_onnx, lower_onnx_with_proto
 
         self._check_not_exposed()
         self._unique_tags(plan)
-        out = OnnxModel(lower_onnx(self.model, plan), self.feeds, self.probe_batch, check=self.check,
-                        light=self.light)
+        lowered, proto = lower_onnx_with_proto(self.model, plan)
+        out = OnnxModel(lowered, self.feeds, self.probe_batch, check=self.check, light=self.light)
         same = plan.identity() if self._compares_identity() else None
         out.validate(original=self.model, upto=self._fast_check_output(plan) if out.check_mode == "fast" else None,
-                     identity=lower_onnx(self.model, same) if same is not None else None)
+                     identity=lower_onnx(self.model, same) if same is not None else None, proto=proto)
         return self._after_cuts(out, plan)
 
     def _compares_identity(self) -> bool:
@@ -234,26 +234,28 @@ class OnnxModel(Model):
             return "fast"
         return "structure" if self.check == "none" or (self.check == "auto" and self.light) else "full"
 
-    def validate(self, original=None, upto: tuple[str, int] | None = None, identity=None) -> None:
+    def validate(self, original=None, upto: tuple[str, int] | None = None, identity=None, proto=None) -> None:
         """Full onnx.checker check and ORT runs, when the graph's batch is dynamic, at batch sizes 1
         and 3 — with a shorter and a longer input (or image) there when its token count is dynamic
         (:meth:`_other_shapes`) — else on the probe inputs, in one session; the checker only when
         :attr:`check_mode` is ``structure``. ``original``: the onnx-ir model it was rewritten from; a
         shape that one does not run at either is skipped. ``upto`` (``fast``): (the value, the layers)
-        where the graph run is cut short. ``identity``: the same plan lowered at keep=1 / r=0
+        where the graph run is cut short. ``proto``: this model's ``graph_only_proto(as_inputs=True)``
+        if the caller has it (the checker reads it, the session is built from it; else it is made). ``identity``: the same plan lowered at keep=1 / r=0
         (:meth:`~prunec.passes.base.Plan.identity`), which must equal ``original`` at each of those
         shapes (:func:`_check_identity`)."""
         from .ir.from_onnx import example_inputs
         from .ir.session import graph_only_proto, make_session
 
         if self.check_mode == "structure" or upto is not None:
-            _check_structure(graph_only_proto(self.model, as_inputs=True))
+            _check_structure(proto if proto is not None else graph_only_proto(self.model, as_inputs=True))
             if self.check_mode == "structure":
                 return
         self.checked_layers = upto[1] if upto is not None else None
         try:  # the checker reads the same serialisation the session is built from
             sess = make_session(self.model if upto is None else _truncated(self.model, upto[0]), quick=True,
-                                inspect=_check_structure if upto is None else None)
+                                inspect=_check_structure if upto is None else None,
+                                proto=proto if upto is None else None)
         except PruneError:
             raise
         except Exception as e:  # noqa: BLE001
@@ -855,11 +857,21 @@ def _module_of(ep):
     return gm
 
 
+def _copy_proto(proto):
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
+
+
 def _check_structure(proto) -> None:
     """onnx.checker (full check: with shape inference) on a weight-free proto (weights as typed
     inputs); ORT's contrib ops that its optimizer writes in the ONNX domain are checked as custom ops."""
     import onnx
 
+    if any(n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS for n in proto.graph.node):
+        proto = _copy_proto(proto)  # (the caller's proto may be what a session is built from)
     ort_ops = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS]
     for node in ort_ops:
         node.domain = "com.microsoft"

@@ -32,6 +32,7 @@ def test_headline_command_writes_pruned_model(vit, tmp_path):
     before = vit.read_bytes()
     r = prunec(vit, "--pass", "fastv", "--keep", "0.25", "--layer", "1", "-o", out)
     assert r.returncode == 0, r.stderr
+    assert f"wrote {out}" in " ".join(r.stderr.split())  # printed in full before the command's quick exit
     assert out.exists() and vit.read_bytes() == before
     import onnx
 

@@ -589,6 +589,13 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
     order. A cut reads what its parent left (gathered crossings, token sizes, positions); where
     several cuts fix the same node (a shape literal, a token count, a log-size bias, a size
     weight, a lengths mask), the last cut's fix is the one written."""
+    return lower_onnx_with_proto(model, plan)[0]
+
+
+def lower_onnx_with_proto(model: ir.Model, plan: Plan):
+    """:func:`lower_onnx`, and the rewritten model as ``graph_only_proto(model, as_inputs=True)``
+    (weights as typed inputs): the serialisation its outputs' shapes were inferred on, which the
+    model's check can build its session from instead of serialising the graph again."""
     model = model.clone()  # weights are shared, the graph is new: the input stays untouched
     graph = model.graph
     values: dict[str, ir.Value] = {v.name: v for v in graph.inputs}
@@ -607,25 +614,29 @@ def lower_onnx(model: ir.Model, plan: Plan) -> ir.Model:
         lowered[cut.tag] = _lower_cut(ctx, cut, lowered[cut.parent.tag] if cut.parent is not None else None)
     for fix in ctx.fixes.values():  # the last cut's fix of each node
         fix()
-    _declare_outputs(model, ctx.output_tokens)
-    return model
+    return model, _declare_outputs(model, ctx.output_tokens)
 
 
-def _declare_outputs(model: ir.Model, output_tokens: dict[str, dict]) -> None:
+def _declare_outputs(model: ir.Model, output_tokens: dict[str, dict]):
     """Declare the shapes of the graph outputs computed after a cut (``output_tokens``: output name
     -> {token axis: its count, a number or a dimension name}). A token axis gets the cut's count;
     every other dimension is what ONNX shape inference now infers there (a number), else the name
     the output declared (a symbolic dimension), else it is left open: a dimension derived from the
-    token count outside the token class (a CLS slice's N - 1, say) must not keep the probe's size."""
+    token count outside the token class (a CLS slice's N - 1, say) must not keep the probe's size.
+    Returns the model's weight-free proto (weights as inputs), its outputs declared as in the model."""
     import onnx
 
     outputs = {v.name: v for v in model.graph.outputs}
     declared = {name: outputs[name].shape for name in output_tokens}
     for name in output_tokens:
         outputs[name].shape = None
+    proto = graph_only_proto(model, as_inputs=True)
+    if not output_tokens:
+        return proto
     try:
-        proto = onnx.shape_inference.infer_shapes(graph_only_proto(model, as_inputs=True), data_prop=True)
-        inferred = {o.name: o.type.tensor_type.shape for o in proto.graph.output if o.type.tensor_type.HasField("shape")}
+        inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+        inferred = {o.name: o.type.tensor_type.shape for o in inferred.graph.output
+                    if o.type.tensor_type.HasField("shape")}
     except Exception:  # noqa: BLE001  (an op inference does not know stops it: dimensions stay open)
         inferred = {}
     for name, tokens in output_tokens.items():
@@ -645,6 +656,10 @@ def _declare_outputs(model: ir.Model, output_tokens: dict[str, dict]) -> None:
             else:
                 dims.append(None)
         outputs[name].shape = ir.Shape(dims)
+    for i, o in enumerate(proto.graph.output):
+        if o.name in output_tokens:
+            proto.graph.output[i].CopyFrom(ir.serde.serialize_value(outputs[o.name]))
+    return proto
 
 
 @dataclass

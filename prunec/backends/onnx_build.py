@@ -8,6 +8,7 @@ each other back.
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import onnx_ir as ir
@@ -19,6 +20,7 @@ _ARITH = {"Add": lambda a, c: a + c, "Sub": lambda a, c: a - c, "Mul": lambda a,
           "Div": lambda a, c: a // c, "Min": min, "Max": max}
 _LOW_FLOATS = {"float16": ir.DataType.FLOAT16, "bfloat16": ir.DataType.BFLOAT16}
 _NP_FLOATS = {"float16": np.float16, "float64": np.float64}
+_CONSTS: "weakref.WeakKeyDictionary[ir.Graph, dict]" = weakref.WeakKeyDictionary()  # graph -> small constants
 
 
 def _same_dtype(value, dtype: str, node_name: str) -> None:
@@ -151,9 +153,20 @@ class _Builder:
         return next(self.counter)
 
     def const(self, array, name: str) -> ir.Value:
-        t = ir.tensor(np.asarray(array), name=f"{self.prefix}/{name}_{self.count}")
-        v = ir.Value(name=t.name, shape=ir.Shape(t.shape), type=ir.TensorType(t.dtype), const_value=t)
+        """A constant as an initializer; a small one equal (type, shape, bytes) to one made before in
+        this graph is that one again (thousands of [1] counts and axes become a few)."""
+        array = np.asarray(array)
+        small = array.size <= 16
+        key = (array.dtype.str, array.shape, array.tobytes()) if small else None
+        consts = _CONSTS.setdefault(self.graph, {})
+        v = consts.get(key) if small else None
+        if v is not None and v.graph is self.graph:
+            return v
+        t = ir.Tensor(np.array(array), name=f"{self.prefix}/{name}_{self.count}")
+        v = ir.Value(name=t.name, shape=ir.Shape(array.shape), type=ir.TensorType(t.dtype), const_value=t)
         self.graph.register_initializer(v)
+        if small:
+            consts[key] = v
         return v
 
     def op(self, op_type: str, inputs, attrs=None, name: str = "", outputs: int = 1):

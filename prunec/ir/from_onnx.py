@@ -315,7 +315,7 @@ def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray], light: bool = Fals
         result = _weight_free_run(model, proto, feeds, wanted, known)
     else:
         outputs = [v.name for v in model.graph.outputs]
-        sess = make_session(model, extra_outputs=[n for n in wanted if n not in outputs], quick=True)
+        sess = make_session(model, extra_outputs=[n for n in wanted if n not in outputs], quick=True, proto=proto)
         out_names = [o.name for o in sess.get_outputs()]
         result = dict(zip(out_names, sess.run(out_names, feeds)))
     for name, (shape, dtype) in known.items():

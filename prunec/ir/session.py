@@ -33,15 +33,21 @@ def _cuda_usable() -> bool:
 
 
 def make_session(model, providers: list[str] | None = None, threads: int | None = None,
-                 extra_outputs: list[str] | None = None, quick: bool = False, inspect=None):
+                 extra_outputs: list[str] | None = None, quick: bool = False, inspect=None,
+                 proto: onnx.ModelProto | None = None):
     """An ORT session with quiet logs and explicit providers.
 
     ``model``: an onnx-ir Model (its weights are handed to ORT in memory, so only the
     graph is serialized), a ModelProto, a path or bytes. ``extra_outputs``: intermediate
-    values to expose as outputs. ``quick``: basic graph optimizations only (prunec's own
-    probe and check runs: faster to build, run once). ``inspect`` (with an onnx-ir ``model``):
-    called with a copy of the proto the session is built from, its weights as typed inputs,
-    before the session is built (onnx.checker on the same serialisation).
+    values to expose as outputs. ``quick``: no graph optimizations (prunec's own probe and
+    check runs: faster to build, run a few times); an onnx-ir model's large weights then become
+    typed graph inputs fed at each run from their arrays (:class:`WeightFedSession`), which ORT
+    reads in place, where initializers handed over in memory are copied at every session build.
+    ``inspect`` (with an onnx-ir ``model``): called with the proto the session is built from, its
+    weights as typed inputs, before the session is built (onnx.checker on the same serialisation).
+    ``proto`` (with an onnx-ir ``model`` and ``quick``): ``graph_only_proto(model, as_inputs=True)``
+    that the caller made already (for shape inference, say); the session is built from it (it gains
+    the extra outputs) where every large weight can be fed, so the graph is serialised once.
     """
     import onnxruntime as ort
 
@@ -54,14 +60,21 @@ def make_session(model, providers: list[str] | None = None, threads: int | None 
     if threads:
         so.intra_op_num_threads = threads
     keepalive: list = []
+    fed: dict[str, np.ndarray] = {}
     if isinstance(model, ir.Model):
-        weights = large_weights(model) if inspect is not None else {}
-        model = graph_only_proto(model, so, keepalive=keepalive)
+        weights = large_weights(model)
+        fed = {n: np.ascontiguousarray(weights[n].numpy()) for n in _feedable(model, weights)} if quick else {}
+        if proto is None or len(fed) < len(weights) or not quick:
+            proto = graph_only_proto(model, so, keepalive=keepalive, as_inputs=set(fed))
         if inspect is not None:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            _weights_as_inputs(copy, weights)
-            inspect(copy)
+            if len(fed) < len(weights):  # weights ORT holds in memory: typed inputs in the checker's copy
+                copy = onnx.ModelProto()
+                copy.CopyFrom(proto)
+                _weights_as_inputs(copy, {n: c for n, c in weights.items() if n not in fed})
+                inspect(copy)
+            else:
+                inspect(proto)
+        model = proto
     if extra_outputs:
         if not isinstance(model, onnx.ModelProto):
             model = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
@@ -78,7 +91,34 @@ def make_session(model, providers: list[str] | None = None, threads: int | None 
         model = model.SerializeToString()
     sess = ort.InferenceSession(model, so, providers=providers or ["CPUExecutionProvider"])
     sess._prunec_keepalive = keepalive  # ORT reads the weights in place: keep the buffers alive
-    return sess
+    return WeightFedSession(sess, fed) if fed else sess
+
+
+class WeightFedSession:
+    """An ORT session whose graph takes the model's large weights as inputs: :meth:`run` feeds
+    them (``weights``: name -> array, read in place) beside the caller's feeds; the weights are
+    not among :meth:`get_inputs`. Everything else is the ORT session's."""
+
+    def __init__(self, session, weights: dict[str, np.ndarray]):
+        self._session, self.weights = session, weights
+
+    def run(self, output_names, input_feed: dict, run_options=None) -> list:
+        return self._session.run(output_names, {**input_feed, **self.weights}, run_options)
+
+    def get_inputs(self) -> list:
+        return [i for i in self._session.get_inputs() if i.name not in self.weights]
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+
+def _feedable(model: ir.Model, weights: dict) -> list[str]:
+    """The ``weights`` every reader of which is a standard ONNX op: ORT's contrib kernels may want
+    their weights as constant initializers (prepacked), so those stay initializers."""
+    def standard(v: ir.Value) -> bool:
+        return all(u.domain in ("", "ai.onnx") for u, _ in v.uses())
+
+    return [n for n in weights if standard(model.graph.initializers[n])]
 
 
 _IN_MEMORY = "__prunec_in_memory__"
@@ -92,11 +132,13 @@ def large_weights(model: ir.Model) -> dict:
             if v.const_value is not None and v.const_value.nbytes > LARGE_WEIGHT_BYTES}
 
 
-def graph_only_proto(model: ir.Model, so=None, as_inputs: bool = False, keepalive: list | None = None) -> onnx.ModelProto:
+def graph_only_proto(model: ir.Model, so=None, as_inputs: bool | set = False,
+                     keepalive: list | None = None) -> onnx.ModelProto:
     """The model as a proto without its large weights (cheap to serialize).
 
-    With ``so`` (ORT SessionOptions) the weights are registered as in-memory external
-    initializers; with ``as_inputs`` they become typed graph inputs (for onnx.checker).
+    ``as_inputs``: True, or the names of some large weights: those become typed graph inputs
+    (for onnx.checker, or fed at run time). With ``so`` (ORT SessionOptions) the other large
+    weights are registered as in-memory external initializers.
     """
     saved = large_weights(model)
     big = {n: model.graph.initializers[n] for n in saved}
@@ -108,16 +150,17 @@ def graph_only_proto(model: ir.Model, so=None, as_inputs: bool = False, keepaliv
     finally:
         for n, v in big.items():
             v.const_value = saved[n]
-    if so is not None and big:
+    inputs = saved if as_inputs is True else {n: saved[n] for n in as_inputs or ()}
+    held = [n for n in big if n not in inputs]
+    if so is not None and held:
         import onnxruntime as ort
 
-        arrays = [np.ascontiguousarray(saved[n].numpy()) for n in big]
+        arrays = [np.ascontiguousarray(saved[n].numpy()) for n in held]
         values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        so.add_external_initializers(list(big), values)
+        so.add_external_initializers(held, values)
         if keepalive is not None:
             keepalive.extend(arrays + values)
-    if as_inputs:
-        _weights_as_inputs(proto, saved)
+    _weights_as_inputs(proto, inputs)
     return proto
 
 

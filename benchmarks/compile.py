@@ -13,7 +13,8 @@ code is not changed):
            built and run on the probe inputs (the ORT session holds the weights)
 * analyze  ``from_onnx`` (the uniform graph) and ``passes.analysis.blocks.analyze``
 * plan     the passes' ``Pass.plan``
-* lower    ``prunec.backends.onnx.lower_onnx`` (clone of the graph, new nodes)
+* lower    ``prunec.backends.onnx.lower_onnx`` / ``lower_onnx_with_proto`` (clone of the graph, new
+           nodes, the outputs' shape inference on the weight-free serialisation the check reuses)
 * checker  ``onnx.checker.check_model`` in ``OnnxModel.validate``
 * ort      the rest of ``OnnxModel.validate``: one ORT session, run at the probe shapes and
            at the other batches / lengths
@@ -460,7 +461,10 @@ def worker(spec_path: str) -> int:
             if c not in seen and "plan" in c.__dict__:
                 seen.add(c)
                 c.plan = clock.phase("plan", c.__dict__["plan"])
-    prunec.backends.onnx.lower_onnx = clock.phase("lower", prunec.backends.onnx.lower_onnx)
+    backend = prunec.backends.onnx
+    for name in ("lower_onnx", "lower_onnx_with_proto"):  # (the second where this prunec has it)
+        if hasattr(backend, name):
+            setattr(backend, name, clock.phase("lower", getattr(backend, name)))
     onnx.checker.check_model = clock.phase("checker", onnx.checker.check_model)
     prunec.model.OnnxModel.validate = clock.phase("ort", prunec.model.OnnxModel.validate)
     prunec.model.save_onnx = clock.phase("save", prunec.model.save_onnx)
@@ -468,6 +472,8 @@ def worker(spec_path: str) -> int:
     sess = prunec.ir.session
     sess.make_session = clock.counter("ORT sessions", sess.make_session)
     sess.graph_only_proto = clock.counter("graph serialisations", sess.graph_only_proto)
+    if getattr(backend, "graph_only_proto", None) is not None:  # the backend's own name for it
+        backend.graph_only_proto = sess.graph_only_proto
     ir.Model.clone = clock.counter("model clones", ir.Model.clone)
     onnx.shape_inference.infer_shapes = clock.counter("shape inference", onnx.shape_inference.infer_shapes)
     onnxruntime.InferenceSession.run = clock.counter("ORT runs", onnxruntime.InferenceSession.run)

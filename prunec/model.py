@@ -240,10 +240,10 @@ class OnnxModel(Model):
         (:meth:`_other_shapes`) — else on the probe inputs, in one session; the checker only when
         :attr:`check_mode` is ``structure``. ``original``: the onnx-ir model it was rewritten from; a
         shape that one does not run at either is skipped. ``upto`` (``fast``): (the value, the layers)
-        where the graph run is cut short. ``proto``: this model's ``graph_only_proto(as_inputs=True)``
-        if the caller has it (the checker reads it, the session is built from it; else it is made). ``identity``: the same plan lowered at keep=1 / r=0
+        where the graph run is cut short. ``identity``: the same plan lowered at keep=1 / r=0
         (:meth:`~prunec.passes.base.Plan.identity`), which must equal ``original`` at each of those
-        shapes (:func:`_check_identity`)."""
+        shapes (:func:`_check_identity`). ``proto``: this model's ``graph_only_proto(as_inputs=True)``
+        if the caller has it (the checker reads it and the session is built from it; else it is made)."""
         from .ir.from_onnx import example_inputs
         from .ir.session import graph_only_proto, make_session
 
@@ -857,21 +857,15 @@ def _module_of(ep):
     return gm
 
 
-def _copy_proto(proto):
-    import onnx
-
-    copy = onnx.ModelProto()
-    copy.CopyFrom(proto)
-    return copy
-
-
 def _check_structure(proto) -> None:
     """onnx.checker (full check: with shape inference) on a weight-free proto (weights as typed
     inputs); ORT's contrib ops that its optimizer writes in the ONNX domain are checked as custom ops."""
     import onnx
 
     if any(n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS for n in proto.graph.node):
-        proto = _copy_proto(proto)  # (the caller's proto may be what a session is built from)
+        from .ir.session import copy_proto
+
+        proto = copy_proto(proto)  # (the caller's proto may be what a session is built from)
     ort_ops = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS]
     for node in ort_ops:
         node.domain = "com.microsoft"

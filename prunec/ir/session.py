@@ -68,8 +68,7 @@ def make_session(model, providers: list[str] | None = None, threads: int | None 
             proto = graph_only_proto(model, so, keepalive=keepalive, as_inputs=set(fed))
         if inspect is not None:
             if len(fed) < len(weights):  # weights ORT holds in memory: typed inputs in the checker's copy
-                copy = onnx.ModelProto()
-                copy.CopyFrom(proto)
+                copy = copy_proto(proto)
                 _weights_as_inputs(copy, {n: c for n, c in weights.items() if n not in fed})
                 inspect(copy)
             else:
@@ -162,6 +161,13 @@ def graph_only_proto(model: ir.Model, so=None, as_inputs: bool | set = False,
             keepalive.extend(arrays + values)
     _weights_as_inputs(proto, inputs)
     return proto
+
+
+def copy_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A deep copy of ``proto``."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy
 
 
 def _weights_as_inputs(proto: onnx.ModelProto, weights: dict) -> None:

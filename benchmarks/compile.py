@@ -9,8 +9,8 @@ code is not changed):
            inline weights (file I/O)
 * load     the rest of ``prunec.load``: sorting nodes, ``OnnxModel(...)`` (skip-norm
            unfusing, node names, probe inputs)
-* probe    ``prunec.ir.from_onnx.probe_onnx``: ONNX shape inference plus one ORT session
-           built and run on the probe inputs (the ORT session holds the weights)
+* probe    ``prunec.ir.from_onnx.probe_onnx``: ONNX shape inference plus ORT runs on the probe
+           inputs of what it leaves open (of the weight-free nodes, or of the whole model)
 * analyze  ``from_onnx`` (the uniform graph) and ``passes.analysis.blocks.analyze``
 * plan     the passes' ``Pass.plan``
 * lower    ``prunec.backends.onnx.lower_onnx`` / ``lower_onnx_with_proto`` (clone of the graph, new
@@ -28,7 +28,7 @@ I/O); ``analysis`` = probe + analyze; ``validate`` = checker + ort. Times are ex
 phase called inside another is counted once, in the inner one); imports are done before the
 clock starts and reported apart. Counters: ORT sessions built, weight-free graph
 serialisations (``graph_only_proto``), ``onnx_ir.Model.clone`` calls and ONNX shape
-inference runs, ORT runs (and, where prunec has them, the light probe's ORT symbolic shape
+inference runs, ORT runs (and, where prunec has them, the probe's ORT symbolic shape
 inference and weight-free run), each with the phase it happened in.
 
 Beside the phases: the command line end to end, a subprocess ``python -m prunec.cli MODEL
@@ -106,7 +106,7 @@ REPO = HERE.parent.parent
 
 PHASES = ("read", "load", "probe", "analyze", "plan", "lower", "checker", "ort", "save", "post", "other")
 REWRITE = ("probe", "analyze", "plan", "lower", "checker", "ort")
-LIGHT_COUNTERS = ("ORT symbolic shape inference", "weight-free run")  # the light probe's steps, where prunec has them
+LIGHT_COUNTERS = ("ORT symbolic shape inference", "weight-free run")  # the probe's steps, where prunec has them
 
 SMOLLM = dict(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
               num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
@@ -828,7 +828,7 @@ def report(results: list[dict], args) -> None:
     console.print(t)
     d = Table(title="detail: sub-phases (s) and counters (calls per phase)")
     for col in ("row", "probe", "analyze", "checker", "ort check", "imports", "phases RSS MiB", "ORT sessions",
-                "ORT runs", "serialisations", "shape inference", "light probe", "clones"):
+                "ORT runs", "serialisations", "shape inference", "probe steps", "clones"):
         d.add_column(col, justify="left" if col == "row" else "right")
 
     def counter(r, name, seconds=True):

@@ -145,12 +145,18 @@ class OnnxModel(Model):
             except PruneError:
                 raise
             except Exception as e:  # noqa: BLE001
-                bf16 = _bfloat16_value(self.model)
-                if bf16 is not None:
-                    raise PruneError(f"'{bf16}' is bfloat16 and ONNX Runtime (CPU) cannot run this bfloat16 graph for "
-                                     f"the probe prunec needs; convert the model to float16 or float32") from None
-                raise PruneError(f"ONNX Runtime cannot run the model: {str(e).splitlines()[0]}") from None
+                raise _ort_failure(self.model, e, "the probe prunec needs") from None
             self._graph = from_onnx(self.model, probe, self.feeds)
+            evaluate = self._graph.evaluate
+
+            def evaluate_checked(names):
+                try:
+                    return evaluate(names)
+                except Exception as e:  # noqa: BLE001
+                    raise _ort_failure(self.model, e, "the probe prunec needs") from None
+
+            # a model too large to run: what the probe knew by shape stays so
+            self._graph.evaluate = None if self.light else evaluate_checked
             self._graph.dynamic_tokens = self.dynamic_tokens
             self._graph.cache_inputs, self._graph.decode_shapes = self._cache_probe(probe_onnx)
         return self._graph
@@ -259,6 +265,8 @@ class OnnxModel(Model):
         except PruneError:
             raise
         except Exception as e:  # noqa: BLE001
+            if _bfloat16_value(self.model) is not None:
+                raise _ort_failure(self.model, e, "the check prunec runs") from None
             raise PruneError(f"rewritten graph does not run in ONNX Runtime: {str(e).splitlines()[0]}") from None
         shapes = self._other_shapes()  # (at batch 1 and 3 already, when the batch is dynamic)
         ran = 0
@@ -446,6 +454,16 @@ def _runs(model, feeds: dict) -> bool:
     except Exception:  # noqa: BLE001
         return False
     return True
+
+
+def _ort_failure(model, error: Exception, what: str) -> PruneError:
+    """The one-line refusal of a model ORT failed to run for ``what``: naming a bfloat16 value where
+    the graph has one (ORT's CPU provider lacks bfloat16 kernels), else ORT's first line."""
+    bf16 = _bfloat16_value(model)
+    if bf16 is not None:
+        return PruneError(f"'{bf16}' is bfloat16 and ONNX Runtime (CPU) cannot run this bfloat16 graph for "
+                          f"{what}; convert the model to float16 or float32")
+    return PruneError(f"ONNX Runtime cannot run the model: {str(error).splitlines()[0]}")
 
 
 def _bfloat16_value(model) -> str | None:
@@ -878,16 +896,10 @@ def _check_structure(proto) -> None:
 
 
 def _truncated(model, output: str):
-    """A copy of ``model`` (weights shared) whose one output is the value ``output``: the nodes and
-    weights after it dropped, the inputs kept (so the same feeds run it)."""
-    from onnx_ir.passes.common import RemoveUnusedNodesPass
+    """A copy of ``model`` (weights shared) whose one output is the value ``output`` (``ir.from_onnx.truncated``)."""
+    from .ir.from_onnx import truncated
 
-    out = model.clone()
-    value = next(o for node in out.graph for o in node.outputs if o.name == output)
-    out.graph.outputs.clear()
-    out.graph.outputs.append(value)
-    RemoveUnusedNodesPass()(out)
-    return out
+    return truncated(model, [output])
 
 
 def _has_cache(gm) -> bool:

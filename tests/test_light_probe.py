@@ -26,14 +26,27 @@ def _facts(model):
             sorted(v.name for v in f.side_inputs))
 
 
+def _run_everything(path, monkeypatch):
+    """The model with the probe that runs the whole model (what the default probe does only where the
+    weights feed a value the analysis reads), its facts computed."""
+    from prunec.ir import from_onnx
+
+    with monkeypatch.context() as m:
+        m.setattr(from_onnx, "_weight_free_run", lambda *a, strict=True, **k: None)
+        model = prunec.load(path)
+        model.facts()
+    return model
+
+
 @pytest.mark.parametrize("name,form", FORMS, ids=[f"{n}-{f}" for n, f in FORMS])
-def test_the_light_probe_sees_what_the_full_probe_sees(name, form):
-    """Same sites, streams, prefix, causal flags and side inputs; FastV written from either analysis
-    keeps the same tokens and computes the same outputs."""
+def test_the_light_probe_sees_what_the_full_probe_sees(name, form, monkeypatch):
+    """Same sites, streams, prefix, causal flags and side inputs from the light probe, the default one
+    and one that runs the whole model; FastV written from the light or the default analysis keeps
+    the same tokens and computes the same outputs."""
     path = onnx_file(name, form)
     full, light = prunec.load(path), prunec.OnnxModel(prunec.load(path).model, light=True)
     assert not full.light and light.light
-    assert _facts(light) == _facts(full)
+    assert _facts(light) == _facts(full) == _facts(_run_everything(path, monkeypatch))
     layer = "2"
     span = "4:20" if name == "hf_llama" else None
     a = prunec.passes.get("fastv")(keep=0.5, layer=layer, span=span)(full)
@@ -95,3 +108,32 @@ def test_a_big_model_is_probed_light_and_the_cli_says_what_it_checked(tmp_path, 
     with redirect_stderr(err):
         assert main([str(src), "--pass", "fastv", "--layer", "1", "-o", str(out), "--force", "--check", "full"]) == 0
     assert "checked by onnx.checker only" not in err.getvalue()
+
+
+@pytest.mark.parametrize("name,form", [("timm_vit", "dynamo18"), ("hf_llama", "dynamo18")])
+def test_the_full_probe_runs_the_weights_only_for_what_a_pass_reads(name, form, monkeypatch):
+    """Under the light probe's size the probe still runs no weight where shape inference and a run
+    of the weight-free nodes give what the analysis reads: the attention probabilities are known by
+    shape until a pass reads their content (FastV refuses NaN scores), and then the model runs up
+    to them only; the unreadable-weights model shows that the probe itself read none."""
+    from prunec.ir import session
+
+    path = onnx_file(name, form)
+    sessions = []  # what each ORT session was built over
+    real = session.make_session
+    monkeypatch.setattr(session, "make_session", lambda m, *a, **k: (sessions.append(m), real(m, *a, **k))[1])
+    model = prunec.load(path)
+    assert not model.light
+    facts = model.facts()
+    weights = weight_names(model.model)
+    assert sessions and all(not isinstance(m, ir.Model) and not {t.name for t in m.graph.initializer} & weights
+                            and not {i.name for i in m.graph.input} & weights for m in sessions)
+    graph = facts.graph
+    probs = facts.sites[0].probs  # (of the first of three layers)
+    assert probs is not None and probs.name in graph.unprobed and "finite" not in probs.facts
+    del sessions[:]
+    assert graph.probe_facts(probs)["finite"] is True and probs.name not in graph.unprobed
+    (run,) = sessions  # one run, of the nodes up to the probabilities
+    assert isinstance(run, ir.Model) and len(list(run.graph)) < len(list(model.model.graph)) / 2
+    assert [o.name for o in run.graph.outputs] == [probs.name]
+    assert _facts(model) == _facts(_run_everything(path, monkeypatch))

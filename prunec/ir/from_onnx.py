@@ -269,10 +269,13 @@ def example_inputs(model: ir.Model, probe_batch: int = 2, length: int | None = N
 def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray], light: bool = False) -> dict[str, np.ndarray]:
     """Concrete shapes and the values the analysis needs, as name -> array.
 
-    ONNX shape inference (at the probe's input sizes) gives most shapes for free; one
-    ORT run (CPU) exposes only what it leaves open: values without a static shape,
-    small integer tensors (shape operands), and square [.., N, N] tensors (to tell
-    causal masks). Values known only by shape come back as zero-strided placeholders.
+    ONNX shape inference (at the probe's input sizes) gives most shapes for free; ORT (CPU)
+    runs only what it leaves open: values without a static shape, small integer tensors
+    (shape operands), and square [.., N, N] tensors (to tell causal masks). Those that no
+    weight feeds are run in a model of just the nodes they need (:func:`_weight_free_run`);
+    the whole model runs once only where a weight feeds one of them other than a float tensor
+    of inferred shape (attention probabilities, whose content a pass asks for later:
+    ``Graph.probe_facts``). Values known only by shape come back as zero-strided placeholders.
 
     ``light``: never read the weights (a model too large to run for a probe): only the values
     computed without them (shape arithmetic, masks, positions) are run, in a model of just the
@@ -309,11 +312,17 @@ def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray], light: bool = Fals
             square = len(shape) >= 2 and shape[-1] == shape[-2] and shape[-1] > 1
             if small_int or square:
                 wanted.append(o.name)
+    result = None
+    if not light:  # the full run only where the weights feed something else the analysis reads
+        try:
+            result = _weight_free_run(model, proto, feeds, wanted, known, strict=False)
+        except Exception:  # noqa: BLE001  (a sub-model ORT cannot run: the whole model is run instead)
+            result = None
     if light:
         if any(o.name not in known for node in model.graph for o in node.outputs if o.name):
             known = {**_symbolic_shapes(proto), **known}  # ORT's symbolic inference follows computed shapes
         result = _weight_free_run(model, proto, feeds, wanted, known)
-    else:
+    elif result is None:  # a value the analysis reads depends on the weights in a way inference leaves open
         outputs = [v.name for v in model.graph.outputs]
         sess = make_session(model, extra_outputs=[n for n in wanted if n not in outputs], quick=True, proto=proto)
         out_names = [o.name for o in sess.get_outputs()]
@@ -395,9 +404,13 @@ def _node_inputs(node: onnx.NodeProto) -> set[str]:
 
 
 def _weight_free_run(model: ir.Model, proto: onnx.ModelProto, feeds: dict, wanted: list[str],
-                     known: dict) -> dict[str, np.ndarray]:
+                     known: dict, strict: bool = True) -> dict[str, np.ndarray] | None:
     """The ``wanted`` values that do not depend on a weight, from an ORT run of the nodes they need
-    (no weight is read); weight-dependent ones must have an inferred shape (``known``)."""
+    (no weight is read); weight-dependent ones must have an inferred shape (``known``), else the
+    probe is refused (``strict``) or None is returned. Without ``strict``, None also where the
+    weights feed a wanted value other than a float or boolean one (attention probabilities and
+    their NaN tests, known by shape until a pass needs their content), so that no integer the
+    analysis reads is a placeholder."""
     from ..errors import PruneError
     from .session import make_session
 
@@ -418,6 +431,9 @@ def _weight_free_run(model: ir.Model, proto: onnx.ModelProto, feeds: dict, wante
             continue
         heavy.update(node.output)
     for name in wanted:
+        if not strict and name in heavy and name not in shapes and (
+                name not in known or np.dtype(known[name][1]).kind not in "fb"):
+            return None
         if name in heavy and name not in known and name not in shapes:
             raise PruneError(f"the shape of '{name}' depends on the weights and shape inference leaves it open: "
                              f"prunec would have to run the model (load it without the light probe)")
@@ -458,6 +474,7 @@ def _weight_free_run(model: ir.Model, proto: onnx.ModelProto, feeds: dict, wante
 def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np.ndarray]) -> Graph:
     """Uniform graph over an onnx-ir model; ``probe`` maps value names to concrete arrays."""
     values: dict[int, Value] = {}
+    unprobed: list[Value] = []  # known by shape only, not weights: run when a pass needs them
     weights = weight_names(model)  # never read here: their shape and type say all the analysis needs
 
     def wrap(v: ir.Value | None) -> Value | None:
@@ -477,10 +494,13 @@ def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np
             dtype = str(arr.dtype) if arr is not None else (v.dtype.name.lower() if v.dtype else "unknown")
             val = Value(v.name, shape, dtype, is_param=v.is_initializer(), is_input=v.is_graph_input(), ref=v)
             if arr is not None:
-                if arr.size > 1 and not any(arr.strides):
-                    pass  # a shape-only placeholder (a weight, a value not probed): no facts about its values
+                if arr.size > 1 and not any(arr.strides):  # a shape-only placeholder: no facts about its values
+                    if const is None:
+                        unprobed.append(val)
                 elif const is not None and not np.issubdtype(arr.dtype, np.floating):
                     val.data = arr
+                    if arr.ndim >= 2 and arr.shape[-1] == arr.shape[-2]:
+                        record_value_facts(val, arr)  # a constant boolean mask: whether it is causal
                 elif arr.ndim == 0 or arr.size <= 64 or (arr.ndim >= 2 and arr.shape[-1] == arr.shape[-2]):
                     record_value_facts(val, arr)
             values[key] = val
@@ -496,7 +516,29 @@ def from_onnx(model: ir.Model, probe: dict[str, np.ndarray], feeds: dict[str, np
         name = n.name or f"{n.op_type}_{i}"
         nodes.append(Node(name, op, [wrap(x) for x in n.inputs], [wrap(x) for x in n.outputs], attrs, ref=n))
     graph = Graph("onnx", nodes, [wrap(v) for v in model.graph.inputs], [wrap(v) for v in model.graph.outputs])
+    graph.unprobed = {v.name for v in unprobed}
+    graph.evaluate = lambda names: run_values(model, feeds, names)
     return graph
+
+
+def truncated(model: ir.Model, outputs: list[str]) -> ir.Model:
+    """A copy of ``model`` (weights shared) whose outputs are the values ``outputs``: the nodes and
+    weights after them dropped, the inputs kept (so the same feeds run it)."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+    out = model.clone()
+    values = {o.name: o for node in out.graph for o in node.outputs if o.name in outputs}
+    out.graph.outputs.clear()
+    out.graph.outputs.extend(values[n] for n in outputs)
+    RemoveUnusedNodesPass()(out)
+    return out
+
+
+def run_values(model: ir.Model, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+    """The values ``names`` of ``model`` at ``feeds``: one ORT run of the nodes they need."""
+    from .session import make_session
+
+    return dict(zip(names, make_session(truncated(model, names), quick=True).run(names, feeds)))
 
 
 def unfuse_skip_norms(model: ir.Model) -> None:

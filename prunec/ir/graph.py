@@ -95,6 +95,18 @@ class Graph:
         self.dynamic_tokens = False  # the token count follows the input's length at run time
         self.cache_inputs: list[str] = []  # a decoder's KV-cache inputs (analysed empty: a prefill)
         self.decode_shapes: dict[str, tuple] = {}  # name -> (shape, small int value or None) with a non-empty cache
+        # values the probe knew by shape only (their content not run), and how to run them when a pass
+        # needs it: names -> {name: array} (set by a frontend whose probe leaves such values)
+        self.unprobed: set[str] = set()
+        self.evaluate = None
+
+    def probe_facts(self, v: Value) -> dict:
+        """``v.facts``, after running the model up to ``v`` where the probe knew it by shape only
+        (attention probabilities the weights feed: whether they are finite, causal)."""
+        if v.name in self.unprobed and self.evaluate is not None:
+            self.unprobed.discard(v.name)
+            record_value_facts(v, self.evaluate([v.name])[v.name])
+        return v.facts
 
     def nx(self) -> nx.DiGraph:
         """Directed graph over nodes (edges follow data flow)."""

@@ -135,14 +135,14 @@ def _check_dynamic(facts: Facts, reduce, tag: str) -> None:
                      f"with --shape NAME=?,N (ONNX) or export the torch module without a dynamic sequence")
 
 
-def _check_scores_finite(reduce) -> None:
+def _check_scores_finite(reduce, graph) -> None:
     """A reduction scored on attention probabilities that were NaN or infinite in the probe run
     (a QDQ-quantized float-min mask makes every row NaN, which the graph then zeroes) would rank
     garbage: refuse. ToMe's matching reads keys only."""
     site = getattr(reduce, "site", None) or getattr(getattr(reduce, "score", None), "site", None)
     if site is None or site.probs is None or isinstance(reduce, Bipartite):
         return
-    if site.probs.facts.get("finite") is False:
+    if graph.probe_facts(site.probs).get("finite") is False:
         raise PruneError(f"attention probabilities '{site.probs.name}' are not finite (NaN/inf) in the probe run: "
                          f"scores read from them would be meaningless")
 
@@ -164,7 +164,7 @@ def plan_cut(facts: Facts | PlannedFacts, layer: int, reduce, tag: str, mid: boo
     elif not 1 <= layer <= facts.depth:
         raise PruneError(f"layer {layer} is out of range: the model has {facts.depth} attention layers "
                          f"(valid cuts: 1..{facts.depth - 1}, or {facts.depth} for the output)")
-    _check_scores_finite(reduce)
+    _check_scores_finite(reduce, facts.graph)
     _check_dynamic(facts, reduce, tag)
     g = facts.graph
     stream = facts.mid_stream(layer) if mid else facts.stream_at(layer)

@@ -880,13 +880,14 @@ def _check_structure(proto) -> None:
     inputs); ORT's contrib ops that its optimizer writes in the ONNX domain are checked as custom ops."""
     import onnx
 
-    if any(n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS for n in proto.graph.node):
+    ort_ops = [i for i, n in enumerate(proto.graph.node)
+               if n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS]
+    if ort_ops:
         from .ir.session import copy_proto
 
         proto = copy_proto(proto)  # (the caller's proto may be what a session is built from)
-    ort_ops = [n for n in proto.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _ORT_ONNX_DOMAIN_OPS]
-    for node in ort_ops:
-        node.domain = "com.microsoft"
+    for i in ort_ops:
+        proto.graph.node[i].domain = "com.microsoft"
     if ort_ops and not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     try:
@@ -1179,13 +1180,11 @@ def _write_embedded(model, f) -> None:
     import onnx
 
     from .ir.mapped import encode_varint
-    from .ir.session import graph_only_proto, large_weights
+    from .ir.session import drop_initializers, graph_only_proto, large_weights
 
     big = large_weights(model)
     proto = graph_only_proto(model)
-    keep = [t for t in proto.graph.initializer if t.name not in big]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
+    drop_initializers(proto, big)
     f.write(proto.SerializeToString())
     for name, tensor in big.items():
         head = onnx.TensorProto(name=name, data_type=int(tensor.dtype), dims=list(tensor.shape)).SerializeToString()

@@ -312,21 +312,20 @@ def probe_onnx(model: ir.Model, feeds: dict[str, np.ndarray], light: bool = Fals
             square = len(shape) >= 2 and shape[-1] == shape[-2] and shape[-1] > 1
             if small_int or square:
                 wanted.append(o.name)
-    result = None
-    if not light:  # the full run only where the weights feed something else the analysis reads
-        try:
-            result = _weight_free_run(model, proto, feeds, wanted, known, strict=False)
-        except Exception:  # noqa: BLE001  (a sub-model ORT cannot run: the whole model is run instead)
-            result = None
     if light:
         if any(o.name not in known for node in model.graph for o in node.outputs if o.name):
             known = {**_symbolic_shapes(proto), **known}  # ORT's symbolic inference follows computed shapes
         result = _weight_free_run(model, proto, feeds, wanted, known)
-    elif result is None:  # a value the analysis reads depends on the weights in a way inference leaves open
-        outputs = [v.name for v in model.graph.outputs]
-        sess = make_session(model, extra_outputs=[n for n in wanted if n not in outputs], quick=True, proto=proto)
-        out_names = [o.name for o in sess.get_outputs()]
-        result = dict(zip(out_names, sess.run(out_names, feeds)))
+    else:  # the whole model runs only where the weights feed something else the analysis reads
+        try:
+            result = _weight_free_run(model, proto, feeds, wanted, known, strict=False)
+        except Exception:  # noqa: BLE001  (a sub-model ORT cannot run: the whole model is run instead)
+            result = None
+        if result is None:
+            outputs = [v.name for v in model.graph.outputs]
+            sess = make_session(model, extra_outputs=[n for n in wanted if n not in outputs], quick=True, proto=proto)
+            out_names = [o.name for o in sess.get_outputs()]
+            result = dict(zip(out_names, sess.run(out_names, feeds)))
     for name, (shape, dtype) in known.items():
         if name not in result and name in produced:
             result[name] = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, [0] * len(shape))

@@ -170,12 +170,17 @@ def copy_proto(proto: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def drop_initializers(proto: onnx.ModelProto, names) -> None:
+    """Remove the initializers ``names`` (a set or dict of names) from ``proto``'s graph."""
+    keep = [t for t in proto.graph.initializer if t.name not in names]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+
+
 def _weights_as_inputs(proto: onnx.ModelProto, weights: dict) -> None:
     """Make ``weights`` (name -> tensor) typed graph inputs of ``proto`` instead of initializers."""
     if not weights:
         return
-    keep = [t for t in proto.graph.initializer if t.name not in weights]
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(keep)
+    drop_initializers(proto, weights)
     for n, c in weights.items():
         proto.graph.input.append(onnx.helper.make_tensor_value_info(n, int(c.dtype), list(c.shape)))
